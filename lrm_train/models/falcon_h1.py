@@ -1,0 +1,207 @@
+"""Falcon-H1: a parallel hybrid of attention and Mamba2 mixers, then a gated MLP, with learnable multipliers.
+
+One decoder layer:
+
+    h = input_layernorm(x)
+    x = x + mamba(h) + attention(h)          # the two mixers read the same normalized input, side by side
+    x = x + mlp(pre_ff_layernorm(x))
+
+Every matrix - q, k, v, o; the z, x, B, C, dt sections of the Mamba in_proj; out_proj; gate, up, down; the embedding
+and the LM head - is an ``nn.MultipliedLinear``/``nn.MultipliedEmbedding``. The 14 muP forward multipliers of the
+Hugging Face model are folded into those layers' fixed multipliers ``m`` (``FalconH1Config.matrix_multiplier``):
+multiplying a linear layer's input or output by a constant is the same as multiplying its weight. So the forward
+is the Hugging Face one, while the learnable multipliers of ``lrm`` sit on top of it.
+
+Initialization (Falcon-H1 as in Hugging Face, muP style): every matrix and the embedding draw from N(0, init_std^2)
+with one std for all widths, because the width dependence lives in the forward multipliers and, once training runs,
+a matrix's norm is set by its weight-decay/noise equilibrium sqrt(lr/wd) rather than by its init (the paper's point).
+RMSNorm weights start at 1; in the Mamba mixer A_log = log(1..heads) (decay rates spread over heads), D = 1,
+dt_bias = 1, and the depthwise convolution keeps PyTorch's default init, as in Mamba2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrm_train.models.config import FalconH1Config
+from lrm_train.models.ssd import ssd_chunked_scan
+from lrm_train.nn import LRMConfig, MultipliedEmbedding, MultipliedLinear, MultipliedMatrix, RMSNorm, fused_linear
+from lrm_train.nn.norms import GatedRMSNorm
+
+
+def _multipliers(cfg: FalconH1Config, lrm: LRMConfig, role: str) -> dict:
+    return dict(
+        multiplier=cfg.matrix_multiplier(role),
+        learnable=lrm.learnable(role),
+        init=lrm.init,
+        init_std=cfg.init_std,
+        role=role,
+    )
+
+
+def _matrix(cfg: FalconH1Config, lrm: LRMConfig, role: str, in_features: int, out_features: int) -> MultipliedLinear:
+    return MultipliedLinear(in_features, out_features, **_multipliers(cfg, lrm, role))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-interleaved RoPE tables [seq_len, head_dim], computed in float32 as Hugging Face does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+    angles = torch.arange(seq_len, device=device).float()[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention with RoPE (the key multiplier is in k_proj's fixed multiplier, before RoPE)."""
+
+    def __init__(self, cfg: FalconH1Config, lrm: LRMConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim
+        self.rope_theta = cfg.rope_theta
+        d, q_dim, kv_dim = cfg.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = _matrix(cfg, lrm, "attn.q", d, q_dim)
+        self.k_proj = _matrix(cfg, lrm, "attn.k", d, kv_dim)
+        self.v_proj = _matrix(cfg, lrm, "attn.v", d, kv_dim)
+        self.o_proj = _matrix(cfg, lrm, "attn.o", q_dim, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = h.shape
+        qkv = fused_linear(h, [self.q_proj, self.k_proj, self.v_proj])
+        q, k, v = qkv.split([self.q_proj.weight.shape[0], self.k_proj.weight.shape[0], self.v_proj.weight.shape[0]], -1)
+        q, k, v = (t.view(batch, seq_len, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        cos, sin = rotary_cos_sin(seq_len, self.head_dim, self.rope_theta, h.device, q.dtype)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba2: in_proj -> causal depthwise conv + SiLU over [x|B|C] -> SSD scan -> gate by z -> out_proj."""
+
+    def __init__(self, cfg: FalconH1Config, lrm: LRMConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.mamba_n_heads, cfg.mamba_d_head
+        self.n_groups, self.d_state, self.chunk_size = cfg.mamba_n_groups, cfg.mamba_d_state, cfg.mamba_chunk_size
+        d, d_ssm, d_bc = cfg.hidden_size, cfg.mamba_d_ssm, cfg.mamba_n_groups * cfg.mamba_d_state
+        # The five sections of the Hugging Face in_proj, in its order; applied as one matmul.
+        sizes = {"z": d_ssm, "x": d_ssm, "B": d_bc, "C": d_bc, "dt": self.n_heads}
+        self.in_proj = nn.ModuleDict({name: _matrix(cfg, lrm, f"ssm.{name}", d, size) for name, size in sizes.items()})
+        self.section_sizes = list(sizes.values())
+        conv_dim = d_ssm + 2 * d_bc
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.mamba_d_conv, groups=conv_dim, padding=cfg.mamba_d_conv - 1)
+        self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = (
+            GatedRMSNorm(d_ssm, cfg.mamba_n_groups, cfg.rms_norm_eps, cfg.mamba_norm_before_gate)
+            if cfg.mamba_rms_norm
+            else None
+        )
+        self.out_proj = _matrix(cfg, lrm, "ssm.out_after_norm" if cfg.mamba_rms_norm else "ssm.out", d_ssm, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = h.shape
+        z, x, B, C, dt = fused_linear(h, list(self.in_proj.values())).split(self.section_sizes, dim=-1)
+        xbc = torch.cat((x, B, C), dim=-1).transpose(1, 2)
+        xbc = F.silu(self.conv1d(xbc)[..., :seq_len]).transpose(1, 2)
+        x, B, C = xbc.split(self.section_sizes[1:4], dim=-1)
+        dt = F.softplus(dt + self.dt_bias)
+        y = ssd_chunked_scan(
+            x.unflatten(-1, (self.n_heads, self.head_dim)),
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.unflatten(-1, (self.n_groups, self.d_state)),
+            C.unflatten(-1, (self.n_groups, self.d_state)),
+            self.D,
+            self.chunk_size,
+        ).flatten(-2)
+        y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
+        return self.out_proj(y)
+
+
+class GatedMLP(nn.Module):
+    """``down(up(x) * silu(gate(x)))``; the two muP MLP multipliers are gate's and down's fixed multipliers."""
+
+    def __init__(self, cfg: FalconH1Config, lrm: LRMConfig) -> None:
+        super().__init__()
+        self.gate_proj = _matrix(cfg, lrm, "mlp.gate", cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = _matrix(cfg, lrm, "mlp.up", cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = _matrix(cfg, lrm, "mlp.down", cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = fused_linear(x, [self.gate_proj, self.up_proj]).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: FalconH1Config, lrm: LRMConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mamba = Mamba2Mixer(cfg, lrm)
+        self.self_attn = Attention(cfg, lrm)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward = GatedMLP(cfg, lrm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        x = x + self.mamba(h) + self.self_attn(h)
+        return x + self.feed_forward(self.pre_ff_layernorm(x))
+
+
+class FalconH1LM(nn.Module):
+    """``FalconH1LM(cfg, lrm)(input_ids [B, T]) -> logits [B, T, vocab]`` (untied embedding and LM head)."""
+
+    def __init__(self, cfg: FalconH1Config, lrm: LRMConfig | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.lrm = lrm if lrm is not None else LRMConfig()
+        self.embed_tokens = MultipliedEmbedding(cfg.vocab_size, cfg.hidden_size, **_multipliers(cfg, self.lrm, "embedding"))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.lrm) for _ in range(cfg.num_hidden_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = _matrix(cfg, self.lrm, "lm_head", cfg.hidden_size, cfg.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.final_layernorm(x))
+
+    def matrices(self) -> dict[str, MultipliedMatrix]:
+        """Every multiplied matrix by module name (the embedding and LM head included)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, MultipliedMatrix)}
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward = 3x forward) per token at this sequence length.
+
+        Counts every matmul: the linear layers (2 FLOPs per weight), attention scores and values over the full
+        ``seq_len`` (the usual convention, as in PaLM's MFU), and the SSD scan as it runs - full chunk-by-chunk
+        blocks, state updates and the across-chunk recurrence - plus the depthwise convolution.
+        """
+        cfg = self.cfg
+        linear = sum(m.weight.numel() for m in self.matrices().values() if m is not self.embed_tokens)
+        attention = 4 * seq_len * cfg.num_attention_heads * cfg.attention_head_dim
+        chunk = min(cfg.mamba_chunk_size, seq_len)
+        chunks = math.ceil(seq_len / cfg.mamba_chunk_size)
+        heads_state = cfg.mamba_n_heads * cfg.mamba_d_head * cfg.mamba_d_state
+        ssd = (
+            2 * chunk * cfg.mamba_n_groups * cfg.mamba_d_state  # C B^T scores inside a chunk
+            + 2 * chunk * cfg.mamba_d_ssm  # scores times x
+            + 4 * heads_state  # chunk states in, entering states out
+            + 2 * chunks * heads_state / chunk  # the recurrence across chunks
+        )
+        conv = 2 * cfg.mamba_d_conv * (cfg.mamba_d_ssm + 2 * cfg.mamba_n_groups * cfg.mamba_d_state)
+        return 3 * (2 * linear + cfg.num_hidden_layers * (attention + ssd + conv))

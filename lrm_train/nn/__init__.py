@@ -1,0 +1,35 @@
+"""Primitives: the learnable-multiplier layers, norms and the loss. Nothing here knows about Falcon-H1."""
+
+from lrm_train.nn.loss import LMLoss, lm_loss
+from lrm_train.nn.multipliers import (
+    INITS,
+    MATRIX_ROLES,
+    MULTIPLIER_NAMES,
+    PLACEMENTS,
+    Learnable,
+    LRMConfig,
+    MultipliedEmbedding,
+    MultipliedLinear,
+    MultipliedMatrix,
+    fused_linear,
+    merge_multipliers_,
+)
+from lrm_train.nn.norms import GatedRMSNorm, RMSNorm
+
+__all__ = [
+    "INITS",
+    "MATRIX_ROLES",
+    "MULTIPLIER_NAMES",
+    "PLACEMENTS",
+    "GatedRMSNorm",
+    "LMLoss",
+    "LRMConfig",
+    "Learnable",
+    "MultipliedEmbedding",
+    "MultipliedLinear",
+    "MultipliedMatrix",
+    "RMSNorm",
+    "fused_linear",
+    "lm_loss",
+    "merge_multipliers_",
+]

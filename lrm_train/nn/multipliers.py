@@ -1,0 +1,242 @@
+"""Learnable multipliers (LRM): the whole method in one file.
+
+Every matrix layer of the model stores a plain weight ``W`` ([rows, cols], PyTorch's [out, in] for a linear layer,
+[vocab, d_model] for an embedding) and uses the effective weight
+
+    W_eff = m * s * r[:, None] * W * c[None, :]
+
+- ``m``: the fixed forward (muP) multiplier, a Python float from the model config;
+- ``s``: an optional learnable scalar  (parameter ``lrm_scalar``, 0-dim float32);
+- ``r``: optional learnable row multipliers (``lrm_row``, [rows] float32: output features / vocabulary entries);
+- ``c``: optional learnable column multipliers (``lrm_col``, [cols] float32: input features / model dimensions).
+
+``W_eff`` is formed with one weight-sized pass and fed to a single matmul (or embedding gather): the multipliers never
+cost an activation-sized pass. The optimizer and the loggers find the multipliers by their parameter names.
+
+Initialization (``LRMConfig.init``) decides where the muP value ``m_mup`` of a layer lives at step 0:
+- ``one``: ``m = m_mup`` stays fixed and every learnable multiplier starts at 1.
+- ``mup`` (the paper's "FULL"): ``m_mup`` moves into the first learnable multiplier of the layer - the scalar if there
+  is one, else every row entry, else every column entry - and the fixed ``m`` becomes 1. A layer with no learnable
+  multiplier keeps ``m = m_mup``.
+Both give the same ``W_eff`` (and the same logits) at initialization; they differ in what the optimizer moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PLACEMENTS = ("none", "scalar", "full", "symmetry_free")
+INITS = ("one", "mup")
+MULTIPLIER_NAMES = ("lrm_scalar", "lrm_row", "lrm_col")
+
+
+class Learnable(NamedTuple):
+    """Which learnable multipliers one matrix layer carries."""
+
+    scalar: bool = False
+    row: bool = False
+    col: bool = False
+
+
+_ROW_COL = Learnable(row=True, col=True)
+_ROW = Learnable(row=True)
+_NONE = Learnable()
+
+# The paper's symmetry-free placement (appendix), by matrix role. Each multiplicative symmetry of a block
+# (q-rows vs k-rows, gate vs up, out_proj-rows vs the next norm, ...) is broken by leaving one side without multipliers.
+_SYMMETRY_FREE = {
+    "embedding": _ROW_COL,
+    "lm_head": _NONE,  # the final RMSNorm weight already is its column multiplier
+    "attn.q": _ROW,
+    "attn.k": _NONE,
+    "attn.v": _NONE,
+    "attn.o": _ROW_COL,
+    "mlp.gate": _ROW,
+    "mlp.up": _NONE,
+    "mlp.down": _ROW_COL,
+    "ssm.z": _ROW,
+    "ssm.x": _NONE,
+    "ssm.B": _NONE,
+    "ssm.C": _NONE,
+    "ssm.dt": _ROW,
+    "ssm.out": _ROW_COL,
+    "ssm.out_after_norm": _ROW,  # the mixer's gated RMSNorm weight is out_proj's column multiplier
+}
+MATRIX_ROLES = tuple(_SYMMETRY_FREE)
+
+
+@dataclass
+class LRMConfig:
+    """Where the learnable multipliers go and how they start.
+
+    placement:
+      - ``none``: the muP baseline, fixed forward multipliers only;
+      - ``scalar``: one learnable scalar per matrix;
+      - ``full``: row and column multipliers on every matrix (the paper's default). The LM head is the exception the
+        paper makes: a learnable scalar only, its columns being the final RMSNorm weight, and no rows (they hurt);
+      - ``symmetry_free``: the paper's appendix table (see ``_SYMMETRY_FREE``).
+    init: ``one`` or ``mup`` (see the module docstring).
+    lm_head_rows: opt in to row multipliers on the LM head (any placement but ``none``).
+    weight_decay: decoupled weight decay on the multipliers; it pins the symmetries down (the paper: 2e-3).
+    """
+
+    placement: str = "full"
+    init: str = "one"
+    lm_head_rows: bool = False
+    weight_decay: float = 2e-3
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"lrm.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}")
+        if self.init not in INITS:
+            raise ValueError(f"lrm.init={self.init!r} is not one of {', '.join(INITS)}")
+
+    def learnable(self, role: str) -> Learnable:
+        if role not in _SYMMETRY_FREE:
+            raise KeyError(f"unknown matrix role {role!r}; known roles: {', '.join(MATRIX_ROLES)}")
+        if self.placement == "none":
+            return _NONE
+        if role == "lm_head":
+            base = Learnable(scalar=self.placement in ("scalar", "full"))
+            return base._replace(row=self.lm_head_rows)
+        if self.placement == "scalar":
+            return Learnable(scalar=True)
+        if self.placement == "full":
+            return _ROW_COL
+        return _SYMMETRY_FREE[role]
+
+
+class _RowColScale(torch.autograd.Function):
+    """``w * r[:, None] * c[None, :]`` into one buffer, saving only the inputs for backward.
+
+    Plain autograd would keep the weight-sized intermediate ``w * r`` alive until backward; this keeps nothing
+    weight-sized beyond ``w`` itself, which autograd holds anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, r, c)
+        return torch.mul(w, r[:, None]).mul_(c)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, r, c = ctx.saved_tensors
+        grad_w = grad_r = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.mul(grad, r[:, None]).mul_(c)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_times_w = grad * w
+            if ctx.needs_input_grad[1]:
+                grad_r = grad_times_w @ c
+            if ctx.needs_input_grad[2]:
+                grad_c = r @ grad_times_w
+        return grad_w, grad_r, grad_c
+
+
+class MultipliedMatrix(nn.Module):
+    """A weight ``W`` [rows, cols] with its fixed and learnable multipliers; subclasses say how ``W_eff`` is applied."""
+
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        multiplier: float = 1.0,
+        learnable: Learnable = _NONE,
+        init: str = "one",
+        init_std: float = 0.02,
+        role: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.role = role  # one of MATRIX_ROLES when the model says what the matrix is (export, logging)
+        if init not in INITS:
+            raise ValueError(f"lrm init={init!r} is not one of {', '.join(INITS)}")
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(rows, cols))
+        self.lrm_scalar = nn.Parameter(torch.empty((), dtype=torch.float32)) if learnable.scalar else None
+        self.lrm_row = nn.Parameter(torch.empty(rows, dtype=torch.float32)) if learnable.row else None
+        self.lrm_col = nn.Parameter(torch.empty(cols, dtype=torch.float32)) if learnable.col else None
+        # With init="mup", the muP value starts in the first learnable multiplier instead of the fixed one.
+        absorbing = init == "mup" and any(learnable)
+        self.forward_multiplier = 1.0 if absorbing else float(multiplier)
+        self._absorbed = float(multiplier) if absorbing else 1.0
+        self.reset_parameters()
+
+    def multipliers(self) -> list[nn.Parameter]:
+        return [p for p in (self.lrm_scalar, self.lrm_row, self.lrm_col) if p is not None]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+        remaining = self._absorbed
+        for p in self.multipliers():
+            p.fill_(remaining)
+            remaining = 1.0
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight
+        scale = self.forward_multiplier
+        if self.lrm_scalar is not None:
+            scale = self.lrm_scalar.to(w.dtype) * scale
+        row = None if self.lrm_row is None else self.lrm_row.to(w.dtype) * scale
+        col = None if self.lrm_col is None else self.lrm_col.to(w.dtype)
+        if row is not None and col is not None:
+            return _RowColScale.apply(w, row, col)
+        if row is not None:
+            return w * row[:, None]
+        if col is not None:
+            return w * (col * scale)
+        if isinstance(scale, float) and scale == 1.0:
+            return w
+        return w * scale
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Fold the learnable multipliers into ``W`` and drop them: same function, plain muP layer (for export)."""
+        if not self.multipliers():
+            return
+        merged = self.effective_weight() / self.forward_multiplier
+        self.weight.copy_(merged)
+        self.lrm_scalar = self.lrm_row = self.lrm_col = None
+
+    def extra_repr(self) -> str:
+        rows, cols = self.weight.shape
+        names = [n.removeprefix("lrm_") for n in MULTIPLIER_NAMES if getattr(self, n) is not None]
+        role = f"{self.role}, " if self.role else ""
+        return f"{role}{rows}x{cols}, m={self.forward_multiplier:g}, learnable={'+'.join(names) or 'none'}"
+
+
+class MultipliedLinear(MultipliedMatrix):
+    """``y = x @ W_eff^T`` (no bias)."""
+
+    def __init__(self, in_features: int, out_features: int, **kwargs) -> None:
+        super().__init__(out_features, in_features, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight())
+
+
+class MultipliedEmbedding(MultipliedMatrix):
+    """``W_eff[ids]``: rows run over the vocabulary, columns over the model dimension."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, **kwargs) -> None:
+        super().__init__(num_embeddings, embedding_dim, **kwargs)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.effective_weight())
+
+
+def fused_linear(x: torch.Tensor, layers: Sequence[MultipliedLinear]) -> torch.Tensor:
+    """Apply several linear layers that read the same input as one matmul over their stacked effective weights."""
+    return F.linear(x, torch.cat([layer.effective_weight() for layer in layers]))
+
+
+def merge_multipliers_(module: nn.Module) -> None:
+    """Fold every learnable multiplier under ``module`` into its weight."""
+    for layer in module.modules():
+        if isinstance(layer, MultipliedMatrix):
+            layer.merge_()
