@@ -1,0 +1,42 @@
+"""``python -m lrm_train.hf import HF_DIR OUT_DIR [--placement ...]`` / ``python -m lrm_train.hf export MODEL_DIR OUT_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lrm_train.hf.convert import export_hf, import_hf
+from lrm_train.models.io import load_model, save_model
+from lrm_train.nn import INITS, PLACEMENTS, LRMConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lrm_train.hf", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    imp = commands.add_parser("import", help="Hugging Face Falcon-H1 folder -> lrm_train model folder")
+    imp.add_argument("hf_dir")
+    imp.add_argument("out_dir")
+    imp.add_argument("--placement", choices=PLACEMENTS, default="full")
+    imp.add_argument("--init", choices=INITS, default="one")
+    imp.add_argument("--lm-head-rows", action="store_true")
+    exp = commands.add_parser("export", help="lrm_train model folder -> Hugging Face folder, multipliers folded")
+    exp.add_argument("model_dir")
+    exp.add_argument("out_dir")
+    for command in (imp, exp):
+        command.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "import":
+            lrm = LRMConfig(placement=args.placement, init=args.init, lm_head_rows=args.lm_head_rows)
+            save_model(import_hf(args.hf_dir, lrm), args.out_dir, overwrite=args.overwrite)
+        else:
+            export_hf(load_model(args.model_dir), args.out_dir, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+import dataclasses
+
+import pytest
+import torch
+
+from lrm_train.models import PRESETS, FalconH1Config, FalconH1LM, preset
+from lrm_train.nn import PLACEMENTS, LRMConfig
+
+SMALL = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
+    num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
+    mamba_chunk_size=4, key_multiplier=0.5, ssm_multipliers=[0.5, 0.7, 0.9, 1.1, 0.3], mlp_multipliers=[0.8, 0.6],
+)  # fmt: skip
+
+
+def small(**overrides):
+    return FalconH1Config(**{**SMALL, **overrides})
+
+
+def test_forward_returns_logits():
+    model = FalconH1LM(small())
+    assert model(torch.randint(0, 64, (3, 10))).shape == (3, 10, 64)
+
+
+@pytest.mark.parametrize("placement", [p for p in PLACEMENTS if p != "none"])
+@pytest.mark.parametrize("mamba_rms_norm", [False, True])
+def test_gradient_reaches_every_parameter_and_multiplier(placement, mamba_rms_norm):
+    model = FalconH1LM(small(mamba_rms_norm=mamba_rms_norm), LRMConfig(placement))
+    ids = torch.randint(0, 64, (2, 9))
+    model(ids).logsumexp(-1).pow(2).mean().backward()
+    multipliers = [n for n, _ in model.named_parameters() if ".lrm_" in n]
+    assert multipliers
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_placement_none_has_no_multiplier_and_full_has_them_on_every_matrix():
+    assert not [n for n, _ in FalconH1LM(small(), LRMConfig("none")).named_parameters() if "lrm_" in n]
+    model = FalconH1LM(small(), LRMConfig("full"))
+    for name, matrix in model.matrices().items():
+        expected = {"lrm_scalar"} if name == "lm_head" else {"lrm_row", "lrm_col"}
+        assert {n for n, _ in matrix.named_parameters() if n.startswith("lrm_")} == expected, name
+
+
+def test_causality_changing_token_t_never_changes_earlier_logits():
+    model = FalconH1LM(small(mamba_rms_norm=True), LRMConfig("full"))
+    ids = torch.randint(0, 64, (1, 11))
+    base = model(ids)
+    for t in (0, 4, 10):
+        changed = ids.clone()
+        changed[0, t] = (changed[0, t] + 1) % 64
+        out = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=0)
+        assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_init_mup_and_init_one_compute_the_same_function():
+    torch.manual_seed(3)
+    one = FalconH1LM(small(), LRMConfig("full", init="one"))
+    torch.manual_seed(3)
+    mup = FalconH1LM(small(), LRMConfig("full", init="mup"))
+    ids = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(mup(ids), one(ids))
+    assert mup.layers[0].self_attn.k_proj.lrm_row.unique().item() == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(num_attention_heads=5), "num_attention_heads"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(mamba_d_ssm=40), "mamba_d_ssm"),
+        (dict(mamba_n_groups=3), "mamba_n_groups"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(num_attention_heads=4, head_dim=7), "head_dim"),
+        (dict(ssm_multipliers=[1.0, 1.0]), "ssm_multipliers"),
+        (dict(lm_head_multiplier=0.0), "lm_head_multiplier"),
+        (dict(vocab_size=3.5), "vocab_size"),
+    ],
+)
+def test_impossible_shape_raises_one_clear_error(overrides, field):
+    with pytest.raises(ValueError, match=rf"model\.{field}") as info:
+        small(**overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_presets_build_and_the_0p5b_matches_the_released_shape():
+    for name in PRESETS:
+        assert isinstance(preset(name), FalconH1Config)
+    cfg = preset("falcon_h1_0p5b")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.mamba_d_ssm, cfg.vocab_size) == (1024, 36, 1536, 32784)
+    with torch.device("meta"):
+        model = FalconH1LM(cfg, LRMConfig("none"))
+    assert 515e6 < model.num_params() < 530e6  # Falcon-H1-0.5B: ~0.52B parameters
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("huge")
+
+
+def test_width_family_scales_heads_not_head_dims():
+    narrow, wide = preset("width_256"), preset("width_2048")
+    assert narrow.attention_head_dim == wide.attention_head_dim == 64
+    assert wide.num_attention_heads == 8 * narrow.num_attention_heads
+    assert wide.mamba_n_heads == 8 * narrow.mamba_n_heads
+
+
+def test_flops_per_token_counts_matmuls_attention_and_scan():
+    model = FalconH1LM(preset("tiny"))
+    cfg = model.cfg
+    linear = model.num_params(exclude_embedding=True) - sum(
+        p.numel() for n, p in model.named_parameters() if p.ndim < 2 or "conv1d" in n or "lrm_" in n
+    )
+    flops_short, flops_long = model.flops_per_token(64), model.flops_per_token(1024)
+    assert flops_short > 6 * linear
+    attention_growth = 3 * cfg.num_hidden_layers * 4 * (1024 - 64) * cfg.num_attention_heads * cfg.attention_head_dim
+    assert flops_long - flops_short == pytest.approx(attention_growth, rel=0.05)
+
+
+def test_config_round_trips_through_asdict():
+    cfg = small()
+    assert FalconH1Config(**dataclasses.asdict(cfg)) == cfg
