@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_model.py
+	$(PY) scripts/bench_data.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

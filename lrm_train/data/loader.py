@@ -1,0 +1,180 @@
+"""Reading prepared token folders: verified memmapped splits, the resumable distributed batch loader, validation.
+
+Data order: a split of N tokens holds ``W = (N - 1) // seq_len`` windows of ``seq_len + 1`` tokens (inputs and
+targets shifted by one), window w starting at token ``w * seq_len``. Global position ``p = step * global_batch + i``
+reads window ``permutation_e[p mod W]`` with ``e = p div W`` and ``permutation_e`` a fixed function of (seed, e).
+So the global batch of a step depends only on (seed, step): not on the world size, the rank or gradient accumulation.
+Rank r of R reads rows ``[r * global_batch / R, (r + 1) * global_batch / R)`` of it. Resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrm_train.data.config import FORMAT, MANIFEST
+
+_CHECKSUM_BLOCK = 1 << 24
+
+
+class TokenSplit:
+    """One split's shards as a single read-only token sequence."""
+
+    def __init__(self, folder: Path, split: dict, dtype: np.dtype, verify_checksums: bool) -> None:
+        self.shards = []
+        for shard in split["shards"]:
+            path = folder / shard["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: shard listed in {MANIFEST} is missing")
+            expected_bytes = shard["tokens"] * dtype.itemsize
+            if path.stat().st_size != expected_bytes:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {expected_bytes}")
+            if verify_checksums and _sha256(path) != shard["sha256"]:
+                raise ValueError(f"{path}: checksum does not match {MANIFEST} (the file is corrupt or was changed)")
+            self.shards.append(np.memmap(path, dtype=dtype, mode="r") if shard["tokens"] else np.empty(0, dtype))
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.num_tokens = int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)``, across shard boundaries if needed."""
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces, end = [], start + length
+        for index in range(first, len(self.shards)):
+            lo, hi = max(start, self.starts[index]), min(end, self.starts[index + 1])
+            if lo >= hi:
+                break
+            pieces.append(self.shards[index][lo - self.starts[index] : hi - self.starts[index]])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHECKSUM_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class TokenData:
+    """A prepared folder (see ``prepare``), checked against its manifest on open."""
+
+    def __init__(self, folder: str | Path, verify_checksums: bool = True) -> None:
+        self.folder = Path(folder)
+        manifest_path = self.folder / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: no such file (run python -m lrm_train.data.prepare first)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+            if self.manifest.get("format") != FORMAT:
+                raise ValueError(f"format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            dtype = np.dtype(self.manifest["dtype"])
+            split_specs = self.manifest["splits"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{manifest_path}: not a valid token manifest ({e})") from None
+        self.splits = {name: TokenSplit(self.folder, spec, dtype, verify_checksums) for name, spec in split_specs.items()}
+        self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
+        self.eos_id = int(self.manifest["tokenizer"]["eos_id"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.folder / self.manifest["tokenizer"]["file"]
+
+
+def _windows(split: TokenSplit, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([split.read(int(s), seq_len + 1) for s in starts]).astype(np.int64)
+    tokens = torch.from_numpy(rows)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class BatchLoader:
+    """Yields this rank's share of each global batch as (inputs, targets) [global_batch / world, seq_len] int64."""
+
+    def __init__(
+        self,
+        split: TokenSplit,
+        seq_len: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        prefetch: int = 2,
+    ) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by the world size {world_size}")
+        self.num_windows = (split.num_tokens - 1) // seq_len
+        if self.num_windows < 1:
+            raise ValueError(f"data.seq_len={seq_len} is longer than the training split ({split.num_tokens} tokens)")
+        self.split, self.seq_len, self.global_batch, self.seed = split, seq_len, global_batch, seed
+        self.rows = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
+        self.step = 0
+        self.prefetch = prefetch
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch") if prefetch else None
+        self._pending: dict[int, Future] = {}
+        self._permutation_epoch, self._permutation = -1, np.empty(0, dtype=np.int64)
+        self._lock = threading.Lock()
+
+    def window_ids(self, step: int) -> np.ndarray:
+        """Window indices of the whole global batch of ``step`` (the same on every rank and world size)."""
+        positions = step * self.global_batch + np.arange(self.global_batch)
+        out = np.empty(self.global_batch, dtype=np.int64)
+        for epoch in np.unique(positions // self.num_windows):
+            here = positions // self.num_windows == epoch
+            out[here] = self._epoch_permutation(int(epoch))[positions[here] % self.num_windows]
+        return out
+
+    def _epoch_permutation(self, epoch: int) -> np.ndarray:
+        with self._lock:  # shared with the prefetch thread
+            if epoch != self._permutation_epoch:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._permutation, self._permutation_epoch = rng.permutation(self.num_windows), epoch
+            return self._permutation
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _windows(self.split, self.window_ids(step)[self.rows] * self.seq_len, self.seq_len)
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.step
+        future = self._pending.pop(step, None)
+        batch = future.result() if future is not None else self.batch(step)
+        self.step += 1
+        if self._pool is not None:
+            for ahead in range(self.step, self.step + self.prefetch):
+                if ahead not in self._pending:
+                    self._pending[ahead] = self._pool.submit(self.batch, ahead)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", "global_batch"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"loader state has {key}={state[key]}, this run has {getattr(self, key)}")
+        self._pending.clear()
+        self.step = int(state["step"])
+
+
+def validation_windows(split: TokenSplit, seq_len: int, max_windows: int) -> np.ndarray:
+    """Start offsets of the fixed validation windows: evenly spread over the split, the same for every run."""
+    available = (split.num_tokens - 1) // seq_len
+    if available < 1:
+        raise ValueError(f"data.seq_len={seq_len} is longer than the validation split ({split.num_tokens} tokens)")
+    count = min(available, max_windows)
+    return np.linspace(0, available - 1, count).round().astype(np.int64) * seq_len
+
+
+def validation_batches(split: TokenSplit, seq_len: int, max_windows: int, batch_size: int, rank: int = 0,
+                       world_size: int = 1):  # fmt: skip
+    """This rank's disjoint share of the fixed validation windows, in batches of at most ``batch_size``."""
+    starts = validation_windows(split, seq_len, max_windows)[rank::world_size]
+    for i in range(0, len(starts), batch_size):
+        yield _windows(split, starts[i : i + batch_size], seq_len)
