@@ -1,0 +1,104 @@
+"""The run configuration: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Because every group is a typed dataclass, an unknown key or a value of the wrong type fails while Hydra composes the
+config, before any work; ``validate`` then rejects impossible combinations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from lrm_train.data import DataConfig
+from lrm_train.dist import DistConfig
+from lrm_train.models import PRESETS, FalconH1Config
+from lrm_train.nn import LRMConfig
+from lrm_train.optim import OptimConfig, ScheduleConfig
+
+PRECISIONS = ("auto", "float32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    seed: int = 0
+    micro_batch_size: int = 8
+    grad_accum: int = 1  # global batch = micro_batch_size x grad_accum x world size
+    ckpt_every: int = 100
+    keep_last: int = 3  # complete checkpoints kept
+    resume: str = "auto"  # auto (newest complete checkpoint of the run dir, if any), none, or a checkpoint path
+    run_dir: str = "runs/${experiment.name}"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    clip_multipliers: bool = False  # the paper leaves multipliers out of the clipped global norm
+    z_loss: float = 1e-4
+    max_bad_steps: int = 5  # non-finite steps in a row before the run stops (with an emergency checkpoint)
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batch_size: int = 8
+    stop_at_step: int = 0  # stop this process after this step as if preempted (0: never); for drills and tests
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (no network, no account), online, disabled
+    project: str = "lrm_train"
+    entity: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # progress bar on rank 0
+    peak_tflops: float = 989.0  # per device, for MFU (H100 SXM dense bf16)
+    trajectories: bool = True  # multiplier values, matrix norms and the ABM prediction every log step
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: FalconH1Config = field(default_factory=FalconH1Config)
+    lrm: LRMConfig = field(default_factory=LRMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    for name, make in PRESETS.items():  # the Python presets are the model group's options
+        store.store(group="model", name=name, node=make())
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible combinations with one line naming the keys."""
+    t = cfg.train
+    for name in ("max_steps", "micro_batch_size", "grad_accum", "ckpt_every", "keep_last", "log_every", "eval_every",
+                 "eval_batch_size", "max_bad_steps"):  # fmt: skip
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"logging.wandb.mode={cfg.logging.wandb.mode!r} is not one of offline, online, disabled")
+    if cfg.schedule.warmup_steps > t.max_steps:
+        raise ValueError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds train.max_steps={t.max_steps}")
+    if cfg.schedule.batch_ramp_steps and t.grad_accum < 2:
+        raise ValueError(
+            "schedule.batch_ramp_steps needs train.grad_accum >= 2: the ramp grows the batch in micro-batches"
+        )
+    if cfg.lrm.placement == "none" and cfg.lrm.lm_head_rows:
+        raise ValueError("lrm.lm_head_rows=true needs a placement other than lrm.placement=none")
+    if cfg.data.seq_len < 2:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
