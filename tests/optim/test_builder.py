@@ -1,0 +1,40 @@
+import torch
+
+from lrm_train.models import FalconH1LM, preset
+from lrm_train.nn import LRMConfig
+from lrm_train.optim import ClassHyper, Muon, OptimConfig, build_optimizer, class_table, classify_parameters, set_learning_rates
+
+
+def build(name, **kwargs):
+    model = FalconH1LM(preset("tiny"), LRMConfig("full", weight_decay=2e-3))
+    cfg = OptimConfig(name=name, lr=1e-3, weight_decay=0.1, **kwargs)
+    return model, build_optimizer(model, classify_parameters(model), cfg, LRMConfig("full", weight_decay=2e-3))
+
+
+def test_each_class_gets_its_lr_and_wd_and_multipliers_their_own_decay():
+    _, opt = build("adamw", embedding=ClassHyper(lr_mult=2.0, wd_mult=0.5))
+    rows = {r["class"]: r for r in class_table(opt)}
+    assert rows["embedding"]["lr"] == 2e-3 and rows["embedding"]["wd"] == 0.05
+    assert rows["multiplier"]["wd"] == 2e-3 and rows["norm"]["wd"] == 0.0 and rows["ssm_vector"]["wd"] == 0.0
+    assert {r["optimizer"] for r in rows.values()} == {"adamw"}
+    set_learning_rates(opt, 1e-3, 0.5)
+    assert {r["class"]: r["lr"] for r in class_table(opt)}["embedding"] == 1e-3
+
+
+def test_muon_takes_the_matrices_and_only_them():
+    model, opt = build("muon")
+    muon = [o for o in opt.optimizers if isinstance(o, Muon)]
+    assert len(muon) == 1
+    held = {id(p) for g in muon[0].param_groups for p in g["params"]}
+    classes = classify_parameters(model)
+    for name, p in model.named_parameters():
+        assert (id(p) in held) == (classes[name].value == "matrix"), name
+
+
+def test_state_dict_round_trip():
+    model, opt = build("muon")
+    model(torch.randint(0, 100, (2, 8))).sum().backward()
+    opt.step()
+    _, fresh = build("muon")
+    fresh.load_state_dict(opt.state_dict())
+    assert len(fresh.state) == len(opt.state)

@@ -1,0 +1,40 @@
+import math
+
+import pytest
+
+from lrm_train.optim import ScheduleConfig, batch_fraction, lr_factor
+
+
+def factors(cfg, total):
+    return [lr_factor(cfg, step, total) for step in range(total)]
+
+
+def test_paper_schedule_warmup_constant_then_exponential_decay_by_8_over_the_last_sixth():
+    cfg = ScheduleConfig(name="constant_exp_decay", warmup_steps=10, decay_fraction=1 / 6, decay_factor=8.0)
+    f = factors(cfg, 120)
+    assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert f[10:100] == [1.0] * 90
+    assert f[-1] == pytest.approx(1 / 8)
+    ratios = [f[i + 1] / f[i] for i in range(100, 119)]
+    assert ratios == pytest.approx([8 ** (-1 / 20)] * 19)  # exponential: a constant ratio per step
+
+
+def test_cosine_and_wsd_end_at_the_floor():
+    cosine = factors(ScheduleConfig(name="cosine", warmup_steps=5, min_lr_ratio=0.1), 50)
+    assert cosine[4] == 1.0 and cosine[-1] == pytest.approx(0.1, abs=2e-3)
+    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
+    wsd = factors(ScheduleConfig(name="wsd", warmup_steps=5, decay_fraction=0.2, min_lr_ratio=0.0), 50)
+    assert wsd[5:40] == [1.0] * 35 and wsd[-1] == pytest.approx(0.0)
+    assert factors(ScheduleConfig(name="constant", warmup_steps=5), 50)[5:] == [1.0] * 45
+
+
+def test_batch_ramp_scales_lr_by_sqrt_of_the_batch_share():
+    cfg = ScheduleConfig(name="constant", warmup_steps=1, batch_ramp_steps=10, batch_ramp_start=0.25)
+    assert batch_fraction(cfg, 0) == 0.25 and batch_fraction(cfg, 5) == pytest.approx(0.625)
+    assert batch_fraction(cfg, 10) == 1.0
+    assert lr_factor(cfg, 3, 100, used_batch_fraction=0.25) == pytest.approx(math.sqrt(0.25))
+
+
+def test_bad_schedule_names_the_key():
+    with pytest.raises(ValueError, match="schedule.name='linear'"):
+        ScheduleConfig(name="linear")

@@ -1,0 +1,61 @@
+"""Helpers for the trainer tests: a micro model run, in process or through the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+from lrm_train.models import FalconH1Config
+from lrm_train.train import RunConfig
+
+MICRO_MODEL = dict(
+    vocab_size=512, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=16, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16, mamba_d_state=8,
+    mamba_chunk_size=16,
+)  # fmt: skip
+
+
+def overrides(data_root, run_dir, **extra) -> dict:
+    """The micro run every trainer test starts from, as dotted keys (for the CLI) ..."""
+    values = {f"model.{k}": v for k, v in MICRO_MODEL.items()}
+    values.update({
+        "data.out_root": data_root, "data.vocab_size": 512, "data.seq_len": 32, "data.val_windows": 8,
+        "train.run_dir": str(run_dir), "train.max_steps": 8, "train.micro_batch_size": 4, "train.log_every": 1,
+        "train.eval_every": 4, "train.ckpt_every": 4, "schedule.warmup_steps": 2, "logging.progress": False,
+        "logging.wandb.mode": "disabled",
+    })  # fmt: skip
+    values.update(extra)
+    return values
+
+
+def run_config(data_root, run_dir, **extra) -> RunConfig:
+    """... and as a RunConfig (for in-process runs)."""
+    cfg = RunConfig(model=FalconH1Config(**MICRO_MODEL))
+    for key, value in overrides(data_root, run_dir, **extra).items():
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    return cfg
+
+
+def cli(args: list[str], nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, "-m", "lrm_train.train", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)  # fmt: skip
+
+
+def as_args(values: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (a resumed run appends; later lines win)."""
+    out = {}
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        for line in f:
+            record = json.loads(line)
+            out[record["step"]] = record["loss"]
+    return out

@@ -1,0 +1,63 @@
+import hashlib
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from runs import run_config
+
+from lrm_train.train import train
+from lrm_train.train.checkpoint import join_tensors, load_checkpoint, save_checkpoint, split_tensors
+
+
+def test_tensors_and_plain_data_round_trip(tmp_path):
+    state = {"step": 3, "nested": {"a": torch.arange(4), "b": [torch.ones(2, 2), "text", 1.5]}, "t": (1, torch.zeros(()))}
+    tensors = {}
+    plain = split_tensors(state, tensors)
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    back = join_tensors(plain, tensors)
+    assert back["step"] == 3 and torch.equal(back["nested"]["b"][0], torch.ones(2, 2)) and back["t"][0] == 1
+    save_checkpoint(tmp_path / "c", {"w": torch.ones(3)}, state)
+    model_state, loaded = load_checkpoint(tmp_path / "c")
+    assert torch.equal(model_state["w"], torch.ones(3)) and torch.equal(loaded["nested"]["a"], torch.arange(4))
+
+
+@pytest.fixture
+def checkpoint(data_root, tmp_path):
+    return train(run_config(data_root, tmp_path, **{"train.max_steps": 4})).last_checkpoint
+
+
+def test_a_tampered_file_is_refused(checkpoint):
+    path = checkpoint / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors does not match its checksum"):
+        load_checkpoint(checkpoint)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_even_with_a_matching_checksum(checkpoint):
+    state = checkpoint / "state.pt"
+    state.write_bytes(pickle.dumps({"step": 1, "evil": _RunsCode()}))
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    manifest["files"]["state.pt"] = hashlib.sha256(state.read_bytes()).hexdigest()
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="refusing to load it"):
+        load_checkpoint(checkpoint)
+
+
+def test_resume_from_an_explicit_path_and_config_mismatch(data_root, tmp_path, checkpoint):
+    cfg = run_config(data_root, tmp_path / "other", **{"train.resume": str(checkpoint), "model.num_hidden_layers": 3})
+    with pytest.raises(ValueError, match="trained with model.num_hidden_layers=2, this run has 3"):
+        train(cfg)
+    cfg = run_config(data_root, tmp_path / "other", **{"train.resume": str(checkpoint), "train.grad_accum": 2})
+    with pytest.raises(ValueError, match="adjust train.grad_accum"):
+        train(cfg)
+    with pytest.raises(ValueError, match="no such checkpoint folder"):
+        train(run_config(data_root, tmp_path / "other", **{"train.resume": str(tmp_path / "nope")}))

@@ -1,0 +1,50 @@
+"""Exact resume: 2N steps in one run equal N steps, a stop, and N resumed steps, bit for bit (CPU, float32)."""
+
+import pytest
+from runs import as_args, cli, losses, overrides, run_config
+
+from lrm_train.train import train
+from lrm_train.train.checkpoint import complete_checkpoints
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_single_process_resume_is_bitwise_exact(data_root, tmp_path, optim):
+    whole = train(run_config(data_root, tmp_path / "whole", **{"optim.name": optim}))
+    assert whole.step == 8
+    first = train(run_config(data_root, tmp_path / "split", **{"optim.name": optim, "train.stop_at_step": 4}))
+    assert first.step == 4
+    resumed = train(run_config(data_root, tmp_path / "split", **{"optim.name": optim}))
+    assert resumed.step == 8
+    expected, got = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(got) == list(range(1, 9))
+    assert got == expected  # every step, bit for bit
+    assert resumed.final_val_loss == whole.final_val_loss
+
+
+def test_ddp_two_ranks_resume_is_bitwise_exact(data_root, tmp_path):
+    base = overrides(data_root, tmp_path / "whole", **{"dist.name": "ddp", "optim.name": "muon", "train.max_steps": 6,
+                                                        "train.ckpt_every": 3, "train.micro_batch_size": 2})  # fmt: skip
+    for run_dir, extra in ((tmp_path / "whole", {}), (tmp_path / "split", {"train.stop_at_step": 3}),
+                           (tmp_path / "split", {})):  # fmt: skip
+        done = cli(as_args({**base, "train.run_dir": run_dir, **extra}), nproc=2)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert sorted(losses(tmp_path / "whole")) == list(range(1, 7))
+    assert (tmp_path / "whole" / "train_rank1.log").exists()
+
+
+def test_resume_auto_ignores_partial_checkpoints(data_root, tmp_path):
+    train(run_config(data_root, tmp_path, **{"train.stop_at_step": 4}))
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step_00000006").mkdir()  # no checkpoint.json: an interrupted write
+    (checkpoints / "step_00000006" / "model.safetensors").write_bytes(b"partial")
+    (checkpoints / ".tmp-step_00000007-abcd1234").mkdir()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
+    resumed = train(run_config(data_root, tmp_path))
+    assert resumed.step == 8 and sorted(losses(tmp_path)) == list(range(1, 9))
+    assert "resumed from" in (tmp_path / "train_rank0.log").read_text()
+
+
+def test_keep_last_prunes_old_checkpoints(data_root, tmp_path):
+    train(run_config(data_root, tmp_path, **{"train.ckpt_every": 2, "train.keep_last": 2}))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000006", "step_00000008"]
