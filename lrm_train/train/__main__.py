@@ -32,6 +32,7 @@ def _one_line(error: BaseException) -> str:
 
 def check_config(overrides: list[str]) -> None:
     """Compose and validate the config exactly as the run will, so a bad one fails with one line before any work."""
+    register_configs()
     ours = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
@@ -54,7 +55,6 @@ def _run(cfg) -> None:
 
 
 def main() -> None:
-    register_configs()
     check_config([a for a in sys.argv[1:] if not a.startswith("-")])
     _run()
 

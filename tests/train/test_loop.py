@@ -1,0 +1,108 @@
+import json
+from pathlib import Path
+
+import pytest
+from runs import as_args, cli, overrides, run_config
+
+from lrm_train.dist import build_engine
+from lrm_train.optim import ParamClass
+from lrm_train.train import loop, train
+from lrm_train.train.__main__ import check_config
+from lrm_train.train.loop import Trainer, resolved
+
+
+def test_metrics_jsonl_and_the_offline_wandb_run_hold_the_trajectories(data_root, tmp_path):
+    result = train(run_config(data_root, tmp_path, **{"train.max_steps": 3, "logging.wandb.mode": "offline"}))
+    records = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all("loss" in r for r in records)
+    last = records[-1]
+    expected = ["lr", "grad_norm", "tokens_per_s", "mfu", "skipped_steps", "val_loss",
+                "lrm/lm_head.lrm_scalar", "lrm/layers.0.self_attn.q_proj.lrm_row/mean",
+                "lrm/embed_tokens.lrm_col/max", "norm/layers.1.feed_forward.down_proj",
+                "norm_eff/layers.1.feed_forward.down_proj", "abm/matrix", "abm/embedding", "abm/lm_head"]  # fmt: skip
+    for key in expected:
+        assert key in last, key
+    run_file = next(Path(result.wandb_dir).glob("run-*.wandb"))
+    blob = run_file.read_bytes()  # W&B's offline log: the history keys are stored as plain strings
+    for key in expected:
+        assert key.encode() in blob, key
+
+
+def test_abm_tracks_the_weight_decay_equilibrium(data_root, tmp_path):
+    cfg = run_config(data_root, tmp_path, **{"train.max_steps": 2})
+    trainer = Trainer(resolved(cfg), build_engine(resolved(cfg).dist))
+    for group in trainer.optimizer.param_groups:
+        group["lr"], group["weight_decay"] = 1e-2, 1.0
+    for _ in range(600):
+        trainer.abm.step()
+    # Adam with i.i.d. N(0,1) gradients: each step moves an entry by about lr, weight decay pulls by lr*wd*W, so the
+    # RMS settles near sqrt(lr / (2 wd)) (a random walk in an Ornstein-Uhlenbeck well).
+    assert float(trainer.abm.norms()["matrix"]) == pytest.approx((1e-2 / 2) ** 0.5, rel=0.3)
+
+
+def test_clipping_leaves_the_multipliers_out_by_default(data_root, tmp_path):
+    for include in (False, True):
+        cfg = resolved(run_config(data_root, tmp_path, **{"train.clip_multipliers": include}))
+        trainer = Trainer(cfg, build_engine(cfg.dist))
+        clipped = {id(p) for p in trainer.clip_params}
+        for name, p in trainer.model.named_parameters():
+            is_multiplier = trainer.classes[name] is ParamClass.MULTIPLIER
+            assert (id(p) in clipped) == (include or not is_multiplier), name
+
+
+def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(data_root, tmp_path, monkeypatch):
+    real = loop.lm_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(logits, targets, z_loss_weight=0.0):
+        calls["n"] += 1
+        out = real(logits, targets, z_loss_weight)
+        poisoned = calls["n"] in bad_calls
+        return out._replace(loss=out.loss * float("nan")) if poisoned else out
+
+    monkeypatch.setattr(loop, "lm_loss", sometimes_nan)
+    bad_calls = {3}  # the 3rd training micro-batch
+    result = train(run_config(data_root, tmp_path / "one", **{"train.max_steps": 5, "train.eval_every": 100}))
+    records = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    assert records[-1]["skipped_steps"] == 1 and result.step == 5
+    assert all(r["loss"] == r["loss"] for r in records if r["step"] != 3)  # no NaN leaked into the model
+
+    calls["n"], bad_calls = 0, set(range(1, 100))
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row .* emergency checkpoint: .*emergency_step_00000003"):
+        train(run_config(data_root, tmp_path / "two", **{"train.max_bad_steps": 3}))
+    assert (tmp_path / "two" / "checkpoints" / "emergency_step_00000003" / "checkpoint.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train.max_stepz=3"], "Key 'max_stepz' not in 'TrainConfig'"),
+        (["train.max_steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
+        (["optim=adagrad"], "Could not find 'optim/adagrad'"),
+        (["schedule.warmup_steps=500", "train.max_steps=100"], "schedule.warmup_steps=500 exceeds train.max_steps=100"),
+        (["model.num_attention_heads=3"], "model.num_key_value_heads=2 does not divide model.num_attention_heads=3"),
+        (["lrm=none", "lrm.lm_head_rows=true"], "lrm.lm_head_rows=true needs a placement other than lrm.placement=none"),
+    ],
+)
+def test_config_errors_fail_before_training_with_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check_config(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: config: ") and message in err
+
+
+def test_cli_config_error_and_missing_launcher(data_root, tmp_path):
+    typo = cli(["train.max_stepz=3", f"train.run_dir={tmp_path / 'typo'}"])
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines()[-1].startswith("error: config:")
+    assert not (tmp_path / "typo").exists()
+    ddp = cli(as_args(overrides(data_root, tmp_path / "ddp", **{"dist.name": "ddp"})))
+    assert ddp.returncode == 2 and "dist=ddp needs a launcher" in ddp.stderr.strip().splitlines()[-1]
+
+
+def test_the_parameter_class_table_is_logged(data_root, tmp_path):
+    train(run_config(data_root, tmp_path, **{"train.max_steps": 2, "optim.name": "muon"}))
+    log_text = (tmp_path / "train_rank0.log").read_text()
+    assert "parameter classes (what the optimizer holds)" in log_text
+    assert any(line.startswith("matrix") and "muon" in line for line in log_text.splitlines())
+    assert any(line.startswith("multiplier") and "adamw" in line and "0.002" in line for line in log_text.splitlines())
