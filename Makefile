@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test bench clean
+.PHONY: install test train bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_model.py
 	$(PY) scripts/bench_data.py
+	$(PY) scripts/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The default job: prepare the default corpus if needed, then train the tiny Falcon-H1 with lrm=full on CPU
+# (resumes runs/default if it was interrupted). Extra Hydra overrides: make train ARGS="optim=muon train.max_steps=100"
+train: $(STAMP)
+	$(PY) -m lrm_train.train $(ARGS)

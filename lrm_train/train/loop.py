@@ -306,6 +306,8 @@ class Trainer:
                 if t.stop_at_step and self.step >= t.stop_at_step:
                     log.info("stopping at step %d (train.stop_at_step)", self.step)
                     break
+            if val_loss is None:  # nothing left to train (a finished run resumed): still report where it stands
+                val_loss = self.evaluate()
         finally:
             if sinks is not None:
                 sinks.close()

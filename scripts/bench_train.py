@@ -1,0 +1,81 @@
+"""Full training-step speed (data, forward, backward, clipping, optimizer) in one run, as ratios:
+AdamW vs Muon, and lrm=none vs lrm=full.
+
+    python scripts/bench_train.py [--model tiny] [--micro-batch 8] [--seq-len 256] [--steps 10]
+
+Each variant is a real ``Trainer`` (parameter classes, optimizer, engine, loader) on the default corpus; their steps
+are timed in interleaved rounds and the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from lrm_train.dist import build_engine
+from lrm_train.models import preset
+from lrm_train.train import RunConfig
+from lrm_train.train.loop import Trainer, resolved
+
+VARIANTS = {
+    "adamw, lrm=none": ("adamw", "none"),
+    "adamw, lrm=full": ("adamw", "full"),
+    "muon, lrm=none": ("muon", "none"),
+    "muon, lrm=full": ("muon", "full"),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--data-root", default="data", help="where the default corpus is prepared (reused)")
+    args = parser.parse_args()
+    logging.disable(logging.INFO)  # the trainers' start-up tables
+
+    trainers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (optimizer, placement) in VARIANTS.items():
+            cfg = RunConfig(model=preset(args.model))
+            cfg.optim.name, cfg.lrm.placement = optimizer, placement
+            cfg.data.out_root, cfg.data.seq_len = args.data_root, args.seq_len
+            cfg.train.micro_batch_size, cfg.train.max_steps = args.micro_batch, 10_000
+            cfg.train.run_dir, cfg.train.resume = f"{tmp}/{optimizer}-{placement}", "none"
+            cfg.logging.progress, cfg.logging.wandb.mode = False, "disabled"
+            cfg = resolved(cfg)
+            trainers[name] = Trainer(cfg, build_engine(cfg.dist))
+
+        times: dict[str, list[float]] = {name: [] for name in trainers}
+        for round_ in range(args.warmup + args.steps):
+            for name, trainer in trainers.items():
+                started = time.perf_counter()
+                trainer.train_step()
+                if round_ >= args.warmup:
+                    times[name].append(time.perf_counter() - started)
+
+    tokens = args.micro_batch * args.seq_len
+    median = {name: statistics.median(samples) for name, samples in times.items()}
+    print(f"model={args.model} batch={args.micro_batch}x{args.seq_len} threads={torch.get_num_threads()} "
+          f"device=cpu float32, median of {args.steps} steps")  # fmt: skip
+    print(f"{'variant':<20}{'step ms':>10}{'tokens/s':>12}")
+    for name, seconds in median.items():
+        print(f"{name:<20}{1e3 * seconds:>10.1f}{tokens / seconds:>12.0f}")
+    print("ratios (step time):")
+    for placement in ("none", "full"):
+        print(f"  muon / adamw, lrm={placement}: {median[f'muon, lrm={placement}'] / median[f'adamw, lrm={placement}']:.3f}x")
+    for optimizer in ("adamw", "muon"):
+        print(f"  lrm=full / lrm=none, {optimizer}: {median[f'{optimizer}, lrm=full'] / median[f'{optimizer}, lrm=none']:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
