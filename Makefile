@@ -1,4 +1,4 @@
-# `make test` and (later) `make train` set up everything they need on a fresh machine.
+# `make test` and `make train` set up everything they need on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
