@@ -1,13 +1,19 @@
-"""``python -m lrm_train.hf import HF_DIR OUT_DIR [--placement ...]`` / ``python -m lrm_train.hf export MODEL_DIR OUT_DIR``."""
+"""``python -m lrm_train.hf import HF_DIR OUT_DIR [--placement ...]`` / ``python -m lrm_train.hf export SOURCE OUT_DIR``.
+
+SOURCE is an lrm_train model folder or a training checkpoint (``runs/<name>/checkpoints/step_*``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lrm_train.hf.convert import export_hf, import_hf
 from lrm_train.models.io import load_model, save_model
 from lrm_train.nn import INITS, PLACEMENTS, LRMConfig
+from lrm_train.train.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from lrm_train.train.checkpoint import model_from_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--placement", choices=PLACEMENTS, default="full")
     imp.add_argument("--init", choices=INITS, default="one")
     imp.add_argument("--lm-head-rows", action="store_true")
-    exp = commands.add_parser("export", help="lrm_train model folder -> Hugging Face folder, multipliers folded")
-    exp.add_argument("model_dir")
+    exp = commands.add_parser("export", help="model folder or checkpoint -> Hugging Face folder, multipliers folded")
+    exp.add_argument("source")
     exp.add_argument("out_dir")
     for command in (imp, exp):
         command.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
@@ -30,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             lrm = LRMConfig(placement=args.placement, init=args.init, lm_head_rows=args.lm_head_rows)
             save_model(import_hf(args.hf_dir, lrm), args.out_dir, overwrite=args.overwrite)
         else:
-            export_hf(load_model(args.model_dir), args.out_dir, overwrite=args.overwrite)
+            source = Path(args.source)
+            is_checkpoint = (source / CHECKPOINT_MANIFEST).exists()
+            model = model_from_checkpoint(source) if is_checkpoint else load_model(source)
+            export_hf(model, args.out_dir, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lrm_train.models import FalconH1Config, FalconH1LM
+from lrm_train.nn import LRMConfig
 from lrm_train.utils import atomic_directory
 
 MANIFEST = "checkpoint.json"
@@ -112,3 +114,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {path}: refusing to load it ({first_line})") from None
     return model_state, join_tensors(plain, tensors)
+
+
+def model_from_checkpoint(path: str | Path) -> FalconH1LM:
+    """The model of a training checkpoint (its config and LRM placement are stored in it)."""
+    model_state, state = load_checkpoint(path)
+    model = FalconH1LM(FalconH1Config(**state["model_config"]), LRMConfig(**state["lrm"]))
+    model.load_state_dict(model_state)
+    return model

@@ -47,6 +47,13 @@ def cli(args: list[str], nproc: int = 0, timeout: int = 300) -> subprocess.Compl
                           env=env)  # fmt: skip
 
 
+def launch(script: str, args: list[str], nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run one of launch/*.sh with this interpreter's torchrun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC": str(nproc),
+           "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}  # fmt: skip
+    return subprocess.run(["bash", f"launch/{script}", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def as_args(values: dict) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 

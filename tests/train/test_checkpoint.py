@@ -61,3 +61,18 @@ def test_resume_from_an_explicit_path_and_config_mismatch(data_root, tmp_path, c
         train(cfg)
     with pytest.raises(ValueError, match="no such checkpoint folder"):
         train(run_config(data_root, tmp_path / "other", **{"train.resume": str(tmp_path / "nope")}))
+
+
+def test_a_training_checkpoint_exports_to_transformers(checkpoint, tmp_path):
+    from transformers import FalconH1ForCausalLM
+
+    from lrm_train.hf.__main__ import main as hf_cli
+    from lrm_train.train.checkpoint import model_from_checkpoint
+
+    assert hf_cli(["export", str(checkpoint), str(tmp_path / "hf")]) == 0
+    ours = model_from_checkpoint(checkpoint)
+    theirs = FalconH1ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        expected = ours(ids)
+        assert ((theirs(ids).logits - expected).norm() / expected.norm()).item() < 1e-4
