@@ -66,8 +66,10 @@ def main() -> int:
 
     tokens = args.batch * args.seq_len
     base = statistics.median(times["lrm=none"])
-    print(f"preset={args.preset} batch={args.batch} seq_len={args.seq_len} threads={torch.get_num_threads()} "
-          f"device=cpu dtype=float32 steps={args.steps} (median)")  # fmt: skip
+    print(
+        f"preset={args.preset} batch={args.batch} seq_len={args.seq_len} threads={torch.get_num_threads()} "
+        f"device=cpu dtype=float32 steps={args.steps} (median)"
+    )
     print(f"{'variant':<24}{'step ms':>10}{'tokens/s':>12}{'vs lrm=none':>14}")
     for name, samples in times.items():
         median = statistics.median(samples)

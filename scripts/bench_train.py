@@ -64,16 +64,20 @@ def main() -> int:
 
     tokens = args.micro_batch * args.seq_len
     median = {name: statistics.median(samples) for name, samples in times.items()}
-    print(f"model={args.model} batch={args.micro_batch}x{args.seq_len} threads={torch.get_num_threads()} "
-          f"device=cpu float32, median of {args.steps} steps")  # fmt: skip
+    print(
+        f"model={args.model} batch={args.micro_batch}x{args.seq_len} threads={torch.get_num_threads()} "
+        f"device=cpu float32, median of {args.steps} steps"
+    )
     print(f"{'variant':<20}{'step ms':>10}{'tokens/s':>12}")
     for name, seconds in median.items():
         print(f"{name:<20}{1e3 * seconds:>10.1f}{tokens / seconds:>12.0f}")
     print("ratios (step time):")
     for placement in ("none", "full"):
-        print(f"  muon / adamw, lrm={placement}: {median[f'muon, lrm={placement}'] / median[f'adamw, lrm={placement}']:.3f}x")
+        ratio = median[f"muon, lrm={placement}"] / median[f"adamw, lrm={placement}"]
+        print(f"  muon / adamw, lrm={placement}: {ratio:.3f}x")
     for optimizer in ("adamw", "muon"):
-        print(f"  lrm=full / lrm=none, {optimizer}: {median[f'{optimizer}, lrm=full'] / median[f'{optimizer}, lrm=none']:.3f}x")
+        ratio = median[f"{optimizer}, lrm=full"] / median[f"{optimizer}, lrm=none"]
+        print(f"  lrm=full / lrm=none, {optimizer}: {ratio:.3f}x")
     return 0
 
 

@@ -77,7 +77,9 @@ class TokenData:
             split_specs = self.manifest["splits"]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{manifest_path}: not a valid token manifest ({e})") from None
-        self.splits = {name: TokenSplit(self.folder, spec, dtype, verify_checksums) for name, spec in split_specs.items()}
+        self.splits = {
+            name: TokenSplit(self.folder, spec, dtype, verify_checksums) for name, spec in split_specs.items()
+        }
         self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
         self.eos_id = int(self.manifest["tokenizer"]["eos_id"])
 
@@ -172,8 +174,9 @@ def validation_windows(split: TokenSplit, seq_len: int, max_windows: int) -> np.
     return np.linspace(0, available - 1, count).round().astype(np.int64) * seq_len
 
 
-def validation_batches(split: TokenSplit, seq_len: int, max_windows: int, batch_size: int, rank: int = 0,
-                       world_size: int = 1):  # fmt: skip
+def validation_batches(
+    split: TokenSplit, seq_len: int, max_windows: int, batch_size: int, rank: int = 0, world_size: int = 1
+):
     """This rank's disjoint share of the fixed validation windows, in batches of at most ``batch_size``."""
     starts = validation_windows(split, seq_len, max_windows)[rank::world_size]
     for i in range(0, len(starts), batch_size):

@@ -8,7 +8,6 @@ written under a temporary name and renamed when complete, so an interrupted run 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -29,9 +28,17 @@ log = logging.getLogger(__name__)
 
 # The settings that change the output (the read-side ones do not).
 _OUTPUT_FIELDS = (
-    "source", "hf_config", "hf_split", "text_field", "tokenizer", "vocab_size", "token_dtype", "val_fraction",
-    "split_seed", "shard_tokens",
-)  # fmt: skip
+    "source",
+    "hf_config",
+    "hf_split",
+    "text_field",
+    "tokenizer",
+    "vocab_size",
+    "token_dtype",
+    "val_fraction",
+    "split_seed",
+    "shard_tokens",
+)
 
 
 def token_dtype(cfg: DataConfig, vocab_size: int, source: str) -> np.dtype:
@@ -99,9 +106,13 @@ def _tokenize(corpus: Corpus, tokenizer: Tokenizer, num_proc: int):
         return {"ids": [e.ids for e in tokenizer.encode_batch(batch["text"])]}
 
     return corpus.documents.map(
-        encode, batched=True, batch_size=64, num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=["text"], desc="tokenize",
-    )  # fmt: skip
+        encode,
+        batched=True,
+        batch_size=64,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=["text"],
+        desc="tokenize",
+    )
 
 
 def prepare(cfg: DataConfig) -> Path:
@@ -145,8 +156,12 @@ def prepare(cfg: DataConfig) -> Path:
             "format": FORMAT,
             "source": corpus.description,
             "settings": {name: getattr(cfg, name) for name in _OUTPUT_FIELDS},
-            "tokenizer": {"file": "tokenizer.json", "sha256": tokenizer_hash(tokenizer), "vocab_size": vocab,
-                          "eos_id": eos},  # fmt: skip
+            "tokenizer": {
+                "file": "tokenizer.json",
+                "sha256": tokenizer_hash(tokenizer),
+                "vocab_size": vocab,
+                "eos_id": eos,
+            },
             "dtype": dtype.name,
             "splits": splits,
             "invalid_utf8": corpus.invalid_utf8,

@@ -65,7 +65,9 @@ def _text_column(records: datasets.Dataset, text_field: str, where: str) -> data
 
 def _records(builder: str, files: list[Path], text_field: str) -> datasets.Dataset:
     records = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    return _text_column(records, text_field, str(files[0]) if len(files) == 1 else f"{files[0].parent}/*{files[0].suffix}")
+    return _text_column(
+        records, text_field, str(files[0]) if len(files) == 1 else f"{files[0].parent}/*{files[0].suffix}"
+    )
 
 
 def _local(root: Path, cfg: DataConfig) -> Corpus:
@@ -75,7 +77,9 @@ def _local(root: Path, cfg: DataConfig) -> Corpus:
     fingerprint = hashlib.sha256()
     for f in files:
         stat = f.stat()
-        fingerprint.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        fingerprint.update(
+            f"{f.relative_to(root) if root.is_dir() else f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode()
+        )
     invalid: dict[str, int] = {}
     texts = [_read_text(f, invalid) for f in files if f.suffix in TEXT_SUFFIXES]
     parts = [datasets.Dataset.from_dict({"text": texts})] if texts else []

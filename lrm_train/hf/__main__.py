@@ -1,4 +1,4 @@
-"""``python -m lrm_train.hf import HF_DIR OUT_DIR [--placement ...]`` / ``python -m lrm_train.hf export SOURCE OUT_DIR``.
+"""``python -m lrm_train.hf import HF_DIR OUT_DIR [--placement ...]`` and ``... export SOURCE OUT_DIR``.
 
 SOURCE is an lrm_train model folder or a training checkpoint (``runs/<name>/checkpoints/step_*``).
 """

@@ -50,10 +50,20 @@ class FalconH1Config:
     def validate(self) -> None:
         """Raise one ValueError naming the first field that makes the shape impossible."""
         positive = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-            "num_key_value_heads", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_n_groups",
-            "mamba_d_state", "mamba_d_conv", "mamba_chunk_size",
-        ]  # fmt: skip
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "mamba_d_ssm",
+            "mamba_n_heads",
+            "mamba_d_head",
+            "mamba_n_groups",
+            "mamba_d_state",
+            "mamba_d_conv",
+            "mamba_chunk_size",
+        ]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -128,24 +138,53 @@ class FalconH1Config:
 
 # Falcon-H1-0.5B as released and as used by the paper (tuned muP multipliers included).
 FALCON_H1_0P5B = dict(
-    vocab_size=32784, hidden_size=1024, num_hidden_layers=36, intermediate_size=2048,
-    num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-    mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
-    mamba_d_conv=4, mamba_chunk_size=128, mamba_rms_norm=False, rope_theta=1e11, rms_norm_eps=1e-5,
-    embedding_multiplier=5.656854, lm_head_multiplier=0.0390625, key_multiplier=0.390625,
-    attention_in_multiplier=1.0, attention_out_multiplier=0.9375, ssm_in_multiplier=1.25,
-    ssm_out_multiplier=0.235702, ssm_multipliers=[0.353553, 0.25, 0.353553, 0.5, 0.353553],
+    vocab_size=32784,
+    hidden_size=1024,
+    num_hidden_layers=36,
+    intermediate_size=2048,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    mamba_d_ssm=1536,
+    mamba_n_heads=24,
+    mamba_d_head=64,
+    mamba_n_groups=1,
+    mamba_d_state=128,
+    mamba_d_conv=4,
+    mamba_chunk_size=128,
+    mamba_rms_norm=False,
+    rope_theta=1e11,
+    rms_norm_eps=1e-5,
+    embedding_multiplier=5.656854,
+    lm_head_multiplier=0.0390625,
+    key_multiplier=0.390625,
+    attention_in_multiplier=1.0,
+    attention_out_multiplier=0.9375,
+    ssm_in_multiplier=1.25,
+    ssm_out_multiplier=0.235702,
+    ssm_multipliers=[0.353553, 0.25, 0.353553, 0.5, 0.353553],
     mlp_multipliers=[0.883883, 0.5859375],
-)  # fmt: skip
+)
 
 # Trains on 2 CPU cores: 4 layers at width 128, with the 0.5B model's multipliers so the muP path is exercised.
 TINY = dict(
-    vocab_size=8192, hidden_size=128, num_hidden_layers=4, intermediate_size=256,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    mamba_d_ssm=192, mamba_n_heads=6, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16,
-    mamba_d_conv=4, mamba_chunk_size=64, rope_theta=1e4,
+    vocab_size=8192,
+    hidden_size=128,
+    num_hidden_layers=4,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    mamba_d_ssm=192,
+    mamba_n_heads=6,
+    mamba_d_head=32,
+    mamba_n_groups=1,
+    mamba_d_state=16,
+    mamba_d_conv=4,
+    mamba_chunk_size=64,
+    rope_theta=1e4,
     **{k: v for k, v in FALCON_H1_0P5B.items() if "multiplier" in k},
-)  # fmt: skip
+)
 
 
 def width_family(hidden_size: int, num_hidden_layers: int = 12, vocab_size: int = 8192) -> FalconH1Config:
@@ -161,10 +200,17 @@ def width_family(hidden_size: int, num_hidden_layers: int = 12, vocab_size: int 
     heads = hidden_size // 128
     base = FalconH1Config(**FALCON_H1_0P5B)
     return replace(
-        base, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-        intermediate_size=2 * hidden_size, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-        mamba_d_ssm=3 * hidden_size // 2, mamba_n_heads=3 * hidden_size // 128, mamba_d_state=min(128, hidden_size // 2),
-    )  # fmt: skip
+        base,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        mamba_d_ssm=3 * hidden_size // 2,
+        mamba_n_heads=3 * hidden_size // 128,
+        mamba_d_state=min(128, hidden_size // 2),
+    )
 
 
 PRESETS = {

@@ -65,7 +65,11 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: FalconH1Config, lrm: LRMConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.attention_head_dim,
+        )
         self.rope_theta = cfg.rope_theta
         d, q_dim, kv_dim = cfg.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.q_proj = _matrix(cfg, lrm, "attn.q", d, q_dim)
@@ -165,7 +169,9 @@ class FalconH1LM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.lrm = lrm if lrm is not None else LRMConfig()
-        self.embed_tokens = MultipliedEmbedding(cfg.vocab_size, cfg.hidden_size, **_multipliers(cfg, self.lrm, "embedding"))
+        self.embed_tokens = MultipliedEmbedding(
+            cfg.vocab_size, cfg.hidden_size, **_multipliers(cfg, self.lrm, "embedding")
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.lrm) for _ in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = _matrix(cfg, self.lrm, "lm_head", cfg.hidden_size, cfg.vocab_size)

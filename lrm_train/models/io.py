@@ -51,7 +51,9 @@ def load_state_strict(model: FalconH1LM, state: dict, source: Path) -> None:
         if key not in state:
             raise ValueError(f"{source}: tensor {key!r} is missing")
         if state[key].shape != tensor.shape:
-            raise ValueError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}"
+            )
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
@@ -62,7 +64,9 @@ def load_model(model_dir: str | Path) -> FalconH1LM:
     model_dir = Path(model_dir)
     config = read_json(model_dir / "config.json")
     if config.get("format") != FORMAT:
-        raise ValueError(f"{model_dir / 'config.json'}: not an lrm_train model folder (format={config.get('format')!r})")
+        raise ValueError(
+            f"{model_dir / 'config.json'}: not an lrm_train model folder (format={config.get('format')!r})"
+        )
     model = FalconH1LM(FalconH1Config(**config["model"]), LRMConfig(**config["lrm"]))
     load_state_strict(model, read_safetensors(model_dir / "model.safetensors"), model_dir / "model.safetensors")
     return model

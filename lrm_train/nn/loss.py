@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 
 class LMLoss(NamedTuple):
@@ -14,7 +13,9 @@ class LMLoss(NamedTuple):
     z_loss: torch.Tensor  # mean of logsumexp(logits)^2, reported even when its weight is 0
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_weight: float = 0.0, ignore_index: int = -100) -> LMLoss:
+def lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, z_loss_weight: float = 0.0, ignore_index: int = -100
+) -> LMLoss:
     """Mean over the target positions that are not ``ignore_index``; ``logits`` [..., vocab], ``targets`` [...]."""
     logits = logits.float().flatten(0, -2)
     targets = targets.flatten()

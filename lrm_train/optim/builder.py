@@ -101,11 +101,17 @@ def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: Opti
             continue
         hyper = cfg.hyper(cls)
         weight_decay = lrm.weight_decay if cls is ParamClass.MULTIPLIER else cfg.weight_decay * hyper.wd_mult
-        groups.append({
-            "params": [params[n] for n in names], "names": names, "param_class": cls.value,
-            "lr": cfg.lr * hyper.lr_mult, "lr_mult": hyper.lr_mult, "weight_decay": weight_decay,
-            "use_muon": cfg.name == "muon" and cls is ParamClass.MATRIX,
-        })  # fmt: skip
+        groups.append(
+            {
+                "params": [params[n] for n in names],
+                "names": names,
+                "param_class": cls.value,
+                "lr": cfg.lr * hyper.lr_mult,
+                "lr_mult": hyper.lr_mult,
+                "weight_decay": weight_decay,
+                "use_muon": cfg.name == "muon" and cls is ParamClass.MATRIX,
+            }
+        )
     return groups
 
 
@@ -115,8 +121,17 @@ def build_optimizer(model: nn.Module, classes: dict[str, ParamClass], cfg: Optim
     muon_groups = [g for g in groups if g["use_muon"]]
     optimizers = [torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)]
     if muon_groups:
-        optimizers.append(Muon(muon_groups, lr=cfg.lr, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
-                               ns_steps=cfg.muon_ns_steps, ns_dtype=cfg.muon_ns_dtype, adjust_lr=cfg.muon_adjust_lr))  # fmt: skip
+        optimizers.append(
+            Muon(
+                muon_groups,
+                lr=cfg.lr,
+                momentum=cfg.muon_momentum,
+                nesterov=cfg.muon_nesterov,
+                ns_steps=cfg.muon_ns_steps,
+                ns_dtype=cfg.muon_ns_dtype,
+                adjust_lr=cfg.muon_adjust_lr,
+            )
+        )
     return CombinedOptimizer(optimizers)
 
 
@@ -129,16 +144,23 @@ def class_table(optimizer) -> list[dict]:
     """One row per parameter class: what the optimizer really holds."""
     rows = []
     for group in optimizer.param_groups:
-        rows.append({
-            "class": group["param_class"], "count": len(group["params"]),
-            "numel": sum(p.numel() for p in group["params"]), "optimizer": "muon" if group["use_muon"] else "adamw",
-            "lr": group["lr"], "wd": group["weight_decay"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "class": group["param_class"],
+                "count": len(group["params"]),
+                "numel": sum(p.numel() for p in group["params"]),
+                "optimizer": "muon" if group["use_muon"] else "adamw",
+                "lr": group["lr"],
+                "wd": group["weight_decay"],
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'class':<12}{'count':>7}{'numel':>13}  {'optimizer':<10}{'lr':>11}{'wd':>10}"]
     for r in rows:
-        lines.append(f"{r['class']:<12}{r['count']:>7}{r['numel']:>13,}  {r['optimizer']:<10}{r['lr']:>11.3g}{r['wd']:>10.3g}")
+        lines.append(
+            f"{r['class']:<12}{r['count']:>7}{r['numel']:>13,}  {r['optimizer']:<10}{r['lr']:>11.3g}{r['wd']:>10.3g}"
+        )
     return "\n".join(lines)

@@ -60,8 +60,16 @@ class Muon(Optimizer):
             raise ValueError(f"optim.muon_adjust_lr={adjust_lr!r} is not one of {', '.join(ADJUST_LR)}")
         if ns_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"optim.muon_ns_dtype={ns_dtype!r} is not one of auto, float32, bfloat16")
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        ns_dtype=ns_dtype, adjust_lr=adjust_lr, eps=eps)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            adjust_lr=adjust_lr,
+            eps=eps,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -111,7 +119,11 @@ class Muon(Optimizer):
         for shape, indices in by_shape.items():
             for start in range(0, len(indices), world):
                 chunk = indices[start : start + world]
-                mine = orthogonalize(chunk[rank]) if rank < len(chunk) else work[chunk[0]][0].new_zeros(shape, dtype=torch.float32)
+                mine = (
+                    orthogonalize(chunk[rank])
+                    if rank < len(chunk)
+                    else work[chunk[0]][0].new_zeros(shape, dtype=torch.float32)
+                )
                 gathered = [torch.empty_like(mine) for _ in range(world)]
                 dist.all_gather(gathered, mine.contiguous())
                 for index, update in zip(chunk, gathered):

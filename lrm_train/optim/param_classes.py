@@ -30,7 +30,9 @@ def _module_classes(module: nn.Module) -> dict[str, ParamClass]:
     """The classes of the parameters a module owns directly (not those of its children)."""
     if isinstance(module, MultipliedMatrix):
         weight = {"embedding": ParamClass.EMBEDDING, "lm_head": ParamClass.LM_HEAD}.get(module.role, ParamClass.MATRIX)
-        return {"weight": weight} | {n: ParamClass.MULTIPLIER for n in MULTIPLIER_NAMES if getattr(module, n) is not None}
+        return {"weight": weight} | {
+            n: ParamClass.MULTIPLIER for n in MULTIPLIER_NAMES if getattr(module, n) is not None
+        }
     if isinstance(module, (RMSNorm, GatedRMSNorm)):
         return {"weight": ParamClass.NORM}
     if isinstance(module, Mamba2Mixer):

@@ -84,8 +84,17 @@ def register_configs() -> None:
 def validate(cfg: RunConfig) -> None:
     """Reject impossible combinations with one line naming the keys."""
     t = cfg.train
-    for name in ("max_steps", "micro_batch_size", "grad_accum", "ckpt_every", "keep_last", "log_every", "eval_every",
-                 "eval_batch_size", "max_bad_steps"):  # fmt: skip
+    for name in (
+        "max_steps",
+        "micro_batch_size",
+        "grad_accum",
+        "ckpt_every",
+        "keep_last",
+        "log_every",
+        "eval_every",
+        "eval_batch_size",
+        "max_bad_steps",
+    ):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
     if t.precision not in PRECISIONS:

@@ -74,8 +74,11 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 
 def _rng_state() -> dict:
     numpy_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-             "torch": torch.get_rng_state()}  # fmt: skip
+    state = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -146,11 +149,20 @@ class Trainer:
         engine.setup(model, self.optimizer)
         self.model = model
         params = dict(model.named_parameters())
-        self.clip_params = [params[n] for n, c in self.classes.items() if t.clip_multipliers or c is not ParamClass.MULTIPLIER]
+        self.clip_params = [
+            params[n] for n, c in self.classes.items() if t.clip_multipliers or c is not ParamClass.MULTIPLIER
+        ]
 
         self.global_batch = t.micro_batch_size * t.grad_accum * engine.world_size
-        self.loader = BatchLoader(self.data.splits["train"], cfg.data.seq_len, self.global_batch, engine.rank,
-                                  engine.world_size, seed=t.seed, prefetch=cfg.data.prefetch)  # fmt: skip
+        self.loader = BatchLoader(
+            self.data.splits["train"],
+            cfg.data.seq_len,
+            self.global_batch,
+            engine.rank,
+            engine.world_size,
+            seed=t.seed,
+            prefetch=cfg.data.prefetch,
+        )
         self.abm = AdamBrownianMotion(self.optimizer, cfg.model.init_std, seed=t.seed + 1)
         self.step, self.tokens_seen, self.skipped_steps, self.bad_in_row = 0, 0, 0, 0
         self.last_checkpoint: Path | None = None
@@ -162,9 +174,14 @@ class Trainer:
             self._load(resume_from)
         if engine.is_main:
             log.info("parameter classes (what the optimizer holds):\n%s", format_table(class_table(self.optimizer)))
-            log.info("model: %s parameters, %.3g FLOPs/token; global batch %d x %d tokens; world size %d",
-                     f"{model.num_params():,}", self.flops_per_token, self.global_batch, cfg.data.seq_len,
-                     engine.world_size)  # fmt: skip
+            log.info(
+                "model: %s parameters, %.3g FLOPs/token; global batch %d x %d tokens; world size %d",
+                f"{model.num_params():,}",
+                self.flops_per_token,
+                self.global_batch,
+                cfg.data.seq_len,
+                engine.world_size,
+            )
 
     def _autocast(self):
         precision = self.cfg.train.precision
@@ -177,12 +194,17 @@ class Trainer:
 
     def _state(self) -> dict:
         return {
-            "step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-            "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(), "abm": self.abm.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "abm": self.abm.state_dict(),
             "rng": self.engine.all_gather_object(_rng_state()),
-            "model_config": dataclasses.asdict(self.cfg.model), "lrm": dataclasses.asdict(self.cfg.lrm),
+            "model_config": dataclasses.asdict(self.cfg.model),
+            "lrm": dataclasses.asdict(self.cfg.lrm),
             "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-        }  # fmt: skip
+        }
 
     def save(self, name: str | None = None) -> Path:
         state = self._state()  # every rank takes part (the RNG states are gathered)
@@ -199,8 +221,10 @@ class Trainer:
         model_state, state = load_checkpoint(path)
         for key, value in dataclasses.asdict(self.cfg.model).items():
             if state["model_config"].get(key) != value:
-                raise ValueError(f"checkpoint {path}: trained with model.{key}={state['model_config'].get(key)!r}, "
-                                 f"this run has {value!r}")  # fmt: skip
+                raise ValueError(
+                    f"checkpoint {path}: trained with model.{key}={state['model_config'].get(key)!r}, "
+                    f"this run has {value!r}"
+                )
         if state["lrm"] != dataclasses.asdict(self.cfg.lrm):
             raise ValueError(f"checkpoint {path}: trained with lrm={state['lrm']}, this run has {self.cfg.lrm}")
         self.model.load_state_dict(model_state)
@@ -231,7 +255,9 @@ class Trainer:
         set_learning_rates(self.optimizer, cfg.optim.lr, self.lr_scale)
         inputs, targets = next(self.loader)
         loss_sum = torch.zeros((), device=engine.device)
-        for i, (x, y) in enumerate(zip(inputs.split(cfg.train.micro_batch_size), targets.split(cfg.train.micro_batch_size))):
+        for i, (x, y) in enumerate(
+            zip(inputs.split(cfg.train.micro_batch_size), targets.split(cfg.train.micro_batch_size))
+        ):
             if i == micro_batches:
                 break
             with engine.accumulating(last=i == micro_batches - 1), self.autocast():
@@ -258,8 +284,14 @@ class Trainer:
     def evaluate(self) -> float:
         cfg, engine = self.cfg, self.engine
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)
-        batches = validation_batches(self.data.splits["val"], cfg.data.seq_len, cfg.data.val_windows,
-                                     cfg.train.eval_batch_size, engine.rank, engine.world_size)  # fmt: skip
+        batches = validation_batches(
+            self.data.splits["val"],
+            cfg.data.seq_len,
+            cfg.data.val_windows,
+            cfg.train.eval_batch_size,
+            engine.rank,
+            engine.world_size,
+        )
         for x, y in batches:
             with self.autocast():
                 logits = self.model(x.to(engine.device))
@@ -272,8 +304,14 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         sinks = None
         if self.engine.is_main:
-            sinks = MetricSinks(cfg.logging, self.run_dir, cfg.experiment.name,
-                                OmegaConf.to_container(OmegaConf.structured(cfg)), self.step, t.max_steps)  # fmt: skip
+            sinks = MetricSinks(
+                cfg.logging,
+                self.run_dir,
+                cfg.experiment.name,
+                OmegaConf.to_container(OmegaConf.structured(cfg)),
+                self.step,
+                t.max_steps,
+            )
         val_loss = None
         window_tokens, window_seconds = 0, 0.0  # training steps only: evaluation and checkpoints are not counted
         try:
@@ -312,20 +350,35 @@ class Trainer:
             if sinks is not None:
                 sinks.close()
         if self.engine.is_main:
-            log.info("done at step %d: val loss %s; checkpoint %s; metrics %s; W&B %s", self.step,
-                     "n/a" if val_loss is None else f"{val_loss:.4f}", self.last_checkpoint,
-                     self.run_dir / "metrics.jsonl", sinks.wandb_dir if sinks else None)  # fmt: skip
-        return TrainResult(self.run_dir, self.step, val_loss, self.last_checkpoint, self.run_dir / "metrics.jsonl",
-                           sinks.wandb_dir if sinks else None)  # fmt: skip
+            log.info(
+                "done at step %d: val loss %s; checkpoint %s; metrics %s; W&B %s",
+                self.step,
+                "n/a" if val_loss is None else f"{val_loss:.4f}",
+                self.last_checkpoint,
+                self.run_dir / "metrics.jsonl",
+                sinks.wandb_dir if sinks else None,
+            )
+        return TrainResult(
+            self.run_dir,
+            self.step,
+            val_loss,
+            self.last_checkpoint,
+            self.run_dir / "metrics.jsonl",
+            sinks.wandb_dir if sinks else None,
+        )
 
     def _step_metrics(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens_per_s: float) -> dict:
         cfg = self.cfg
         peak = cfg.logging.peak_tflops * 1e12 * self.engine.world_size
         metrics = {
-            "loss": float(loss), "grad_norm": float(grad_norm), "lr": cfg.optim.lr * self.lr_scale,
-            "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+            "loss": float(loss),
+            "grad_norm": float(grad_norm),
+            "lr": cfg.optim.lr * self.lr_scale,
+            "tokens_per_s": tokens_per_s,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
             "mfu": self.flops_per_token * tokens_per_s / peak,
-        }  # fmt: skip
+        }
         if cfg.logging.trajectories:
             metrics.update(trajectory_metrics(self.model, self.abm))
         return metrics

@@ -60,8 +60,15 @@ class AdamBrownianMotion:
                 continue
             shadow = nn.Parameter(torch.randn(_ABM_SHAPE, generator=self.generator) * init_std)
             if group["use_muon"]:
-                opt = Muon([shadow], lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-                           ns_steps=group["ns_steps"], ns_dtype="float32", adjust_lr=group["adjust_lr"])  # fmt: skip
+                opt = Muon(
+                    [shadow],
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    nesterov=group["nesterov"],
+                    ns_steps=group["ns_steps"],
+                    ns_dtype="float32",
+                    adjust_lr=group["adjust_lr"],
+                )
             else:
                 opt = torch.optim.AdamW([shadow], lr=group["lr"], betas=group["betas"], eps=group["eps"])
             self.shadows[group["param_class"]] = (shadow, opt, group)
@@ -79,8 +86,11 @@ class AdamBrownianMotion:
     def state_dict(self) -> dict:
         return {
             "generator": self.generator.get_state(),
-            "shadows": {cls: {"param": s.detach().clone(), "optimizer": o.state_dict()} for cls, (s, o, _) in self.shadows.items()},
-        }  # fmt: skip
+            "shadows": {
+                cls: {"param": s.detach().clone(), "optimizer": o.state_dict()}
+                for cls, (s, o, _) in self.shadows.items()
+            },
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])

@@ -13,8 +13,9 @@ from lrm_train.train.config import LoggingConfig
 
 
 class MetricSinks:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, config: dict, start_step: int,
-                 max_steps: int) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: LoggingConfig, run_dir: Path, run_name: str, config: dict, start_step: int, max_steps: int
+    ) -> None:
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.wandb_run = None
         if cfg.wandb.mode != "disabled":
@@ -26,10 +27,18 @@ class MetricSinks:
                 id_file.write_text(uuid.uuid4().hex[:12])
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb_run = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, dir=str(run_dir),
-                name=run_name, id=id_file.read_text().strip(), resume="allow", config=config,
-            )  # fmt: skip
-        self.progress = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True) if cfg.progress else None
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                mode=cfg.wandb.mode,
+                dir=str(run_dir),
+                name=run_name,
+                id=id_file.read_text().strip(),
+                resume="allow",
+                config=config,
+            )
+        self.progress = (
+            tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True) if cfg.progress else None
+        )
 
     @property
     def wandb_dir(self) -> str | None:

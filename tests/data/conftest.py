@@ -18,8 +18,9 @@ def write_corpus(root):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": ["A parquet document about " + "kings " * 30, "Another one " * 25]}),
-                   root / "table.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"text": ["A parquet document about " + "kings " * 30, "Another one " * 25]}), root / "table.parquet"
+    )
     return root
 
 
@@ -30,8 +31,16 @@ def corpus_dir(tmp_path):
 
 @pytest.fixture
 def small_cfg(corpus_dir, tmp_path):
-    return DataConfig(name="small", source=str(corpus_dir), out_root=str(tmp_path / "out"), vocab_size=400,
-                      val_fraction=0.2, num_proc=1, seq_len=16, shard_tokens=500)  # fmt: skip
+    return DataConfig(
+        name="small",
+        source=str(corpus_dir),
+        out_root=str(tmp_path / "out"),
+        vocab_size=400,
+        val_fraction=0.2,
+        num_proc=1,
+        seq_len=16,
+        shard_tokens=500,
+    )
 
 
 @pytest.fixture

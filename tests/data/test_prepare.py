@@ -56,8 +56,9 @@ def test_prepare_is_deterministic(small_cfg, prepared, tmp_path):
 def test_parallel_tokenization_gives_the_same_tokens(small_cfg, prepared, tmp_path):
     small_cfg.out_root, small_cfg.num_proc = str(tmp_path / "parallel"), 2
     parallel = prepare(small_cfg)
-    assert json.loads((parallel / "manifest.json").read_text())["splits"] == (
-        json.loads((prepared / "manifest.json").read_text())["splits"]
+    assert (
+        json.loads((parallel / "manifest.json").read_text())["splits"]
+        == (json.loads((prepared / "manifest.json").read_text())["splits"])
     )
 
 
@@ -70,8 +71,9 @@ def test_default_corpus_installs_with_the_project(tmp_path):
 def test_existing_tokenizer_is_reused(small_cfg, prepared, tmp_path):
     small_cfg.tokenizer, small_cfg.out_root = str(prepared / "tokenizer.json"), str(tmp_path / "reuse")
     reused = prepare(small_cfg)
-    assert json.loads((reused / "manifest.json").read_text())["splits"] == (
-        json.loads((prepared / "manifest.json").read_text())["splits"]
+    assert (
+        json.loads((reused / "manifest.json").read_text())["splits"]
+        == (json.loads((prepared / "manifest.json").read_text())["splits"])
     )
 
 
@@ -105,7 +107,9 @@ def test_tokenizer_too_large_for_uint16(small_cfg, prepared, tmp_path):
     big.add_tokens([f"extra{i}" for i in range(70_000)])
     big.save(str(tmp_path / "big.json"))
     small_cfg.tokenizer, small_cfg.token_dtype = str(tmp_path / "big.json"), "uint16"
-    with pytest.raises(ValueError, match=r"data.token_dtype=uint16 cannot hold the 70\d\d\d-token vocabulary of .*big.json"):
+    with pytest.raises(
+        ValueError, match=r"data.token_dtype=uint16 cannot hold the 70\d\d\d-token vocabulary of .*big.json"
+    ):
         prepare(small_cfg)
     small_cfg.token_dtype = "auto"
     assert json.loads((prepare(small_cfg) / "manifest.json").read_text())["dtype"] == "uint32"
@@ -132,12 +136,23 @@ def test_hub_dataset_offline_fails_at_once(tmp_path, monkeypatch):
 
 def test_cli_reports_one_line_and_exits_non_zero(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "lrm_train.data.prepare", f"data.source={tmp_path / 'missing'}",
-         f"data.out_root={tmp_path}"],  # fmt: skip
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lrm_train.data.prepare",
+            f"data.source={tmp_path / 'missing'}",
+            f"data.out_root={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [f"error: data.source: {tmp_path / 'missing'} does not exist"]
-    typo = subprocess.run([sys.executable, "-m", "lrm_train.data.prepare", "data.vocab_sise=5"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    typo = subprocess.run(
+        [sys.executable, "-m", "lrm_train.data.prepare", "data.vocab_sise=5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert typo.returncode != 0 and "vocab_sise" in typo.stderr

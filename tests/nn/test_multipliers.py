@@ -52,7 +52,9 @@ def test_row_col_gradients_match_plain_autograd():
     x = torch.randn(3, 6, dtype=torch.double)
     layer(x).pow(2).sum().backward()
     ours = [p.grad.clone() for p in (layer.weight, layer.lrm_scalar, layer.lrm_row, layer.lrm_col)]
-    leaves = [p.detach().clone().requires_grad_() for p in (layer.weight, layer.lrm_scalar, layer.lrm_row, layer.lrm_col)]
+    leaves = [
+        p.detach().clone().requires_grad_() for p in (layer.weight, layer.lrm_scalar, layer.lrm_row, layer.lrm_col)
+    ]
     w, s, r, c = leaves
     (x @ (1.3 * s * r[:, None] * w * c[None, :]).T).pow(2).sum().backward()
     for got, leaf in zip(ours, leaves):
@@ -108,7 +110,9 @@ def test_embedding_rows_run_over_the_vocabulary():
 
 
 def test_fused_linear_equals_separate_layers():
-    layers = [MultipliedLinear(6, n, multiplier=m, learnable=Learnable(True, True, True)) for n, m in ((2, 0.5), (3, 2.0))]
+    layers = [
+        MultipliedLinear(6, n, multiplier=m, learnable=Learnable(True, True, True)) for n, m in ((2, 0.5), (3, 2.0))
+    ]
     for layer in layers:
         randomize_multipliers(layer)
     x = torch.randn(4, 6)

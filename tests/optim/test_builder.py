@@ -2,7 +2,15 @@ import torch
 
 from lrm_train.models import FalconH1LM, preset
 from lrm_train.nn import LRMConfig
-from lrm_train.optim import ClassHyper, Muon, OptimConfig, build_optimizer, class_table, classify_parameters, set_learning_rates
+from lrm_train.optim import (
+    ClassHyper,
+    Muon,
+    OptimConfig,
+    build_optimizer,
+    class_table,
+    classify_parameters,
+    set_learning_rates,
+)
 
 
 def build(name, **kwargs):

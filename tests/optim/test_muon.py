@@ -38,7 +38,9 @@ def test_float32_newton_schulz_orthogonalizes():
     singular = torch.linalg.svdvals(o)
     assert singular.min() > 0.5 and singular.max() < 1.3  # the quintic iteration's band around 1
     # auto on CPU is float32, close to the bf16 result but not equal to it
-    ours, theirs = run_both(dict(lr=0.02, weight_decay=0.0), dict(lr=0.02, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"))
+    ours, theirs = run_both(
+        dict(lr=0.02, weight_decay=0.0), dict(lr=0.02, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    )
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=0.05, atol=5e-3)
 

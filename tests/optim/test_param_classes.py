@@ -14,7 +14,9 @@ def test_every_parameter_of_every_preset_and_placement_has_exactly_one_class(nam
     classes = classify_parameters(model)
     assert list(classes) == [n for n, _ in model.named_parameters()]
     by_class = {c: [n for n, k in classes.items() if k is c] for c in ParamClass}
-    assert by_class[ParamClass.EMBEDDING] == ["embed_tokens.weight"] and by_class[ParamClass.LM_HEAD] == ["lm_head.weight"]
+    assert by_class[ParamClass.EMBEDDING] == ["embed_tokens.weight"] and by_class[ParamClass.LM_HEAD] == [
+        "lm_head.weight"
+    ]
     assert all(n.rsplit(".", 1)[1].startswith("lrm_") for n in by_class[ParamClass.MULTIPLIER])
     assert bool(by_class[ParamClass.MULTIPLIER]) == (placement != "none")
     assert all(model.get_parameter(n).ndim == 2 for n in by_class[ParamClass.MATRIX])

@@ -9,21 +9,41 @@ from lrm_train.models import FalconH1Config
 from lrm_train.train import RunConfig
 
 MICRO_MODEL = dict(
-    vocab_size=512, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
-    num_key_value_heads=1, head_dim=16, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16, mamba_d_state=8,
+    vocab_size=512,
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    mamba_d_ssm=32,
+    mamba_n_heads=2,
+    mamba_d_head=16,
+    mamba_d_state=8,
     mamba_chunk_size=16,
-)  # fmt: skip
+)
 
 
 def overrides(data_root, run_dir, **extra) -> dict:
     """The micro run every trainer test starts from, as dotted keys (for the CLI) ..."""
     values = {f"model.{k}": v for k, v in MICRO_MODEL.items()}
-    values.update({
-        "data.out_root": data_root, "data.vocab_size": 512, "data.seq_len": 32, "data.val_windows": 8,
-        "train.run_dir": str(run_dir), "train.max_steps": 8, "train.micro_batch_size": 4, "train.log_every": 1,
-        "train.eval_every": 4, "train.ckpt_every": 4, "schedule.warmup_steps": 2, "logging.progress": False,
-        "logging.wandb.mode": "disabled",
-    })  # fmt: skip
+    values.update(
+        {
+            "data.out_root": data_root,
+            "data.vocab_size": 512,
+            "data.seq_len": 32,
+            "data.val_windows": 8,
+            "train.run_dir": str(run_dir),
+            "train.max_steps": 8,
+            "train.micro_batch_size": 4,
+            "train.log_every": 1,
+            "train.eval_every": 4,
+            "train.ckpt_every": 4,
+            "schedule.warmup_steps": 2,
+            "logging.progress": False,
+            "logging.wandb.mode": "disabled",
+        }
+    )
     values.update(extra)
     return values
 
@@ -41,16 +61,23 @@ def run_config(data_root, run_dir, **extra) -> RunConfig:
 
 
 def cli(args: list[str], nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, "-m", "lrm_train.train", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)  # fmt: skip
+    return subprocess.run(
+        [*launcher, "-m", "lrm_train.train", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def launch(script: str, args: list[str], nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run one of launch/*.sh with this interpreter's torchrun."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC": str(nproc),
-           "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "NPROC": str(nproc),
+        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+    }
     return subprocess.run(["bash", f"launch/{script}", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 

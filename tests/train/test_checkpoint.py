@@ -5,14 +5,18 @@ import pickle
 
 import pytest
 import torch
-from runs import run_config
 
 from lrm_train.train import train
 from lrm_train.train.checkpoint import join_tensors, load_checkpoint, save_checkpoint, split_tensors
+from runs import run_config
 
 
 def test_tensors_and_plain_data_round_trip(tmp_path):
-    state = {"step": 3, "nested": {"a": torch.arange(4), "b": [torch.ones(2, 2), "text", 1.5]}, "t": (1, torch.zeros(()))}
+    state = {
+        "step": 3,
+        "nested": {"a": torch.arange(4), "b": [torch.ones(2, 2), "text", 1.5]},
+        "t": (1, torch.zeros(())),
+    }
     tensors = {}
     plain = split_tensors(state, tensors)
     assert all(isinstance(v, torch.Tensor) for v in tensors.values())

@@ -2,13 +2,13 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import as_args, cli, overrides, run_config
 
 from lrm_train.dist import build_engine
 from lrm_train.optim import ParamClass
 from lrm_train.train import loop, train
 from lrm_train.train.__main__ import check_config
 from lrm_train.train.loop import Trainer, resolved
+from runs import as_args, cli, overrides, run_config
 
 
 def test_metrics_jsonl_and_the_offline_wandb_run_hold_the_trajectories(data_root, tmp_path):
@@ -16,10 +16,22 @@ def test_metrics_jsonl_and_the_offline_wandb_run_hold_the_trajectories(data_root
     records = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all("loss" in r for r in records)
     last = records[-1]
-    expected = ["lr", "grad_norm", "tokens_per_s", "mfu", "skipped_steps", "val_loss",
-                "lrm/lm_head.lrm_scalar", "lrm/layers.0.self_attn.q_proj.lrm_row/mean",
-                "lrm/embed_tokens.lrm_col/max", "norm/layers.1.feed_forward.down_proj",
-                "norm_eff/layers.1.feed_forward.down_proj", "abm/matrix", "abm/embedding", "abm/lm_head"]  # fmt: skip
+    expected = [
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "skipped_steps",
+        "val_loss",
+        "lrm/lm_head.lrm_scalar",
+        "lrm/layers.0.self_attn.q_proj.lrm_row/mean",
+        "lrm/embed_tokens.lrm_col/max",
+        "norm/layers.1.feed_forward.down_proj",
+        "norm_eff/layers.1.feed_forward.down_proj",
+        "abm/matrix",
+        "abm/embedding",
+        "abm/lm_head",
+    ]
     for key in expected:
         assert key in last, key
     run_file = next(Path(result.wandb_dir).glob("run-*.wandb"))
@@ -68,7 +80,9 @@ def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(d
     assert all(r["loss"] == r["loss"] for r in records if r["step"] != 3)  # no NaN leaked into the model
 
     calls["n"], bad_calls = 0, set(range(1, 100))
-    with pytest.raises(RuntimeError, match="3 non-finite steps in a row .* emergency checkpoint: .*emergency_step_00000003"):
+    with pytest.raises(
+        RuntimeError, match="3 non-finite steps in a row .* emergency checkpoint: .*emergency_step_00000003"
+    ):
         train(run_config(data_root, tmp_path / "two", **{"train.max_bad_steps": 3}))
     assert (tmp_path / "two" / "checkpoints" / "emergency_step_00000003" / "checkpoint.json").exists()
 
@@ -81,7 +95,10 @@ def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(d
         (["optim=adagrad"], "Could not find 'optim/adagrad'"),
         (["schedule.warmup_steps=500", "train.max_steps=100"], "schedule.warmup_steps=500 exceeds train.max_steps=100"),
         (["model.num_attention_heads=3"], "model.num_key_value_heads=2 does not divide model.num_attention_heads=3"),
-        (["lrm=none", "lrm.lm_head_rows=true"], "lrm.lm_head_rows=true needs a placement other than lrm.placement=none"),
+        (
+            ["lrm=none", "lrm.lm_head_rows=true"],
+            "lrm.lm_head_rows=true needs a placement other than lrm.placement=none",
+        ),
     ],
 )
 def test_config_errors_fail_before_training_with_one_line(args, message, capsys):

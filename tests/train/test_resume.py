@@ -1,10 +1,10 @@
 """Exact resume: 2N steps in one run equal N steps, a stop, and N resumed steps, bit for bit (CPU, float32)."""
 
 import pytest
-from runs import as_args, cli, launch, losses, overrides, run_config
 
 from lrm_train.train import train
 from lrm_train.train.checkpoint import complete_checkpoints
+from runs import as_args, cli, launch, losses, overrides, run_config
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
@@ -22,8 +22,17 @@ def test_single_process_resume_is_bitwise_exact(data_root, tmp_path, optim):
 
 
 def test_ddp_two_ranks_resume_is_bitwise_exact(data_root, tmp_path):
-    base = overrides(data_root, tmp_path / "whole", **{"dist.name": "ddp", "optim.name": "muon", "train.max_steps": 6,
-                                                        "train.ckpt_every": 3, "train.micro_batch_size": 2})  # fmt: skip
+    base = overrides(
+        data_root,
+        tmp_path / "whole",
+        **{
+            "dist.name": "ddp",
+            "optim.name": "muon",
+            "train.max_steps": 6,
+            "train.ckpt_every": 3,
+            "train.micro_batch_size": 2,
+        },
+    )
     whole = launch("torchrun_single_node.sh", as_args(base), nproc=2)  # the launcher users run
     assert whole.returncode == 0, whole.stderr[-2000:]
     for extra in ({"train.stop_at_step": 3}, {}):
