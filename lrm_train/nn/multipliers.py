@@ -6,7 +6,8 @@ Every matrix layer of the model stores a plain weight ``W`` ([rows, cols], PyTor
     W_eff = m * s * r[:, None] * W * c[None, :]
 
 - ``m``: the fixed forward (muP) multiplier, a Python float from the model config;
-- ``s``: an optional learnable scalar  (parameter ``lrm_scalar``, 0-dim float32);
+- ``s``: an optional learnable scalar  (parameter ``lrm_scalar``, float32 of shape [1]: one element, but not
+  0-dim, which frameworks that flatten or broadcast parameters byte-wise, such as DeepSpeed, cannot handle);
 - ``r``: optional learnable row multipliers (``lrm_row``, [rows] float32: output features / vocabulary entries);
 - ``c``: optional learnable column multipliers (``lrm_col``, [cols] float32: input features / model dimensions).
 
@@ -157,7 +158,7 @@ class MultipliedMatrix(nn.Module):
             raise ValueError(f"lrm init={init!r} is not one of {', '.join(INITS)}")
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(rows, cols))
-        self.lrm_scalar = nn.Parameter(torch.empty((), dtype=torch.float32)) if learnable.scalar else None
+        self.lrm_scalar = nn.Parameter(torch.empty(1, dtype=torch.float32)) if learnable.scalar else None
         self.lrm_row = nn.Parameter(torch.empty(rows, dtype=torch.float32)) if learnable.row else None
         self.lrm_col = nn.Parameter(torch.empty(cols, dtype=torch.float32)) if learnable.col else None
         # With init="mup", the muP value starts in the first learnable multiplier instead of the fixed one.

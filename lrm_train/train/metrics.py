@@ -36,9 +36,9 @@ def trajectory_metrics(model: nn.Module, abm: AdamBrownianMotion | None = None) 
             if p is None:
                 continue
             key = f"lrm/{name}.{kind}"
-            if p.ndim == 0:
+            if kind == "lrm_scalar":
                 names.append(key)
-                values.append(p.float())
+                values.append(p[0].float())
             else:
                 names += [f"{key}/mean", f"{key}/std", f"{key}/min", f"{key}/max"]
                 values += [p.mean(), p.std(correction=0), p.min(), p.max()]

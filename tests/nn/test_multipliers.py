@@ -35,12 +35,12 @@ def test_effective_weight_is_m_s_r_w_c(learnable):
     torch.testing.assert_close(layer(x), x @ expected.T)
 
 
-def test_multipliers_are_named_float32_parameters_of_rank_0_or_1():
+def test_multipliers_are_named_float32_vectors():
     layer = MultipliedLinear(5, 3, learnable=Learnable(True, True, True))
     shapes = {n: (p.dtype, p.shape) for n, p in layer.named_parameters()}
     assert shapes == {
         "weight": (torch.float32, (3, 5)),
-        "lrm_scalar": (torch.float32, ()),
+        "lrm_scalar": (torch.float32, (1,)),
         "lrm_row": (torch.float32, (3,)),
         "lrm_col": (torch.float32, (5,)),
     }
