@@ -1,11 +1,12 @@
 """Helpers for the trainer tests: a micro model run, in process or through the CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
-from lrm_train.models import FalconH1Config
+from lrm_train.models import preset
 from lrm_train.train import RunConfig
 
 MICRO_MODEL = dict(
@@ -50,7 +51,7 @@ def overrides(data_root, run_dir, **extra) -> dict:
 
 def run_config(data_root, run_dir, **extra) -> RunConfig:
     """... and as a RunConfig (for in-process runs)."""
-    cfg = RunConfig(model=FalconH1Config(**MICRO_MODEL))
+    cfg = RunConfig(model=dataclasses.replace(preset("tiny"), **MICRO_MODEL))  # as the CLI builds it: model=tiny
     for key, value in overrides(data_root, run_dir, **extra).items():
         *path, leaf = key.split(".")
         node = cfg
