@@ -2,11 +2,11 @@
 
 The training loop talks to this small interface only, so it never branches on the engine type:
 
-    engine.setup(model, optimizer)
-    with engine.accumulating(last=...):        # gradient sync only on the last micro-batch
+    optimizer = engine.setup(model, optimizer, classes)   # the optimizer whose param_groups the schedule drives
+    with engine.accumulating(last=...):                  # gradient sync only on the last micro-batch
         engine.backward(loss)
-    norm = engine.clip_grad_norm(params, max_norm)
-    engine.step(); engine.zero_grad()
+    grad_norm, applied = engine.optimizer_step(max_norm, loss_is_finite)
+    engine.model_state() / engine.optimizer_state()      # full, named: the same checkpoint for every engine
 
 ``single`` runs one process; ``ddp`` runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on CUDA).
 """
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lrm_train.optim import ParamClass
 
 ENGINES = ("single", "ddp")
 
@@ -53,6 +55,7 @@ class Engine:
         self.module: nn.Module | None = None  # the unwrapped model
         self.model: nn.Module | None = None  # what the loop calls forward on
         self.optimizer = None
+        self.clip_params: list[torch.Tensor] = []
 
     def _device(self) -> torch.device:
         if self.cfg.device != "auto":
@@ -63,9 +66,14 @@ class Engine:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def setup(self, model: nn.Module, optimizer) -> None:
+    def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):
+        """Take the model and its optimizer; return the optimizer whose ``param_groups`` the schedule drives."""
         self.module = self.model = model
         self.optimizer = optimizer
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        params = dict(model.named_parameters())
+        self.clip_params = [params[n] for n, c in classes.items() if clip_multipliers or c is not ParamClass.MULTIPLIER]
+        return optimizer
 
     def accumulating(self, last: bool):
         return contextlib.nullcontext()
@@ -73,18 +81,40 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """Global gradient norm of ``params`` (clipped to ``max_norm`` when it is > 0)."""
-        grads = [p.grad for p in params if p.grad is not None]
+    def optimizer_step(self, max_norm: float, loss_is_finite: bool) -> tuple[torch.Tensor, bool]:
+        """Clip (``max_norm`` > 0) on the global norm of the clipped classes, then step unless the loss or that
+        norm is non-finite; gradients are cleared either way. Returns (norm before clipping, whether it stepped)."""
+        grads = [p.grad for p in self.clip_params if p.grad is not None]
         if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return torch.nn.utils.get_total_norm(grads, foreach=True)
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
+            norm = torch.nn.utils.clip_grad_norm_(self.clip_params, max_norm, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        applied = loss_is_finite and bool(torch.isfinite(norm))
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm, applied
+
+    def gathered(self):
+        """A context in which every parameter of the model is whole (ZeRO-3 partitions them otherwise)."""
+        return contextlib.nullcontext()
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    def optimizer_state(self) -> dict[str, dict]:
+        """Parameter name -> its optimizer state, as full tensors (independent of the engine and world size)."""
+        return {self.names[id(p)]: dict(state) for p, state in self.optimizer.state.items()}
+
+    def load_optimizer_state(self, state: dict[str, dict]) -> None:
+        params = dict(self.module.named_parameters())
+        for name, param_state in state.items():
+            if name not in params:
+                raise ValueError(f"optimizer state for {name!r}, which this model does not have")
+            self.optimizer.load_param_state(params[name], {k: v.clone() for k, v in param_state.items()})
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -117,12 +147,12 @@ class DDPEngine(Engine):
         self.module = self.model = None
         self.optimizer = None
 
-    def setup(self, model: nn.Module, optimizer) -> None:
-        self.module = model
+    def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):
+        optimizer = super().setup(model, optimizer, classes, clip_multipliers)
         self.model = nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None
         )
-        self.optimizer = optimizer
+        return optimizer
 
     def accumulating(self, last: bool):
         return contextlib.nullcontext() if last else self.model.no_sync()

@@ -82,14 +82,13 @@ class CombinedOptimizer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["optimizers"]) != len(self.optimizers):
-            raise ValueError("optimizer state does not match this optimizer configuration")
-        for opt, opt_state in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(opt_state)
+    def load_param_state(self, param: torch.Tensor, state: dict) -> None:
+        """Set one parameter's state in whichever optimizer holds it."""
+        for opt in self.optimizers:
+            if any(p is param for g in opt.param_groups for p in g["params"]):
+                opt.state[param] = state
+                return
+        raise KeyError("parameter not held by this optimizer")
 
 
 def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: OptimConfig, lrm: LRMConfig) -> list[dict]:

@@ -21,7 +21,6 @@ from lrm_train.dist import Engine, build_engine
 from lrm_train.models import FalconH1LM
 from lrm_train.nn import lm_loss
 from lrm_train.optim import (
-    ParamClass,
     batch_fraction,
     build_optimizer,
     class_table,
@@ -145,13 +144,9 @@ class Trainer:
 
         model = FalconH1LM(cfg.model, cfg.lrm).to(engine.device)
         self.classes = classify_parameters(model)
-        self.optimizer = build_optimizer(model, self.classes, cfg.optim, cfg.lrm)
-        engine.setup(model, self.optimizer)
+        optimizer = build_optimizer(model, self.classes, cfg.optim, cfg.lrm)
+        self.optimizer = engine.setup(model, optimizer, self.classes, t.clip_multipliers)
         self.model = model
-        params = dict(model.named_parameters())
-        self.clip_params = [
-            params[n] for n, c in self.classes.items() if t.clip_multipliers or c is not ParamClass.MULTIPLIER
-        ]
 
         self.global_batch = t.micro_batch_size * t.grad_accum * engine.world_size
         self.loader = BatchLoader(
@@ -197,7 +192,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.engine.optimizer_state(),
             "loader": self.loader.state_dict(),
             "abm": self.abm.state_dict(),
             "rng": self.engine.all_gather_object(_rng_state()),
@@ -207,10 +202,11 @@ class Trainer:
         }
 
     def save(self, name: str | None = None) -> Path:
-        state = self._state()  # every rank takes part (the RNG states are gathered)
+        state = self._state()  # every rank takes part (the RNG states are gathered, ZeRO states too)
+        model_state = self.engine.model_state()
         path = checkpoint_root(self.run_dir) / (name or f"step_{self.step:08d}")
         if self.engine.is_main:
-            save_checkpoint(path, self.model.state_dict(), state)
+            save_checkpoint(path, model_state, state)
             if name is None:
                 prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
         self.engine.barrier()
@@ -227,8 +223,8 @@ class Trainer:
                 )
         if state["lrm"] != dataclasses.asdict(self.cfg.lrm):
             raise ValueError(f"checkpoint {path}: trained with lrm={state['lrm']}, this run has {self.cfg.lrm}")
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_model_state(model_state)
+        self.engine.load_optimizer_state(state["optimizer"])
         if state["loader"]["global_batch"] != self.global_batch:
             raise ValueError(
                 f"checkpoint {path}: global batch {state['loader']['global_batch']}, this run has {self.global_batch} "
@@ -265,16 +261,14 @@ class Trainer:
                 engine.backward(out.loss / micro_batches)
             loss_sum += out.cross_entropy.detach() / micro_batches
         loss = engine.all_reduce_mean(loss_sum)
-        grad_norm = engine.clip_grad_norm(self.clip_params, cfg.train.grad_clip)
-        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-            engine.step()
+        grad_norm, applied = engine.optimizer_step(cfg.train.grad_clip, bool(torch.isfinite(loss)))
+        if applied:
             self.abm.step()
             self.bad_in_row = 0
         else:
             self.skipped_steps += 1
             self.bad_in_row += 1
             log.warning("step %d: non-finite loss or gradient, step skipped", self.step + 1)
-        engine.zero_grad()
         self.step += 1
         tokens = micro_batches * cfg.train.micro_batch_size * engine.world_size * cfg.data.seq_len
         self.tokens_seen += tokens
@@ -380,7 +374,8 @@ class Trainer:
             "mfu": self.flops_per_token * tokens_per_s / peak,
         }
         if cfg.logging.trajectories:
-            metrics.update(trajectory_metrics(self.model, self.abm))
+            with self.engine.gathered():
+                metrics.update(trajectory_metrics(self.model, self.abm))
         return metrics
 
 

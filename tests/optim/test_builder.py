@@ -39,10 +39,13 @@ def test_muon_takes_the_matrices_and_only_them():
         assert (id(p) in held) == (classes[name].value == "matrix"), name
 
 
-def test_state_dict_round_trip():
+def test_per_parameter_state_goes_to_the_optimizer_that_holds_the_parameter():
     model, opt = build("muon")
     model(torch.randint(0, 100, (2, 8))).sum().backward()
     opt.step()
-    _, fresh = build("muon")
-    fresh.load_state_dict(opt.state_dict())
+    fresh_model, fresh = build("muon")
+    for (_, p), (_, q) in zip(model.named_parameters(), fresh_model.named_parameters()):
+        fresh.load_param_state(q, opt.state[p])
     assert len(fresh.state) == len(opt.state)
+    muon = next(o for o in fresh.optimizers if isinstance(o, Muon))
+    assert all("momentum_buffer" in muon.state[p] for g in muon.param_groups for p in g["params"])

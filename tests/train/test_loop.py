@@ -56,7 +56,7 @@ def test_clipping_leaves_the_multipliers_out_by_default(data_root, tmp_path):
     for include in (False, True):
         cfg = resolved(run_config(data_root, tmp_path, **{"train.clip_multipliers": include}))
         trainer = Trainer(cfg, build_engine(cfg.dist))
-        clipped = {id(p) for p in trainer.clip_params}
+        clipped = {id(p) for p in trainer.engine.clip_params}
         for name, p in trainer.model.named_parameters():
             is_multiplier = trainer.classes[name] is ParamClass.MULTIPLIER
             assert (id(p) in clipped) == (include or not is_multiplier), name
