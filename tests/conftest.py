@@ -13,3 +13,9 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """One prepared copy of the default corpus (small vocabulary) for every trainer test."""
+    return str(tmp_path_factory.mktemp("data"))

@@ -8,7 +8,8 @@ The training loop talks to this small interface only, so it never branches on th
     grad_norm, applied = engine.optimizer_step(max_norm, loss_is_finite)
     engine.model_state() / engine.optimizer_state()      # full, named: the same checkpoint for every engine
 
-``single`` runs one process; ``ddp`` runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on CUDA).
+``single`` runs one process; ``ddp`` runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on CUDA);
+``zero1``/``zero2``/``zero3`` run DeepSpeed ZeRO (``dist/zero.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrm_train.optim import ParamClass
+from lrm_train.optim import ParamClass, class_table
 
-ENGINES = ("single", "ddp")
+ENGINES = ("single", "ddp", "zero1", "zero2", "zero3")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class DistConfig:
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     device: str = "auto"  # auto: cuda when available, else cpu
     timeout_minutes: int = 30
+    zero3_persistence_threshold: int = 100_000  # ZeRO-3 keeps parameters smaller than this whole on every rank
 
     def __post_init__(self) -> None:
         if self.name not in ENGINES:
@@ -94,6 +96,10 @@ class Engine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied
+
+    def class_rows(self) -> list[dict]:
+        """The parameter-class table (class, count, numel, optimizer, lr, wd) from what the engine holds."""
+        return class_table(self.optimizer)
 
     def gathered(self):
         """A context in which every parameter of the model is whole (ZeRO-3 partitions them otherwise)."""
@@ -181,4 +187,8 @@ def build_engine(cfg: DistConfig) -> Engine:
         if launched > 1:
             raise ValueError(f"the launcher started {launched} processes but dist=single: use dist=ddp")
         return Engine(cfg)
-    return DDPEngine(cfg)
+    if cfg.name == "ddp":
+        return DDPEngine(cfg)
+    from lrm_train.dist.zero import ZeroEngine  # imports DeepSpeed, which takes seconds: only when asked for
+
+    return ZeroEngine(cfg)

@@ -23,7 +23,6 @@ from lrm_train.nn import lm_loss
 from lrm_train.optim import (
     batch_fraction,
     build_optimizer,
-    class_table,
     classify_parameters,
     format_table,
     lr_factor,
@@ -168,7 +167,7 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from)
         if engine.is_main:
-            log.info("parameter classes (what the optimizer holds):\n%s", format_table(class_table(self.optimizer)))
+            log.info("parameter classes (what the optimizer holds):\n%s", format_table(engine.class_rows()))
             log.info(
                 "model: %s parameters, %.3g FLOPs/token; global batch %d x %d tokens; world size %d",
                 f"{model.num_params():,}",

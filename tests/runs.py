@@ -61,11 +61,12 @@ def run_config(data_root, run_dir, **extra) -> RunConfig:
     return cfg
 
 
-def cli(args: list[str], nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli(args: list[str], nproc: int = 0, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m lrm_train.train`` (under torchrun with ``nproc`` ranks when given)."""
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [*launcher, "-m", "lrm_train.train", *args], capture_output=True, text=True, timeout=timeout, env=env
     )

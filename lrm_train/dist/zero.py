@@ -1,0 +1,331 @@
+"""DeepSpeed ZeRO 1/2/3 behind the engine interface, with the trainer's parameter classes intact.
+
+DeepSpeed partitions optimizer state (stage 1), gradients (2) and parameters (3) as flat fp32 shards per parameter
+group. We hand it our own client optimizer, ``ShardedAdamWMuon``, built from the trainer's groups (one per
+parameter class), so every class keeps its learning rate and weight decay, and we keep the two things DeepSpeed's
+own machinery would change:
+
+- clipping: DeepSpeed's ``gradient_clipping`` is off. The engine takes the global norm of the clipped classes
+  (multipliers left out, as in the trainer) from DeepSpeed's reduced gradient partitions, and the optimizer scales
+  those classes' gradients before its update - so Muon sees a clipped gradient and its orthogonalized update is
+  never shrunk afterwards.
+- Muon: only the ``matrix`` class uses it. Each matrix's full gradient and momentum are all-gathered from the
+  shards (``ShardLayout``), updated and orthogonalized exactly as in ``optim.Muon``, and each rank keeps its shard.
+
+Checkpoints use the trainer's format: full named model and optimizer states, gathered from the shards on save and
+cut back into shards on load, so a run resumes on another world size or engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lrm_train.dist.engine import DDPEngine, DistConfig
+from lrm_train.optim import ParamClass
+from lrm_train.optim.muon import adjusted_lr, newton_schulz
+
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+
+
+@dataclass
+class ShardLayout:
+    """Where each parameter of one flat shard lives, so full tensors can be gathered and cut back into shards.
+
+    ``contiguous`` (ZeRO 1/2): the group is one flat vector of the parameters in order, cut into equal slices.
+    Otherwise (ZeRO-3): each parameter is cut into equal slices on its own and a shard holds this rank's slice of each.
+    """
+
+    params: list[nn.Parameter]
+    shapes: list[torch.Size]
+    shard_sizes: list[int]  # this rank's elements of each parameter in the shard (ZeRO-3)
+    contiguous: bool
+    world: int
+    rank: int
+
+    def gather(self, shard: torch.Tensor) -> list[torch.Tensor]:
+        """Full tensors of every parameter from each rank's ``shard`` (collective)."""
+        pieces = [torch.empty_like(shard) for _ in range(self.world)]
+        dist.all_gather(pieces, shard.contiguous())
+        full = []
+        if self.contiguous:
+            flat, offset = torch.cat(pieces), 0
+            for shape in self.shapes:
+                full.append(flat[offset : offset + shape.numel()].view(shape).clone())
+                offset += shape.numel()
+            return full
+        offset = 0
+        for shape, size in zip(self.shapes, self.shard_sizes):
+            flat = torch.cat([piece[offset : offset + size] for piece in pieces])
+            full.append(flat[: shape.numel()].view(shape).clone())
+            offset += size
+        return full
+
+    def shard(self, full: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of the full tensors (the inverse of ``gather``)."""
+        if self.contiguous:
+            flat = torch.cat([t.reshape(-1) for t in full])
+            size = like.numel()
+            flat = torch.nn.functional.pad(flat, (0, size * self.world - flat.numel()))
+            return flat[self.rank * size : (self.rank + 1) * size].to(like)
+        pieces = []
+        for tensor, size in zip(full, self.shard_sizes):
+            flat = torch.nn.functional.pad(tensor.reshape(-1), (0, size * self.world - tensor.numel()))
+            pieces.append(flat[self.rank * size : (self.rank + 1) * size])
+        return torch.cat(pieces).to(like)
+
+
+class ShardedAdamWMuon(torch.optim.Optimizer):
+    """The client optimizer DeepSpeed wraps: AdamW on any shard, Muon on matrix shards through their layout.
+
+    Groups are the trainer's (one per parameter class, with its lr, weight decay and optimizer settings).
+    ``grad_scale`` (set by the engine before each step) scales the clipped classes; ``skip`` drops the update.
+    """
+
+    def __init__(self, groups: list[dict]) -> None:
+        super().__init__(groups, {})
+        self.layouts: dict[int, ShardLayout] = {}  # id(shard) -> layout, for the Muon groups
+        self.grad_scale: dict[str, float] = {}
+        self.skip = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        for group in self.param_groups:
+            scale = self.grad_scale.get(group["param_class"], 1.0)
+            for shard in group["params"]:
+                if shard.grad is None:
+                    continue
+                grad = shard.grad if scale == 1.0 else shard.grad * scale
+                if group["use_muon"]:
+                    self._muon(shard, grad, group)
+                else:
+                    self._adamw(shard, grad, group)
+        return None
+
+    def _adamw(self, shard: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        state = self.state[shard]
+        if not state:
+            state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(shard), exp_avg_sq=torch.zeros_like(shard))
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = float(state["step"])
+        shard.mul_(1 - group["lr"] * group["weight_decay"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        shard.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+
+    def _muon(self, shard: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        layout = self.layouts[id(shard)]
+        state = self.state[shard]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(shard)
+        grads, buffers = layout.gather(grad), layout.gather(state["momentum_buffer"])
+        updates = []
+        for g, buf, shape in zip(grads, buffers, layout.shapes):
+            buf.lerp_(g, 1 - group["momentum"])
+            direction = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            dtype = torch.bfloat16 if group["ns_dtype"] == "bfloat16" or (
+                group["ns_dtype"] == "auto" and shard.device.type == "cuda"
+            ) else torch.float32
+            ortho = newton_schulz(direction, group["ns_steps"], dtype, group["eps"]).float()
+            updates.append(ortho * (adjusted_lr(group["lr"], shape, group["adjust_lr"]) / max(group["lr"], 1e-30)))
+        state["momentum_buffer"] = layout.shard(buffers, shard)
+        shard.mul_(1 - group["lr"] * group["weight_decay"])
+        shard.add_(layout.shard(updates, shard), alpha=-group["lr"])
+
+
+class ZeroEngine(DDPEngine):
+    """DeepSpeed ZeRO (stage from ``dist.name``) under torchrun or the deepspeed launcher."""
+
+    def __init__(self, cfg: DistConfig) -> None:
+        import deepspeed
+        import deepspeed.ops
+
+        # The shared-memory all-reduce op is only used for inference and would be compiled on first use.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        super().__init__(cfg)
+        self.stage = ZERO_STAGES[cfg.name]
+        self.ds = None
+
+    def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from lrm_train.models.falcon_h1 import Attention, GatedMLP, Mamba2Mixer
+
+        super(DDPEngine, self).setup(model, optimizer, classes, clip_multipliers)
+        self.classes = classes
+        groups = [{k: v for k, v in g.items()} for g in optimizer.param_groups]
+        order = {g["param_class"]: i for i, g in enumerate(groups)}  # keep one group per class
+        client = ShardedAdamWMuon(groups)
+        if self.stage == 3:
+            # These modules use their children's weights directly (one fused matmul for q/k/v, gate/up, in_proj):
+            # gather a whole block's parameters at its forward, not each child's at the child's.
+            set_z3_leaf_modules(model, [Attention, Mamba2Mixer, GatedMLP])
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": 0.0,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {
+                "stage": self.stage,
+                "stage3_param_persistence_threshold": self.cfg.zero3_persistence_threshold,
+                "sub_group_size": 1_000_000_000_000,
+            },
+            "bf16": {"enabled": False},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
+        self.model = self.ds
+        self.client = client
+        self.ds_optimizer = ds_optimizer
+        self._verify_and_map(order)
+        return client
+
+    # Parameter classes survive the engine: check what DeepSpeed really holds, and index the shards.
+
+    def _group_params(self) -> list[list[nn.Parameter]]:
+        """Per client group, the model parameters DeepSpeed put in its shard(s)."""
+        opt = self.ds_optimizer
+        if self.stage < 3:
+            return [list(group) for group in opt.round_robin_bit16_groups]
+        per_group: list[list[nn.Parameter]] = [[] for _ in self.client.param_groups]
+        for sub_group, params in enumerate(opt.fp16_groups):
+            per_group[opt.sub_group_to_group_id[sub_group]].extend(params)
+        return per_group
+
+    def shards(self) -> list[tuple[int, torch.Tensor, ShardLayout]]:
+        """(client group index, fp32 shard, layout) for every shard this rank holds."""
+        opt = self.ds_optimizer
+        if self.stage < 3:
+            out = []
+            for i, group in enumerate(opt.round_robin_bit16_groups):
+                shapes = [p.shape for p in group]
+                layout = ShardLayout(list(group), shapes, [], True, self.world_size, self.rank)
+                out.append((i, opt.single_partition_of_fp32_groups[i], layout))
+            return out
+        out = []
+        for sub_group, params in enumerate(opt.fp16_groups):
+            shapes = [p.ds_shape for p in params]
+            sizes = [p.ds_tensor.ds_numel for p in params]
+            layout = ShardLayout(list(params), shapes, sizes, False, self.world_size, self.rank)
+            out.append((opt.sub_group_to_group_id[sub_group], opt.fp32_partitioned_groups_flat[sub_group], layout))
+        return out
+
+    def _verify_and_map(self, order: dict[str, int]) -> None:
+        for index, params in enumerate(self._group_params()):
+            group = self.client.param_groups[index]
+            held = {self.names[id(p)] for p in params}
+            expected = {n for n, c in self.classes.items() if c.value == group["param_class"]}
+            if held != expected:
+                raise ValueError(
+                    f"dist={self.cfg.name}: DeepSpeed regrouped the parameters (group {group['param_class']!r} holds "
+                    f"{len(held)} of the {len(expected)} parameters of that class); per-class LR/WD would be lost"
+                )
+            if group["use_muon"] and group["param_class"] != ParamClass.MATRIX.value:
+                raise ValueError(f"dist={self.cfg.name}: Muon would run on class {group['param_class']!r}")
+        if order != {g["param_class"]: i for i, g in enumerate(self.client.param_groups)}:
+            raise ValueError(f"dist={self.cfg.name}: DeepSpeed reordered the parameter groups")
+        self.client.layouts = {id(shard): layout for _, shard, layout in self.shards()}
+        self._numel = {g["param_class"]: sum(p.numel() if self.stage < 3 else p.ds_numel for p in params)
+                       for g, params in zip(self.client.param_groups, self._group_params())}
+
+    def class_rows(self) -> list[dict]:
+        """The parameter-class table from what the engine holds."""
+        return [
+            {"class": g["param_class"], "count": len(g["names"]), "numel": self._numel[g["param_class"]],
+             "optimizer": "muon" if g["use_muon"] else "adamw", "lr": g["lr"], "wd": g["weight_decay"]}
+            for g in self.client.param_groups
+        ]
+
+    # Steps.
+
+    def accumulating(self, last: bool):
+        self.ds.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def _group_norms(self) -> list[torch.Tensor]:
+        """Per client group, the norm of its reduced gradient (DeepSpeed's own computation; collective)."""
+        opt = self.ds_optimizer
+        if self.stage < 3:
+            return [opt.get_grad_norm_direct(opt.averaged_gradients[i], opt.params_in_partition[i])
+                    for i in range(len(opt.bit16_groups))]
+        norms = [torch.zeros(()) for _ in self.client.param_groups]
+        for sub_group, norm in enumerate(opt._get_norm_groups()):
+            index = opt.sub_group_to_group_id[sub_group]
+            norms[index] = torch.sqrt(norms[index] ** 2 + torch.as_tensor(norm, dtype=torch.float32) ** 2)
+        return norms
+
+    def optimizer_step(self, max_norm: float, loss_is_finite: bool) -> tuple[torch.Tensor, bool]:
+        clipped = {c.value for c in ParamClass} if self.clip_all else {
+            c.value for c in ParamClass if c is not ParamClass.MULTIPLIER}
+        norms = [torch.as_tensor(n, dtype=torch.float32) for n in self._group_norms()]
+        if any(float(n) < 0 for n in norms):  # DeepSpeed reports a non-finite group norm as -1
+            norm = torch.tensor(float("nan"))
+        else:
+            norm = torch.sqrt(sum(n**2 for n, g in zip(norms, self.client.param_groups) if g["param_class"] in clipped))
+        applied = loss_is_finite and bool(torch.isfinite(norm))
+        scale = min(1.0, max_norm / (float(norm) + 1e-6)) if max_norm > 0 and applied else 1.0
+        self.client.grad_scale = {c: scale for c in clipped}
+        self.client.skip = not applied
+        self.ds.step()
+        return norm, applied
+
+    @property
+    def clip_all(self) -> bool:
+        return len(self.clip_params) == len(self.names)
+
+    # State.
+
+    def gathered(self):
+        if self.stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()))
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        with self.gathered():
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.stage < 3:
+            self.module.load_state_dict(state)
+        else:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0):
+                self.module.load_state_dict(state)
+        self.ds_optimizer._restore_from_bit16_weights()
+
+    def optimizer_state(self) -> dict[str, dict]:
+        named: dict[str, dict] = {}
+        for index, shard, layout in self.shards():
+            for key, value in self.client.state.get(shard, {}).items():
+                full = [value] * len(layout.params) if value.ndim == 0 else layout.gather(value)
+                for param, tensor in zip(layout.params, full):
+                    named.setdefault(self.names[id(param)], {})[key] = tensor.clone()
+        return named
+
+    def load_optimizer_state(self, state: dict[str, dict]) -> None:
+        for _, shard, layout in self.shards():
+            names = [self.names[id(p)] for p in layout.params]
+            keys = set(state.get(names[0], {}))
+            loaded = {}
+            for key in keys:
+                tensors = [state[n][key] for n in names]
+                loaded[key] = tensors[0].clone() if tensors[0].ndim == 0 else layout.shard(tensors, shard)
+            if loaded:
+                self.client.state[shard] = loaded
