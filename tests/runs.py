@@ -72,13 +72,16 @@ def cli(args: list[str], nproc: int = 0, timeout: int = 300, env: dict | None = 
     )
 
 
-def launch(script: str, args: list[str], nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run one of launch/*.sh with this interpreter's torchrun."""
+def launch(script: str, args: list[str], nproc: int, timeout: int = 300, env: dict | None = None):
+    """Run one of launch/*.sh with this interpreter's torchrun and deepspeed launchers."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "NPROC": str(nproc),
+        "NUM_GPUS": str(nproc),
         "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "DEEPSPEED": f"{sys.executable} -m deepspeed.launcher.runner",
+        **(env or {}),
     }
     return subprocess.run(["bash", f"launch/{script}", *args], capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -1,8 +1,17 @@
 """DeepSpeed ZeRO 1/2/3 on 2 gloo ranks against the single-process trainer, resume, export, no JIT builds."""
 
+import json
+import types
+
 import pytest
 import torch
-from runs import as_args, cli, losses, overrides, run_config
+from runs import as_args, cli, launch, losses, overrides, run_config
+
+from lrm_train.dist.engine import DistConfig
+from lrm_train.dist.zero import ZeroEngine
+from lrm_train.models import FalconH1LM, preset
+from lrm_train.nn import LRMConfig
+from lrm_train.optim import OptimConfig, build_optimizer, classify_parameters
 
 from lrm_train.train import train
 
@@ -28,8 +37,9 @@ def zero(data_root, run_dir, jit_dir, nproc=2, **extra):
 @pytest.fixture(scope="module")
 def reference(data_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
-    return {name: losses(train(run_config(data_root, root / name, **ONE_PROCESS, **{"optim.name": name})).run_dir)
+    dirs = {name: train(run_config(data_root, root / name, **ONE_PROCESS, **{"optim.name": name})).run_dir
             for name in ("adamw", "muon")}
+    return {"dir": dirs, **{name: losses(run_dir) for name, run_dir in dirs.items()}}
 
 
 def assert_same_trajectory(got, expected):
@@ -49,11 +59,18 @@ def test_zero_matches_the_single_process_trainer(data_root, tmp_path, jit_dir, r
     assert rows["matrix"][3] == ("muon" if optim == "muon" else "adamw")
     assert rows["multiplier"][3] == "adamw" and rows["multiplier"][5] == "0.002"
     assert rows["norm"][5] == "0"
+    # The trajectories are taken from whole parameters (ZeRO-3 gathers them first).
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    expected = json.loads((reference["dir"][optim] / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("norm/layers.0.self_attn.q_proj", "lrm/layers.1.mamba.out_proj.lrm_row/max", "abm/matrix"):
+        assert last[key] == pytest.approx(expected[key], rel=1e-5), key
 
 
 def test_zero_resume_is_exact_and_crosses_world_sizes(data_root, tmp_path, jit_dir, reference):
-    # Same world size: 5 steps, a stop, 5 resumed steps.
-    zero(data_root, tmp_path / "same", jit_dir, **{"dist.name": "zero2", "optim.name": "muon", "train.stop_at_step": 5})
+    # Same world size: 5 steps (started with the deepspeed launcher script), a stop, 5 resumed steps.
+    first = overrides(data_root, tmp_path / "same", **{**TWO_RANKS, "optim.name": "muon", "train.stop_at_step": 5})
+    started = launch("deepspeed.sh", ["dist=zero2", *as_args(first)], nproc=2, env={"TORCH_EXTENSIONS_DIR": str(jit_dir)})
+    assert started.returncode == 0, started.stderr[-3000:]
     assert_same_trajectory(zero(data_root, tmp_path / "same", jit_dir, **{"dist.name": "zero2", "optim.name": "muon"}),
                            reference["muon"])
     # 2 ranks -> 1 and 1 -> 2 (the global batch stays 4 through train.grad_accum).
@@ -87,3 +104,18 @@ def test_a_zero3_checkpoint_exports_to_transformers(data_root, tmp_path, jit_dir
 def test_no_just_in_time_builds(jit_dir, reference):
     # Runs after the ZeRO tests of this module: DeepSpeed compiled nothing (no shm comm, no fused/cpu Adam).
     assert not any(jit_dir.rglob("*.so"))
+
+
+def test_the_engine_refuses_groups_deepspeed_would_have_merged():
+    model = FalconH1LM(preset("tiny"), LRMConfig("full"))
+    classes = classify_parameters(model)
+    optimizer = build_optimizer(model, classes, OptimConfig(name="muon"), LRMConfig("full"))
+    engine = object.__new__(ZeroEngine)
+    engine.cfg, engine.stage, engine.classes = DistConfig(name="zero2"), 2, classes
+    engine.names = {id(p): n for n, p in model.named_parameters()}
+    engine.client = types.SimpleNamespace(param_groups=optimizer.param_groups)
+    merged = [list(g["params"]) for g in optimizer.param_groups]
+    merged[0] = merged[0] + merged[1]  # as if two classes had been merged into one group
+    engine.ds_optimizer = types.SimpleNamespace(round_robin_bit16_groups=merged)
+    with pytest.raises(ValueError, match="DeepSpeed regrouped the parameters"):
+        engine._verify_and_map({g["param_class"]: i for i, g in enumerate(optimizer.param_groups)})
