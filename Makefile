@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_model.py
 	$(PY) scripts/bench_data.py
 	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_dist.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,152 @@
+"""Throughput and memory per rank of DDP vs DeepSpeed ZeRO-1/2/3, with AdamW and with Muon, at the same batch.
+
+    python scripts/bench_dist.py [--nproc 2] [--model tiny] [--micro-batch 8] [--seq-len 256] [--steps 6]
+
+Each configuration runs under torchrun on whatever is present (CPU processes over gloo here; one process per GPU
+over NCCL on a GPU machine), as a real ``Trainer`` step (data, forward, backward, clipping, optimizer). Per rank it
+reports the median step time, the optimizer state it holds (what ZeRO shards) and its peak memory: allocated CUDA
+memory on GPUs, the process's peak resident set on CPU (which includes Python, torch and DeepSpeed themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ENGINES = ("ddp", "zero1", "zero2", "zero3")
+OPTIMIZERS = ("adamw", "muon")
+
+
+def worker(args) -> None:
+    import logging
+    import resource
+
+    import torch
+
+    from lrm_train.dist import build_engine
+    from lrm_train.models import preset
+    from lrm_train.train import RunConfig
+    from lrm_train.train.loop import Trainer, resolved
+
+    logging.disable(logging.INFO)
+    cfg = RunConfig(model=preset(args.model))
+    cfg.dist.name, cfg.optim.name = args.engine, args.optim
+    cfg.data.out_root, cfg.data.seq_len = args.data_root, args.seq_len
+    cfg.train.micro_batch_size, cfg.train.max_steps, cfg.train.resume = args.micro_batch, 10_000, "none"
+    cfg.train.run_dir = f"{args.out}/run-{args.engine}-{args.optim}"
+    cfg.logging.progress, cfg.logging.wandb.mode = False, "disabled"
+    cfg = resolved(cfg)
+    engine = build_engine(cfg.dist)
+    trainer = Trainer(cfg, engine)
+    times = []
+    for step in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        trainer.train_step()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - started)
+    state = engine.client.state if hasattr(engine, "client") else engine.optimizer.state
+    state_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if torch.is_tensor(t))
+    if engine.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(engine.device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {
+        "step_s": statistics.median(times),
+        "tokens": trainer.global_batch * cfg.data.seq_len,
+        "optimizer_state_bytes": state_bytes,
+        "peak_bytes": peak,
+        "device": engine.device.type,
+    }
+    Path(args.out, f"{args.engine}-{args.optim}-rank{engine.rank}.json").write_text(json.dumps(result))
+    engine.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, default=0, help="processes (default: GPUs, or 2 on CPU)")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--optim", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+
+    import torch
+
+    nproc = args.nproc or torch.cuda.device_count() or 2
+    results = {}
+    with tempfile.TemporaryDirectory() as out:
+        for engine in ENGINES:
+            for optim in OPTIMIZERS:
+                command = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    f"--nproc_per_node={nproc}",
+                    __file__,
+                    "--worker",
+                    "--engine",
+                    engine,
+                    "--optim",
+                    optim,
+                    "--out",
+                    out,
+                    "--model",
+                    args.model,
+                    "--micro-batch",
+                    str(args.micro_batch),
+                    "--seq-len",
+                    str(args.seq_len),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--data-root",
+                    args.data_root,
+                ]
+                done = subprocess.run(
+                    command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+                )
+                if done.returncode:
+                    print(done.stderr[-3000:], file=sys.stderr)
+                    return done.returncode
+                ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"{engine}-{optim}-rank*.json"))]
+                results[engine, optim] = ranks
+    device = results["ddp", "adamw"][0]["device"]
+    print(
+        f"model={args.model} ranks={nproc} device={device} global batch={results['ddp', 'adamw'][0]['tokens']} "
+        f"tokens, float32 master weights, median of {args.steps} steps"
+    )
+    print(
+        f"{'engine':<8}{'optim':<7}{'step ms':>9}{'tokens/s':>10}{'vs ddp':>8}{'opt state/rank MB':>19}"
+        f"{'peak/rank MB':>14}"
+    )
+    for (engine, optim), ranks in results.items():
+        step = max(r["step_s"] for r in ranks)
+        base = max(r["step_s"] for r in results["ddp", optim])
+        state = max(r["optimizer_state_bytes"] for r in ranks) / 2**20
+        peak = max(r["peak_bytes"] for r in ranks) / 2**20
+        print(
+            f"{engine:<8}{optim:<7}{1e3 * step:>9.0f}{ranks[0]['tokens'] / step:>10.0f}{step / base:>7.2f}x"
+            f"{state:>19.2f}{peak:>14.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
