@@ -83,13 +83,13 @@ def test_zero_resume_is_exact_and_crosses_world_sizes(data_root, tmp_path, jit_d
     assert_same_trajectory(grown, reference["adamw"])
 
 
-def test_a_zero3_checkpoint_exports_to_transformers(data_root, tmp_path, jit_dir):
+def test_a_zero3_checkpoint_exports_to_transformers_and_resumes_in_one_process(data_root, tmp_path, jit_dir, reference):
     from transformers import FalconH1ForCausalLM
 
     from lrm_train.hf.__main__ import main as hf_cli
     from lrm_train.train.checkpoint import model_from_checkpoint
 
-    zero(data_root, tmp_path / "run", jit_dir, **{"dist.name": "zero3", "train.max_steps": 5})
+    zero(data_root, tmp_path / "run", jit_dir, **{"dist.name": "zero3", "train.stop_at_step": 5})
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000005"
     ours = model_from_checkpoint(checkpoint)
     assert any(p.abs().sum() > 0 for n, p in ours.named_parameters() if "lrm_" in n)
@@ -99,6 +99,9 @@ def test_a_zero3_checkpoint_exports_to_transformers(data_root, tmp_path, jit_dir
     with torch.no_grad():
         expected = ours(ids)
         assert ((theirs(ids).logits - expected).norm() / expected.norm()).item() < 1e-4
+    # The checkpoint is the trainer's own: the single-process engine picks the run up where ZeRO-3 left it.
+    resumed = train(run_config(data_root, tmp_path / "run", **ONE_PROCESS, **{"optim.name": "adamw"}))
+    assert_same_trajectory(losses(resumed.run_dir), reference["adamw"])
 
 
 def test_no_just_in_time_builds(jit_dir, reference):
