@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrm_train.dist.engine import DDPEngine, DistConfig
+from lrm_train.dist.engine import DDPEngine, DistConfig, Engine
 from lrm_train.optim import ParamClass
-from lrm_train.optim.muon import adjusted_lr, newton_schulz
+from lrm_train.optim.muon import Muon, adjusted_lr, newton_schulz
 
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -128,15 +128,13 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
         if not state:
             state["momentum_buffer"] = torch.zeros_like(shard)
         grads, buffers = layout.gather(grad), layout.gather(state["momentum_buffer"])
+        dtype = Muon._ns_dtype(group, shard.device)
         updates = []
         for g, buf, shape in zip(grads, buffers, layout.shapes):
             buf.lerp_(g, 1 - group["momentum"])
             direction = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-            dtype = torch.bfloat16 if group["ns_dtype"] == "bfloat16" or (
-                group["ns_dtype"] == "auto" and shard.device.type == "cuda"
-            ) else torch.float32
             ortho = newton_schulz(direction, group["ns_steps"], dtype, group["eps"]).float()
-            updates.append(ortho * (adjusted_lr(group["lr"], shape, group["adjust_lr"]) / max(group["lr"], 1e-30)))
+            updates.append(ortho * adjusted_lr(1.0, shape, group["adjust_lr"]))  # the shape's LR factor
         state["momentum_buffer"] = layout.shard(buffers, shard)
         shard.mul_(1 - group["lr"] * group["weight_decay"])
         shard.add_(layout.shard(updates, shard), alpha=-group["lr"])
@@ -161,7 +159,8 @@ class ZeroEngine(DDPEngine):
 
         from lrm_train.models.falcon_h1 import Attention, GatedMLP, Mamba2Mixer
 
-        super(DDPEngine, self).setup(model, optimizer, classes, clip_multipliers)
+        # The base bookkeeping only: DeepSpeed, not DistributedDataParallel, wraps the model.
+        Engine.setup(self, model, optimizer, classes, clip_multipliers)
         self.classes = classes
         groups = [{k: v for k, v in g.items()} for g in optimizer.param_groups]
         order = {g["param_class"]: i for i, g in enumerate(groups)}  # keep one group per class
