@@ -7,7 +7,7 @@ from lrm_train.data.prepare import prepare
 
 
 def write_corpus(root):
-    """Text files, a JSONL file and a Parquet file: 12 documents in all."""
+    """Text files, a JSONL file, a Parquet file and an Arrow file: 13 documents in all."""
     root.mkdir(parents=True, exist_ok=True)
     for i in range(6):
         (root / f"doc{i}.txt").write_text(f"Document {i}.\n" + "To be, or not to be: that is the question. " * (20 + i))
@@ -21,6 +21,9 @@ def write_corpus(root):
     pq.write_table(
         pa.table({"text": ["A parquet document about " + "kings " * 30, "Another one " * 25]}), root / "table.parquet"
     )
+    schema = pa.schema([("text", pa.string())])
+    with pa.OSFile(str(root / "more.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(pa.table({"text": ["An Arrow document: " + "exeunt omnes " * 12]}))
     return root
 
 

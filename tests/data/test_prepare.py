@@ -23,7 +23,8 @@ def documents_of(folder, split):
 def test_each_documents_tokens_decode_to_its_text_and_splits_are_disjoint(small_cfg, prepared):
     texts = load_corpus(small_cfg).documents["text"]
     train_idx, val_idx = split_documents(len(texts), small_cfg.val_fraction, small_cfg.split_seed)
-    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == len(texts) == 12
+    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == len(texts) == 13
+    assert any(t.startswith("An Arrow document") for t in texts) and any(t.startswith("Record 2") for t in texts)
     tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
     for split, indices in (("train", train_idx), ("val", val_idx)):
         docs = documents_of(prepared, split)

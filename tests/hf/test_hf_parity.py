@@ -96,6 +96,15 @@ def test_export_with_random_multipliers_reloads_in_transformers(tmp_path, shape,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_import_reads_sharded_checkpoints(tmp_path):
+    reference = hf_model("gqa2_two_groups_norm")
+    reference.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    ids = torch.randint(0, 97, (1, 11))
+    with torch.no_grad():
+        assert rel_error(import_hf(tmp_path)(ids), reference(ids).logits) < 1e-4
+
+
 def test_cli_import_then_export_round_trip(tmp_path, capsys):
     reference = hf_model("gqa2_two_groups_norm")
     reference.save_pretrained(tmp_path / "hf")
