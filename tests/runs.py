@@ -9,20 +9,13 @@ import sys
 from lrm_train.models import preset
 from lrm_train.train import RunConfig
 
+# fmt: off
 MICRO_MODEL = dict(
-    vocab_size=512,
-    hidden_size=32,
-    num_hidden_layers=2,
-    intermediate_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    mamba_d_ssm=32,
-    mamba_n_heads=2,
-    mamba_d_head=16,
-    mamba_d_state=8,
+    vocab_size=512, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=16, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16, mamba_d_state=8,
     mamba_chunk_size=16,
 )
+# fmt: on
 
 
 def overrides(data_root, run_dir, **extra) -> dict:

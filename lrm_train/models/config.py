@@ -137,54 +137,27 @@ class FalconH1Config:
 
 
 # Falcon-H1-0.5B as released and as used by the paper (tuned muP multipliers included).
+# fmt: off
 FALCON_H1_0P5B = dict(
-    vocab_size=32784,
-    hidden_size=1024,
-    num_hidden_layers=36,
-    intermediate_size=2048,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=64,
-    mamba_d_ssm=1536,
-    mamba_n_heads=24,
-    mamba_d_head=64,
-    mamba_n_groups=1,
-    mamba_d_state=128,
-    mamba_d_conv=4,
-    mamba_chunk_size=128,
-    mamba_rms_norm=False,
-    rope_theta=1e11,
-    rms_norm_eps=1e-5,
-    embedding_multiplier=5.656854,
-    lm_head_multiplier=0.0390625,
-    key_multiplier=0.390625,
-    attention_in_multiplier=1.0,
-    attention_out_multiplier=0.9375,
-    ssm_in_multiplier=1.25,
-    ssm_out_multiplier=0.235702,
-    ssm_multipliers=[0.353553, 0.25, 0.353553, 0.5, 0.353553],
+    vocab_size=32784, hidden_size=1024, num_hidden_layers=36, intermediate_size=2048,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+    mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
+    mamba_d_conv=4, mamba_chunk_size=128, mamba_rms_norm=False, rope_theta=1e11, rms_norm_eps=1e-5,
+    embedding_multiplier=5.656854, lm_head_multiplier=0.0390625, key_multiplier=0.390625,
+    attention_in_multiplier=1.0, attention_out_multiplier=0.9375, ssm_in_multiplier=1.25,
+    ssm_out_multiplier=0.235702, ssm_multipliers=[0.353553, 0.25, 0.353553, 0.5, 0.353553],
     mlp_multipliers=[0.883883, 0.5859375],
 )
 
 # Trains on 2 CPU cores: 4 layers at width 128, with the 0.5B model's multipliers so the muP path is exercised.
 TINY = dict(
-    vocab_size=8192,
-    hidden_size=128,
-    num_hidden_layers=4,
-    intermediate_size=256,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    mamba_d_ssm=192,
-    mamba_n_heads=6,
-    mamba_d_head=32,
-    mamba_n_groups=1,
-    mamba_d_state=16,
-    mamba_d_conv=4,
-    mamba_chunk_size=64,
-    rope_theta=1e4,
+    vocab_size=8192, hidden_size=128, num_hidden_layers=4, intermediate_size=256,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    mamba_d_ssm=192, mamba_n_heads=6, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16,
+    mamba_d_conv=4, mamba_chunk_size=64, rope_theta=1e4,
     **{k: v for k, v in FALCON_H1_0P5B.items() if "multiplier" in k},
 )
+# fmt: on
 
 
 def width_family(hidden_size: int, num_hidden_layers: int = 12, vocab_size: int = 8192) -> FalconH1Config:

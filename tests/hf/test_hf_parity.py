@@ -12,17 +12,13 @@ from lrm_train.hf.__main__ import main as hf_cli
 from lrm_train.models.io import load_model
 from lrm_train.nn import PLACEMENTS, LRMConfig
 
+# fmt: off
 NON_DEFAULT_MULTIPLIERS = dict(
-    embedding_multiplier=2.5,
-    lm_head_multiplier=0.3,
-    key_multiplier=0.4,
-    attention_in_multiplier=1.3,
-    attention_out_multiplier=0.7,
-    ssm_in_multiplier=1.25,
-    ssm_out_multiplier=0.8,
-    ssm_multipliers=[0.35, 0.25, 0.6, 0.5, 0.9],
-    mlp_multipliers=[0.88, 0.59],
+    embedding_multiplier=2.5, lm_head_multiplier=0.3, key_multiplier=0.4, attention_in_multiplier=1.3,
+    attention_out_multiplier=0.7, ssm_in_multiplier=1.25, ssm_out_multiplier=0.8,
+    ssm_multipliers=[0.35, 0.25, 0.6, 0.5, 0.9], mlp_multipliers=[0.88, 0.59],
 )
+# fmt: on
 
 SHAPES = {
     "mha_one_group": dict(num_attention_heads=4, num_key_value_heads=4, mamba_n_groups=1, mamba_rms_norm=False),
@@ -38,21 +34,14 @@ SHAPES = {
 
 
 def hf_model(shape, **overrides):
+    # fmt: off
     config = HFConfig(
-        vocab_size=97,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        head_dim=12,
-        mamba_d_ssm=64,
-        mamba_n_heads=8,
-        mamba_d_head=8,
-        mamba_d_state=8,
-        mamba_chunk_size=8,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
-        **NON_DEFAULT_MULTIPLIERS,
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, head_dim=12, mamba_d_ssm=64,
+        mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4}, **NON_DEFAULT_MULTIPLIERS,
         **{**SHAPES[shape], **overrides},
     )
+    # fmt: on
     model = FalconH1ForCausalLM(config).eval()
     with torch.no_grad():  # random values everywhere, norms and SSM vectors included
         for p in model.parameters():

@@ -6,23 +6,13 @@ import torch
 from lrm_train.models import PRESETS, FalconH1Config, FalconH1LM, preset
 from lrm_train.nn import PLACEMENTS, LRMConfig
 
+# fmt: off
 SMALL = dict(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    intermediate_size=48,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    mamba_d_ssm=32,
-    mamba_n_heads=4,
-    mamba_d_head=8,
-    mamba_n_groups=2,
-    mamba_d_state=8,
-    mamba_chunk_size=4,
-    key_multiplier=0.5,
-    ssm_multipliers=[0.5, 0.7, 0.9, 1.1, 0.3],
-    mlp_multipliers=[0.8, 0.6],
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
+    num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
+    mamba_chunk_size=4, key_multiplier=0.5, ssm_multipliers=[0.5, 0.7, 0.9, 1.1, 0.3], mlp_multipliers=[0.8, 0.6],
 )
+# fmt: on
 
 
 def small(**overrides):
