@@ -39,6 +39,8 @@ class DataConfig:
     prefetch: int = 2
 
     def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("data.source is empty: set it to a file, a folder, shakespeare or hf:NAME")
         if self.token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"data.token_dtype={self.token_dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
         if not 0 < self.val_fraction < 1:
