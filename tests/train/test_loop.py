@@ -99,6 +99,7 @@ def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(d
             ["lrm=none", "lrm.lm_head_rows=true"],
             "lrm.lm_head_rows=true needs a placement other than lrm.placement=none",
         ),
+        (["data=local_text"], "data.source is empty"),
     ],
 )
 def test_config_errors_fail_before_training_with_one_line(args, message, capsys):
