@@ -235,16 +235,16 @@ class ZeroEngine(DDPEngine):
         if order != {g["param_class"]: i for i, g in enumerate(self.client.param_groups)}:
             raise ValueError(f"dist={self.cfg.name}: DeepSpeed reordered the parameter groups")
         self.client.layouts = {id(shard): layout for _, shard, layout in self.shards()}
-        self._numel = {g["param_class"]: sum(p.numel() if self.stage < 3 else p.ds_numel for p in params)
-                       for g, params in zip(self.client.param_groups, self._group_params())}
 
     def class_rows(self) -> list[dict]:
-        """The parameter-class table from what the engine holds."""
-        return [
-            {"class": g["param_class"], "count": len(g["names"]), "numel": self._numel[g["param_class"]],
-             "optimizer": "muon" if g["use_muon"] else "adamw", "lr": g["lr"], "wd": g["weight_decay"]}
-            for g in self.client.param_groups
-        ]
+        """The parameter-class table built from the parameters DeepSpeed holds in each group."""
+        rows = []
+        for group, params in zip(self.client.param_groups, self._group_params()):
+            numel = sum(p.ds_numel if self.stage == 3 else p.numel() for p in params)
+            optimizer = "muon" if group["use_muon"] else "adamw"
+            rows.append({"class": group["param_class"], "count": len(params), "numel": numel, "optimizer": optimizer,
+                         "lr": group["lr"], "wd": group["weight_decay"]})
+        return rows
 
     # Steps.
 
