@@ -197,6 +197,7 @@ class Trainer:
             "rng": self.engine.all_gather_object(_rng_state()),
             "model_config": dataclasses.asdict(self.cfg.model),
             "lrm": dataclasses.asdict(self.cfg.lrm),
+            "optimizer_name": self.cfg.optim.name,
             "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
         }
 
@@ -222,6 +223,11 @@ class Trainer:
                 )
         if state["lrm"] != dataclasses.asdict(self.cfg.lrm):
             raise ValueError(f"checkpoint {path}: trained with lrm={state['lrm']}, this run has {self.cfg.lrm}")
+        if state["optimizer_name"] != self.cfg.optim.name:
+            raise ValueError(
+                f"checkpoint {path}: trained with optim={state['optimizer_name']}, this run has optim={self.cfg.optim.name}"
+                " (its optimizer state would not fit)"
+            )
         self.engine.load_model_state(model_state)
         self.engine.load_optimizer_state(state["optimizer"])
         if state["loader"]["global_batch"] != self.global_batch:

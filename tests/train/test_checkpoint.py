@@ -63,6 +63,9 @@ def test_resume_from_an_explicit_path_and_config_mismatch(data_root, tmp_path, c
     cfg = run_config(data_root, tmp_path / "other", **{"train.resume": str(checkpoint), "train.grad_accum": 2})
     with pytest.raises(ValueError, match="adjust train.grad_accum"):
         train(cfg)
+    cfg = run_config(data_root, tmp_path / "other", **{"train.resume": str(checkpoint), "optim.name": "muon"})
+    with pytest.raises(ValueError, match="trained with optim=adamw, this run has optim=muon"):
+        train(cfg)
     with pytest.raises(ValueError, match="no such checkpoint folder"):
         train(run_config(data_root, tmp_path / "other", **{"train.resume": str(tmp_path / "nope")}))
 
