@@ -225,8 +225,8 @@ class Trainer:
             raise ValueError(f"checkpoint {path}: trained with lrm={state['lrm']}, this run has {self.cfg.lrm}")
         if state["optimizer_name"] != self.cfg.optim.name:
             raise ValueError(
-                f"checkpoint {path}: trained with optim={state['optimizer_name']}, this run has optim={self.cfg.optim.name}"
-                " (its optimizer state would not fit)"
+                f"checkpoint {path}: trained with optim={state['optimizer_name']}, "
+                f"this run has optim={self.cfg.optim.name} (its optimizer state would not fit)"
             )
         self.engine.load_model_state(model_state)
         self.engine.load_optimizer_state(state["optimizer"])
