@@ -140,7 +140,7 @@ class DDPEngine(Engine):
 
     def __init__(self, cfg: DistConfig) -> None:
         if "RANK" not in os.environ:
-            raise ValueError("dist=ddp needs a launcher that sets RANK/WORLD_SIZE: run under torchrun")
+            raise ValueError(f"dist={cfg.name} needs a launcher that sets RANK/WORLD_SIZE: run under torchrun or deepspeed")
         self.cfg = cfg
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = self._device()
