@@ -9,7 +9,6 @@ Rank r of R reads rows ``[r * global_batch / R, (r + 1) * global_batch / R)`` of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,8 +18,7 @@ import numpy as np
 import torch
 
 from lrm_train.data.config import FORMAT, MANIFEST
-
-_CHECKSUM_BLOCK = 1 << 24
+from lrm_train.utils import sha256_file
 
 
 class TokenSplit:
@@ -35,7 +33,7 @@ class TokenSplit:
             expected_bytes = shard["tokens"] * dtype.itemsize
             if path.stat().st_size != expected_bytes:
                 raise ValueError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {expected_bytes}")
-            if verify_checksums and _sha256(path) != shard["sha256"]:
+            if verify_checksums and sha256_file(path) != shard["sha256"]:
                 raise ValueError(f"{path}: checksum does not match {MANIFEST} (the file is corrupt or was changed)")
             self.shards.append(np.memmap(path, dtype=dtype, mode="r") if shard["tokens"] else np.empty(0, dtype))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
@@ -51,14 +49,6 @@ class TokenSplit:
                 break
             pieces.append(self.shards[index][lo - self.starts[index] : hi - self.starts[index]])
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHECKSUM_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class TokenData:

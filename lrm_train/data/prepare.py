@@ -57,10 +57,10 @@ def split_documents(count: int, val_fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def output_key(cfg: DataConfig, corpus: Corpus) -> str:
+def output_key(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None) -> str:
     settings = {name: getattr(cfg, name) for name in _OUTPUT_FIELDS}
-    if cfg.tokenizer:
-        settings["tokenizer"] = hashlib.sha256(Path(cfg.tokenizer).read_bytes()).hexdigest()
+    if tokenizer is not None:  # the given tokenizer's content, not its path
+        settings["tokenizer"] = tokenizer_hash(tokenizer)
     payload = json.dumps({"settings": settings, "source": corpus.fingerprint, "format": FORMAT}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -118,14 +118,13 @@ def _tokenize(corpus: Corpus, tokenizer: Tokenizer, num_proc: int):
 def prepare(cfg: DataConfig) -> Path:
     """Prepare ``cfg``'s corpus (or reuse the finished folder for the same settings); return the folder."""
     corpus = load_corpus(cfg)
-    out = Path(cfg.out_root) / f"{cfg.name}-{output_key(cfg, corpus)}"
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    out = Path(cfg.out_root) / f"{cfg.name}-{output_key(cfg, corpus, tokenizer)}"
     if (out / MANIFEST).exists():
         log.info("reusing %s", out)
         return out
     train_idx, val_idx = split_documents(len(corpus.documents), cfg.val_fraction, cfg.split_seed)
-    if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    else:
+    if tokenizer is None:
         started = time.perf_counter()
         train_texts = corpus.documents.select(train_idx)
         tokenizer = train_bpe((row["text"] for row in train_texts), cfg.vocab_size, length=len(train_texts))

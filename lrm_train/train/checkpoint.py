@@ -11,7 +11,6 @@ The folder is written under a temporary name and renamed when complete, so ``res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from lrm_train.models import FalconH1Config, FalconH1LM
 from lrm_train.nn import LRMConfig
-from lrm_train.utils import atomic_directory
+from lrm_train.utils import atomic_directory, sha256_file
 
 MANIFEST = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -53,14 +52,6 @@ def join_tensors(obj, tensors: dict[str, torch.Tensor]):
     return obj
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -72,7 +63,7 @@ def save_checkpoint(path: Path, model_state: dict, state: dict) -> Path:
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
         save_file(tensors, tmp / "tensors.safetensors")
         torch.save(plain, tmp / "state.pt")
-        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": state["step"], "files": files}, indent=2))
     return path
 
@@ -104,7 +95,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     for name, digest in files.items():
         if not (path / name).is_file():
             raise ValueError(f"checkpoint {path}: {name} is missing")
-        if _sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             raise ValueError(f"checkpoint {path}: {name} does not match its checksum (corrupt or tampered with)")
     try:
         model_state = load_file(path / "model.safetensors")
