@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from lrm_train.dist import build_engine
+from lrm_train.distributed import build_engine
 from lrm_train.models import preset
 from lrm_train.train import RunConfig
 from lrm_train.train.loop import Trainer, resolved

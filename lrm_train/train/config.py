@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from lrm_train.data import DataConfig
-from lrm_train.dist import DistConfig
+from lrm_train.distributed import DistConfig
 from lrm_train.models import PRESETS, FalconH1Config
 from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, ScheduleConfig

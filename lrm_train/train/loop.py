@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from lrm_train.data import BatchLoader, TokenData, validation_batches
 from lrm_train.data.prepare import prepare
-from lrm_train.dist import Engine, build_engine
+from lrm_train.distributed import Engine, build_engine
 from lrm_train.models import FalconH1LM
 from lrm_train.nn import lm_loss
 from lrm_train.optim import (

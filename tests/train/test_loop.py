@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from lrm_train.dist import build_engine
+from lrm_train.distributed import build_engine
 from lrm_train.optim import ParamClass
 from lrm_train.train import loop, train
 from lrm_train.train.__main__ import check_config

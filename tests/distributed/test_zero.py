@@ -7,8 +7,8 @@ import pytest
 import torch
 from runs import as_args, cli, launch, losses, overrides, run_config
 
-from lrm_train.dist.engine import DistConfig
-from lrm_train.dist.zero import ZeroEngine
+from lrm_train.distributed.engine import DistConfig
+from lrm_train.distributed.zero import ZeroEngine
 from lrm_train.models import FalconH1LM, preset
 from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, build_optimizer, classify_parameters

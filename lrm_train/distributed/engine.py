@@ -9,7 +9,7 @@ The training loop talks to this small interface only, so it never branches on th
     engine.model_state() / engine.optimizer_state()      # full, named: the same checkpoint for every engine
 
 ``single`` runs one process; ``ddp`` runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on CUDA);
-``zero1``/``zero2``/``zero3`` run DeepSpeed ZeRO (``dist/zero.py``).
+``zero1``/``zero2``/``zero3`` run DeepSpeed ZeRO (``distributed/zero.py``).
 """
 
 from __future__ import annotations
@@ -189,6 +189,6 @@ def build_engine(cfg: DistConfig) -> Engine:
         return Engine(cfg)
     if cfg.name == "ddp":
         return DDPEngine(cfg)
-    from lrm_train.dist.zero import ZeroEngine  # imports DeepSpeed, which takes seconds: only when asked for
+    from lrm_train.distributed.zero import ZeroEngine  # imports DeepSpeed, which takes seconds: only when asked for
 
     return ZeroEngine(cfg)

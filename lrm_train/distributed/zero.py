@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrm_train.dist.engine import DDPEngine, DistConfig, Engine
+from lrm_train.distributed.engine import DDPEngine, DistConfig, Engine
 from lrm_train.optim import ParamClass
 from lrm_train.optim.muon import Muon, adjusted_lr, newton_schulz
 
