@@ -5,23 +5,28 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
+# ``.tmp-{name}-{pid}-{random}``: the pid says whether the writer may still be alive.
+_TMP = re.compile(r"^\.tmp-.+-(\d+)-[0-9a-f]{8}$")
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``path`` only if the block completes.
 
-    An interrupted writer leaves a ``.tmp-*`` directory behind, never something that looks like a finished ``path``.
+    An interrupted writer leaves a ``.tmp-*`` directory behind, never something that looks like a finished ``path``;
+    ``remove_stale_temporaries`` clears those at the next start.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -31,6 +36,33 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the ``.tmp-*`` directories that ``atomic_directory`` writers on this machine left when they died.
+
+    A temporary whose writer is still running (its pid is alive) is left alone. Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for child in folder.iterdir():
+        match = _TMP.match(child.name)
+        if match and child.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return sorted(removed)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
