@@ -7,12 +7,14 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-# ``.tmp-{name}-{pid}-{random}``: the pid says whether the writer may still be alive.
-_TMP = re.compile(r"^\.tmp-.+-(\d+)-[0-9a-f]{8}$")
+# ``.tmp-{name}@{host}-{pid}-{random}``: host and pid say whether the writer may still be alive (on a shared
+# file system, a temporary of another machine is never judged from here).
+_TMP = re.compile(r"^\.tmp-.+@(.+)-(\d+)-[0-9a-f]{8}$")
 
 
 @contextlib.contextmanager
@@ -26,7 +28,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".tmp-{path.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -51,6 +53,8 @@ def _alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the ``.tmp-*`` directories that ``atomic_directory`` writers on this machine left when they died.
 
+    Only this machine's writers are judged (a dead pid here says nothing of another host's).
+
     A temporary whose writer is still running (its pid is alive) is left alone. Returns what was removed.
     """
     folder = Path(folder)
@@ -59,7 +63,9 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     removed = []
     for child in folder.iterdir():
         match = _TMP.match(child.name)
-        if match and child.is_dir() and not _alive(int(match.group(1))):
+        if not match or not child.is_dir() or match.group(1) != socket.gethostname():
+            continue
+        if not _alive(int(match.group(2))):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return sorted(removed)
