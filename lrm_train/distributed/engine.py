@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrm_train.optim import ParamClass, class_table
+from lrm_train.optim import ParamClass, class_table, is_clipped
 
 ENGINES = ("single", "ddp", "zero1", "zero2", "zero3")
 
@@ -74,7 +74,7 @@ class Engine:
         self.optimizer = optimizer
         self.names = {id(p): n for n, p in model.named_parameters()}
         params = dict(model.named_parameters())
-        self.clip_params = [params[n] for n, c in classes.items() if clip_multipliers or c is not ParamClass.MULTIPLIER]
+        self.clip_params = [params[n] for n, c in classes.items() if is_clipped(c, clip_multipliers)]
         return optimizer
 
     def accumulating(self, last: bool):
@@ -140,7 +140,9 @@ class DDPEngine(Engine):
 
     def __init__(self, cfg: DistConfig) -> None:
         if "RANK" not in os.environ:
-            raise ValueError(f"dist={cfg.name} needs a launcher that sets RANK/WORLD_SIZE: run under torchrun or deepspeed")
+            raise ValueError(
+                f"dist={cfg.name} needs a launcher that sets RANK/WORLD_SIZE: run under torchrun or deepspeed"
+            )
         self.cfg = cfg
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = self._device()

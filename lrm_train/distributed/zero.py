@@ -96,7 +96,7 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         if self.skip:
-            return None
+            return
         for group in self.param_groups:
             scale = self.grad_scale.get(group["param_class"], 1.0)
             for shard in group["params"]:
@@ -107,7 +107,7 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
                     self._muon(shard, grad, group)
                 else:
                     self._adamw(shard, grad, group)
-        return None
+        return
 
     def _adamw(self, shard: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[shard]
@@ -157,8 +157,6 @@ class ZeroEngine(DDPEngine):
         import deepspeed
         from deepspeed.utils import set_z3_leaf_modules
 
-        from lrm_train.models.falcon_h1 import Attention, GatedMLP, Mamba2Mixer
-
         # The base bookkeeping only: DeepSpeed, not DistributedDataParallel, wraps the model.
         Engine.setup(self, model, optimizer, classes, clip_multipliers)
         self.classes = classes
@@ -166,9 +164,7 @@ class ZeroEngine(DDPEngine):
         order = {g["param_class"]: i for i, g in enumerate(groups)}  # keep one group per class
         client = ShardedAdamWMuon(groups)
         if self.stage == 3:
-            # These modules use their children's weights directly (one fused matmul for q/k/v, gate/up, in_proj):
-            # gather a whole block's parameters at its forward, not each child's at the child's.
-            set_z3_leaf_modules(model, [Attention, Mamba2Mixer, GatedMLP])
+            set_z3_leaf_modules(model, model.zero3_leaf_modules())
         config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -242,8 +238,16 @@ class ZeroEngine(DDPEngine):
         for group, params in zip(self.client.param_groups, self._group_params()):
             numel = sum(p.ds_numel if self.stage == 3 else p.numel() for p in params)
             optimizer = "muon" if group["use_muon"] else "adamw"
-            rows.append({"class": group["param_class"], "count": len(params), "numel": numel, "optimizer": optimizer,
-                         "lr": group["lr"], "wd": group["weight_decay"]})
+            rows.append(
+                {
+                    "class": group["param_class"],
+                    "count": len(params),
+                    "numel": numel,
+                    "optimizer": optimizer,
+                    "lr": group["lr"],
+                    "wd": group["weight_decay"],
+                }
+            )
         return rows
 
     # Steps.
@@ -259,8 +263,10 @@ class ZeroEngine(DDPEngine):
         """Per client group, the norm of its reduced gradient (DeepSpeed's own computation; collective)."""
         opt = self.ds_optimizer
         if self.stage < 3:
-            return [opt.get_grad_norm_direct(opt.averaged_gradients[i], opt.params_in_partition[i])
-                    for i in range(len(opt.bit16_groups))]
+            return [
+                opt.get_grad_norm_direct(opt.averaged_gradients[i], opt.params_in_partition[i])
+                for i in range(len(opt.bit16_groups))
+            ]
         norms = [torch.zeros(()) for _ in self.client.param_groups]
         for sub_group, norm in enumerate(opt._get_norm_groups()):
             index = opt.sub_group_to_group_id[sub_group]
@@ -268,8 +274,11 @@ class ZeroEngine(DDPEngine):
         return norms
 
     def optimizer_step(self, max_norm: float, loss_is_finite: bool) -> tuple[torch.Tensor, bool]:
-        clipped = {c.value for c in ParamClass} if self.clip_all else {
-            c.value for c in ParamClass if c is not ParamClass.MULTIPLIER}
+        clipped = (
+            {c.value for c in ParamClass}
+            if self.clip_all
+            else {c.value for c in ParamClass if c is not ParamClass.MULTIPLIER}
+        )
         norms = [torch.as_tensor(n, dtype=torch.float32) for n in self._group_norms()]
         if any(float(n) < 0 for n in norms):  # DeepSpeed reports a non-finite group norm as -1
             norm = torch.tensor(float("nan"))

@@ -22,6 +22,7 @@ dt_bias = 1, and the depthwise convolution keeps PyTorch's default init, as in M
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,70 @@ from torch import nn
 
 from lrm_train.models.config import FalconH1Config
 from lrm_train.models.ssd import ssd_chunked_scan
-from lrm_train.nn import LRMConfig, MultipliedEmbedding, MultipliedLinear, MultipliedMatrix, RMSNorm, fused_linear
-from lrm_train.nn.norms import GatedRMSNorm
+from lrm_train.nn import (
+    MULTIPLIER_NAMES,
+    GatedRMSNorm,
+    Learnable,
+    LRMConfig,
+    MultipliedEmbedding,
+    MultipliedLinear,
+    MultipliedMatrix,
+    RMSNorm,
+    fused_linear,
+)
+from lrm_train.optim.param_classes import ParamClass, ParamRole
+
+_ROW_COL = Learnable(row=True, col=True)
+_ROW = Learnable(row=True)
+_NONE = Learnable()
+
+# The paper's symmetry-free placement (appendix), by matrix role. Each multiplicative symmetry of a block
+# (q-rows vs k-rows, gate vs up, out_proj-rows vs the next norm, ...) is broken by leaving one side without multipliers.
+_SYMMETRY_FREE = {
+    "embedding": _ROW_COL,
+    "lm_head": _NONE,  # the final RMSNorm weight already is its column multiplier
+    "attn.q": _ROW,
+    "attn.k": _NONE,
+    "attn.v": _NONE,
+    "attn.o": _ROW_COL,
+    "mlp.gate": _ROW,
+    "mlp.up": _NONE,
+    "mlp.down": _ROW_COL,
+    "ssm.z": _ROW,
+    "ssm.x": _NONE,
+    "ssm.B": _NONE,
+    "ssm.C": _NONE,
+    "ssm.dt": _ROW,
+    "ssm.out": _ROW_COL,
+    "ssm.out_after_norm": _ROW,  # the mixer's gated RMSNorm weight is out_proj's column multiplier
+}
+MATRIX_ROLES = tuple(_SYMMETRY_FREE)
+_WEIGHT_CLASSES = {"embedding": ParamClass.EMBEDDING, "lm_head": ParamClass.LM_HEAD}  # every other role: MATRIX
+
+
+def learnable(lrm: LRMConfig, role: str) -> Learnable:
+    """The learnable multipliers of the matrix of this role under ``lrm.placement``.
+
+    The LM head is the exception the paper makes: a learnable scalar at most (its columns are the final RMSNorm
+    weight, and row multipliers hurt), rows only when ``lrm.lm_head_rows`` asks for them.
+    """
+    if role not in _SYMMETRY_FREE:
+        raise KeyError(f"unknown matrix role {role!r}; known roles: {', '.join(MATRIX_ROLES)}")
+    if lrm.placement == "none":
+        return _NONE
+    if role == "lm_head":
+        return Learnable(scalar=lrm.placement in ("scalar", "full"), row=lrm.lm_head_rows)
+    if lrm.placement == "scalar":
+        return Learnable(scalar=True)
+    if lrm.placement == "full":
+        return _ROW_COL
+    return _SYMMETRY_FREE[role]
 
 
 def _multipliers(cfg: FalconH1Config, lrm: LRMConfig, role: str) -> dict:
     return dict(
         multiplier=cfg.matrix_multiplier(role),
-        learnable=lrm.learnable(role),
+        learnable=learnable(lrm, role),
         init=lrm.init,
         init_std=cfg.init_std,
         role=role,
@@ -91,6 +148,8 @@ class Attention(nn.Module):
 class Mamba2Mixer(nn.Module):
     """Mamba2: in_proj -> causal depthwise conv + SiLU over [x|B|C] -> SSD scan -> gate by z -> out_proj."""
 
+    SSM_VECTORS = ("A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias")  # its parameters that are not matrices
+
     def __init__(self, cfg: FalconH1Config, lrm: LRMConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.mamba_n_heads, cfg.mamba_d_head
@@ -113,7 +172,7 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = _matrix(cfg, lrm, "ssm.out_after_norm" if cfg.mamba_rms_norm else "ssm.out", d_ssm, d)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, _ = h.shape
+        seq_len = h.shape[1]
         z, x, B, C, dt = fused_linear(h, list(self.in_proj.values())).split(self.section_sizes, dim=-1)
         xbc = torch.cat((x, B, C), dim=-1).transpose(1, 2)
         xbc = F.silu(self.conv1d(xbc)[..., :seq_len]).transpose(1, 2)
@@ -185,6 +244,26 @@ class FalconH1LM(nn.Module):
     def matrices(self) -> dict[str, MultipliedMatrix]:
         """Every multiplied matrix by module name (the embedding and LM head included)."""
         return {name: m for name, m in self.named_modules() if isinstance(m, MultipliedMatrix)}
+
+    def parameter_roles(self) -> Iterator[tuple[str, ParamRole]]:
+        """Every parameter's class and matrix role (the ``optim.ParamRoleModel`` protocol)."""
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, MultipliedMatrix):
+                yield f"{prefix}weight", ParamRole(_WEIGHT_CLASSES.get(module.role, ParamClass.MATRIX), module.role)
+                for multiplier in MULTIPLIER_NAMES:
+                    if getattr(module, multiplier) is not None:
+                        yield f"{prefix}{multiplier}", ParamRole(ParamClass.MULTIPLIER, module.role)
+            elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+                yield f"{prefix}weight", ParamRole(ParamClass.NORM)
+            elif isinstance(module, Mamba2Mixer):
+                for vector in Mamba2Mixer.SSM_VECTORS:
+                    yield f"{prefix}{vector}", ParamRole(ParamClass.SSM_VECTOR)
+
+    def zero3_leaf_modules(self) -> list[type[nn.Module]]:
+        """These blocks apply their children's weights in one fused matmul (q/k/v, gate/up, in_proj), so ZeRO-3
+        gathers a whole block's parameters at its forward, not each child's at the child's."""
+        return [Attention, Mamba2Mixer, GatedMLP]
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

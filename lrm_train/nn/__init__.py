@@ -3,7 +3,6 @@
 from lrm_train.nn.loss import LMLoss, lm_loss
 from lrm_train.nn.multipliers import (
     INITS,
-    MATRIX_ROLES,
     MULTIPLIER_NAMES,
     PLACEMENTS,
     Learnable,
@@ -18,7 +17,6 @@ from lrm_train.nn.norms import GatedRMSNorm, RMSNorm
 
 __all__ = [
     "INITS",
-    "MATRIX_ROLES",
     "MULTIPLIER_NAMES",
     "PLACEMENTS",
     "GatedRMSNorm",

@@ -24,8 +24,9 @@ Both give the same ``W_eff`` (and the same logits) at initialization; they diffe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,31 +45,7 @@ class Learnable(NamedTuple):
     col: bool = False
 
 
-_ROW_COL = Learnable(row=True, col=True)
-_ROW = Learnable(row=True)
 _NONE = Learnable()
-
-# The paper's symmetry-free placement (appendix), by matrix role. Each multiplicative symmetry of a block
-# (q-rows vs k-rows, gate vs up, out_proj-rows vs the next norm, ...) is broken by leaving one side without multipliers.
-_SYMMETRY_FREE = {
-    "embedding": _ROW_COL,
-    "lm_head": _NONE,  # the final RMSNorm weight already is its column multiplier
-    "attn.q": _ROW,
-    "attn.k": _NONE,
-    "attn.v": _NONE,
-    "attn.o": _ROW_COL,
-    "mlp.gate": _ROW,
-    "mlp.up": _NONE,
-    "mlp.down": _ROW_COL,
-    "ssm.z": _ROW,
-    "ssm.x": _NONE,
-    "ssm.B": _NONE,
-    "ssm.C": _NONE,
-    "ssm.dt": _ROW,
-    "ssm.out": _ROW_COL,
-    "ssm.out_after_norm": _ROW,  # the mixer's gated RMSNorm weight is out_proj's column multiplier
-}
-MATRIX_ROLES = tuple(_SYMMETRY_FREE)
 
 
 @dataclass
@@ -78,9 +55,10 @@ class LRMConfig:
     placement:
       - ``none``: the muP baseline, fixed forward multipliers only;
       - ``scalar``: one learnable scalar per matrix;
-      - ``full``: row and column multipliers on every matrix (the paper's default). The LM head is the exception the
-        paper makes: a learnable scalar only, its columns being the final RMSNorm weight, and no rows (they hurt);
-      - ``symmetry_free``: the paper's appendix table (see ``_SYMMETRY_FREE``).
+      - ``full``: row and column multipliers on every matrix (the paper's default);
+      - ``symmetry_free``: the paper's appendix table, which leaves one side of each symmetry without multipliers.
+      Which ``Learnable`` each matrix of a model gets is the model's decision (``models/falcon_h1.py`` for Falcon-H1,
+      with the paper's exception for the LM head).
     init: ``one`` or ``mup`` (see the module docstring).
     lm_head_rows: opt in to row multipliers on the LM head (any placement but ``none``).
     weight_decay: decoupled weight decay on the multipliers; it pins the symmetries down (the paper: 2e-3).
@@ -96,20 +74,6 @@ class LRMConfig:
             raise ValueError(f"lrm.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}")
         if self.init not in INITS:
             raise ValueError(f"lrm.init={self.init!r} is not one of {', '.join(INITS)}")
-
-    def learnable(self, role: str) -> Learnable:
-        if role not in _SYMMETRY_FREE:
-            raise KeyError(f"unknown matrix role {role!r}; known roles: {', '.join(MATRIX_ROLES)}")
-        if self.placement == "none":
-            return _NONE
-        if role == "lm_head":
-            base = Learnable(scalar=self.placement in ("scalar", "full"))
-            return base._replace(row=self.lm_head_rows)
-        if self.placement == "scalar":
-            return Learnable(scalar=True)
-        if self.placement == "full":
-            return _ROW_COL
-        return _SYMMETRY_FREE[role]
 
 
 class _RowColScale(torch.autograd.Function):
@@ -153,7 +117,7 @@ class MultipliedMatrix(nn.Module):
         role: str | None = None,
     ) -> None:
         super().__init__()
-        self.role = role  # one of MATRIX_ROLES when the model says what the matrix is (export, logging)
+        self.role = role  # what the matrix is in its model (a model's own vocabulary: export, logging, param groups)
         if init not in INITS:
             raise ValueError(f"lrm init={init!r} is not one of {', '.join(INITS)}")
         self.init_std = init_std

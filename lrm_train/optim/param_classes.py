@@ -1,17 +1,17 @@
 """Parameter classes: the single place that says what each parameter of the model is.
 
 Every other component - the optimizer's groups, gradient clipping, the loggers, the engines - asks here and never
-guesses from a name again. ``classify_parameters`` asserts that every parameter gets exactly one class.
+guesses from a name again. The model itself declares its parameters (``ParamRoleModel``), so a new model family
+needs no edit here; ``parameter_roles`` checks that every parameter gets exactly one class.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from enum import Enum
+from typing import NamedTuple, Protocol
 
 from torch import nn
-
-from lrm_train.models.falcon_h1 import FalconH1LM, Mamba2Mixer
-from lrm_train.nn import MULTIPLIER_NAMES, GatedRMSNorm, MultipliedMatrix, RMSNorm
 
 
 class ParamClass(str, Enum):
@@ -26,33 +26,42 @@ class ParamClass(str, Enum):
         return self.value
 
 
-def _module_classes(module: nn.Module) -> dict[str, ParamClass]:
-    """The classes of the parameters a module owns directly (not those of its children)."""
-    if isinstance(module, MultipliedMatrix):
-        weight = {"embedding": ParamClass.EMBEDDING, "lm_head": ParamClass.LM_HEAD}.get(module.role, ParamClass.MATRIX)
-        return {"weight": weight} | {
-            n: ParamClass.MULTIPLIER for n in MULTIPLIER_NAMES if getattr(module, n) is not None
-        }
-    if isinstance(module, (RMSNorm, GatedRMSNorm)):
-        return {"weight": ParamClass.NORM}
-    if isinstance(module, Mamba2Mixer):
-        return {name: ParamClass.SSM_VECTOR for name in ("A_log", "D", "dt_bias")}
-    if isinstance(module, nn.Conv1d):  # only the Mamba mixer's depthwise convolution
-        return {name: ParamClass.SSM_VECTOR for name, _ in module.named_parameters(recurse=False)}
-    return {}
+class ParamRole(NamedTuple):
+    """What one parameter is: its class and, for a matrix weight or its multipliers, the matrix's role."""
+
+    param_class: ParamClass
+    role: str | None = None  # e.g. "attn.q" for q_proj.weight and q_proj.lrm_row; None for norms and SSM vectors
 
 
-def classify_parameters(model: FalconH1LM) -> dict[str, ParamClass]:
-    """Parameter name -> class, for every parameter of ``model`` (unwrapped), each exactly once."""
-    classes: dict[str, ParamClass] = {}
-    for module_name, module in model.named_modules():
-        for param_name, cls in _module_classes(module).items():
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            assert name not in classes, f"parameter {name} was classified twice"
-            classes[name] = cls
+class ParamRoleModel(Protocol):
+    """What a model tells the optimizer and the engines about itself."""
+
+    def parameter_roles(self) -> Iterator[tuple[str, ParamRole]]:
+        """(parameter name, role) for every parameter, named as ``named_parameters()`` names them."""
+
+    def zero3_leaf_modules(self) -> list[type[nn.Module]]:
+        """Module types whose forward uses their children's weights directly (gathered whole under ZeRO-3)."""
+
+
+def parameter_roles(model: ParamRoleModel) -> dict[str, ParamRole]:
+    """Parameter name -> role, for every parameter of ``model`` (unwrapped), each exactly once, in model order."""
+    roles: dict[str, ParamRole] = {}
+    for name, role in model.parameter_roles():
+        assert name not in roles, f"parameter {name} was classified twice"
+        roles[name] = role
     names = [name for name, _ in model.named_parameters()]
-    unclassified = sorted(set(names) - set(classes))
+    unclassified = sorted(set(names) - set(roles))
     assert not unclassified, f"parameters without a class: {', '.join(unclassified)}"
-    stale = sorted(set(classes) - set(names))
+    stale = sorted(set(roles) - set(names))
     assert not stale, f"classified names that are not parameters: {', '.join(stale)}"
-    return {name: classes[name] for name in names}
+    return {name: roles[name] for name in names}
+
+
+def classify_parameters(model: ParamRoleModel) -> dict[str, ParamClass]:
+    """Parameter name -> class, for every parameter of ``model``, each exactly once."""
+    return {name: role.param_class for name, role in parameter_roles(model).items()}
+
+
+def is_clipped(cls: ParamClass, clip_multipliers: bool) -> bool:
+    """Whether a class takes part in the clipped global gradient norm (the paper leaves the multipliers out)."""
+    return clip_multipliers or cls is not ParamClass.MULTIPLIER

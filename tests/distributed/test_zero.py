@@ -12,12 +12,17 @@ from lrm_train.distributed.zero import ZeroEngine
 from lrm_train.models import FalconH1LM, preset
 from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, build_optimizer, classify_parameters
-
 from lrm_train.train import train
 
 # Clipping is active (gradient norms are 2-4x the threshold) and the learning rate is high enough to move the loss.
-SETTINGS = {"optim.lr": 0.02, "train.grad_clip": 0.02, "train.max_steps": 10, "train.micro_batch_size": 2,
-            "train.ckpt_every": 5, "dist.zero3_persistence_threshold": 0}
+SETTINGS = {
+    "optim.lr": 0.02,
+    "train.grad_clip": 0.02,
+    "train.max_steps": 10,
+    "train.micro_batch_size": 2,
+    "train.ckpt_every": 5,
+    "dist.zero3_persistence_threshold": 0,
+}
 ONE_PROCESS = {**SETTINGS, "train.grad_accum": 2}  # the same global batch of 4 sequences
 TWO_RANKS = {**SETTINGS, "train.grad_accum": 1}
 
@@ -37,8 +42,10 @@ def zero(data_root, run_dir, jit_dir, nproc=2, **extra):
 @pytest.fixture(scope="module")
 def reference(data_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
-    dirs = {name: train(run_config(data_root, root / name, **ONE_PROCESS, **{"optim.name": name})).run_dir
-            for name in ("adamw", "muon")}
+    dirs = {
+        name: train(run_config(data_root, root / name, **ONE_PROCESS, **{"optim.name": name})).run_dir
+        for name in ("adamw", "muon")
+    }
     return {"dir": dirs, **{name: losses(run_dir) for name, run_dir in dirs.items()}}
 
 
@@ -54,8 +61,11 @@ def test_zero_matches_the_single_process_trainer(data_root, tmp_path, jit_dir, r
     got = zero(data_root, tmp_path, jit_dir, **{"dist.name": stage, "optim.name": optim})
     assert_same_trajectory(got, reference[optim])
     table = (tmp_path / "train_rank0.log").read_text()
-    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split() and line.split()[0] in (
-        "matrix", "multiplier", "embedding", "norm")}
+    rows = {
+        line.split()[0]: line.split()
+        for line in table.splitlines()
+        if line.split() and line.split()[0] in ("matrix", "multiplier", "embedding", "norm")
+    }
     assert rows["matrix"][3] == ("muon" if optim == "muon" else "adamw")
     assert rows["multiplier"][3] == "adamw" and rows["multiplier"][5] == "0.002"
     assert rows["norm"][5] == "0"
@@ -69,16 +79,26 @@ def test_zero_matches_the_single_process_trainer(data_root, tmp_path, jit_dir, r
 def test_zero_resume_is_exact_and_crosses_world_sizes(data_root, tmp_path, jit_dir, reference):
     # Same world size: 5 steps (started with the deepspeed launcher script), a stop, 5 resumed steps.
     first = overrides(data_root, tmp_path / "same", **{**TWO_RANKS, "optim.name": "muon", "train.stop_at_step": 5})
-    started = launch("deepspeed.sh", ["dist=zero2", *as_args(first)], nproc=2, env={"TORCH_EXTENSIONS_DIR": str(jit_dir)})
+    started = launch(
+        "deepspeed.sh", ["dist=zero2", *as_args(first)], nproc=2, env={"TORCH_EXTENSIONS_DIR": str(jit_dir)}
+    )
     assert started.returncode == 0, started.stderr[-3000:]
-    assert_same_trajectory(zero(data_root, tmp_path / "same", jit_dir, **{"dist.name": "zero2", "optim.name": "muon"}),
-                           reference["muon"])
+    assert_same_trajectory(
+        zero(data_root, tmp_path / "same", jit_dir, **{"dist.name": "zero2", "optim.name": "muon"}), reference["muon"]
+    )
     # 2 ranks -> 1 and 1 -> 2 (the global batch stays 4 through train.grad_accum).
-    zero(data_root, tmp_path / "shrink", jit_dir, **{"dist.name": "zero3", "optim.name": "muon", "train.stop_at_step": 5})
+    zero(
+        data_root, tmp_path / "shrink", jit_dir, **{"dist.name": "zero3", "optim.name": "muon", "train.stop_at_step": 5}
+    )
     shrunk = zero(data_root, tmp_path / "shrink", jit_dir, nproc=1, **{"dist.name": "zero3", "optim.name": "muon"})
     assert_same_trajectory(shrunk, reference["muon"])
-    zero(data_root, tmp_path / "grow", jit_dir, nproc=1, **{"dist.name": "zero1", "optim.name": "adamw",
-                                                             "train.stop_at_step": 5})
+    zero(
+        data_root,
+        tmp_path / "grow",
+        jit_dir,
+        nproc=1,
+        **{"dist.name": "zero1", "optim.name": "adamw", "train.stop_at_step": 5},
+    )
     grown = zero(data_root, tmp_path / "grow", jit_dir, **{"dist.name": "zero1", "optim.name": "adamw"})
     assert_same_trajectory(grown, reference["adamw"])
 

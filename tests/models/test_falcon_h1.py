@@ -3,8 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from lrm_train.models import PRESETS, FalconH1Config, FalconH1LM, preset
-from lrm_train.nn import PLACEMENTS, LRMConfig
+from lrm_train.models import MATRIX_ROLES, PRESETS, FalconH1Config, FalconH1LM, preset
+from lrm_train.models.falcon_h1 import learnable
+from lrm_train.nn import PLACEMENTS, Learnable, LRMConfig
 
 # fmt: off
 SMALL = dict(
@@ -42,6 +43,38 @@ def test_placement_none_has_no_multiplier_and_full_has_them_on_every_matrix():
     for name, matrix in model.matrices().items():
         expected = {"lrm_scalar"} if name == "lm_head" else {"lrm_row", "lrm_col"}
         assert {n for n, _ in matrix.named_parameters() if n.startswith("lrm_")} == expected, name
+
+
+def test_placements():
+    assert all(learnable(LRMConfig("none"), role) == Learnable() for role in MATRIX_ROLES)
+    assert all(learnable(LRMConfig("scalar"), role) == Learnable(scalar=True) for role in MATRIX_ROLES)
+    full = LRMConfig("full")
+    assert all(learnable(full, r) == Learnable(row=True, col=True) for r in MATRIX_ROLES if r != "lm_head")
+    assert learnable(full, "lm_head") == Learnable(scalar=True)
+    assert learnable(LRMConfig("full", lm_head_rows=True), "lm_head") == Learnable(scalar=True, row=True)
+    assert learnable(LRMConfig("symmetry_free", lm_head_rows=True), "lm_head") == Learnable(row=True)
+    row, row_col, none = Learnable(row=True), Learnable(row=True, col=True), Learnable()
+    symmetry_free = {
+        "embedding": row_col, "lm_head": none,
+        "attn.q": row, "attn.k": none, "attn.v": none, "attn.o": row_col,
+        "mlp.gate": row, "mlp.up": none, "mlp.down": row_col,
+        "ssm.z": row, "ssm.x": none, "ssm.B": none, "ssm.C": none, "ssm.dt": row,
+        "ssm.out": row_col, "ssm.out_after_norm": row,
+    }  # fmt: skip
+    assert set(MATRIX_ROLES) == set(symmetry_free)
+    assert {role: learnable(LRMConfig("symmetry_free"), role) for role in MATRIX_ROLES} == symmetry_free
+    with pytest.raises(KeyError, match="unknown matrix role 'attn.qq'"):
+        learnable(full, "attn.qq")
+
+
+@pytest.mark.parametrize("mamba_rms_norm", [False, True])
+def test_symmetry_free_model_carries_the_table(mamba_rms_norm):
+    model = FalconH1LM(small(mamba_rms_norm=mamba_rms_norm), LRMConfig("symmetry_free"))
+    out_proj = model.layers[1].mamba.out_proj
+    assert out_proj.role == ("ssm.out_after_norm" if mamba_rms_norm else "ssm.out")
+    for name, matrix in model.matrices().items():
+        carried = Learnable(*(getattr(matrix, n) is not None for n in ("lrm_scalar", "lrm_row", "lrm_col")))
+        assert carried == learnable(LRMConfig("symmetry_free"), matrix.role), name
 
 
 def test_causality_changing_token_t_never_changes_earlier_logits():

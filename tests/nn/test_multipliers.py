@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 from lrm_train.nn import (
-    MATRIX_ROLES,
     Learnable,
     LRMConfig,
     MultipliedEmbedding,
@@ -117,22 +116,6 @@ def test_fused_linear_equals_separate_layers():
         randomize_multipliers(layer)
     x = torch.randn(4, 6)
     torch.testing.assert_close(fused_linear(x, layers), torch.cat([layer(x) for layer in layers], -1))
-
-
-def test_placements():
-    assert all(LRMConfig("none").learnable(role) == Learnable() for role in MATRIX_ROLES)
-    assert all(LRMConfig("scalar").learnable(role) == Learnable(scalar=True) for role in MATRIX_ROLES)
-    full = LRMConfig("full")
-    assert all(full.learnable(r) == Learnable(row=True, col=True) for r in MATRIX_ROLES if r != "lm_head")
-    assert full.learnable("lm_head") == Learnable(scalar=True)
-    assert LRMConfig("full", lm_head_rows=True).learnable("lm_head") == Learnable(scalar=True, row=True)
-    free = LRMConfig("symmetry_free")
-    assert free.learnable("attn.q") == Learnable(row=True) and free.learnable("attn.k") == Learnable()
-    assert free.learnable("mlp.down") == Learnable(row=True, col=True) and free.learnable("mlp.up") == Learnable()
-    assert free.learnable("ssm.out") == Learnable(row=True, col=True)
-    assert free.learnable("ssm.out_after_norm") == Learnable(row=True)
-    assert free.learnable("ssm.x") == Learnable() and free.learnable("ssm.dt") == Learnable(row=True)
-    assert free.learnable("embedding") == Learnable(row=True, col=True) and free.learnable("lm_head") == Learnable()
 
 
 @pytest.mark.parametrize("field,value", [("placement", "rows"), ("init", "zero")])

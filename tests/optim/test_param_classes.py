@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lrm_train.models import PRESETS, FalconH1LM, preset
-from lrm_train.nn import PLACEMENTS, LRMConfig
-from lrm_train.optim import ParamClass, classify_parameters
+from lrm_train.models import MATRIX_ROLES, PRESETS, FalconH1LM, preset
+from lrm_train.nn import PLACEMENTS, Learnable, LRMConfig, MultipliedLinear
+from lrm_train.optim import OptimConfig, ParamClass, ParamRole, build_optimizer, classify_parameters, parameter_roles
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -38,3 +38,57 @@ def test_an_unknown_parameter_fails_the_assertion():
     model.layers[0].extra = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(AssertionError, match="parameters without a class: layers.0.extra"):
         classify_parameters(model)
+
+
+class TwoLayerFamily(torch.nn.Module):
+    """Another model family: it only declares its parameters; optim and the engines need no edit for it."""
+
+    def __init__(self, duplicate: bool = False) -> None:
+        super().__init__()
+        self.proj = MultipliedLinear(4, 4, learnable=Learnable(row=True), role="proj")
+        self.gain = torch.nn.Parameter(torch.ones(4))
+        self.duplicate = duplicate
+
+    def parameter_roles(self):
+        yield "proj.weight", ParamRole(ParamClass.MATRIX, "proj")
+        yield "proj.lrm_row", ParamRole(ParamClass.MULTIPLIER, "proj")
+        yield "gain", ParamRole(ParamClass.NORM)
+        if self.duplicate:
+            yield "gain", ParamRole(ParamClass.SSM_VECTOR)
+
+    def zero3_leaf_modules(self):
+        return []
+
+
+def test_a_model_family_declares_its_own_roles_and_each_parameter_is_checked_once():
+    model = TwoLayerFamily()
+    assert parameter_roles(model) == {
+        "proj.weight": ParamRole(ParamClass.MATRIX, "proj"),
+        "proj.lrm_row": ParamRole(ParamClass.MULTIPLIER, "proj"),
+        "gain": ParamRole(ParamClass.NORM),
+    }
+    opt = build_optimizer(model, classify_parameters(model), OptimConfig(), LRMConfig())
+    assert {g["param_class"]: g["names"] for g in opt.param_groups} == {
+        "matrix": ["proj.weight"],
+        "multiplier": ["proj.lrm_row"],
+        "norm": ["gain"],
+    }
+    with pytest.raises(AssertionError, match="parameter gain was classified twice"):
+        classify_parameters(TwoLayerFamily(duplicate=True))
+
+
+def test_falcon_h1_roles_name_the_matrix_of_every_weight_and_multiplier():
+    model = FalconH1LM(preset("tiny"), LRMConfig("full"))
+    roles = parameter_roles(model)
+    assert roles["layers.0.self_attn.q_proj.weight"] == ParamRole(ParamClass.MATRIX, "attn.q")
+    assert roles["layers.0.self_attn.q_proj.lrm_row"] == ParamRole(ParamClass.MULTIPLIER, "attn.q")
+    assert roles["layers.1.mamba.in_proj.dt.lrm_col"] == ParamRole(ParamClass.MULTIPLIER, "ssm.dt")
+    assert roles["lm_head.lrm_scalar"] == ParamRole(ParamClass.MULTIPLIER, "lm_head")
+    assert roles["embed_tokens.weight"] == ParamRole(ParamClass.EMBEDDING, "embedding")
+    assert roles["layers.0.mamba.conv1d.bias"] == ParamRole(ParamClass.SSM_VECTOR)
+    assert roles["final_layernorm.weight"] == ParamRole(ParamClass.NORM)
+    assert {r.role for r in roles.values() if r.param_class is ParamClass.MATRIX} == set(MATRIX_ROLES) - {
+        "embedding",
+        "lm_head",
+        "ssm.out_after_norm",
+    }

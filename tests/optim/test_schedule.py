@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def test_paper_schedule_warmup_constant_then_exponential_decay_by_8_over_the_las
 def test_cosine_and_wsd_end_at_the_floor():
     cosine = factors(ScheduleConfig(name="cosine", warmup_steps=5, min_lr_ratio=0.1), 50)
     assert cosine[4] == 1.0 and cosine[-1] == pytest.approx(0.1, abs=2e-3)
-    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(cosine[4:]))
     wsd = factors(ScheduleConfig(name="wsd", warmup_steps=5, decay_fraction=0.2, min_lr_ratio=0.0), 50)
     assert wsd[5:40] == [1.0] * 35 and wsd[-1] == pytest.approx(0.0)
     assert factors(ScheduleConfig(name="constant", warmup_steps=5), 50)[5:] == [1.0] * 45
