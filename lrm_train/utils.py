@@ -9,7 +9,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 # ``.tmp-{name}@{host}-{pid}-{random}``: host and pid say whether the writer may still be alive (on a shared
@@ -38,6 +38,41 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_replaceable(
+    path: str | os.PathLike,
+    overwrite: bool,
+    foreign_content: Callable[[Path], str | None],
+    sources: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Raise one ``FileExistsError`` line naming ``path`` unless writing there would delete nothing a user owns.
+
+    A missing path or an empty folder is free to take. Anything else needs ``overwrite`` and must be a folder in
+    which ``foreign_content`` finds nothing (it returns what shows the folder is not ours, or None). Whatever the
+    flag, the current directory, the home directory, the sources being read and every folder holding one of them
+    are never replaced.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    target = path.resolve()
+    protected = {Path.cwd().resolve(): "the current directory", Path.home().resolve(): "the home directory"}
+    protected.update({Path(source).resolve(): f"the source {source}" for source in sources})
+    for kept, what in protected.items():
+        if target == kept:
+            raise FileExistsError(f"refusing to replace {path}: it is {what}")
+        if target in kept.parents:
+            raise FileExistsError(f"refusing to replace {path}: it holds {what}")
+    if path.is_symlink() or not path.is_dir():
+        raise FileExistsError(f"refusing to replace {path}: it is not a folder")
+    if not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    reason = foreign_content(path)
+    if reason:
+        raise FileExistsError(f"refusing to replace {path}: lrm_train did not write it ({reason})")
 
 
 def _alive(pid: int) -> bool:

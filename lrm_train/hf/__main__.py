@@ -1,6 +1,7 @@
 """``python -m lrm_train.hf import HF_DIR OUT_DIR [--placement ...]`` and ``... export SOURCE OUT_DIR``.
 
-SOURCE is an lrm_train model folder or a training checkpoint (``runs/<name>/checkpoints/step_*``).
+SOURCE is an lrm_train model folder or a training checkpoint (``runs/<name>/checkpoints/step_*``). OUT_DIR may be
+missing or an empty folder; ``--overwrite`` replaces only a folder lrm_train wrote, never the source.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lrm_train.hf.convert import export_hf, import_hf
-from lrm_train.models.io import load_model, save_model
+from lrm_train.models.io import check_output_folder, load_model, save_model
 from lrm_train.nn import INITS, PLACEMENTS, LRMConfig
 from lrm_train.train.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from lrm_train.train.checkpoint import model_from_checkpoint
@@ -29,18 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("source")
     exp.add_argument("out_dir")
     for command in (imp, exp):
-        command.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+        command.add_argument(
+            "--overwrite", action="store_true", help="replace out_dir if lrm_train wrote it (a model folder or export)"
+        )
     args = parser.parse_args(argv)
+    source = Path(args.hf_dir if args.command == "import" else args.source)
     try:
+        check_output_folder(args.out_dir, args.overwrite, sources=[source])  # before any loading
         if args.command == "import":
             lrm = LRMConfig(placement=args.placement, init=args.init, lm_head_rows=args.lm_head_rows)
-            save_model(import_hf(args.hf_dir, lrm), args.out_dir, overwrite=args.overwrite)
+            save_model(import_hf(source, lrm), args.out_dir, args.overwrite, sources=[source])
         else:
-            source = Path(args.source)
             is_checkpoint = (source / CHECKPOINT_MANIFEST).exists()
             model = model_from_checkpoint(source) if is_checkpoint else load_model(source)
-            export_hf(model, args.out_dir, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+            export_hf(model, args.out_dir, args.overwrite, sources=[source])
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out_dir}")

@@ -9,17 +9,15 @@ multipliers start at their initial values, which reproduce the Hugging Face func
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lrm_train.models import FalconH1Config, FalconH1LM
-from lrm_train.models.io import load_state_strict, read_json, read_safetensors
+from lrm_train.models.io import load_state_strict, read_json, read_safetensors, write_weights_folder
 from lrm_train.nn import MULTIPLIER_NAMES, LRMConfig
-from lrm_train.utils import atomic_directory
 
 # Config fields copied as they are, in both directions.
 _SHARED_FIELDS = [
@@ -106,13 +104,17 @@ def hf_state_dict(model: FalconH1LM) -> dict[str, torch.Tensor]:
     return {_hf_name(k): v.detach().float().contiguous() for k, v in state.items()}
 
 
-def export_hf(model: FalconH1LM, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a folder that ``transformers.FalconH1ForCausalLM.from_pretrained`` loads."""
-    state = hf_state_dict(model)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    return Path(out_dir)
+def export_hf(
+    model: FalconH1LM, out_dir: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()
+) -> Path:
+    """Write a folder that ``transformers.FalconH1ForCausalLM.from_pretrained`` loads.
+
+    ``overwrite`` replaces only a folder lrm_train wrote; ``sources`` (folders the model was read from) never.
+    """
+    # transformers refuses safetensors files whose "format" is not a framework it knows.
+    return write_weights_folder(
+        out_dir, hf_config(model.cfg), hf_state_dict(model), {"format": "pt"}, overwrite, sources
+    )
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -4,26 +4,66 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lrm_train.models.config import FalconH1Config
 from lrm_train.models.falcon_h1 import FalconH1LM
 from lrm_train.nn import LRMConfig
-from lrm_train.utils import atomic_directory
+from lrm_train.utils import atomic_directory, check_replaceable
 
 FORMAT = "lrm_train.falcon_h1"
+# Every folder lrm_train writes here (a model folder or a Hugging Face export) holds exactly these files, and its
+# safetensors metadata says who wrote it: that is how --overwrite tells our output from a user's folder.
+FOLDER_FILES = ("config.json", "model.safetensors")
+WRITTEN_BY = "lrm_train"
 
 
-def save_model(model: FalconH1LM, out_dir: str | Path, overwrite: bool = False) -> Path:
-    config = {"format": FORMAT, "model": dataclasses.asdict(model.cfg), "lrm": dataclasses.asdict(model.lrm)}
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+def _foreign_content(folder: Path) -> str | None:
+    """What in ``folder`` shows that lrm_train did not write it; None when all of it is ours."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name not in FOLDER_FILES or entry.is_symlink() or not entry.is_file():
+            return f"it holds {entry.name}"
+    try:
+        with safe_open(folder / "model.safetensors", "pt") as weights:
+            written_by = (weights.metadata() or {}).get("written_by")
+    except (SafetensorError, OSError):
+        written_by = None
+    return None if written_by == WRITTEN_BY else "its model.safetensors is not one lrm_train wrote"
+
+
+def check_output_folder(out_dir: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> None:
+    """Refuse (one FileExistsError line) an output folder whose writing would delete what a user owns."""
+    check_replaceable(out_dir, overwrite, _foreign_content, sources)
+
+
+def write_weights_folder(
+    out_dir: str | Path,
+    config: dict,
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    overwrite: bool = False,
+    sources: Iterable[str | Path] = (),
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` as one folder, atomically (see ``check_output_folder``)."""
+    check_output_folder(out_dir, overwrite, sources)
+    with atomic_directory(out_dir, overwrite=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp / "model.safetensors", metadata={"format": FORMAT})
+        save_file(state, tmp / "model.safetensors", metadata={**metadata, "written_by": WRITTEN_BY})
     return Path(out_dir)
+
+
+def save_model(
+    model: FalconH1LM, out_dir: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()
+) -> Path:
+    """Write ``model`` as an lrm_train model folder. ``sources``: folders it was read from, never replaced."""
+    config = {"format": FORMAT, "model": dataclasses.asdict(model.cfg), "lrm": dataclasses.asdict(model.lrm)}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return write_weights_folder(out_dir, config, state, {"format": FORMAT}, overwrite, sources)
 
 
 def read_json(path: Path) -> dict:

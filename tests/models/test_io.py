@@ -28,3 +28,26 @@ def test_corrupt_or_mismatched_weights_are_refused_by_name(tmp_path):
     (tmp_path / "none" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
     with pytest.raises(ValueError, match="tensor '.*lrm_.*' is missing"):
         load_model(tmp_path / "none")
+
+
+def test_save_model_overwrites_only_a_folder_lrm_train_wrote(tmp_path, monkeypatch):
+    model = FalconH1LM(preset("tiny"), LRMConfig("none"))
+    (tmp_path / "empty").mkdir()
+    save_model(model, tmp_path / "empty")  # an empty folder is free to take
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_model(model, tmp_path / "empty")
+    save_model(FalconH1LM(preset("tiny"), LRMConfig("full")), tmp_path / "empty", overwrite=True)
+    assert load_model(tmp_path / "empty").lrm.placement == "full"
+
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"theirs: lrm_train did not write it"):
+        save_model(model, tmp_path / "theirs", overwrite=True)
+    assert (tmp_path / "theirs" / "config.json").read_text() == "{}"
+
+    with pytest.raises(FileExistsError, match="holds the source"):
+        save_model(model, tmp_path, overwrite=True, sources=[tmp_path / "empty"])
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(FileExistsError, match="current directory"):
+        save_model(model, ".", overwrite=True)
+    assert load_model(tmp_path / "empty").lrm.placement == "full"
