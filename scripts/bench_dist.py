@@ -26,25 +26,35 @@ OPTIMIZERS = ("adamw", "muon")
 
 def worker(args) -> None:
     import logging
+
+    from lrm_train.train import compose, open_trainer
+
+    logging.disable(logging.INFO)
+    cfg = compose(
+        [
+            f"model={args.model}",
+            f"dist={args.engine}",
+            f"optim={args.optim}",
+            f"data.out_root={args.data_root}",
+            f"data.seq_len={args.seq_len}",
+            f"train.micro_batch_size={args.micro_batch}",
+            "train.max_steps=10000",
+            "train.resume=none",
+            f"train.run_dir={args.out}/run-{args.engine}-{args.optim}",
+            "logging.progress=false",
+            "logging.wandb.mode=disabled",
+        ]
+    )
+    with open_trainer(cfg) as trainer:
+        _measure(trainer, args)
+
+
+def _measure(trainer, args) -> None:
     import resource
 
     import torch
 
-    from lrm_train.distributed import build_engine
-    from lrm_train.models import preset
-    from lrm_train.train import RunConfig
-    from lrm_train.train.loop import Trainer, resolved
-
-    logging.disable(logging.INFO)
-    cfg = RunConfig(model=preset(args.model))
-    cfg.dist.name, cfg.optim.name = args.engine, args.optim
-    cfg.data.out_root, cfg.data.seq_len = args.data_root, args.seq_len
-    cfg.train.micro_batch_size, cfg.train.max_steps, cfg.train.resume = args.micro_batch, 10_000, "none"
-    cfg.train.run_dir = f"{args.out}/run-{args.engine}-{args.optim}"
-    cfg.logging.progress, cfg.logging.wandb.mode = False, "disabled"
-    cfg = resolved(cfg)
-    engine = build_engine(cfg.dist)
-    trainer = Trainer(cfg, engine)
+    engine, cfg = trainer.engine, trainer.cfg
     times = []
     for step in range(args.warmup + args.steps):
         started = time.perf_counter()
@@ -59,13 +69,12 @@ def worker(args) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {
         "step_s": statistics.median(times),
-        "tokens": trainer.global_batch * cfg.data.seq_len,
+        "tokens": trainer.components.global_batch * cfg.data.seq_len,
         "optimizer_state_bytes": state_bytes,
         "peak_bytes": peak,
         "device": engine.device.type,
     }
     Path(args.out, f"{args.engine}-{args.optim}-rank{engine.rank}.json").write_text(json.dumps(result))
-    engine.close()
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ are timed in interleaved rounds and the median is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import sys
@@ -18,10 +19,7 @@ import time
 
 import torch
 
-from lrm_train.distributed import build_engine
-from lrm_train.models import preset
-from lrm_train.train import RunConfig
-from lrm_train.train.loop import Trainer, resolved
+from lrm_train.train import compose, open_trainer
 
 VARIANTS = {
     "adamw, lrm=none": ("adamw", "none"),
@@ -43,16 +41,24 @@ def main() -> int:
     logging.disable(logging.INFO)  # the trainers' start-up tables
 
     trainers = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         for name, (optimizer, placement) in VARIANTS.items():
-            cfg = RunConfig(model=preset(args.model))
-            cfg.optim.name, cfg.lrm.placement = optimizer, placement
-            cfg.data.out_root, cfg.data.seq_len = args.data_root, args.seq_len
-            cfg.train.micro_batch_size, cfg.train.max_steps = args.micro_batch, 10_000
-            cfg.train.run_dir, cfg.train.resume = f"{tmp}/{optimizer}-{placement}", "none"
-            cfg.logging.progress, cfg.logging.wandb.mode = False, "disabled"
-            cfg = resolved(cfg)
-            trainers[name] = Trainer(cfg, build_engine(cfg.dist))
+            cfg = compose(
+                [
+                    f"model={args.model}",
+                    f"optim={optimizer}",
+                    f"lrm={placement}",
+                    f"data.out_root={args.data_root}",
+                    f"data.seq_len={args.seq_len}",
+                    f"train.micro_batch_size={args.micro_batch}",
+                    "train.max_steps=10000",
+                    f"train.run_dir={tmp}/{optimizer}-{placement}",
+                    "train.resume=none",
+                    "logging.progress=false",
+                    "logging.wandb.mode=disabled",
+                ]
+            )
+            trainers[name] = stack.enter_context(open_trainer(cfg))
 
         times: dict[str, list[float]] = {name: [] for name in trainers}
         for round_ in range(args.warmup + args.steps):

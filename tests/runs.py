@@ -1,13 +1,11 @@
 """Helpers for the trainer tests: a micro model run, in process or through the CLI."""
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 
-from lrm_train.models import preset
-from lrm_train.train import RunConfig
+from lrm_train.train import RunConfig, compose
 
 # fmt: off
 MICRO_MODEL = dict(
@@ -43,15 +41,8 @@ def overrides(data_root, run_dir, **extra) -> dict:
 
 
 def run_config(data_root, run_dir, **extra) -> RunConfig:
-    """... and as a RunConfig (for in-process runs)."""
-    cfg = RunConfig(model=dataclasses.replace(preset("tiny"), **MICRO_MODEL))  # as the CLI builds it: model=tiny
-    for key, value in overrides(data_root, run_dir, **extra).items():
-        *path, leaf = key.split(".")
-        node = cfg
-        for part in path:
-            node = getattr(node, part)
-        setattr(node, leaf, value)
-    return cfg
+    """... and as a RunConfig (for in-process runs), composed exactly as the CLI composes it."""
+    return compose(as_args(overrides(data_root, run_dir, **extra)))
 
 
 def cli(args: list[str], nproc: int = 0, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,63 +1,66 @@
-"""``python -m lrm_train.train [overrides]`` and ``torchrun --nproc_per_node=N -m lrm_train.train [overrides]``."""
+"""``python -m lrm_train.train [overrides]`` and ``torchrun --nproc_per_node=N -m lrm_train.train [overrides]``.
+
+Trains a Falcon-H1 hybrid language model with learnable multipliers (or the muP baseline, lrm=none) on one process,
+under DDP or DeepSpeed ZeRO; resumes the run directory's newest checkpoint by default.
+"""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import hydra
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lrm_train.train.config import register_configs, validate
-from lrm_train.train.loop import train
+from lrm_train.train.config import CONFIG_DIR, compose
+from lrm_train.train.loop import Interrupted, train
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+USAGE = """usage: python -m lrm_train.train [group=option ...] [key=value ...] [--cfg]
+       torchrun --nproc_per_node=N -m lrm_train.train dist=ddp|zero1|zero2|zero3 [...]
 
+Trains a Falcon-H1 hybrid (attention + Mamba2) language model with learnable multipliers (LRM), or the muP baseline
+with lrm=none, and writes checkpoints, metrics.jsonl and an offline W&B run into train.run_dir (runs/<experiment.name>).
+A run resumes from its newest checkpoint (train.resume=auto). --cfg prints the composed config and exits.
 
-def _one_line(error: BaseException) -> str:
-    """Hydra/OmegaConf errors span several lines and chain causes: keep the first line of each, without repeats."""
-    parts, seen = [], set()
-    while error is not None:
-        line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        full_key = getattr(error, "full_key", None)
-        if full_key and full_key not in line:
-            line = f"{line} ({full_key})"
-        if line not in seen:
-            parts.append(line)
-            seen.add(line)
-        error = error.__cause__ or error.__context__
-    return ": ".join(parts[:2])  # deeper causes repeat the same complaint in template form
+Examples:
+  python -m lrm_train.train                                   # the default job: tiny model, LRM, Shakespeare, CPU
+  python -m lrm_train.train lrm=none optim=muon train.max_steps=1000 experiment.name=mup_muon
+  python -m lrm_train.train data=local_text data.source=/path/to/texts model.vocab_size=16384 data.vocab_size=16384
+"""
 
 
-def check_config(overrides: list[str]) -> None:
-    """Compose and validate the config exactly as the run will, so a bad one fails with one line before any work."""
-    register_configs()
-    ours = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        comments = [line for line in (CONFIG_DIR / "train.yaml").read_text().splitlines() if line.startswith("#")]
+        print(USAGE + "\n" + "\n".join(line[2:] for line in comments[2:]))
+        return 0
+    flags = [a for a in argv if a.startswith("-")]
+    if flags and flags != ["--cfg"]:
+        print(f"error: unknown option {next(f for f in flags if f != '--cfg')!r} (see --help)", file=sys.stderr)
+        return 2
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-            validate(OmegaConf.to_object(compose("train", overrides=ours)))
-    except Exception as e:  # noqa: BLE001 - any composition or validation error ends the run here
-        print(f"error: config: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-
-
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
-def _run(cfg) -> None:
+        cfg = compose([a for a in argv if not a.startswith("-")])
+    except ValueError as e:
+        print(f"error: config: {e}", file=sys.stderr)
+        return 2
+    if flags:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return 0
     try:
-        train(OmegaConf.to_object(cfg))
-    except (ValueError, FileNotFoundError) as e:
+        train(cfg)
+    except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 130
+    except KeyboardInterrupt:
+        print("error: interrupted before training started; no checkpoint was written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-
-
-def main() -> None:
-    check_config([a for a in sys.argv[1:] if not a.startswith("-")])
-    _run()
+        return 3
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

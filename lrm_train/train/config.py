@@ -1,14 +1,27 @@
-"""The run configuration: one dataclass per config group, registered in Hydra's ConfigStore.
+"""The run configuration: one dataclass per config group, registered in Hydra's ConfigStore, composed by ``compose``.
 
-Because every group is a typed dataclass, an unknown key or a value of the wrong type fails while Hydra composes the
-config, before any work; ``validate`` then rejects impossible combinations.
+The dataclasses hold every default; the YAML files under ``configs/`` only name group options and what they change.
+``compose(overrides)`` is the one way a run's config is made - by the CLI, the tests, the benchmarks and the
+experiments - so ``compose([])`` is exactly what ``python -m lrm_train.train`` runs. Because every group is a typed
+dataclass, an unknown key (``+`` or not) or a value of the wrong type fails while composing, before any work;
+``validate`` then rejects impossible combinations.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import os
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from lrm_train.data import DataConfig
 from lrm_train.distributed import DistConfig
@@ -16,12 +29,13 @@ from lrm_train.models import PRESETS, FalconH1Config
 from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, ScheduleConfig
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PRECISIONS = ("auto", "float32", "bf16")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
+    max_steps: int = 300
     seed: int = 0
     micro_batch_size: int = 8
     grad_accum: int = 1  # global batch = micro_batch_size x grad_accum x world size
@@ -35,7 +49,7 @@ class TrainConfig:
     z_loss: float = 1e-4
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops (with an emergency checkpoint)
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batch_size: int = 8
     stop_at_step: int = 0  # stop this process after this step as if preempted (0: never); for drills and tests
 
@@ -63,6 +77,8 @@ class ExperimentConfig:
 
 @dataclass
 class RunConfig:
+    """Everything a run is. ``callbacks``: extra callbacks by name, each ``{_target_: module.Class, **kwargs}``."""
+
     model: FalconH1Config = field(default_factory=FalconH1Config)
     lrm: LRMConfig = field(default_factory=LRMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -72,6 +88,7 @@ class RunConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:
@@ -79,6 +96,80 @@ def register_configs() -> None:
     store.store(name="run_schema", node=RunConfig)
     for name, make in PRESETS.items():  # the Python presets are the model group's options
         store.store(group="model", name=name, node=make())
+
+
+def unknown_keys(config: dict, schema: type, prefix: str = "") -> list[str]:
+    """Keys of ``config`` that ``schema`` (a dataclass) does not declare, recursively.
+
+    A typed Hydra node keeps a key added with ``+`` and ``OmegaConf.to_object`` then drops it without a word, so a
+    typo such as ``+train.max_stepz=10`` would silently do nothing; free-form fields (``dict[str, Any]``) are not checked.
+    """
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key, value in config.items():
+        if key not in hints:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return found
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> RunConfig:
+    """The run config of ``configs/{config_name}.yaml`` with Hydra ``overrides``, checked and validated.
+
+    Raises ``ValueError`` with one line naming the culprit for every config error.
+    """
+    register_configs()
+    GlobalHydra.instance().clear()  # compose may be called again in the same process (tests, experiments)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            composed = hydra_compose(config_name, overrides=list(overrides))
+    except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many types; all are config errors here
+        raise ValueError(one_line(e)) from None
+    unknown = unknown_keys(OmegaConf.to_container(composed, resolve=False), RunConfig)
+    if unknown:
+        raise ValueError(f"unknown config key {unknown[0]!r} (check the spelling; `--help` lists the groups)")
+    try:
+        cfg = OmegaConf.to_object(composed)
+    except Exception as e:  # noqa: BLE001 - a wrong type or a dataclass's own check
+        raise ValueError(one_line(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra/OmegaConf errors span several lines and chain causes: the first line of each, without repeats, plus the
+    options Hydra lists for a missing group option."""
+    parts, seen = [], set()
+    options = ""
+    while error is not None:
+        text = str(error).strip()
+        line = text.splitlines()[0] if text else type(error).__name__
+        if "Available options in" in text:
+            listed = text.split("Available options in", 1)[1].splitlines()[1:]
+            names = [n.strip() for n in itertools.takewhile(lambda n: n.startswith("\t"), listed)]
+            options = f" (options: {', '.join(names)})" if names else ""
+        full_key = getattr(error, "full_key", None)
+        if full_key and full_key not in line:
+            line = f"{line} ({full_key})"
+        if line not in seen:
+            parts.append(line)
+            seen.add(line)
+        error = error.__cause__ or error.__context__
+    return ": ".join(parts[:2]) + options  # deeper causes repeat the same complaint in template form
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
 
 
 def validate(cfg: RunConfig) -> None:
@@ -101,6 +192,15 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
     if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logging.wandb.mode={cfg.logging.wandb.mode!r} is not one of offline, online, disabled")
+    if cfg.logging.wandb.mode == "online" and not _wandb_key_available():
+        raise ValueError(
+            "logging.wandb.mode=online but no W&B API key was found: set WANDB_API_KEY or run `wandb login` "
+            "(or keep logging.wandb.mode=offline and `wandb sync` later)"
+        )
+    if t.grad_clip < 0:
+        raise ValueError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if cfg.schedule.warmup_steps < 0:
+        raise ValueError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")
     if cfg.schedule.warmup_steps > t.max_steps:
         raise ValueError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds train.max_steps={t.max_steps}")
     if cfg.schedule.batch_ramp_steps and t.grad_accum < 2:

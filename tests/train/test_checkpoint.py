@@ -22,7 +22,7 @@ def test_tensors_and_plain_data_round_trip(tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in tensors.values())
     back = join_tensors(plain, tensors)
     assert back["step"] == 3 and torch.equal(back["nested"]["b"][0], torch.ones(2, 2)) and back["t"][0] == 1
-    save_checkpoint(tmp_path / "c", {"w": torch.ones(3)}, state)
+    save_checkpoint(tmp_path / "c", {"w": torch.ones(3)}, state, step=3)
     model_state, loaded = load_checkpoint(tmp_path / "c")
     assert torch.equal(model_state["w"], torch.ones(3)) and torch.equal(loaded["nested"]["a"], torch.arange(4))
 

@@ -3,11 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from lrm_train.distributed import build_engine
 from lrm_train.optim import ParamClass
-from lrm_train.train import loop, train
-from lrm_train.train.__main__ import check_config
-from lrm_train.train.loop import Trainer, resolved
+from lrm_train.train import loop, open_trainer, train
+from lrm_train.train.__main__ import main
+from lrm_train.train.callbacks import Trajectories
 from runs import as_args, cli, overrides, run_config
 
 
@@ -41,25 +40,25 @@ def test_metrics_jsonl_and_the_offline_wandb_run_hold_the_trajectories(data_root
 
 
 def test_abm_tracks_the_weight_decay_equilibrium(data_root, tmp_path):
-    cfg = run_config(data_root, tmp_path, **{"train.max_steps": 2})
-    trainer = Trainer(resolved(cfg), build_engine(resolved(cfg).dist))
-    for group in trainer.optimizer.param_groups:
-        group["lr"], group["weight_decay"] = 1e-2, 1.0
-    for _ in range(600):
-        trainer.abm.step()
+    with open_trainer(run_config(data_root, tmp_path, **{"train.max_steps": 2})) as trainer:
+        abm = next(c for c in trainer.callbacks if isinstance(c, Trajectories)).abm
+        for group in trainer.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = 1e-2, 1.0
+        for _ in range(600):
+            abm.step()
     # Adam with i.i.d. N(0,1) gradients: each step moves an entry by about lr, weight decay pulls by lr*wd*W, so the
     # RMS settles near sqrt(lr / (2 wd)) (a random walk in an Ornstein-Uhlenbeck well).
-    assert float(trainer.abm.norms()["matrix"]) == pytest.approx((1e-2 / 2) ** 0.5, rel=0.3)
+    assert float(abm.norms()["matrix"]) == pytest.approx((1e-2 / 2) ** 0.5, rel=0.3)
 
 
 def test_clipping_leaves_the_multipliers_out_by_default(data_root, tmp_path):
     for include in (False, True):
-        cfg = resolved(run_config(data_root, tmp_path, **{"train.clip_multipliers": include}))
-        trainer = Trainer(cfg, build_engine(cfg.dist))
-        clipped = {id(p) for p in trainer.engine.clip_params}
-        for name, p in trainer.model.named_parameters():
-            is_multiplier = trainer.classes[name] is ParamClass.MULTIPLIER
-            assert (id(p) in clipped) == (include or not is_multiplier), name
+        with open_trainer(run_config(data_root, tmp_path, **{"train.clip_multipliers": include})) as trainer:
+            clipped = {id(p) for p in trainer.engine.clip_params}
+            classes = trainer.components.classes
+            for name, p in trainer.components.model.named_parameters():
+                is_multiplier = classes[name] is ParamClass.MULTIPLIER
+                assert (id(p) in clipped) == (include or not is_multiplier), name
 
 
 def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(data_root, tmp_path, monkeypatch):
@@ -100,12 +99,18 @@ def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(d
             "lrm.lm_head_rows=true needs a placement other than lrm.placement=none",
         ),
         (["data=local_text"], "data.source is empty"),
+        (["+train.max_stepz=10"], "unknown config key 'train.max_stepz'"),
+        (["optim=adagrad"], "(options: adamw, muon)"),
+        (["train.grad_clip=-1"], "train.grad_clip=-1.0 must be >= 0"),
+        (["schedule.warmup_steps=-2"], "schedule.warmup_steps=-2 must be >= 0"),
+        (["logging.wandb.mode=online"], "no W&B API key was found"),
     ],
 )
-def test_config_errors_fail_before_training_with_one_line(args, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        check_config(args)
-    assert exit_info.value.code == 2
+def test_config_errors_fail_before_training_with_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a W&B key
+    assert main([*args, f"train.run_dir={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run").exists()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: config: ") and message in err
 

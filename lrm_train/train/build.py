@@ -1,0 +1,80 @@
+"""From a run config to the parts a run is made of: data, model, parameter classes, optimizer (inside its engine),
+loader. One function, so the trainer, the benchmarks and the experiments assemble a run the same way."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lrm_train.data import BatchLoader, TokenData
+from lrm_train.data.loader import validation_windows
+from lrm_train.data.prepare import prepare
+from lrm_train.distributed import Engine
+from lrm_train.models import FalconH1LM
+from lrm_train.optim import ParamClass, build_optimizer, classify_parameters
+from lrm_train.train.config import RunConfig
+
+
+@dataclass
+class Components:
+    data: TokenData
+    model: nn.Module  # the unwrapped model (the engine's wrapper is ``engine.model``)
+    classes: dict[str, ParamClass]
+    optimizer: object  # whose ``param_groups`` the schedule drives
+    loader: BatchLoader
+    global_batch: int
+    num_params: int  # counted before the engine shards anything (ZeRO-3 frees the full tensors)
+    flops_per_token: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
+    """Rank 0 prepares (or finds) the data; every rank then opens the same folder, or raises rank 0's error."""
+    outcome: tuple[str, str] = ("ok", "")
+    if engine.is_main:
+        try:
+            outcome = ("ok", str(prepare(cfg.data)))
+        except (ValueError, OSError) as e:
+            outcome = ("error", str(e))
+    status, value = engine.all_gather_object(outcome)[0]
+    if status == "error":
+        raise ValueError(value)
+    data = TokenData(value, verify_checksums=cfg.data.verify_checksums)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size} tokens "
+            f"({data.tokenizer_path})"
+        )
+    # Both splits must hold a window of seq_len + 1 tokens: found here, not at the first evaluation.
+    validation_windows(data.splits["val"], cfg.data.seq_len, cfg.data.val_windows)
+    return data
+
+
+def build(cfg: RunConfig, engine: Engine) -> Components:
+    """Seed, then data -> model -> parameter classes -> optimizer -> engine -> loader (this order fixes the RNG use)."""
+    seed_everything(cfg.train.seed)
+    data = prepare_data(cfg, engine)
+    model = FalconH1LM(cfg.model, cfg.lrm).to(engine.device)
+    num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
+    classes = classify_parameters(model)
+    optimizer = engine.setup(model, build_optimizer(model, classes, cfg.optim, cfg.lrm), classes, cfg.train.clip_multipliers)
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * engine.world_size
+    loader = BatchLoader(
+        data.splits["train"],
+        cfg.data.seq_len,
+        global_batch,
+        engine.rank,
+        engine.world_size,
+        seed=cfg.train.seed,
+        prefetch=cfg.data.prefetch,
+    )
+    return Components(data, model, classes, optimizer, loader, global_batch, num_params, flops_per_token)

@@ -1,0 +1,60 @@
+"""Callbacks: everything the loop does besides taking steps, each cadence in its own small file.
+
+The loop (``train/loop.py``) calls, in list order:
+
+    setup(trainer)          once, after the components are built and before a checkpoint is loaded
+    on_start(trainer)       once, when the loop starts (after a resume)
+    on_step(trainer, step)  after every step; ``step.metrics`` collects what callbacks report for it
+    on_end(trainer)         once, when the loop ends (normally or not)
+
+A callback with state gives ``state_dict()``/``load_state_dict()``: it is saved in every checkpoint under the
+callback's ``name``. Add your own from the config without editing the loop:
+``+callbacks.<name>._target_=your.module.YourCallback`` (extra keys are passed to its constructor).
+"""
+
+from __future__ import annotations
+
+from hydra.utils import instantiate
+
+from lrm_train.train.callbacks.base import Callback, StepResult
+from lrm_train.train.callbacks.checkpointer import Checkpointer
+from lrm_train.train.callbacks.evaluator import Evaluator
+from lrm_train.train.callbacks.sinks import MetricSinks
+from lrm_train.train.callbacks.speed import SpeedMonitor
+from lrm_train.train.callbacks.trajectories import Trajectories
+from lrm_train.train.config import RunConfig
+
+__all__ = [
+    "Callback",
+    "Checkpointer",
+    "Evaluator",
+    "MetricSinks",
+    "SpeedMonitor",
+    "StepResult",
+    "Trajectories",
+    "build_callbacks",
+]
+
+
+def build_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The run's callbacks in calling order: reporters first, then the user's, then the sinks that write what they
+    reported, and the checkpointer last (so a checkpoint never holds a step whose metrics were not written)."""
+    t = cfg.train
+    user = []
+    for name, spec in cfg.callbacks.items():
+        try:
+            callback = instantiate(spec, _convert_="all")
+        except Exception as e:  # noqa: BLE001 - an import error, a wrong argument: the user's config either way
+            raise ValueError(f"callbacks.{name}: cannot build it ({str(e).strip().splitlines()[0]})") from None
+        if not isinstance(callback, Callback):
+            raise ValueError(f"callbacks.{name}: {spec.get('_target_')} is not a lrm_train Callback")
+        callback.name = name
+        user.append(callback)
+    return [
+        SpeedMonitor(t.log_every, cfg.logging.peak_tflops),
+        Trajectories(t.log_every, cfg.logging.trajectories, cfg.model.init_std, seed=t.seed),
+        Evaluator(t.eval_every, t.eval_batch_size),
+        *user,
+        MetricSinks(cfg.logging, cfg.experiment.name),
+        Checkpointer(t.ckpt_every, t.keep_last),
+    ]

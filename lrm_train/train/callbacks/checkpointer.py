@@ -1,0 +1,66 @@
+"""Checkpoints every ``ckpt_every`` steps (and at the end), keeping the newest ``keep_last``; resume; emergency saves.
+
+Saving is collective (every rank contributes its RNG state, ZeRO its shards); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lrm_train.train.callbacks.base import Callback, StepResult, due
+from lrm_train.train.checkpoint import (
+    checkpoint_root,
+    load_resumable,
+    newest_loadable,
+    prune_checkpoints,
+    save_checkpoint,
+)
+
+log = logging.getLogger("lrm_train")
+
+
+class Checkpointer(Callback):
+    name = "checkpointer"
+
+    def __init__(self, every: int, keep_last: int) -> None:
+        self.every, self.keep_last = every, keep_last
+        self.last: Path | None = None  # the newest checkpoint written or resumed from
+
+    def on_step(self, trainer, step: StepResult) -> None:
+        if due(step, self.every):
+            self.save(trainer)
+
+    def save(self, trainer, name: str | None = None) -> Path:
+        state = trainer.state_dict()
+        model_state = trainer.engine.model_state()
+        path = checkpoint_root(trainer.run_dir) / (name or f"step_{trainer.state.step:08d}")
+        if trainer.engine.is_main:
+            save_checkpoint(path, model_state, state, trainer.state.step)
+            if name is None:
+                prune_checkpoints(trainer.run_dir, self.keep_last)
+        trainer.engine.barrier()
+        self.last = path
+        return path
+
+    def save_emergency(self, trainer) -> Path:
+        """A checkpoint outside the regular series (``resume=auto`` never picks it): for inspection."""
+        return self.save(trainer, name=f"emergency_step_{trainer.state.step:08d}")
+
+    def resume(self, trainer, resume: str) -> None:
+        """Load ``resume`` (auto: the newest verifiable checkpoint of the run, if any; none; or a path)."""
+        if resume == "none":
+            return
+        if resume == "auto":
+            found = newest_loadable(trainer.run_dir)
+            if found is None:
+                return
+            path, model_state, state = found
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                raise ValueError(f"train.resume={resume}: no such checkpoint folder")
+            model_state, state = load_resumable(path)
+        trainer.load_state_dict(state, model_state, path)
+        self.last = path
+        log.info("resumed from %s at step %d", path, trainer.state.step)

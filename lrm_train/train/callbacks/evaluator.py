@@ -1,0 +1,48 @@
+"""Validation loss on the fixed validation windows every ``eval_every`` steps (and at the end).
+
+Downstream tasks plug in as further evaluator callbacks reporting ``eval/<task>/<metric>``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrm_train.data import validation_batches
+from lrm_train.nn import lm_loss
+from lrm_train.train.callbacks.base import Callback, StepResult, due
+
+
+class Evaluator(Callback):
+    name = "evaluator"
+
+    def __init__(self, every: int, batch_size: int) -> None:
+        self.every, self.batch_size = every, batch_size
+        self.last_loss: float | None = None  # of this process: a resumed run evaluates again at its end
+
+    def on_step(self, trainer, step: StepResult) -> None:
+        if due(step, self.every):
+            self.last_loss = step.metrics["val_loss"] = self.evaluate(trainer)
+
+    def on_end(self, trainer) -> None:
+        if self.last_loss is None and not trainer.failed:  # a finished run resumed: still report where it stands
+            self.last_loss = self.evaluate(trainer)
+
+    @torch.no_grad()
+    def evaluate(self, trainer) -> float:
+        cfg, engine = trainer.cfg, trainer.engine
+        total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        batches = validation_batches(
+            trainer.components.data.splits["val"],
+            cfg.data.seq_len,
+            cfg.data.val_windows,
+            self.batch_size,
+            engine.rank,
+            engine.world_size,
+        )
+        for x, y in batches:
+            with trainer.autocast():
+                logits = trainer.components.model(x.to(engine.device))
+            loss = lm_loss(logits, y.to(engine.device)).cross_entropy
+            total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=engine.device)])
+        total = engine.all_reduce_mean(total)
+        return float(total[0] / total[1])

@@ -1,0 +1,106 @@
+"""Where metrics go (rank 0 only): ``metrics.jsonl`` in the run dir, Weights & Biases, and a progress bar.
+
+``metrics.jsonl`` is strict JSON (a non-finite number is written as null) with one record per step: a resumed run
+first drops the records of steps after its checkpoint, which the interrupted process wrote and the resumed one will
+write again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lrm_train.train.callbacks.base import Callback, StepResult
+from lrm_train.train.config import LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _written_up_to(line: str, step: int) -> bool:
+    try:
+        return json.loads(line)["step"] <= step
+    except (json.JSONDecodeError, KeyError, TypeError):  # a record cut short when the process died
+        return False
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _written_up_to(line, step)]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+class MetricSinks(Callback):
+    name = "sinks"
+
+    def __init__(self, cfg: LoggingConfig, run_name: str) -> None:
+        self.cfg, self.run_name = cfg, run_name
+        self.jsonl = self.wandb_run = self.progress = None
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return None if self.wandb_run is None else str(Path(self.wandb_run.dir).parent)
+
+    def on_start(self, trainer) -> None:
+        if not trainer.engine.is_main:
+            return
+        run_dir = trainer.run_dir
+        _keep_records_up_to(run_dir / METRICS_FILE, trainer.state.step)
+        self.jsonl = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 - appended to for the whole run
+        if self.cfg.wandb.mode != "disabled":
+            import wandb
+
+            # One W&B run per run directory: a resumed run appends to it.
+            id_file = run_dir / "wandb_id.txt"
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:12])
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project=self.cfg.wandb.project,
+                entity=self.cfg.wandb.entity,
+                mode=self.cfg.wandb.mode,
+                dir=str(run_dir),
+                name=self.run_name,
+                id=id_file.read_text().strip(),
+                resume="allow",
+                config=trainer.config_dict(),
+            )
+        if self.cfg.progress:
+            self.progress = tqdm(
+                total=trainer.cfg.train.max_steps, initial=trainer.state.step, desc="train", dynamic_ncols=True
+            )
+
+    def on_step(self, trainer, step: StepResult) -> None:
+        if not trainer.engine.is_main:
+            return
+        if step.metrics:
+            record = {k: _finite_or_none(v) for k, v in step.metrics.items()}
+            self.jsonl.write(json.dumps({"step": step.step, **record}, allow_nan=False) + "\n")
+            self.jsonl.flush()
+            if self.wandb_run is not None:
+                self.wandb_run.log(step.metrics, step=step.step)
+        if self.progress is not None:
+            if "loss" in step.metrics:
+                tokens_per_s = step.metrics["tokens_per_s"]
+                self.progress.set_postfix(loss=f"{step.metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.progress.update(1)
+
+    def on_end(self, trainer) -> None:
+        for closeable in (self.jsonl, self.progress):
+            if closeable is not None:
+                closeable.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
