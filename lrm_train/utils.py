@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -17,9 +18,19 @@ from pathlib import Path
 _TMP = re.compile(r"^\.tmp-.+@(.+)-(\d+)-[0-9a-f]{8}$")
 
 
+# Failures of the disk rather than of the data: they become one line naming the destination, not a traceback.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+# Writers in Rust (safetensors) keep the OS error only in their message.
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``path`` only if the block completes.
+
+    Durable: every file and folder written is flushed to disk before the rename and the parent after it, so a crash
+    or power cut leaves either the previous ``path`` or the complete new one. A full disk, a read-only file system or
+    a permission error becomes one ``OSError`` line naming ``path`` (its ``errno`` kept).
 
     An interrupted writer leaves a ``.tmp-*`` directory behind, never something that looks like a finished ``path``;
     ``remove_stale_temporaries`` clears those at the next start.
@@ -27,17 +38,69 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    blocking_file = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking_file is not None:
+        raise _cannot_write(path, f"{blocking_file} is not a folder", errno.ENOTDIR)
     tmp = path.parent / f".tmp-{path.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with _naming_the_destination(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            yield tmp
+            _flush_tree(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            _flush(path.parent)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _flush(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flush_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder``, ``folder`` itself last."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _flush(Path(root) / name)
+        _flush(Path(root))
+
+
+def _cannot_write(path: Path, reason: str, error_number: int) -> OSError:
+    error = OSError(f"cannot write {path}: {reason}")
+    error.errno = error_number  # callers can still tell a full disk from a read-only one
+    return error
+
+
+def _disk_error_number(error: Exception, folder: Path) -> int | None:
+    """The errno of ``error`` when it is a failure of the disk, else None."""
+    if isinstance(error, OSError):
+        number = error.errno
+    elif match := _OS_ERROR_TEXT.search(str(error)):
+        number = int(match.group(1))
+    elif isinstance(error, RuntimeError) and os.statvfs(folder).f_bavail == 0:
+        number = errno.ENOSPC  # torch.save reports a full disk as a RuntimeError about stream positions
+    else:
+        return None
+    return number if number in _DISK_ERRORS else None
+
+
+@contextlib.contextmanager
+def _naming_the_destination(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        number = _disk_error_number(error, path.parent)
+        if number is None:
+            raise
+        raise _cannot_write(path, os.strerror(number), number) from None
 
 
 def check_replaceable(
