@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lrm_train.data.config import DataConfig
 
@@ -16,6 +21,9 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 RECORD_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + tuple(RECORD_BUILDERS)
+# How many skipped file names a warning spells out.
+_LISTED = 10
 
 
 @dataclass
@@ -35,12 +43,36 @@ def default_corpus_dir() -> Path:
 
 
 def _files(root: Path) -> list[Path]:
-    suffixes = TEXT_SUFFIXES + tuple(RECORD_BUILDERS)
+    """The corpus files of ``root`` (a file, or a folder searched recursively; hidden files and folders left out)."""
     if root.is_file():
-        if root.suffix not in suffixes:
-            raise ValueError(f"data.source: {root} has an unsupported suffix (expected one of {', '.join(suffixes)})")
+        if root.suffix not in SUPPORTED_SUFFIXES:
+            raise ValueError(
+                f"data.source: {root} has an unsupported suffix (expected one of {', '.join(SUPPORTED_SUFFIXES)})"
+            )
         return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    found, skipped = [], []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in names:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.is_file():
+                (found if path.suffix in SUPPORTED_SUFFIXES else skipped).append(path)
+    supported = ", ".join(SUPPORTED_SUFFIXES)
+    if not found:
+        others = f"; {len(skipped)} other file{'s' if len(skipped) != 1 else ''} skipped" if skipped else ""
+        raise ValueError(f"data.source: {root} has no files of a supported type ({supported}){others}")
+    if skipped:
+        names = sorted(str(path.relative_to(root)) for path in skipped)
+        more = f", ... ({len(names) - _LISTED} more)" if len(names) > _LISTED else ""
+        log.warning(
+            "data.source: skipped %d files of unsupported type in %s: %s%s (supported: %s)",
+            len(names),
+            root,
+            ", ".join(names[:_LISTED]),
+            more,
+            supported,
+        )
+    return sorted(found)
 
 
 def _read_text(path: Path, invalid: dict[str, int]) -> str:
@@ -54,6 +86,100 @@ def _read_text(path: Path, invalid: dict[str, int]) -> str:
         return text
 
 
+def _json_kind(value: object) -> str:
+    kinds = {type(None): "null", bool: "a boolean", int: "an int", float: "a float", str: "a string", list: "a list"}
+    return kinds.get(type(value), "an object")
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each record of a JSON Lines file, or of a ``.json`` file holding one array of records."""
+    with open(path, "rb") as f:
+        is_array = path.suffix == ".json" and f.read(4096).lstrip().startswith(b"[")
+    if is_array:
+        try:
+            records = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not valid UTF-8 (the file must be UTF-8)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        yield from ((f"record {number}", record) for number, record in enumerate(records, 1))
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}: line {number}: not valid UTF-8 (the file must be UTF-8)") from None
+            if not text.strip():
+                continue
+            try:
+                yield f"line {number}", json.loads(text.rstrip())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _record_problem(record: object, text_field: str) -> str | None:
+    if not isinstance(record, dict):
+        return f"a JSON object is expected, found {_json_kind(record)}"
+    if text_field not in record:
+        return f"no {text_field!r} field"
+    if not isinstance(record[text_field], str):
+        return f"{text_field!r} is {_json_kind(record[text_field])}, not a string"
+    return None
+
+
+def _json_documents(files: list[str], text_field: str, fingerprint: str) -> Iterator[dict[str, str]]:
+    """The documents of JSON files, checked record by record. ``fingerprint`` only keys datasets' cache."""
+    for name in files:
+        path, records = Path(name), 0
+        for where, record in _json_records(path):
+            problem = _record_problem(record, text_field)
+            if problem:
+                raise ValueError(f"{path}: {where}: {problem}")
+            records += 1
+            yield {"text": record[text_field]}
+        if not records:
+            raise ValueError(f"{path}: empty (no JSON records)")
+
+
+def _json_dataset(files: list[Path], text_field: str, fingerprint: str) -> datasets.Dataset:
+    try:
+        return datasets.Dataset.from_generator(
+            _json_documents,
+            features=datasets.Features({"text": datasets.Value("string")}),
+            gen_kwargs={"files": [str(f) for f in files], "text_field": text_field, "fingerprint": fingerprint},
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, ValueError):  # our own complaint about a record, wrapped by datasets
+            raise e.__cause__ from None
+        raise
+
+
+def _arrow_schema(path: Path) -> pa.Schema:
+    with pa.OSFile(str(path)) as f:  # datasets reads the stream format first, then the file format
+        try:
+            return pa.ipc.open_stream(f).schema
+        except pa.ArrowInvalid:
+            f.seek(0)
+            return pa.ipc.open_file(f).schema
+
+
+def _check_table_file(path: Path, text_field: str) -> None:
+    """A Parquet or Arrow file must be readable and hold ``text_field`` as strings (checked from its schema)."""
+    kind = "Parquet" if path.suffix == ".parquet" else "Arrow"
+    try:
+        schema = pq.read_schema(path) if kind == "Parquet" else _arrow_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: not a readable {kind} file ({e})") from None
+    if text_field not in schema.names:
+        raise ValueError(
+            f"data.text_field={text_field!r} is not a column of {path} (columns: {', '.join(schema.names)})"
+        )
+    column_type = schema.field(text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise ValueError(f"{path}: column {text_field!r} holds {column_type}, not strings")
+
+
 def _text_column(records: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
     if text_field not in records.column_names:
         raise ValueError(
@@ -63,11 +189,13 @@ def _text_column(records: datasets.Dataset, text_field: str, where: str) -> data
     return records if text_field == "text" else records.rename_column(text_field, "text")
 
 
-def _records(builder: str, files: list[Path], text_field: str) -> datasets.Dataset:
+def _records(builder: str, files: list[Path], text_field: str, fingerprint: str) -> datasets.Dataset:
+    if builder == "json":
+        return _json_dataset(files, text_field, fingerprint)
+    for f in files:
+        _check_table_file(f, text_field)
     records = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    return _text_column(
-        records, text_field, str(files[0]) if len(files) == 1 else f"{files[0].parent}/*{files[0].suffix}"
-    )
+    return _text_column(records, text_field, f"{files[0].parent}/*{files[0].suffix}")
 
 
 def _local(root: Path, cfg: DataConfig) -> Corpus:
@@ -86,15 +214,15 @@ def _local(root: Path, cfg: DataConfig) -> Corpus:
     for builder in sorted(set(RECORD_BUILDERS.values())):
         group = [f for f in files if RECORD_BUILDERS.get(f.suffix) == builder]
         if group:
-            parts.append(_records(builder, group, cfg.text_field))
-    documents = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict({"text": []})
+            parts.append(_records(builder, group, cfg.text_field, fingerprint.hexdigest()))
+    documents = datasets.concatenate_datasets(parts)
     return Corpus(documents, f"local:{root.resolve()} ({len(files)} files)", fingerprint.hexdigest(), invalid)
 
 
 def _hub(name: str, cfg: DataConfig) -> Corpus:
     try:
         records = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split)
-    except Exception as e:  # offline mode, unknown name, missing config: all end the same way
+    except Exception as e:  # noqa: BLE001 - offline mode, unknown name, missing config: all end the same way
         raise ValueError(f"data.source=hf:{name}: cannot load it with datasets ({type(e).__name__}: {e})") from None
     documents = _text_column(records, cfg.text_field, f"hf:{name}")
     return Corpus(documents, f"hf:{name}/{cfg.hf_config}/{cfg.hf_split}", records._fingerprint)

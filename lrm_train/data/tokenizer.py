@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -34,7 +34,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise FileNotFoundError(f"data.tokenizer: {path} does not exist")
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for malformed files
         raise ValueError(f"data.tokenizer: {path} is not a valid tokenizer.json ({e})") from None
 
 

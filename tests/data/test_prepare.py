@@ -99,7 +99,7 @@ def test_invalid_utf8_is_replaced_counted_and_warned(small_cfg, corpus_dir, capl
     with caplog.at_level(logging.WARNING):
         out = prepare(small_cfg)
     counts = json.loads((out / "manifest.json").read_text())["invalid_utf8"]
-    assert list(counts.values()) == [3] and list(counts)[0].endswith("broken.txt")
+    assert list(counts.values()) == [3] and next(iter(counts)).endswith("broken.txt")
     assert "broken.txt: invalid UTF-8" in caplog.text
 
 
