@@ -1,5 +1,5 @@
-"""Interop with Hugging Face transformers' FalconH1 (export with multipliers folded, import with any placement)."""
+"""Interop with Hugging Face transformers (export with multipliers folded, import with any placement)."""
 
-from lrm_train.hf.convert import config_from_hf, export_hf, hf_config, hf_state_dict, import_hf
+from lrm_train.hf.convert import export_hf, import_hf
 
-__all__ = ["config_from_hf", "export_hf", "hf_config", "hf_state_dict", "import_hf"]
+__all__ = ["export_hf", "import_hf"]

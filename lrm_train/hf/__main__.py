@@ -20,7 +20,7 @@ from lrm_train.train.checkpoint import model_from_checkpoint
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lrm_train.hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    imp = commands.add_parser("import", help="Hugging Face Falcon-H1 folder -> lrm_train model folder")
+    imp = commands.add_parser("import", help="Hugging Face folder -> lrm_train model folder")
     imp.add_argument("hf_dir")
     imp.add_argument("out_dir")
     imp.add_argument("--placement", choices=PLACEMENTS, default="full")

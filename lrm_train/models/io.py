@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from lrm_train.models.config import FalconH1Config
 from lrm_train.models.falcon_h1 import FalconH1LM
@@ -84,7 +85,7 @@ def read_safetensors(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_state_strict(model: FalconH1LM, state: dict, source: Path) -> None:
+def load_state_strict(model: nn.Module, state: dict, source: Path) -> None:
     """Load ``state`` into ``model``, naming the first missing, unexpected or mis-shaped tensor."""
     expected = model.state_dict()
     for key, tensor in expected.items():

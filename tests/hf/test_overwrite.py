@@ -5,21 +5,12 @@ import torch
 
 from lrm_train.hf import export_hf
 from lrm_train.hf.__main__ import main as hf_cli
-from lrm_train.models import FalconH1Config, FalconH1LM
 from lrm_train.models.io import load_model, save_model
-from lrm_train.nn import LRMConfig
-
-# fmt: off
-SMALL = dict(
-    vocab_size=97, hidden_size=32, num_hidden_layers=1, intermediate_size=48, num_attention_heads=4,
-    num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=8,
-)
-# fmt: on
 
 
 @pytest.fixture
-def model_dir(tmp_path):
-    return save_model(FalconH1LM(FalconH1Config(**SMALL), LRMConfig("full")), tmp_path / "model")
+def model_dir(tmp_path, small_model):
+    return save_model(small_model, tmp_path / "model")
 
 
 def refused(capsys, argv, culprit):
@@ -43,10 +34,10 @@ def test_export_overwrite_never_deletes_the_current_directory(model_dir, tmp_pat
     assert work.is_dir()
 
 
-def test_export_overwrite_never_deletes_its_source_or_a_folder_holding_it(model_dir, capsys):
+def test_export_overwrite_never_deletes_its_source_or_a_folder_holding_it(model_dir, small_model, capsys):
     refused(capsys, ["export", str(model_dir), str(model_dir), "--overwrite"], str(model_dir))
     refused(capsys, ["export", str(model_dir), str(model_dir.parent), "--overwrite"], str(model_dir.parent))
-    assert load_model(model_dir).cfg == FalconH1Config(**SMALL)
+    assert load_model(model_dir).cfg == small_model.cfg
 
 
 def test_import_overwrite_never_deletes_its_source(model_dir, tmp_path, capsys):
@@ -96,8 +87,8 @@ def test_export_into_an_existing_empty_folder_needs_no_overwrite(model_dir, tmp_
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_export_hf_api_follows_the_same_rules(tmp_path):
-    model = FalconH1LM(FalconH1Config(**SMALL))
+def test_export_hf_api_follows_the_same_rules(tmp_path, small_model):
+    model = small_model
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "data.bin").write_bytes(b"\1")
     with pytest.raises(FileExistsError, match="data.bin"):
