@@ -15,7 +15,6 @@ and ``resume=auto`` skips a newest checkpoint that fails verification for the pr
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pickle
@@ -24,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -150,14 +150,21 @@ def check_resumable(saved: dict, this: dict, path: Path) -> None:
         )
 
 
-def run_section(model_config, lrm, optimizer: str, global_batch: int, config_yaml: str) -> dict:
-    """The ``run`` entry: what the checkpoint was trained as (checked on resume, used to rebuild the model)."""
+def run_section(cfg, global_batch: int) -> dict:
+    """The ``run`` entry: what the checkpoint was trained as (checked on resume, used to rebuild the model).
+
+    Plain data only (enums as their strings): ``state.pt`` is read with ``weights_only=True``.
+    """
+
+    def plain(node) -> dict:
+        return OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True)
+
     return {
-        "model_config": dataclasses.asdict(model_config),
-        "lrm": dataclasses.asdict(lrm),
-        "optimizer": optimizer,
+        "model_config": plain(cfg.model),
+        "lrm": plain(cfg.lrm),
+        "optimizer": plain(cfg.optim)["name"],
         "global_batch": global_batch,
-        "config": config_yaml,
+        "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
     }
 
 

@@ -126,9 +126,7 @@ class Trainer:
         }
 
     def run_section(self) -> dict:
-        cfg = self.cfg
-        config_yaml = OmegaConf.to_yaml(self.config_dict())
-        return run_section(cfg.model, cfg.lrm, cfg.optim.name, self.components.global_batch, config_yaml)
+        return run_section(self.cfg, self.components.global_batch)
 
     def load_state_dict(self, state: dict, model_state: dict, path: Path) -> None:
         c = self.components

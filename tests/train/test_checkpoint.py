@@ -1,10 +1,12 @@
 import hashlib
+import io
 import json
 import os
 import pickle
 
 import pytest
 import torch
+from safetensors.torch import load_file, save
 
 from lrm_train.train import train
 from lrm_train.train.checkpoint import join_tensors, load_checkpoint, save_checkpoint, split_tensors
@@ -83,3 +85,40 @@ def test_a_training_checkpoint_exports_to_transformers(checkpoint, tmp_path):
     with torch.no_grad():
         expected = ours(ids)
         assert ((theirs(ids).logits - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def _rewrite(checkpoint, name, data: bytes) -> None:
+    """Replace a file and its checksum, as a tool of another version (or a bug) would write it."""
+    (checkpoint / name).write_bytes(data)
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    manifest["files"][name] = hashlib.sha256(data).hexdigest()
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "state,message",
+    [
+        ({"step": 4, "model_config": {}}, "no format version \\(written by an older lrm_train\\)"),
+        ({"format": "lrm_train.checkpoint/1"}, "format 'lrm_train.checkpoint/1'; this lrm_train reads"),
+        ({"format": "lrm_train.checkpoint/2", "run": {}}, "state.pt lacks trainer, optimizer, loader"),
+        ([1, 2, 3], "no format version"),
+    ],
+)
+def test_a_checkpoint_of_another_format_or_structure_is_one_line(data_root, tmp_path, checkpoint, state, message):
+    _rewrite(checkpoint, "state.pt", _torch_bytes(state))
+    with pytest.raises(ValueError, match=f"checkpoint {checkpoint}: {message}"):
+        train(run_config(data_root, tmp_path / "other", **{"train.resume": str(checkpoint)}))
+
+
+def test_weights_that_do_not_fit_the_model_are_one_line(data_root, tmp_path, checkpoint):
+    weights = load_file(checkpoint / "model.safetensors")
+    weights.pop("lm_head.weight")
+    _rewrite(checkpoint, "model.safetensors", save(weights))
+    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint}: its weights do not fit this model \(.*lm_head.weight"):
+        train(run_config(data_root, tmp_path / "other", **{"train.resume": str(checkpoint)}))

@@ -1,5 +1,7 @@
 """Exact resume: 2N steps in one run equal N steps, a stop, and N resumed steps, bit for bit (CPU, float32)."""
 
+import json
+
 import pytest
 
 from lrm_train.train import train
@@ -79,3 +81,37 @@ def test_resume_on_another_world_size(data_root, tmp_path):
         assert sorted(got) == list(range(1, 9))
         for step in range(1, 9):  # summation order differs across world sizes: equal up to rounding
             assert got[step] == pytest.approx(reference[step], rel=1e-5), (run, step)
+
+
+def _steps(run_dir) -> list[int]:
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def test_a_resumed_run_writes_each_step_once(data_root, tmp_path):
+    # Steps 5 and 6 are logged but never checkpointed (ckpt_every=4): the resumed run redoes them.
+    train(run_config(data_root, tmp_path, **{"train.stop_at_step": 6}))
+    assert _steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+    train(run_config(data_root, tmp_path))
+    assert _steps(tmp_path) == list(range(1, 9))
+
+
+def test_resume_auto_skips_a_newest_checkpoint_that_fails_verification(data_root, tmp_path):
+    reference = losses(train(run_config(data_root, tmp_path / "ref")).run_dir)
+    train(run_config(data_root, tmp_path / "run", **{"train.stop_at_step": 6, "train.ckpt_every": 2}))
+    newest = complete_checkpoints(tmp_path / "run")[-1]
+    assert newest.name == "step_00000006"
+    (newest / "tensors.safetensors").write_bytes(b"torn")
+    train(run_config(data_root, tmp_path / "run"))
+    log = (tmp_path / "run" / "train_rank0.log").read_text()
+    assert f"skipping {newest}: checkpoint {newest}: tensors.safetensors does not match its checksum" in log
+    assert f"resumed from {newest.parent / 'step_00000004'} at step 4" in log
+    assert losses(tmp_path / "run") == reference
+
+
+def test_a_refused_resume_leaves_the_run_config_alone(data_root, tmp_path):
+    train(run_config(data_root, tmp_path, **{"train.max_steps": 4}))
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="trained with optim=adamw, this run has optim=muon"):
+        train(run_config(data_root, tmp_path, **{"train.max_steps": 6, "optim.name": "muon"}))
+    assert (tmp_path / "config.yaml").read_text() == saved
