@@ -6,9 +6,15 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+# Runs of non-space (or of space) characters longer than this are cut into pieces of this length before the
+# byte-level split. BPE training rescans a whole "word" for every merge, so a single 5 MB word without whitespace
+# (minified code, base64, a DNA string) took hours; no useful token is this long, and shorter runs are untouched.
+MAX_RUN_CHARS = 64
+# MAX_RUN_CHARS characters that more of the same kind follow: cut off as a pre-token of their own.
+_LONG_RUN_PIECE = rf"\S{{{MAX_RUN_CHARS}}}(?=\S)|\s{{{MAX_RUN_CHARS}}}(?=\s)"
 # How other tokenizers name their end-of-document token, most common first.
 EOS_CANDIDATES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
@@ -16,7 +22,12 @@ EOS_CANDIDATES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> Tokenizer:
     """Byte-level BPE (no unknown tokens, exact round trip) with PAD, BOS and EOS as ids 0, 1, 2."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_LONG_RUN_PIECE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
