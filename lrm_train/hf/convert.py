@@ -14,7 +14,7 @@ from torch import nn
 
 from lrm_train.models import hf_mapping
 from lrm_train.models.hf_mapping import HFMapping
-from lrm_train.models.io import load_state_strict, read_json, read_safetensors, write_weights_folder
+from lrm_train.models.io import check_tensors, load_state_strict, read_json, read_safetensors, write_weights_folder
 from lrm_train.nn import MULTIPLIER_NAMES, LRMConfig
 
 
@@ -26,10 +26,19 @@ def _mapping_of_model(model: nn.Module) -> HFMapping:
 
 
 def _mapping_of_config(config: dict, source: Path) -> HFMapping:
-    for mapping in hf_mapping.HF_MAPPINGS:
-        if config.get("model_type") == mapping.MODEL_TYPE:
-            return mapping
-    raise ValueError(f"{source}: model_type={config.get('model_type')!r} is not one lrm_train imports")
+    if "model_type" not in config:
+        raise ValueError(f"{source}: model_type is missing")
+    known = {mapping.MODEL_TYPE: mapping for mapping in hf_mapping.HF_MAPPINGS}
+    mapping = known.get(config["model_type"])
+    if mapping is None:
+        raise ValueError(
+            f"{source}: model_type={config['model_type']!r} is not one lrm_train imports ({', '.join(known)})"
+        )
+    # Same model type, other head (e.g. the base model without its LM head): other tensors.
+    architectures = config.get("architectures") or [mapping.ARCHITECTURE]
+    if architectures != [mapping.ARCHITECTURE]:
+        raise ValueError(f"{source}: architectures={architectures!r}, expected [{mapping.ARCHITECTURE!r}]")
+    return mapping
 
 
 def export_hf(
@@ -48,20 +57,31 @@ def export_hf(
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(read_json(index)["weight_map"].values()))
-        return {k: v for f in files for k, v in read_safetensors(path / f).items()}
-    return read_safetensors(path / "model.safetensors")
+    if not index.exists():
+        return read_safetensors(path / "model.safetensors")
+    files = read_json(index).get("weight_map")
+    if isinstance(files, dict):
+        return {k: v for file in sorted(set(files.values())) for k, v in read_safetensors(path / file).items()}
+    raise ValueError(f"{index}: no weight_map")
 
 
-def import_hf(path: str | Path, lrm: LRMConfig | None = None) -> nn.Module:
-    """Build our model from a Hugging Face folder, with any LRM placement, computing the same logits."""
+def import_hf(path: str | Path, lrm: LRMConfig | str | None = None) -> nn.Module:
+    """Build our model from a Hugging Face folder, with any LRM placement, computing the same logits.
+
+    ``lrm``: an ``LRMConfig`` or a placement name. A folder that does not hold exactly the tensors of its config
+    (or of another architecture) is refused with one ValueError line naming it and the first culprit.
+    """
     path = Path(path)
+    lrm = LRMConfig(placement=lrm) if isinstance(lrm, str) else lrm
     config_path = path / "config.json"
     config = read_json(config_path)
     mapping = _mapping_of_config(config, config_path)
-    model = mapping.MODEL_CLASS(mapping.from_hf_config(config, config_path), lrm)
-    state = mapping.from_hf_state({k: v.float() for k, v in _read_hf_weights(path).items()}, model)
+    cfg = mapping.from_hf_config(config, config_path)
+    tensors = _read_hf_weights(path)
+    with torch.device("meta"):  # names and shapes only: costs no memory
+        check_tensors(tensors, mapping.to_hf_state(mapping.MODEL_CLASS(cfg, LRMConfig("none"))), path)
+    model = mapping.MODEL_CLASS(cfg, lrm)
+    state = mapping.from_hf_state({k: v.float() for k, v in tensors.items()}, model)
     # The learnable multipliers are not in the file: they keep the values they were initialized with.
     for name, tensor in model.state_dict().items():
         if name.rsplit(".", 1)[-1] in MULTIPLIER_NAMES:

@@ -38,6 +38,8 @@ _REQUIRED = {
     "mamba_proj_bias": False,
     "mamba_conv_bias": True,
 }
+# Fields a config.json may leave out: transformers' default for them is what we derive. Every other field is needed.
+_OPTIONAL_FIELDS = ("mamba_d_head", "ssm_multipliers", "mlp_multipliers")
 # The Mamba in_proj is one matrix in Hugging Face's model and five (one per role) in ours, in this order.
 _SECTIONS = ("z", "x", "B", "C", "dt")
 
@@ -52,6 +54,7 @@ def to_hf_config(cfg: FalconH1Config) -> dict:
     config.update(
         head_dim=cfg.attention_head_dim,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta,  # where transformers before 5.0 reads it
         initializer_range=cfg.init_std,
     )
     return config
@@ -66,6 +69,9 @@ def _is_default_dt_limit(limit) -> bool:
 
 
 def from_hf_config(config: dict, source: Path) -> FalconH1Config:
+    missing = next((name for name in _SHARED_FIELDS if name not in config and name not in _OPTIONAL_FIELDS), None)
+    if missing:
+        raise ValueError(f"{source}: {missing} is missing")
     for key, value in _REQUIRED.items():
         if config.get(key, value) != value:
             raise ValueError(f"{source}: {key}={config[key]!r} is not supported (only {value!r})")

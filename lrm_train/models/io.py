@@ -68,36 +68,45 @@ def save_model(
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from a file; one ValueError line naming the file when it is missing or is not one."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(value, dict):
+        return value
+    raise ValueError(f"{path}: not a JSON object")
 
 
-def read_safetensors(path: Path) -> dict:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
+        raise ValueError(f"{path}: no such file") from None
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_state_strict(model: nn.Module, state: dict, source: Path) -> None:
-    """Load ``state`` into ``model``, naming the first missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
+def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path) -> None:
+    """One ValueError naming ``source`` and the first missing, mis-shaped or unexpected tensor of ``found``."""
     for key, tensor in expected.items():
-        if key not in state:
+        if key not in found:
             raise ValueError(f"{source}: tensor {key!r} is missing")
-        if state[key].shape != tensor.shape:
+        if found[key].shape != tensor.shape:
             raise ValueError(
-                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}"
+                f"{source}: tensor {key!r} has shape {tuple(found[key].shape)}, expected {tuple(tensor.shape)}"
             )
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(found) - set(expected))
     if unexpected:
         raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load ``state`` into ``model``, naming the first missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    check_tensors(state, expected, source)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
@@ -108,6 +117,9 @@ def load_model(model_dir: str | Path) -> FalconH1LM:
         raise ValueError(
             f"{model_dir / 'config.json'}: not an lrm_train model folder (format={config.get('format')!r})"
         )
-    model = FalconH1LM(FalconH1Config(**config["model"]), LRMConfig(**config["lrm"]))
+    try:
+        model = FalconH1LM(FalconH1Config(**config["model"]), LRMConfig(**config["lrm"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{model_dir / 'config.json'}: not a model this version builds ({e})") from None
     load_state_strict(model, read_safetensors(model_dir / "model.safetensors"), model_dir / "model.safetensors")
     return model
