@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,7 @@ import pytest
 from lrm_train.optim import ParamClass
 from lrm_train.train import loop, open_trainer, train
 from lrm_train.train.__main__ import main
-from lrm_train.train.callbacks import Trajectories
+from lrm_train.train.callbacks import Callback, Trajectories
 from runs import as_args, cli, overrides, run_config
 
 
@@ -129,3 +130,105 @@ def test_the_parameter_class_table_is_logged(data_root, tmp_path):
     assert "parameter classes (what the optimizer holds)" in log_text
     assert any(line.startswith("matrix") and "muon" in line for line in log_text.splitlines())
     assert any(line.startswith("multiplier") and "adamw" in line and "0.002" in line for line in log_text.splitlines())
+
+
+def _strict_records(path) -> list[dict]:
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in metrics.jsonl")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_non_finite_loss_is_written_as_null(data_root, tmp_path, monkeypatch):
+    real = loop.lm_loss
+
+    def nan_at_third(logits, targets, z_loss_weight=0.0):
+        nan_at_third.calls += 1
+        out = real(logits, targets, z_loss_weight)
+        return out._replace(cross_entropy=out.cross_entropy * float("nan")) if nan_at_third.calls == 3 else out
+
+    nan_at_third.calls = 0
+    monkeypatch.setattr(loop, "lm_loss", nan_at_third)
+    result = train(run_config(data_root, tmp_path, **{"train.max_steps": 4, "train.eval_every": 100}))
+    records = _strict_records(result.metrics_file)
+    assert records[2]["step"] == 3 and records[2]["loss"] is None and records[2]["skipped_steps"] == 1
+    assert records[3]["loss"] is not None and records[3]["skipped_steps"] == 1
+
+
+def test_a_sequence_longer_than_the_validation_split_fails_before_step_one(data_root, tmp_path, capsys):
+    from lrm_train.data import TokenData
+
+    prepared = next(p for p in Path(data_root).iterdir() if (p / "manifest.json").exists())
+    val_tokens = TokenData(prepared).splits["val"].num_tokens  # a window needs seq_len + 1 tokens
+    args = as_args(overrides(data_root, tmp_path, **{"data.seq_len": val_tokens}))
+    assert main(args) == 2
+    assert f"data.seq_len={val_tokens} is longer than the validation split" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_ctrl_c_exits_130_and_says_what_was_kept(data_root, tmp_path, monkeypatch, capsys):
+    real_step = loop.Trainer.train_step
+
+    def interrupted_after_six(self):
+        if self.state.step == 6:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", interrupted_after_six)
+    assert main(as_args(overrides(data_root, tmp_path))) == 130
+    kept = tmp_path / "checkpoints" / "step_00000004"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: interrupted at step 6; kept the checkpoint {kept} (run the same command to resume from it)"
+    )
+
+
+class StepCounter(Callback):
+    """A user callback: counts applied steps, reports them, and keeps its count across resume."""
+
+    def __init__(self, report_as: str) -> None:
+        self.report_as, self.count = report_as, 0
+
+    def on_step(self, trainer, step) -> None:
+        self.count += step.applied
+        step.metrics[self.report_as] = self.count
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
+def test_a_callback_from_the_config_reports_and_resumes(data_root, tmp_path):
+    user = {"+callbacks.counter._target_": "test_loop.StepCounter", "+callbacks.counter.report_as": "applied"}
+    train(run_config(data_root, tmp_path, **user, **{"train.stop_at_step": 4}))
+    result = train(run_config(data_root, tmp_path, **user))
+    assert [r["applied"] for r in _strict_records(result.metrics_file)] == list(range(1, 9))
+    with pytest.raises(ValueError, match="callbacks.bad: cannot build it"):
+        train(run_config(data_root, tmp_path / "bad", **{"+callbacks.bad._target_": "no.such.Callback"}))
+
+
+def test_the_batch_ramp_grows_the_batch_and_the_learning_rate_inside_the_loop(data_root, tmp_path):
+    from lrm_train.optim import batch_fraction, lr_factor
+
+    ramp = {"train.grad_accum": 4, "train.micro_batch_size": 2, "schedule.batch_ramp_steps": 4, "train.max_steps": 6}
+    cfg = run_config(data_root, tmp_path, **ramp)
+    records = _strict_records(train(cfg).metrics_file)
+    micro_batches = [1, 2, 3, 4, 4, 4]  # ceil(4 x (0.25 + 0.75 step / 4))
+    assert [math.ceil(4 * batch_fraction(cfg.schedule, s)) for s in range(6)] == micro_batches
+    tokens = [m * 2 * 32 for m in micro_batches]
+    assert [r["tokens_seen"] for r in records] == [sum(tokens[: i + 1]) for i in range(6)]
+    for step, (record, used) in enumerate(zip(records, micro_batches)):
+        assert record["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.schedule, step, 6, used / 4))
+
+
+def test_zero3_counts_parameters_and_flops_of_the_whole_model(data_root, tmp_path):
+    def model_line(run_dir) -> str:
+        return next(line for line in (run_dir / "train_rank0.log").read_text().splitlines() if "FLOPs/token" in line)
+
+    train(run_config(data_root, tmp_path / "single", **{"train.max_steps": 2}))
+    zero3 = cli(as_args(overrides(data_root, tmp_path / "zero3", **{"train.max_steps": 2, "dist.name": "zero3"})), nproc=1)
+    assert zero3.returncode == 0, zero3.stderr[-2000:]
+    line = model_line(tmp_path / "zero3").split("INFO ", 1)[1]
+    assert line == model_line(tmp_path / "single").split("INFO ", 1)[1]
+    assert line.startswith("model: 61,329 parameters")
