@@ -10,20 +10,33 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench clean lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every dependency to the versions CI last tested, so a fresh clone next month installs the
+# same DeepSpeed, transformers, ...; `make lock` refreshes it on purpose.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PIN) numpy
+	$(PY) -m pip install --quiet -c constraints.txt $(TORCH_PIN) numpy
 	# DS_BUILD_OPS=0: DeepSpeed installs as pure Python, no CUDA/C++ build.
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
+
+# Resolve the newest versions pyproject.toml allows in a scratch venv, run nothing, and pin them in constraints.txt
+# (torch without its +cpu tag, so a GPU machine gets the CUDA build of the same version). Then run `make test`.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet $(TORCH_PIN) numpy
+	DS_BUILD_OPS=0 .venv-lock/bin/pip install --quiet -e '.[test]'
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^#' | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/' > constraints.txt
+	rm -rf .venv-lock
 
 bench: $(STAMP)
 	$(PY) scripts/bench_model.py
