@@ -63,7 +63,8 @@ def main() -> int:
     print(f"{'stage':<46}{'tokens/s':>14}")
     print(f"{'prepare (BPE training + tokenize + write)':<46}{tokens / prepare_seconds:>14,.0f}")
     print(f"{'  tokenize + write only (num_proc=2)':<46}{tokens / manifest['tokenize_seconds']:>14,.0f}")
-    print(f"{'loader (batch %d x %d, prefetch)' % (args.batch, args.seq_len):<46}{loader_rate:>14,.0f}")
+    loader_stage = f"loader (batch {args.batch} x {args.seq_len}, prefetch)"
+    print(f"{loader_stage:<46}{loader_rate:>14,.0f}")
     print(f"{'tiny model training step (fwd+bwd+AdamW)':<46}{train_rate:>14,.0f}")
     print(f"loader / training = {loader_rate / train_rate:,.0f}x (target: >= 10x)")
     return 0

@@ -1,11 +1,11 @@
 """The training loop: it takes steps and calls the callbacks; everything else is a component or a callback.
 
-    cfg = compose(overrides)                        # train/config.py: the one config path
-    engine = build_engine(cfg.dist)                 # distributed/: single, DDP, ZeRO
-    run_dir = RunDirectory(...)                     # train/run_dir.py: created, locked, logged into
-    components = build(cfg, engine)                 # train/build.py: data, model, classes, optimizer, loader
-    callbacks = build_callbacks(cfg)                # train/callbacks/: speed, trajectories, eval, sinks, checkpoints
-    Trainer(...).fit()                              # steps + hooks
+cfg = compose(overrides)                        # train/config.py: the one config path
+engine = build_engine(cfg.dist)                 # distributed/: single, DDP, ZeRO
+run_dir = RunDirectory(...)                     # train/run_dir.py: created, locked, logged into
+components = build(cfg, engine)                 # train/build.py: data, model, classes, optimizer, loader
+callbacks = build_callbacks(cfg)                # train/callbacks/: speed, trajectories, eval, sinks, checkpoints
+Trainer(...).fit()                              # steps + hooks
 """
 
 from __future__ import annotations
@@ -102,7 +102,9 @@ class Trainer:
         self.state = TrainState()
         self.failed = False
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and engine.device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(engine.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.autocast = (
+            (lambda: torch.autocast(engine.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        )
         for callback in callbacks:
             callback.setup(self)
         self.checkpointer.resume(self, cfg.train.resume)
@@ -205,7 +207,11 @@ class Trainer:
             kept = self.checkpointer.last
             raise Interrupted(
                 f"interrupted at step {self.state.step}; "
-                + (f"kept the checkpoint {kept} (run the same command to resume from it)" if kept else "no checkpoint was written yet")
+                + (
+                    f"kept the checkpoint {kept} (run the same command to resume from it)"
+                    if kept
+                    else "no checkpoint was written yet"
+                )
             ) from None
         except BaseException:
             self.failed = True

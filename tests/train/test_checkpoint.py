@@ -6,11 +6,11 @@ import pickle
 
 import pytest
 import torch
+from runs import run_config
 from safetensors.torch import load_file, save
 
 from lrm_train.train import train
 from lrm_train.train.checkpoint import join_tensors, load_checkpoint, save_checkpoint, split_tensors
-from runs import run_config
 
 
 def test_tensors_and_plain_data_round_trip(tmp_path):
@@ -120,5 +120,7 @@ def test_weights_that_do_not_fit_the_model_are_one_line(data_root, tmp_path, che
     weights = load_file(checkpoint / "model.safetensors")
     weights.pop("lm_head.weight")
     _rewrite(checkpoint, "model.safetensors", save(weights))
-    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint}: its weights do not fit this model \(.*lm_head.weight"):
+    with pytest.raises(
+        ValueError, match=rf"checkpoint {checkpoint}: its weights do not fit this model \(.*lm_head.weight"
+    ):
         train(run_config(data_root, tmp_path / "other", **{"train.resume": str(checkpoint)}))

@@ -3,12 +3,12 @@ import math
 from pathlib import Path
 
 import pytest
+from runs import as_args, cli, overrides, run_config
 
 from lrm_train.optim import ParamClass
 from lrm_train.train import loop, open_trainer, train
 from lrm_train.train.__main__ import main
 from lrm_train.train.callbacks import Callback, Trajectories
-from runs import as_args, cli, overrides, run_config
 
 
 def test_metrics_jsonl_and_the_offline_wandb_run_hold_the_trajectories(data_root, tmp_path):
@@ -227,7 +227,9 @@ def test_zero3_counts_parameters_and_flops_of_the_whole_model(data_root, tmp_pat
         return next(line for line in (run_dir / "train_rank0.log").read_text().splitlines() if "FLOPs/token" in line)
 
     train(run_config(data_root, tmp_path / "single", **{"train.max_steps": 2}))
-    zero3 = cli(as_args(overrides(data_root, tmp_path / "zero3", **{"train.max_steps": 2, "dist.name": "zero3"})), nproc=1)
+    zero3 = cli(
+        as_args(overrides(data_root, tmp_path / "zero3", **{"train.max_steps": 2, "dist.name": "zero3"})), nproc=1
+    )
     assert zero3.returncode == 0, zero3.stderr[-2000:]
     line = model_line(tmp_path / "zero3").split("INFO ", 1)[1]
     assert line == model_line(tmp_path / "single").split("INFO ", 1)[1]

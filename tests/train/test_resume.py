@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from runs import as_args, cli, launch, losses, overrides, run_config
 
 from lrm_train.train import train
 from lrm_train.train.checkpoint import complete_checkpoints
-from runs import as_args, cli, launch, losses, overrides, run_config
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muon"])

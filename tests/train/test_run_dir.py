@@ -4,24 +4,35 @@ import subprocess
 import sys
 
 import pytest
+from runs import run_config
 
 from lrm_train.train import open_trainer, run_dir, train
 from lrm_train.train.checkpoint import checkpoint_root
-from runs import run_config
 
 
 def test_a_second_trainer_on_the_same_run_dir_is_refused(data_root, tmp_path):
     cfg = run_config(data_root, tmp_path, **{"train.max_steps": 2})
-    with open_trainer(cfg), pytest.raises(ValueError, match=rf"train.run_dir={tmp_path} is in use by another trainer \(pid {os.getpid()} on "):
+    with (
+        open_trainer(cfg),
+        pytest.raises(
+            ValueError, match=rf"train.run_dir={tmp_path} is in use by another trainer \(pid {os.getpid()} on "
+        ),
+    ):
         train(cfg)
     assert train(cfg).step == 2  # released when the first one closed
 
 
+_HOLD_LOCK = (
+    "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+    "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+)
+
+
 def test_the_lock_of_a_killed_trainer_is_not_stale(data_root, tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(tmp_path / "run.lock")],
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "run.lock")],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline().strip() == "locked"
     cfg = run_config(data_root, tmp_path, **{"train.max_steps": 2})

@@ -95,7 +95,9 @@ class MetricSinks(Callback):
         if self.progress is not None:
             if "loss" in step.metrics:
                 tokens_per_s = step.metrics["tokens_per_s"]
-                self.progress.set_postfix(loss=f"{step.metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                self.progress.set_postfix(
+                    loss=f"{step.metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
+                )
             self.progress.update(1)
 
     def on_end(self, trainer) -> None:
