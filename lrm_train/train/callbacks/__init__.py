@@ -47,7 +47,8 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         except Exception as e:  # noqa: BLE001 - an import error, a wrong argument: the user's config either way
             raise ValueError(f"callbacks.{name}: cannot build it ({str(e).strip().splitlines()[0]})") from None
         if not isinstance(callback, Callback):
-            raise ValueError(  # noqa: TRY004 - a config error, reported like every other onef"callbacks.{name}: {spec.get('_target_')} is not a lrm_train Callback")
+            target = spec.get("_target_")
+            raise ValueError(f"callbacks.{name}: {target} is not a lrm_train Callback")  # noqa: TRY004 - a config error
         callback.name = name
         user.append(callback)
     return [
