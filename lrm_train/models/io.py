@@ -1,4 +1,5 @@
-"""lrm_train's own model folder: ``config.json`` (model shape + LRM placement) and ``model.safetensors``."""
+"""Model folders: lrm_train's own (``config.json`` with the model shape and LRM placement, ``model.safetensors``), and
+the checked reading and safe writing of such folders that ``lrm_train.hf`` shares."""
 
 from __future__ import annotations
 
