@@ -124,3 +124,26 @@ def test_weights_that_do_not_fit_the_model_are_one_line(data_root, tmp_path, che
         ValueError, match=rf"checkpoint {checkpoint}: its weights do not fit this model \(.*lm_head.weight"
     ):
         train(run_config(data_root, tmp_path / "other", **{"train.resume": str(checkpoint)}))
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(
+    data_root, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    from lrm_train.train import checkpoint as checkpoint_module
+    from lrm_train.train.__main__ import main
+    from runs import as_args, overrides
+
+    real_save = checkpoint_module.save_file
+
+    def full_at_step_8(tensors, path, *args, **kwargs):
+        if "step_00000008" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_at_step_8)
+    assert main(as_args(overrides(data_root, tmp_path))) == 2
+    target = tmp_path / "checkpoints" / "step_00000008"
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {target}: No space left on device"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000004"]

@@ -35,11 +35,17 @@ class Checkpointer(Callback):
         state = trainer.state_dict()
         model_state = trainer.engine.model_state()
         path = checkpoint_root(trainer.run_dir) / (name or f"step_{trainer.state.step:08d}")
+        error = ""
         if trainer.engine.is_main:
-            save_checkpoint(path, model_state, state, trainer.state.step)
-            if name is None:
-                prune_checkpoints(trainer.run_dir, self.keep_last)
-        trainer.engine.barrier()
+            try:
+                save_checkpoint(path, model_state, state, trainer.state.step)
+                if name is None:
+                    prune_checkpoints(trainer.run_dir, self.keep_last)
+            except OSError as e:  # a full disk, say: every rank must stop, not wait for rank 0 forever
+                error = str(e)
+        error = trainer.engine.all_gather_object(error)[0]  # also the barrier after the write
+        if error:
+            raise OSError(error)
         self.last = path
         return path
 
