@@ -131,9 +131,10 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
 ):
     import errno
 
+    from runs import as_args, overrides
+
     from lrm_train.train import checkpoint as checkpoint_module
     from lrm_train.train.__main__ import main
-    from runs import as_args, overrides
 
     real_save = checkpoint_module.save_file
 
