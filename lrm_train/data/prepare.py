@@ -8,23 +8,40 @@ written under a temporary name and renamed when complete, so an interrupted run 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import logging
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from lrm_train.data.config import FORMAT, MANIFEST, DataConfig
 from lrm_train.data.sources import Corpus, load_corpus
-from lrm_train.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, train_bpe
-from lrm_train.utils import atomic_directory
+from lrm_train.data.tokenizer import batch_encoder, eos_id, load_tokenizer, tokenizer_hash, train_bpe
+from lrm_train.utils import atomic_directory, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parents[2] / "configs"
+# Characters of text per task sent to a tokenizer worker: tens of milliseconds of work, so the workers share a few
+# long documents evenly and many short ones cost little in messages.
+_BATCH_CHARS = 1 << 16
 
 # The settings that change the output (the read-side ones do not).
 _OUTPUT_FIELDS = (
@@ -91,7 +108,8 @@ class _ShardWriter:
     def _open(self) -> None:
         self.close()
         name = f"{self.prefix}_{len(self.shards):05d}.bin"
-        self._file, self._hash, self._count = open(self.folder / name, "wb"), hashlib.sha256(), 0
+        # Open across write() calls, closed by close() or, on failure, with the temporary folder's removal.
+        self._file, self._hash, self._count = open(self.folder / name, "wb"), hashlib.sha256(), 0  # noqa: SIM115
         self.shards.append({"file": name})
 
     def close(self) -> None:
@@ -101,22 +119,24 @@ class _ShardWriter:
             self._file = None
 
 
-def _tokenize(corpus: Corpus, tokenizer: Tokenizer, num_proc: int):
-    def encode(batch):
-        return {"ids": [e.ids for e in tokenizer.encode_batch(batch["text"])]}
-
-    return corpus.documents.map(
-        encode,
-        batched=True,
-        batch_size=64,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=["text"],
-        desc="tokenize",
-    )
+def _text_batches(documents: datasets.Dataset, max_chars: int) -> Iterator[list[str]]:
+    """The texts in order, in batches of about ``max_chars`` characters (a longer document makes a batch alone)."""
+    batch, chars = [], 0
+    for rows in documents.iter(batch_size=256):
+        for text in rows["text"]:
+            batch.append(text)
+            chars += len(text)
+            if chars >= max_chars:
+                yield batch
+                batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def prepare(cfg: DataConfig) -> Path:
     """Prepare ``cfg``'s corpus (or reuse the finished folder for the same settings); return the folder."""
+    for leftover in remove_stale_temporaries(cfg.out_root):
+        log.info("removed %s, left by an interrupted prepare", leftover)
     corpus = load_corpus(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     out = Path(cfg.out_root) / f"{cfg.name}-{output_key(cfg, corpus, tokenizer)}"
@@ -134,19 +154,18 @@ def prepare(cfg: DataConfig) -> Path:
     dtype, eos = token_dtype(cfg, vocab, source), eos_id(tokenizer, source)
 
     started = time.perf_counter()
-    tokenized = _tokenize(corpus, tokenizer, cfg.num_proc)
-    with atomic_directory(out, overwrite=True) as tmp:
+    with (
+        atomic_directory(out, overwrite=True) as tmp,
+        batch_encoder(tokenizer, dtype, cfg.num_proc) as encode,
+        tqdm(total=len(corpus.documents), desc=f"tokenize (num_proc={cfg.num_proc})", unit="doc") as progress,
+    ):
         tokenizer.save(str(tmp / "tokenizer.json"))
         splits = {}
         for split, indices in (("train", train_idx), ("val", val_idx)):
-            writer = _ShardWriter(tmp, split, cfg.shard_tokens)
-            for batch in tokenized.select(indices).iter(batch_size=256):
-                ends = np.cumsum([len(ids) + 1 for ids in batch["ids"]])
-                flat = np.full(ends[-1], eos, dtype=dtype)
-                mask = np.ones(ends[-1], dtype=bool)
-                mask[ends - 1] = False
-                flat[mask] = np.concatenate([np.asarray(ids, dtype=dtype) for ids in batch["ids"]])
-                writer.write(flat)
+            writer, end_of_document = _ShardWriter(tmp, split, cfg.shard_tokens), np.array([eos], dtype=dtype)
+            for documents in encode(_text_batches(corpus.documents.select(indices), _BATCH_CHARS)):
+                writer.write(np.concatenate([part for ids in documents for part in (ids, end_of_document)]))
+                progress.update(len(documents))
             writer.close()
             tokens = sum(s["tokens"] for s in writer.shards)
             splits[split] = {"documents": len(indices), "tokens": tokens, "shards": writer.shards}
@@ -172,32 +191,97 @@ def prepare(cfg: DataConfig) -> Path:
     return out
 
 
-def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+USAGE = """usage: python -m lrm_train.data.prepare [data=<option>] [data.<key>=<value> ...]
 
-    @dataclass
-    class PrepareConfig:
-        data: DataConfig = field(default_factory=DataConfig)
+Prepares a corpus for training: trains a byte-level BPE tokenizer on its training split (or loads data.tokenizer),
+tokenizes every document in data.num_proc processes and writes token shards, tokenizer.json and manifest.json into
+{data.out_root}/{data.name}-{key}/, then prints that folder. The same settings reuse the finished folder; the trainer
+runs the same step itself, so this is only needed to prepare ahead of time.
+"""
 
+
+@dataclass
+class PrepareConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _one_line(error: BaseException) -> str:
+    """A Hydra or OmegaConf error as one line naming the key; Hydra's options for an unknown group option."""
+    cause = error
+    while cause is not None:
+        key = getattr(cause, "full_key", None)
+        if key and isinstance(cause, ConfigAttributeError | ConfigKeyError):
+            return f"unknown key {key!r} (--help lists the keys)"
+        if key:
+            return f"{key}: {str(cause).splitlines()[0]}"
+        if type(cause) is ValueError:  # a DataConfig check, wrapped by OmegaConf
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    if "Available options in" in text:
+        listed = text.split("Available options in", 1)[1].splitlines()[1:]
+        options = [name.strip() for name in itertools.takewhile(lambda name: name.startswith("\t"), listed)]
+        line += f" (options: {', '.join(options)})"
+    return line
+
+
+def compose(overrides: list[str]) -> DataConfig:
+    """The data config of ``configs/prepare.yaml`` with Hydra ``overrides``; a ValueError line for any config error."""
     ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
+    GlobalHydra.instance().clear()  # compose may run again in the same process (tests)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            composed = hydra_compose("prepare", overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra raises many types; all are config errors here
+        raise ValueError(_one_line(e)) from None
+    # A `+key` the schema lacks is kept by a typed node and dropped by to_object without a word: refuse it.
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = [key for key in composed if key != "data"] + [f"data.{key}" for key in composed.data if key not in known]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (--help lists the keys)")
+    try:
+        return OmegaConf.to_object(composed).data
+    except Exception as e:  # noqa: BLE001 - a wrong type, or a DataConfig check
+        raise ValueError(_one_line(e)) from None
 
-    @hydra.main(version_base=None, config_path=str(Path(__file__).parents[2] / "configs"), config_name="prepare")
-    def run(cfg) -> None:
-        try:
-            out = prepare(OmegaConf.to_object(cfg).data)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print("error: prepare interrupted; no output was left behind", file=sys.stderr)
-            sys.exit(130)
-        print(out)
 
-    run()
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        comments = [line for line in (CONFIG_DIR / "prepare.yaml").read_text().splitlines() if line.startswith("#")]
+        print(USAGE + "\n" + "\n".join(line[2:] for line in comments[2:]))
+        return 0
+    if flags := [arg for arg in argv if arg.startswith("-")]:
+        print(f"error: unknown option {flags[0]!r} (see --help)", file=sys.stderr)
+        return 2
+    try:
+        cfg = compose(argv)
+    except ValueError as e:
+        print(f"error: config: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up as Ctrl-C does
+    try:
+        out = prepare(cfg)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted; nothing of this prepare was kept (finished folders in {cfg.out_root} are untouched)",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    print(out)
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    sys.exit(main())

