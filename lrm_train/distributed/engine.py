@@ -74,6 +74,7 @@ class Engine:
         self.optimizer = optimizer
         self.names = {id(p): n for n, p in model.named_parameters()}
         params = dict(model.named_parameters())
+        self.clip_multipliers = clip_multipliers
         self.clip_params = [params[n] for n, c in classes.items() if is_clipped(c, clip_multipliers)]
         return optimizer
 

@@ -19,7 +19,6 @@ cut back into shards on load, so a run resumes on another world size or engine.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +26,16 @@ import torch.distributed as dist
 from torch import nn
 
 from lrm_train.distributed.engine import DDPEngine, DistConfig, Engine
-from lrm_train.optim import ParamClass
-from lrm_train.optim.muon import Muon, adjusted_lr, newton_schulz
+from lrm_train.optim import (
+    ParamClass,
+    adamw_update_,
+    adjusted_lr,
+    decoupled_step_,
+    is_clipped,
+    muon_direction_,
+    ns_dtype,
+    orthogonalize,
+)
 
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -84,21 +91,20 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
     """The client optimizer DeepSpeed wraps: AdamW on any shard, Muon on matrix shards through their layout.
 
     Groups are the trainer's (one per parameter class, with its lr, weight decay and optimizer settings).
-    ``grad_scale`` (set by the engine before each step) scales the clipped classes; ``skip`` drops the update.
+    ``grad_scales`` (set by the engine before each step, per group) scales the clipped classes; ``skip`` drops the update.
     """
 
     def __init__(self, groups: list[dict]) -> None:
         super().__init__(groups, {})
         self.layouts: dict[int, ShardLayout] = {}  # id(shard) -> layout, for the Muon groups
-        self.grad_scale: dict[str, float] = {}
+        self.grad_scales: list[float] = [1.0] * len(self.param_groups)  # per group
         self.skip = False
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.skip:
             return
-        for group in self.param_groups:
-            scale = self.grad_scale.get(group["param_class"], 1.0)
+        for group, scale in zip(self.param_groups, self.grad_scales):
             for shard in group["params"]:
                 if shard.grad is None:
                     continue
@@ -110,34 +116,23 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
         return
 
     def _adamw(self, shard: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        state = self.state[shard]
-        if not state:
-            state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(shard), exp_avg_sq=torch.zeros_like(shard))
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        step = float(state["step"])
-        shard.mul_(1 - group["lr"] * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-        shard.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+        adamw_update_(shard, grad, self.state[shard], group["lr"], group["weight_decay"], group["betas"], group["eps"])
 
     def _muon(self, shard: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        """Muon on the whole matrices of this shard: gathered, updated as in ``optim.Muon``, cut back."""
         layout = self.layouts[id(shard)]
         state = self.state[shard]
         if not state:
             state["momentum_buffer"] = torch.zeros_like(shard)
         grads, buffers = layout.gather(grad), layout.gather(state["momentum_buffer"])
-        dtype = Muon._ns_dtype(group, shard.device)
+        dtype = ns_dtype(group["ns_dtype"], shard.device)
         updates = []
         for g, buf, shape in zip(grads, buffers, layout.shapes):
-            buf.lerp_(g, 1 - group["momentum"])
-            direction = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-            ortho = newton_schulz(direction, group["ns_steps"], dtype, group["eps"]).float()
-            updates.append(ortho * adjusted_lr(1.0, shape, group["adjust_lr"]))  # the shape's LR factor
+            direction = muon_direction_(g, {"momentum_buffer": buf}, group["momentum"], group["nesterov"])
+            update = orthogonalize(direction, group["ns_steps"], dtype, group["eps"])
+            updates.append(update * adjusted_lr(1.0, shape, group["adjust_lr"]))  # the shape's LR factor
         state["momentum_buffer"] = layout.shard(buffers, shard)
-        shard.mul_(1 - group["lr"] * group["weight_decay"])
-        shard.add_(layout.shard(updates, shard), alpha=-group["lr"])
+        decoupled_step_(shard, layout.shard(updates, shard), group["lr"], group["weight_decay"], group["lr"])
 
 
 class ZeroEngine(DDPEngine):
@@ -274,26 +269,19 @@ class ZeroEngine(DDPEngine):
         return norms
 
     def optimizer_step(self, max_norm: float, loss_is_finite: bool) -> tuple[torch.Tensor, bool]:
-        clipped = (
-            {c.value for c in ParamClass}
-            if self.clip_all
-            else {c.value for c in ParamClass if c is not ParamClass.MULTIPLIER}
-        )
+        groups = self.client.param_groups
+        clipped = [is_clipped(ParamClass(g["param_class"]), self.clip_multipliers) for g in groups]
         norms = [torch.as_tensor(n, dtype=torch.float32) for n in self._group_norms()]
         if any(float(n) < 0 for n in norms):  # DeepSpeed reports a non-finite group norm as -1
             norm = torch.tensor(float("nan"))
         else:
-            norm = torch.sqrt(sum(n**2 for n, g in zip(norms, self.client.param_groups) if g["param_class"] in clipped))
+            norm = torch.sqrt(sum(n**2 for n, clip in zip(norms, clipped) if clip))
         applied = loss_is_finite and bool(torch.isfinite(norm))
         scale = min(1.0, max_norm / (float(norm) + 1e-6)) if max_norm > 0 and applied else 1.0
-        self.client.grad_scale = {c: scale for c in clipped}
+        self.client.grad_scales = [scale if clip else 1.0 for clip in clipped]
         self.client.skip = not applied
         self.ds.step()
         return norm, applied
-
-    @property
-    def clip_all(self) -> bool:
-        return len(self.clip_params) == len(self.names)
 
     # State.
 

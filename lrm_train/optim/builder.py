@@ -1,6 +1,6 @@
 """Optimizer construction from the parameter classes: one parameter group per class, each with its LR and WD.
 
-- AdamW (``optim.name=adamw``): every class under ``torch.optim.AdamW`` (decoupled weight decay).
+- AdamW (``optim.name=adamw``): every class under ``optim.AdamW`` (decoupled weight decay; torch's update).
 - Muon (``optim.name=muon``): the ``matrix`` class under Muon, every other class under AdamW: the standard split,
   since embeddings, LM head, norms, SSM vectors and multipliers are not matrices Muon should orthogonalize.
 
@@ -12,15 +12,23 @@ its weight decay is ``optim.weight_decay * optim.<class>.wd_mult``, except the m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import nn
 
 from lrm_train.nn import LRMConfig
-from lrm_train.optim.muon import Muon
+from lrm_train.optim.adamw import AdamW
+from lrm_train.optim.muon import AdjustLR, Muon, NSDtype
 from lrm_train.optim.param_classes import ParamClass
 
-OPTIMIZERS = ("adamw", "muon")
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    muon = "muon"  # Muon on the matrix class, AdamW on every other class
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -31,7 +39,7 @@ class ClassHyper:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -47,12 +55,12 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_ns_steps: int = 5
-    muon_ns_dtype: str = "auto"  # auto: bf16 on CUDA, float32 on CPU
-    muon_adjust_lr: str = "match_rms_adamw"  # or "original" (Keller Jordan's sqrt(max(1, rows/cols)))
+    muon_ns_dtype: NSDtype = NSDtype.auto  # auto: bf16 on CUDA, float32 on CPU
+    muon_adjust_lr: AdjustLR = AdjustLR.match_rms_adamw  # or original (Keller Jordan's sqrt(max(1, rows/cols)))
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optim.name={self.name!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.name not in set(OptimizerName):
+            raise ValueError(f"optim.name={self.name!r} is not one of {', '.join(OptimizerName)}")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs 2 values, got {list(self.betas)}")
 
@@ -114,23 +122,27 @@ def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: Opti
     return groups
 
 
+def make_optimizer(groups: list[dict], use_muon: bool, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer of these groups: Muon or AdamW with the run's settings (groups carry their own lr and wd)."""
+    if use_muon:
+        return Muon(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.muon_momentum,
+            nesterov=cfg.muon_nesterov,
+            ns_steps=cfg.muon_ns_steps,
+            ns_dtype=cfg.muon_ns_dtype,
+            adjust_lr=cfg.muon_adjust_lr,
+        )
+    return AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
 def build_optimizer(model: nn.Module, classes: dict[str, ParamClass], cfg: OptimConfig, lrm: LRMConfig):
     groups = parameter_groups(model, classes, cfg, lrm)
-    adamw_groups = [g for g in groups if not g["use_muon"]]
+    optimizers = [make_optimizer([g for g in groups if not g["use_muon"]], use_muon=False, cfg=cfg)]
     muon_groups = [g for g in groups if g["use_muon"]]
-    optimizers = [torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)]
     if muon_groups:
-        optimizers.append(
-            Muon(
-                muon_groups,
-                lr=cfg.lr,
-                momentum=cfg.muon_momentum,
-                nesterov=cfg.muon_nesterov,
-                ns_steps=cfg.muon_ns_steps,
-                ns_dtype=cfg.muon_ns_dtype,
-                adjust_lr=cfg.muon_adjust_lr,
-            )
-        )
+        optimizers.append(make_optimizer(muon_groups, use_muon=True, cfg=cfg))
     return CombinedOptimizer(optimizers)
 
 

@@ -1,6 +1,7 @@
 """Muon for matrices: Nesterov momentum, Newton-Schulz orthogonalization, decoupled weight decay.
 
-Same update as ``torch.optim.Muon`` (momentum ``buf = mu*buf + (1-mu)*g``, Nesterov ``g + mu*(buf - g)``, quintic
+The per-matrix math (``muon_direction_``, ``orthogonalize``, ``decoupled_step_``) is written once here and used by
+this optimizer and by the ZeRO client. Same update as ``torch.optim.Muon`` (momentum ``buf = mu*buf + (1-mu)*g``, Nesterov ``g + mu*(buf - g)``, quintic
 Newton-Schulz, ``W *= 1 - lr*wd``, then ``W -= adjusted_lr * O``), with two differences that matter here:
 
 - Newton-Schulz runs in ``ns_dtype``: ``auto`` is bf16 on CUDA and float32 on CPU, where bf16 matmuls are ~20x slower.
@@ -13,13 +14,41 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from enum import Enum
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-ADJUST_LR = ("match_rms_adamw", "original")
+
+
+class AdjustLR(str, Enum):
+    """How a matrix's shape scales Muon's learning rate."""
+
+    match_rms_adamw = "match_rms_adamw"  # Moonlight: update RMS about 0.2*lr, like AdamW's
+    original = "original"  # Keller Jordan's sqrt(max(1, rows/cols))
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class NSDtype(str, Enum):
+    """The dtype Newton-Schulz runs in."""
+
+    auto = "auto"  # bf16 on CUDA, float32 on CPU (where bf16 matmuls are ~20x slower)
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def ns_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype of Newton-Schulz for an ``NSDtype`` setting on this device."""
+    if setting == NSDtype.auto:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, str(setting))
 
 
 def newton_schulz(grad: torch.Tensor, steps: int, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:
@@ -37,10 +66,31 @@ def newton_schulz(grad: torch.Tensor, steps: int, dtype: torch.dtype, eps: float
 
 
 def adjusted_lr(lr: float, shape: torch.Size, rule: str) -> float:
+    """Muon's learning rate for a matrix of this shape."""
     rows, cols = shape
-    if rule == "match_rms_adamw":  # Moonlight: update RMS about 0.2*lr, like AdamW's
+    if rule == AdjustLR.match_rms_adamw:
         return lr * 0.2 * math.sqrt(max(rows, cols))
-    return lr * math.sqrt(max(1.0, rows / cols))  # Keller Jordan's original scaling
+    return lr * math.sqrt(max(1.0, rows / cols))
+
+
+def muon_direction_(grad: torch.Tensor, state: dict, momentum: float, nesterov: bool) -> torch.Tensor:
+    """Update the momentum in ``state`` (empty at first) with ``grad``; return the direction to orthogonalize."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(grad)
+    buf = state["momentum_buffer"]
+    buf.lerp_(grad, 1 - momentum)
+    return grad.lerp(buf, momentum) if nesterov else buf
+
+
+def orthogonalize(direction: torch.Tensor, ns_steps: int, dtype: torch.dtype, eps: float) -> torch.Tensor:
+    """Newton-Schulz of a Muon direction, returned in float32."""
+    return newton_schulz(direction, ns_steps, dtype, eps).float()
+
+
+def decoupled_step_(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, step_lr: float) -> None:
+    """``W *= 1 - lr * wd`` then ``W -= step_lr * update`` (Muon's step once the update is orthogonalized)."""
+    param.mul_(1 - lr * weight_decay)
+    param.add_(update.to(param.dtype), alpha=-step_lr)
 
 
 class Muon(Optimizer):
@@ -52,22 +102,22 @@ class Muon(Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
-        ns_dtype: str = "auto",
-        adjust_lr: str = "match_rms_adamw",
+        ns_dtype: str = NSDtype.auto,
+        adjust_lr: str = AdjustLR.match_rms_adamw,
         eps: float = 1e-7,
     ) -> None:
-        if adjust_lr not in ADJUST_LR:
-            raise ValueError(f"optim.muon_adjust_lr={adjust_lr!r} is not one of {', '.join(ADJUST_LR)}")
-        if ns_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"optim.muon_ns_dtype={ns_dtype!r} is not one of auto, float32, bfloat16")
+        if adjust_lr not in set(AdjustLR):
+            raise ValueError(f"optim.muon_adjust_lr={adjust_lr!r} is not one of {', '.join(AdjustLR)}")
+        if ns_dtype not in set(NSDtype):
+            raise ValueError(f"optim.muon_ns_dtype={ns_dtype!r} is not one of {', '.join(NSDtype)}")
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
             nesterov=nesterov,
             ns_steps=ns_steps,
-            ns_dtype=ns_dtype,
-            adjust_lr=adjust_lr,
+            ns_dtype=str(ns_dtype),  # plain strings: groups go into checkpoints, which load without custom classes
+            adjust_lr=str(adjust_lr),
             eps=eps,
         )
         super().__init__(params, defaults)
@@ -75,12 +125,6 @@ class Muon(Optimizer):
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
-
-    @staticmethod
-    def _ns_dtype(group: dict, device: torch.device) -> torch.dtype:
-        if group["ns_dtype"] == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return getattr(torch, group["ns_dtype"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -90,15 +134,11 @@ class Muon(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                work.append((p, group, p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf))
+                direction = muon_direction_(p.grad, self.state[p], group["momentum"], group["nesterov"])
+                work.append((p, group, direction))
         for (p, group, _), update in zip(work, self._orthogonalize(work)):
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update.to(p.dtype), alpha=-adjusted_lr(group["lr"], p.shape, group["adjust_lr"]))
+            step_lr = adjusted_lr(group["lr"], p.shape, group["adjust_lr"])
+            decoupled_step_(p, update, group["lr"], group["weight_decay"], step_lr)
         return loss
 
     def _orthogonalize(self, work: list) -> list[torch.Tensor]:
@@ -106,12 +146,12 @@ class Muon(Optimizer):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
 
-        def orthogonalize(index: int) -> torch.Tensor:
+        def orthogonalize_one(index: int) -> torch.Tensor:
             p, group, direction = work[index]
-            return newton_schulz(direction, group["ns_steps"], self._ns_dtype(group, p.device), group["eps"]).float()
+            return orthogonalize(direction, group["ns_steps"], ns_dtype(group["ns_dtype"], p.device), group["eps"])
 
         if world == 1:
-            return [orthogonalize(i) for i in range(len(work))]
+            return [orthogonalize_one(i) for i in range(len(work))]
         updates: list[torch.Tensor | None] = [None] * len(work)
         by_shape = defaultdict(list)  # all_gather needs equal shapes
         for i, (p, _, _) in enumerate(work):
@@ -120,7 +160,7 @@ class Muon(Optimizer):
             for start in range(0, len(indices), world):
                 chunk = indices[start : start + world]
                 mine = (
-                    orthogonalize(chunk[rank])
+                    orthogonalize_one(chunk[rank])
                     if rank < len(chunk)
                     else work[chunk[0]][0].new_zeros(shape, dtype=torch.float32)
                 )

@@ -1,11 +1,15 @@
+import pytest
 import torch
 
 from lrm_train.models import FalconH1LM, preset
 from lrm_train.nn import LRMConfig
 from lrm_train.optim import (
+    AdjustLR,
     ClassHyper,
     Muon,
+    NSDtype,
     OptimConfig,
+    OptimizerName,
     build_optimizer,
     class_table,
     classify_parameters,
@@ -49,3 +53,17 @@ def test_per_parameter_state_goes_to_the_optimizer_that_holds_the_parameter():
     assert len(fresh.state) == len(opt.state)
     muon = next(o for o in fresh.optimizers if isinstance(o, Muon))
     assert all("momentum_buffer" in muon.state[p] for g in muon.param_groups for p in g["params"])
+
+
+def test_string_choices_are_enums_that_yaml_spells_as_before():
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(OptimConfig)
+    cfg = OmegaConf.to_object(OmegaConf.merge(schema, {"name": "muon", "muon_adjust_lr": "original"}))
+    assert cfg.name is OptimizerName.muon and cfg.muon_adjust_lr is AdjustLR.original
+    assert cfg.muon_ns_dtype is NSDtype.auto and cfg.name == "muon"
+    assert "name: muon" in OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    with pytest.raises(Exception, match="keller"):
+        OmegaConf.merge(schema, {"muon_adjust_lr": "keller"})
+    with pytest.raises(ValueError, match="optim.name='sgd' is not one of adamw, muon"):
+        OptimConfig(name="sgd")
