@@ -47,26 +47,103 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-class Engine:
-    """One process, no communication (the base every engine extends)."""
+class LocalProcess:
+    """The process group of a run without a launcher: one rank, nothing to communicate."""
 
-    def __init__(self, cfg: DistConfig) -> None:
+    rank, world_size, local_rank = 0, 1, 0
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LaunchedProcessGroup:
+    """The ranks a launcher (torchrun, deepspeed) started, joined through ``torch.distributed``."""
+
+    def __init__(self, cfg: DistConfig, device: torch.device) -> None:
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor / self.world_size
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _device(cfg: DistConfig, local_rank: int) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def launched_process_group(cfg: DistConfig) -> tuple[LaunchedProcessGroup, torch.device]:
+    """Join the launcher's ranks on this rank's device (set as the current CUDA device)."""
+    if "RANK" not in os.environ:
+        raise ValueError(f"dist={cfg.name} needs a launcher that sets RANK/WORLD_SIZE: run under torchrun or deepspeed")
+    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return LaunchedProcessGroup(cfg, device), device
+
+
+class Engine:
+    """One process by default; the DDP and ZeRO engines extend it with a launched process group and a wrapper."""
+
+    def __init__(self, cfg: DistConfig, group: LocalProcess | LaunchedProcessGroup | None = None, device=None) -> None:
         self.cfg = cfg
-        self.rank, self.world_size, self.local_rank = 0, 1, 0
-        self.device = self._device()
+        self.group = group or LocalProcess()
+        self.device = device or _device(cfg, self.group.local_rank)
         self.module: nn.Module | None = None  # the unwrapped model
         self.model: nn.Module | None = None  # what the loop calls forward on
         self.optimizer = None
         self.clip_params: list[torch.Tensor] = []
 
-    def _device(self) -> torch.device:
-        if self.cfg.device != "auto":
-            return torch.device(self.cfg.device)
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce_mean(tensor)
+
+    def all_gather_object(self, obj) -> list:
+        return self.group.all_gather_object(obj)
+
+    def barrier(self) -> None:
+        self.group.barrier()
+
+    def close(self) -> None:
+        self.group.close()
 
     def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):
         """Take the model and its optimizer; return the optimizer whose ``param_groups`` the schedule drives."""
@@ -123,38 +200,12 @@ class Engine:
                 raise ValueError(f"optimizer state for {name!r}, which this model does not have")
             self.optimizer.load_param_state(params[name], {k: v.clone() for k, v in param_state.items()})
 
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def all_gather_object(self, obj) -> list:
-        return [obj]
-
-    def barrier(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
 
 class DDPEngine(Engine):
     """DistributedDataParallel: every rank holds the whole model and optimizer; gradients are all-reduced."""
 
     def __init__(self, cfg: DistConfig) -> None:
-        if "RANK" not in os.environ:
-            raise ValueError(
-                f"dist={cfg.name} needs a launcher that sets RANK/WORLD_SIZE: run under torchrun or deepspeed"
-            )
-        self.cfg = cfg
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = self._device()
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.module = self.model = None
-        self.optimizer = None
+        super().__init__(cfg, *launched_process_group(cfg))
 
     def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):
         optimizer = super().setup(model, optimizer, classes, clip_multipliers)
@@ -165,23 +216,6 @@ class DDPEngine(Engine):
 
     def accumulating(self, last: bool):
         return contextlib.nullcontext() if last else self.model.no_sync()
-
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        return tensor / self.world_size
-
-    def all_gather_object(self, obj) -> list:
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def build_engine(cfg: DistConfig) -> Engine:

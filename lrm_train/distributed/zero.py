@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrm_train.distributed.engine import DDPEngine, DistConfig, Engine
+from lrm_train.distributed.engine import DistConfig, Engine, launched_process_group
 from lrm_train.optim import (
     ParamClass,
     adamw_update_,
@@ -135,7 +135,7 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
         decoupled_step_(shard, layout.shard(updates, shard), group["lr"], group["weight_decay"], group["lr"])
 
 
-class ZeroEngine(DDPEngine):
+class ZeroEngine(Engine):
     """DeepSpeed ZeRO (stage from ``dist.name``) under torchrun or the deepspeed launcher."""
 
     def __init__(self, cfg: DistConfig) -> None:
@@ -144,7 +144,7 @@ class ZeroEngine(DDPEngine):
 
         # The shared-memory all-reduce op is only used for inference and would be compiled on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        super().__init__(cfg)
+        super().__init__(cfg, *launched_process_group(cfg))
         self.stage = ZERO_STAGES[cfg.name]
         self.ds = None
 
@@ -152,8 +152,7 @@ class ZeroEngine(DDPEngine):
         import deepspeed
         from deepspeed.utils import set_z3_leaf_modules
 
-        # The base bookkeeping only: DeepSpeed, not DistributedDataParallel, wraps the model.
-        Engine.setup(self, model, optimizer, classes, clip_multipliers)
+        super().setup(model, optimizer, classes, clip_multipliers)  # DeepSpeed, below, wraps the model
         self.classes = classes
         groups = [{k: v for k, v in g.items()} for g in optimizer.param_groups]
         order = {g["param_class"]: i for i, g in enumerate(groups)}  # keep one group per class
@@ -161,6 +160,8 @@ class ZeroEngine(DDPEngine):
         if self.stage == 3:
             set_z3_leaf_modules(model, model.zero3_leaf_modules())
         config = {
+            # The trainer splits batches and accumulates micro-batches itself (``accumulating``), so DeepSpeed's own
+            # batch bookkeeping stays at 1 x 1; its clipping is off because ``optimizer_step`` clips per class.
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": 0.0,
@@ -168,10 +169,12 @@ class ZeroEngine(DDPEngine):
             "zero_optimization": {
                 "stage": self.stage,
                 "stage3_param_persistence_threshold": self.cfg.zero3_persistence_threshold,
+                # ZeRO-3 cuts each parameter group into sub-groups of at most this many elements; larger than any
+                # model, it keeps one fp32 shard per group, so a shard never mixes classes and each has one layout.
                 "sub_group_size": 1_000_000_000_000,
             },
             "bf16": {"enabled": False},
-            "steps_per_print": 1 << 30,
+            "steps_per_print": 1 << 30,  # never: the trainer logs
             "wall_clock_breakdown": False,
         }
         self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
