@@ -47,6 +47,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def step_is_finite(loss_is_finite: bool, grad_norms: list[torch.Tensor]) -> bool:
+    """The rule of every engine: a step is applied only if the loss and every gradient - all classes, multipliers
+    included - are finite. A non-finite entry makes its group's norm non-finite, so the norms decide it in one sync."""
+    return loss_is_finite and bool(torch.isfinite(torch.stack(grad_norms)).all())
+
+
 class LocalProcess:
     """The process group of a run without a launcher: one rank, nothing to communicate."""
 
@@ -153,6 +159,7 @@ class Engine:
         params = dict(model.named_parameters())
         self.clip_multipliers = clip_multipliers
         self.clip_params = [params[n] for n, c in classes.items() if is_clipped(c, clip_multipliers)]
+        self.unclipped_params = [params[n] for n, c in classes.items() if not is_clipped(c, clip_multipliers)]
         return optimizer
 
     def accumulating(self, last: bool):
@@ -162,14 +169,14 @@ class Engine:
         loss.backward()
 
     def optimizer_step(self, max_norm: float, loss_is_finite: bool) -> tuple[torch.Tensor, bool]:
-        """Clip (``max_norm`` > 0) on the global norm of the clipped classes, then step unless the loss or that
-        norm is non-finite; gradients are cleared either way. Returns (norm before clipping, whether it stepped)."""
-        grads = [p.grad for p in self.clip_params if p.grad is not None]
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.clip_params, max_norm, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        applied = loss_is_finite and bool(torch.isfinite(norm))
+        """Step unless ``step_is_finite`` says no, after clipping (``max_norm`` > 0) on the global norm of the clipped
+        classes; gradients are cleared either way. Returns (that norm before clipping, whether it stepped)."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.clip_params if p.grad is not None], foreach=True)
+        unclipped = [p.grad for p in self.unclipped_params if p.grad is not None]
+        unclipped_norm = torch.nn.utils.get_total_norm(unclipped, foreach=True) if unclipped else norm.new_zeros(())
+        applied = step_is_finite(loss_is_finite, [norm, unclipped_norm])
+        if applied and max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.clip_params, max_norm, norm, foreach=True)
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

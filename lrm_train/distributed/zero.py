@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrm_train.distributed.engine import DistConfig, Engine, launched_process_group
+from lrm_train.distributed.engine import DistConfig, Engine, launched_process_group, step_is_finite
 from lrm_train.optim import (
     ParamClass,
     adamw_update_,
@@ -274,12 +274,11 @@ class ZeroEngine(Engine):
     def optimizer_step(self, max_norm: float, loss_is_finite: bool) -> tuple[torch.Tensor, bool]:
         groups = self.client.param_groups
         clipped = [is_clipped(ParamClass(g["param_class"]), self.clip_multipliers) for g in groups]
+        # DeepSpeed reports a non-finite group norm as -1.
         norms = [torch.as_tensor(n, dtype=torch.float32) for n in self._group_norms()]
-        if any(float(n) < 0 for n in norms):  # DeepSpeed reports a non-finite group norm as -1
-            norm = torch.tensor(float("nan"))
-        else:
-            norm = torch.sqrt(sum(n**2 for n, clip in zip(norms, clipped) if clip))
-        applied = loss_is_finite and bool(torch.isfinite(norm))
+        norms = [n if n >= 0 else torch.full_like(n, float("nan")) for n in norms]
+        norm = torch.sqrt(sum(n**2 for n, clip in zip(norms, clipped) if clip))
+        applied = step_is_finite(loss_is_finite, norms)
         scale = min(1.0, max_norm / (float(norm) + 1e-6)) if max_norm > 0 and applied else 1.0
         self.client.grad_scales = [scale if clip else 1.0 for clip in clipped]
         self.client.skip = not applied

@@ -1,12 +1,14 @@
 """The engines in one process: the single engine, and DDP joined to a one-rank process group (no launcher needed)."""
 
 import socket
+import types
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from lrm_train.distributed import DDPEngine, DistConfig, Engine, build_engine
+from lrm_train.optim import ParamClass
 
 
 @pytest.fixture
@@ -56,3 +58,76 @@ def test_an_engine_that_needs_a_launcher_says_so(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ValueError, match="dist=ddp needs a launcher"):
         DDPEngine(DistConfig(name="ddp"))
+
+
+class WithMultiplier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3, 3))
+        self.lrm_row = torch.nn.Parameter(torch.ones(3))
+
+
+def engine_for(name: str):
+    engine = build_engine(DistConfig(name=name, device="cpu"))
+    model = WithMultiplier()
+    classes = {"weight": ParamClass.MATRIX, "lrm_row": ParamClass.MULTIPLIER}
+    optimizer = engine.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), classes, clip_multipliers=False)
+    return engine, model, optimizer
+
+
+@pytest.mark.parametrize("name", ["single", "ddp"])
+@pytest.mark.parametrize("bad", ["loss", "multiplier_grad", "matrix_grad", "none"])
+def test_a_step_is_applied_only_if_the_loss_and_every_gradient_are_finite(one_rank_launch, name, bad):
+    engine, model, _ = engine_for(name)
+    model.weight.grad = torch.full((3, 3), 0.5)
+    model.lrm_row.grad = torch.full((3,), 0.5)
+    if bad == "multiplier_grad":  # not in the clipped norm (clip_multipliers=False), still refused
+        model.lrm_row.grad[1] = float("inf")
+    if bad == "matrix_grad":
+        model.weight.grad[0, 0] = float("nan")
+    norm, applied = engine.optimizer_step(max_norm=1.0, loss_is_finite=bad != "loss")
+    assert applied == (bad == "none")
+    if applied:
+        torch.testing.assert_close(norm, torch.tensor(1.5))  # the clipped classes only: sqrt(9 * 0.25)
+        torch.testing.assert_close(model.weight.detach(), torch.full((3, 3), 1 - 0.1 * 0.5 / 1.5), atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.lrm_row.detach(), torch.full((3,), 1 - 0.1 * 0.5))  # not clipped
+    else:
+        assert torch.equal(model.weight.detach(), torch.ones(3, 3)) and torch.equal(
+            model.lrm_row.detach(), torch.ones(3)
+        )
+    assert model.weight.grad is None and model.lrm_row.grad is None
+
+
+class FakeDeepSpeed:
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+@pytest.mark.parametrize(
+    "group_norms,loss_is_finite,applied",
+    [
+        ([3.0, 4.0], True, True),
+        ([3.0, 4.0], False, False),  # the non-finite loss branch
+        ([3.0, -1.0], True, False),  # DeepSpeed's -1: a non-finite multiplier gradient, outside the clipped norm
+        ([-1.0, 4.0], True, False),
+    ],
+)
+def test_zero_skips_by_the_same_rule(group_norms, loss_is_finite, applied):
+    from lrm_train.distributed.zero import ZeroEngine
+
+    engine = object.__new__(ZeroEngine)
+    engine.clip_multipliers = False
+    engine.client = types.SimpleNamespace(
+        param_groups=[{"param_class": "matrix"}, {"param_class": "multiplier"}], grad_scales=[1.0, 1.0], skip=False
+    )
+    engine._group_norms = lambda: [torch.tensor(n) for n in group_norms]
+    engine.ds = FakeDeepSpeed()
+    norm, stepped = engine.optimizer_step(max_norm=1.5, loss_is_finite=loss_is_finite)
+    assert stepped == applied and engine.client.skip == (not applied)
+    assert engine.ds.steps == 1  # DeepSpeed always steps (it clears its gradients); the client skips the update
+    if applied:
+        torch.testing.assert_close(norm, torch.tensor(3.0))
+        assert engine.client.grad_scales == [pytest.approx(1.5 / (3.0 + 1e-6)), 1.0]
