@@ -205,7 +205,7 @@ class Engine:
         for name, param_state in state.items():
             if name not in params:
                 raise ValueError(f"optimizer state for {name!r}, which this model does not have")
-            self.optimizer.load_param_state(params[name], {k: v.clone() for k, v in param_state.items()})
+            self.optimizer.load_param_state(params[name], param_state)
 
 
 class DDPEngine(Engine):

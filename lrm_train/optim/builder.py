@@ -91,10 +91,20 @@ class CombinedOptimizer:
             opt.zero_grad(set_to_none=set_to_none)
 
     def load_param_state(self, param: torch.Tensor, state: dict) -> None:
-        """Set one parameter's state in whichever optimizer holds it."""
+        """Set one parameter's state (a copy, placed as the optimizers keep it) in whichever optimizer holds it.
+
+        Checkpoints load on the CPU: moments and momentum go to the parameter's device and dtype, which the update
+        needs them on; AdamW's step count stays the float32 CPU scalar it always is (``adamw_update_``).
+        """
+        placed = {
+            key: value.to("cpu", torch.float32, copy=True)
+            if key == "step"
+            else value.to(param.device, param.dtype, copy=True)
+            for key, value in state.items()
+        }
         for opt in self.optimizers:
             if any(p is param for g in opt.param_groups for p in g["params"]):
-                opt.state[param] = state
+                opt.state[param] = placed
                 return
         raise KeyError("parameter not held by this optimizer")
 

@@ -43,16 +43,32 @@ def test_muon_takes_the_matrices_and_only_them():
         assert (id(p) in held) == (classes[name].value == "matrix"), name
 
 
-def test_per_parameter_state_goes_to_the_optimizer_that_holds_the_parameter():
-    model, opt = build("muon")
-    model(torch.randint(0, 100, (2, 8))).sum().backward()
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_loaded_state_has_the_values_saved_and_continues_identically(name):
+    model, opt = build(name)
+    ids = torch.randint(0, 100, (2, 8))
+    model(ids).sum().backward()
     opt.step()
-    fresh_model, fresh = build("muon")
+    opt.zero_grad()
+    fresh_model, fresh = build(name)
+    fresh_model.load_state_dict(model.state_dict())
     for (_, p), (_, q) in zip(model.named_parameters(), fresh_model.named_parameters()):
-        fresh.load_param_state(q, opt.state[p])
-    assert len(fresh.state) == len(opt.state)
-    muon = next(o for o in fresh.optimizers if isinstance(o, Muon))
-    assert all("momentum_buffer" in muon.state[p] for g in muon.param_groups for p in g["params"])
+        # As a checkpoint brings it back: on another device or in another dtype than the parameter (here float64).
+        fresh.load_param_state(q, {k: v.double() for k, v in opt.state[p].items()})
+    for (_, p), (_, q) in zip(model.named_parameters(), fresh_model.named_parameters()):
+        saved, loaded = opt.state[p], fresh.state[q]
+        assert loaded.keys() == saved.keys()
+        for key, value in loaded.items():
+            torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+            if key == "step":
+                assert (value.device.type, value.dtype) == ("cpu", torch.float32)
+            else:
+                assert (value.device, value.dtype) == (q.device, q.dtype)
+    for m, o in ((model, opt), (fresh_model, fresh)):
+        m(ids).pow(2).mean().backward()
+        o.step()
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_string_choices_are_enums_that_yaml_spells_as_before():
