@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -42,8 +43,30 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer, length=length)
+    _in_daemon_thread(lambda: tokenizer.train_from_iterator(texts, trainer, length=length))
     return tokenizer
+
+
+def _in_daemon_thread(work: Callable[[], None]) -> None:
+    """Run ``work`` in a thread and wait for it, so that Ctrl-C interrupts the wait at once.
+
+    BPE training runs in Rust for minutes on a large corpus without looking at signals. On Ctrl-C the thread is
+    abandoned; being a daemon, it does not keep the process alive.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the waiting thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="bpe-training", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if failure:
+        raise failure[0]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -1,14 +1,18 @@
+import os
 import random
+import signal
 import string
+import threading
 import time
 
+import pytest
 from tokenizers import pre_tokenizers
 
 from lrm_train.data.tokenizer import MAX_RUN_CHARS, train_bpe
 
 
-def random_run(length: int) -> str:
-    return "".join(random.Random(0).choices(string.ascii_letters, k=length))
+def random_run(length: int, seed: int = 0) -> str:
+    return "".join(random.Random(seed).choices(string.ascii_letters, k=length))
 
 
 def test_a_huge_run_without_whitespace_trains_and_encodes_in_seconds():
@@ -30,3 +34,14 @@ def test_long_runs_are_split_and_ordinary_text_is_pre_tokenized_as_before():
     assert [len(p) for p in pieces] == [MAX_RUN_CHARS] * 5 + [3]
     spaces = [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str("a" + " " * (3 * MAX_RUN_CHARS) + "b")]
     assert max(len(p) for p in spaces) <= MAX_RUN_CHARS + 1
+
+
+def test_ctrl_c_stops_bpe_training_at_once():
+    # Training runs in Rust without looking at signals; this takes ~4 s on 2 cores when left alone.
+    texts = [random_run(1_000_000, seed=1), random_run(1_000_000, seed=2)]
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        train_bpe(texts, vocab_size=8000)
+    assert time.perf_counter() - started < 1.5
