@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; on a GPU machine the same pin resolves to the CUDA build.
+# Here the local package mirror serves the CPU build of this pin; from PyPI (a GPU machine) the same pin installs
+# the CUDA build, which `make test-gpu` needs.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -10,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test train bench clean lock
+.PHONY: install test test-gpu train bench clean lock
 
 install: $(STAMP)
 
@@ -28,6 +29,13 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
+
+# The GPU suite (tests/gpu, marker gpu; `make test` leaves it out): bf16 training for every placement and optimizer,
+# exact resume on CUDA, DDP and ZeRO-1/2/3 on one GPU, Muon's bf16 Newton-Schulz, HF parity in bf16. A few minutes on
+# one H100. Where torch sees no CUDA device it stops with one line instead of reporting every test skipped.
+test-gpu: $(STAMP)
+	$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit(f'make test-gpu: torch {torch.__version__} sees no CUDA device')"
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 # Resolve the newest versions pyproject.toml allows in a scratch venv, run nothing, and pin them in constraints.txt
 # (torch without its +cpu tag, so a GPU machine gets the CUDA build of the same version). Then run `make test`.
