@@ -129,18 +129,9 @@ def batch_encoder(
     if num_proc == 1:
         yield lambda batches: (_encode(tokenizer, dtype, texts) for texts in batches)
         return
-    # Each worker encodes on one thread. Saying so before the fork also stops tokenizers from warning, in every
-    # worker, that its thread pool is unusable after a fork.
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        pool = multiprocessing.get_context("fork").Pool(
-            num_proc, initializer=_start_worker, initargs=(tokenizer.to_str(), dtype.str, os.getpid())
-        )
-    finally:
-        if previous is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    # Each worker encodes on one thread: tokenizers turns its thread pool off in a forked process.
+    pool = multiprocessing.get_context("fork").Pool(
+        num_proc, initializer=_start_worker, initargs=(tokenizer.to_str(), dtype.str, os.getpid())
+    )
     with pool:  # terminates the workers, also when the block is interrupted
         yield lambda batches: pool.imap(_encode_in_worker, batches)
