@@ -3,7 +3,8 @@
 The output folder ``{out_root}/{name}-{key}`` holds ``tokenizer.json``, ``train_NNNNN.bin`` / ``val_NNNNN.bin``
 (raw uint16/uint32 token ids, each document followed by EOS) and ``manifest.json``. ``key`` hashes the settings and
 the source's fingerprint: the same config reuses a finished folder, a changed one writes a new folder. A folder is
-written under a temporary name and renamed when complete, so an interrupted run leaves nothing that looks finished.
+written under a temporary name and renamed when complete, so an interrupted run leaves nothing that looks finished;
+the next prepare removes the temporaries of dead ones. The tokenizer workers die with the process, however it ends.
 """
 
 from __future__ import annotations
