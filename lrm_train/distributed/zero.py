@@ -91,20 +91,22 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
     """The client optimizer DeepSpeed wraps: AdamW on any shard, Muon on matrix shards through their layout.
 
     Groups are the trainer's (one per parameter class, with its lr, weight decay and optimizer settings).
-    ``grad_scales`` (set by the engine before each step, per group) scales the clipped classes; ``skip`` drops the update.
+    ``group["grad_scale"]`` (set by the engine before each step) scales the clipped classes; ``skip`` drops the update.
     """
 
     def __init__(self, groups: list[dict]) -> None:
         super().__init__(groups, {})
         self.layouts: dict[int, ShardLayout] = {}  # id(shard) -> layout, for the Muon groups
-        self.grad_scales: list[float] = [1.0] * len(self.param_groups)  # per group
         self.skip = False
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.skip:
             return
-        for group, scale in zip(self.param_groups, self.grad_scales):
+        # DeepSpeed's ZeRO-1/2 steps one group at a time (``param_groups`` swapped for a one-group list), so each group
+        # carries its own scale.
+        for group in self.param_groups:
+            scale = group["grad_scale"]
             for shard in group["params"]:
                 if shard.grad is None:
                     continue
@@ -280,7 +282,8 @@ class ZeroEngine(Engine):
         norm = torch.sqrt(sum(n**2 for n, clip in zip(norms, clipped) if clip))
         applied = step_is_finite(loss_is_finite, norms)
         scale = min(1.0, max_norm / (float(norm) + 1e-6)) if max_norm > 0 and applied else 1.0
-        self.client.grad_scales = [scale if clip else 1.0 for clip in clipped]
+        for group, clip in zip(groups, clipped):
+            group["grad_scale"] = scale if clip else 1.0
         self.client.skip = not applied
         self.ds.step()
         return norm, applied
