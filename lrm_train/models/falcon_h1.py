@@ -21,6 +21,7 @@ dt_bias = 1, and the depthwise convolution keeps PyTorch's default init, as in M
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -40,6 +41,7 @@ from lrm_train.nn import (
     MultipliedMatrix,
     RMSNorm,
     fused_linear,
+    merge_multipliers_,
 )
 from lrm_train.optim.param_classes import ParamClass, ParamRole
 
@@ -240,6 +242,13 @@ class FalconH1LM(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(self.final_layernorm(x))
+
+    @torch.no_grad()
+    def merge_multipliers_(self) -> None:
+        """Fold every learnable multiplier into its weight: the plain muP model (``lrm.placement=none``) computing
+        the same function, which saves and loads as one."""
+        merge_multipliers_(self)
+        self.lrm = dataclasses.replace(self.lrm, placement="none", init="one", lm_head_rows=False)
 
     def matrices(self) -> dict[str, MultipliedMatrix]:
         """Every multiplied matrix by module name (the embedding and LM head included)."""

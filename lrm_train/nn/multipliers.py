@@ -127,6 +127,7 @@ class MultipliedMatrix(nn.Module):
         self.lrm_col = nn.Parameter(torch.empty(cols, dtype=torch.float32)) if learnable.col else None
         # With init="mup", the muP value starts in the first learnable multiplier instead of the fixed one.
         absorbing = init == "mup" and any(learnable)
+        self.mup_multiplier = float(multiplier)  # what a plain muP layer of this role applies
         self.forward_multiplier = 1.0 if absorbing else float(multiplier)
         self._absorbed = float(multiplier) if absorbing else 1.0
         self.reset_parameters()
@@ -161,11 +162,12 @@ class MultipliedMatrix(nn.Module):
 
     @torch.no_grad()
     def merge_(self) -> None:
-        """Fold the learnable multipliers into ``W`` and drop them: same function, plain muP layer (for export)."""
+        """Fold the learnable multipliers into ``W`` and drop them: the same function as a plain muP layer, whose
+        fixed multiplier is ``m_mup`` whatever the init (with ``init=mup`` the muP value leaves the multipliers too)."""
         if not self.multipliers():
             return
-        merged = self.effective_weight() / self.forward_multiplier
-        self.weight.copy_(merged)
+        self.weight.copy_(self.effective_weight() / self.mup_multiplier)
+        self.forward_multiplier, self._absorbed = self.mup_multiplier, 1.0
         self.lrm_scalar = self.lrm_row = self.lrm_col = None
 
     def extra_repr(self) -> str:

@@ -5,6 +5,7 @@ import torch
 
 from lrm_train.models import MATRIX_ROLES, PRESETS, FalconH1Config, FalconH1LM, preset
 from lrm_train.models.falcon_h1 import learnable
+from lrm_train.models.io import load_model, save_model
 from lrm_train.nn import PLACEMENTS, Learnable, LRMConfig
 
 # fmt: off
@@ -75,6 +76,26 @@ def test_symmetry_free_model_carries_the_table(mamba_rms_norm):
     for name, matrix in model.matrices().items():
         carried = Learnable(*(getattr(matrix, n) is not None for n in ("lrm_scalar", "lrm_row", "lrm_col")))
         assert carried == learnable(LRMConfig("symmetry_free"), matrix.role), name
+
+
+@pytest.mark.parametrize("init", ["one", "mup"])
+@pytest.mark.parametrize("placement", ["scalar", "full", "symmetry_free"])
+def test_merged_model_is_the_plain_mup_model_and_saves_and_loads(tmp_path, placement, init):
+    model = FalconH1LM(small(mamba_rms_norm=True), LRMConfig(placement, init=init, lm_head_rows=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lrm_" in name:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    ids = torch.randint(0, 64, (2, 9))
+    expected = model(ids).detach()
+    model.merge_multipliers_()
+    assert model.lrm.placement == "none" and not [n for n, _ in model.named_parameters() if "lrm_" in n]
+    torch.testing.assert_close(model(ids), expected)
+    plain = FalconH1LM(model.cfg, LRMConfig("none"))
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain(ids), expected)
+    save_model(model, tmp_path / "merged")
+    torch.testing.assert_close(load_model(tmp_path / "merged")(ids), expected)
 
 
 def test_causality_changing_token_t_never_changes_earlier_logits():

@@ -94,9 +94,13 @@ def test_merge_folds_multipliers_and_keeps_the_function():
         randomize_multipliers(layer)
     ids = torch.randint(0, 11, (2, 9))
     before = model(ids)
+    w_eff = lin.effective_weight().detach()
     merge_multipliers_(model)
     assert not any("lrm_" in n for n, _ in model.named_parameters())
     torch.testing.assert_close(model(ids), before)
+    # init=mup had moved the muP value into the multipliers: merged, it is the fixed multiplier again
+    assert emb.forward_multiplier == 3.0 and lin.forward_multiplier == 0.5
+    torch.testing.assert_close(lin.weight.detach(), w_eff / 0.5)
 
 
 def test_embedding_rows_run_over_the_vocabulary():
