@@ -183,7 +183,7 @@ class Engine:
         return norm, applied
 
     def class_rows(self) -> list[dict]:
-        """The parameter-class table (class, count, numel, optimizer, lr, wd) from what the engine holds."""
+        """The parameter-group table (group, count, numel, optimizer, lr, wd) from what the engine holds."""
         return class_table(self.optimizer)
 
     def gathered(self):

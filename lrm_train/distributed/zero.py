@@ -155,9 +155,8 @@ class ZeroEngine(Engine):
         from deepspeed.utils import set_z3_leaf_modules
 
         super().setup(model, optimizer, classes, clip_multipliers)  # DeepSpeed, below, wraps the model
-        self.classes = classes
         groups = [{k: v for k, v in g.items()} for g in optimizer.param_groups]
-        order = {g["param_class"]: i for i, g in enumerate(groups)}  # keep one group per class
+        order = [g["name"] for g in groups]  # DeepSpeed must keep every group, in this order
         client = ShardedAdamWMuon(groups)
         if self.stage == 3:
             set_z3_leaf_modules(model, model.zero3_leaf_modules())
@@ -216,31 +215,31 @@ class ZeroEngine(Engine):
             out.append((opt.sub_group_to_group_id[sub_group], opt.fp32_partitioned_groups_flat[sub_group], layout))
         return out
 
-    def _verify_and_map(self, order: dict[str, int]) -> None:
+    def _verify_and_map(self, order: list[str]) -> None:
         for index, params in enumerate(self._group_params()):
             group = self.client.param_groups[index]
             held = {self.names[id(p)] for p in params}
-            expected = {n for n, c in self.classes.items() if c.value == group["param_class"]}
+            expected = set(group["names"])
             if held != expected:
                 raise ValueError(
-                    f"dist={self.cfg.name}: DeepSpeed regrouped the parameters (group {group['param_class']!r} holds "
-                    f"{len(held)} of the {len(expected)} parameters of that class); per-class LR/WD would be lost"
+                    f"dist={self.cfg.name}: DeepSpeed regrouped the parameters (group {group['name']!r} holds "
+                    f"{len(held)} of its {len(expected)} parameters); per-group LR/WD would be lost"
                 )
             if group["use_muon"] and group["param_class"] != ParamClass.MATRIX.value:
                 raise ValueError(f"dist={self.cfg.name}: Muon would run on class {group['param_class']!r}")
-        if order != {g["param_class"]: i for i, g in enumerate(self.client.param_groups)}:
+        if order != [g["name"] for g in self.client.param_groups]:
             raise ValueError(f"dist={self.cfg.name}: DeepSpeed reordered the parameter groups")
         self.client.layouts = {id(shard): layout for _, shard, layout in self.shards()}
 
     def class_rows(self) -> list[dict]:
-        """The parameter-class table built from the parameters DeepSpeed holds in each group."""
+        """The parameter-group table built from the parameters DeepSpeed holds in each group."""
         rows = []
         for group, params in zip(self.client.param_groups, self._group_params()):
             numel = sum(p.ds_numel if self.stage == 3 else p.numel() for p in params)
             optimizer = "muon" if group["use_muon"] else "adamw"
             rows.append(
                 {
-                    "class": group["param_class"],
+                    "group": group["name"],
                     "count": len(params),
                     "numel": numel,
                     "optimizer": optimizer,

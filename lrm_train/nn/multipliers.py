@@ -74,6 +74,8 @@ class LRMConfig:
             raise ValueError(f"lrm.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}")
         if self.init not in INITS:
             raise ValueError(f"lrm.init={self.init!r} is not one of {', '.join(INITS)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"lrm.weight_decay={self.weight_decay} must be >= 0")
 
 
 class _RowColScale(torch.autograd.Function):

@@ -1,18 +1,26 @@
-"""Optimizer construction from the parameter classes: one parameter group per class, each with its LR and WD.
+"""Optimizer construction from the parameter classes: one parameter group per class (or per class and role
+pattern), each with its LR and WD.
 
 - AdamW (``optim.name=adamw``): every class under ``optim.AdamW`` (decoupled weight decay; torch's update).
 - Muon (``optim.name=muon``): the ``matrix`` class under Muon, every other class under AdamW: the standard split,
   since embeddings, LM head, norms, SSM vectors and multipliers are not matrices Muon should orthogonalize.
 
 A group's learning rate is ``schedule(step) * optim.lr * optim.<class>.lr_mult`` (set by ``set_learning_rates``);
-its weight decay is ``optim.weight_decay * optim.<class>.wd_mult``, except the multipliers, which take the absolute
-``lrm.weight_decay`` (the paper's 2e-3).
+its weight decay is ``optim.weight_decay * optim.<class>.wd_mult``, except the multipliers, whose base is the
+absolute ``lrm.weight_decay`` (the paper's 2e-3): ``lrm.weight_decay * optim.multiplier.wd_mult``.
+
+``optim.roles`` refines this per matrix role (Falcon-H1 tunes its LR multipliers per role): each entry's glob
+``pattern`` selects roles (``attn.q``, ``ssm.*``, ``embedding``, ``lm_head``; the model's ``MATRIX_ROLES``) and its
+``lr_mult``/``wd_mult`` multiply the class's, for the weights of those matrices or, with ``multipliers: true``, for
+their learnable multipliers. Matched parameters form their own group ``<class>/<pattern>``; a pattern that matches
+nothing, or a parameter matched by two patterns, is an error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
@@ -20,7 +28,7 @@ from torch import nn
 from lrm_train.nn import LRMConfig
 from lrm_train.optim.adamw import AdamW
 from lrm_train.optim.muon import AdjustLR, Muon, NSDtype
-from lrm_train.optim.param_classes import ParamClass
+from lrm_train.optim.param_classes import ParamClass, parameter_roles
 
 
 class OptimizerName(str, Enum):
@@ -38,6 +46,20 @@ class ClassHyper:
 
 
 @dataclass
+class RoleHyper:
+    """LR and WD multipliers for the matrices of the roles ``pattern`` matches (a glob), or their multipliers."""
+
+    pattern: str = "???"
+    multipliers: bool = False  # false: the matrices' weights; true: their learnable multipliers (lrm_*)
+    lr_mult: float = 1.0
+    wd_mult: float = 1.0
+
+    @property
+    def param_class(self) -> str:
+        return ParamClass.MULTIPLIER.value if self.multipliers else "matrix weight"
+
+
+@dataclass
 class OptimConfig:
     name: OptimizerName = OptimizerName.adamw
     lr: float = 3e-3
@@ -48,9 +70,11 @@ class OptimConfig:
     matrix: ClassHyper = field(default_factory=ClassHyper)
     embedding: ClassHyper = field(default_factory=ClassHyper)
     lm_head: ClassHyper = field(default_factory=ClassHyper)
-    multiplier: ClassHyper = field(default_factory=ClassHyper)  # wd_mult unused: lrm.weight_decay applies
+    multiplier: ClassHyper = field(default_factory=ClassHyper)  # wd: lrm.weight_decay * multiplier.wd_mult
     norm: ClassHyper = field(default_factory=lambda: ClassHyper(wd_mult=0.0))
     ssm_vector: ClassHyper = field(default_factory=lambda: ClassHyper(wd_mult=0.0))
+    # Per matrix role, on top of the class's multipliers (see the module docstring).
+    roles: list[RoleHyper] = field(default_factory=list)
     # Muon (matrices only).
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
@@ -63,6 +87,25 @@ class OptimConfig:
             raise ValueError(f"optim.name={self.name!r} is not one of {', '.join(OptimizerName)}")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs 2 values, got {list(self.betas)}")
+        checks = {
+            "optim.lr": (self.lr, self.lr > 0, "must be > 0"),
+            "optim.weight_decay": (self.weight_decay, self.weight_decay >= 0, "must be >= 0"),
+            "optim.eps": (self.eps, self.eps >= 0, "must be >= 0"),
+            "optim.muon_momentum": (self.muon_momentum, 0 <= self.muon_momentum < 1, "must be in [0, 1)"),
+            "optim.muon_ns_steps": (self.muon_ns_steps, self.muon_ns_steps >= 1, "must be >= 1"),
+        }
+        for i, beta in enumerate(self.betas):
+            checks[f"optim.betas[{i}]"] = (beta, 0 <= beta < 1, "must be in [0, 1)")
+        for cls in ParamClass:
+            hyper = self.hyper(cls)
+            checks[f"optim.{cls.value}.lr_mult"] = (hyper.lr_mult, hyper.lr_mult >= 0, "must be >= 0")
+            checks[f"optim.{cls.value}.wd_mult"] = (hyper.wd_mult, hyper.wd_mult >= 0, "must be >= 0")
+        for i, role in enumerate(self.roles):
+            checks[f"optim.roles[{i}].lr_mult"] = (role.lr_mult, role.lr_mult >= 0, "must be >= 0")
+            checks[f"optim.roles[{i}].wd_mult"] = (role.wd_mult, role.wd_mult >= 0, "must be >= 0")
+        for key, (value, ok, rule) in checks.items():
+            if not ok:
+                raise ValueError(f"{key}={value} {rule}")
 
     def hyper(self, cls: ParamClass) -> ClassHyper:
         return getattr(self, cls.value)
@@ -109,26 +152,57 @@ class CombinedOptimizer:
         raise KeyError("parameter not held by this optimizer")
 
 
+def _role_entry(cfg: OptimConfig, cls: ParamClass, role: str | None, name: str) -> int | None:
+    """The index of the ``optim.roles`` entry that applies to this parameter, if any (never two)."""
+    if role is None or cls not in (ParamClass.MATRIX, ParamClass.EMBEDDING, ParamClass.LM_HEAD, ParamClass.MULTIPLIER):
+        return None
+    matches = [
+        i
+        for i, entry in enumerate(cfg.roles)
+        if entry.multipliers == (cls is ParamClass.MULTIPLIER) and fnmatchcase(role, entry.pattern)
+    ]
+    if len(matches) > 1:
+        first, second = (cfg.roles[i].pattern for i in matches[:2])
+        raise ValueError(f"optim.roles: {name} (role {role}) is matched by both {first!r} and {second!r}")
+    return matches[0] if matches else None
+
+
 def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: OptimConfig, lrm: LRMConfig) -> list[dict]:
+    """One group per class, and per class and ``optim.roles`` entry for the parameters an entry matches."""
     params = dict(model.named_parameters())
+    roles = {name: role.role for name, role in parameter_roles(model).items()}
+    members: dict[tuple[ParamClass, int | None], list[str]] = {}
+    for name, cls in classes.items():
+        members.setdefault((cls, _role_entry(cfg, cls, roles[name], name)), []).append(name)
+    for i, entry in enumerate(cfg.roles):
+        if not any(index == i for _, index in members):
+            known = sorted({r for r in roles.values() if r is not None})
+            raise ValueError(
+                f"optim.roles[{i}].pattern={entry.pattern!r} matches no {entry.param_class} of this model "
+                f"(roles: {', '.join(known)})"
+            )
     groups = []
     for cls in ParamClass:
-        names = [n for n, c in classes.items() if c is cls]
-        if not names:
-            continue
-        hyper = cfg.hyper(cls)
-        weight_decay = lrm.weight_decay if cls is ParamClass.MULTIPLIER else cfg.weight_decay * hyper.wd_mult
-        groups.append(
-            {
-                "params": [params[n] for n in names],
-                "names": names,
-                "param_class": cls.value,
-                "lr": cfg.lr * hyper.lr_mult,
-                "lr_mult": hyper.lr_mult,
-                "weight_decay": weight_decay,
-                "use_muon": cfg.name == "muon" and cls is ParamClass.MATRIX,
-            }
-        )
+        for index in [None, *range(len(cfg.roles))]:
+            names = members.get((cls, index))
+            if not names:
+                continue
+            hyper = cfg.hyper(cls)
+            entry = cfg.roles[index] if index is not None else RoleHyper(pattern="")
+            base_decay = lrm.weight_decay if cls is ParamClass.MULTIPLIER else cfg.weight_decay
+            lr_mult = hyper.lr_mult * entry.lr_mult
+            groups.append(
+                {
+                    "params": [params[n] for n in names],
+                    "names": names,
+                    "name": cls.value if index is None else f"{cls.value}/{entry.pattern}",
+                    "param_class": cls.value,
+                    "lr": cfg.lr * lr_mult,
+                    "lr_mult": lr_mult,
+                    "weight_decay": base_decay * hyper.wd_mult * entry.wd_mult,
+                    "use_muon": cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX,
+                }
+            )
     return groups
 
 
@@ -162,12 +236,12 @@ def set_learning_rates(optimizer, base_lr: float, factor: float) -> None:
 
 
 def class_table(optimizer) -> list[dict]:
-    """One row per parameter class: what the optimizer really holds."""
+    """One row per parameter group (a class, or a class and role pattern): what the optimizer really holds."""
     rows = []
     for group in optimizer.param_groups:
         rows.append(
             {
-                "class": group["param_class"],
+                "group": group["name"],
                 "count": len(group["params"]),
                 "numel": sum(p.numel() for p in group["params"]),
                 "optimizer": "muon" if group["use_muon"] else "adamw",
@@ -179,9 +253,11 @@ def class_table(optimizer) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'class':<12}{'count':>7}{'numel':>13}  {'optimizer':<10}{'lr':>11}{'wd':>10}"]
+    width = max([12, *(len(r["group"]) + 2 for r in rows)])
+    lines = [f"{'group':<{width}}{'count':>7}{'numel':>13}  {'optimizer':<10}{'lr':>11}{'wd':>10}"]
     for r in rows:
         lines.append(
-            f"{r['class']:<12}{r['count']:>7}{r['numel']:>13,}  {r['optimizer']:<10}{r['lr']:>11.3g}{r['wd']:>10.3g}"
+            f"{r['group']:<{width}}{r['count']:>7}{r['numel']:>13,}  {r['optimizer']:<10}{r['lr']:>11.3g}"
+            f"{r['wd']:>10.3g}"
         )
     return "\n".join(lines)

@@ -10,9 +10,11 @@ from lrm_train.optim import (
     NSDtype,
     OptimConfig,
     OptimizerName,
+    RoleHyper,
     build_optimizer,
     class_table,
     classify_parameters,
+    format_table,
     set_learning_rates,
 )
 
@@ -25,12 +27,12 @@ def build(name, **kwargs):
 
 def test_each_class_gets_its_lr_and_wd_and_multipliers_their_own_decay():
     _, opt = build("adamw", embedding=ClassHyper(lr_mult=2.0, wd_mult=0.5))
-    rows = {r["class"]: r for r in class_table(opt)}
+    rows = {r["group"]: r for r in class_table(opt)}
     assert rows["embedding"]["lr"] == 2e-3 and rows["embedding"]["wd"] == 0.05
     assert rows["multiplier"]["wd"] == 2e-3 and rows["norm"]["wd"] == 0.0 and rows["ssm_vector"]["wd"] == 0.0
     assert {r["optimizer"] for r in rows.values()} == {"adamw"}
     set_learning_rates(opt, 1e-3, 0.5)
-    assert {r["class"]: r["lr"] for r in class_table(opt)}["embedding"] == 1e-3
+    assert {r["group"]: r["lr"] for r in class_table(opt)}["embedding"] == 1e-3
 
 
 def test_muon_takes_the_matrices_and_only_them():
@@ -83,3 +85,76 @@ def test_string_choices_are_enums_that_yaml_spells_as_before():
         OmegaConf.merge(schema, {"muon_adjust_lr": "keller"})
     with pytest.raises(ValueError, match="optim.name='sgd' is not one of adamw, muon"):
         OptimConfig(name="sgd")
+
+
+def groups_of(opt) -> dict[str, dict]:
+    return {g["name"]: g for g in opt.param_groups}
+
+
+def test_roles_get_their_own_lr_and_wd_on_top_of_their_class():
+    model, opt = build(
+        "muon",
+        embedding=ClassHyper(lr_mult=2.0),
+        multiplier=ClassHyper(wd_mult=0.5),
+        roles=[
+            RoleHyper(pattern="attn.*", lr_mult=0.5, wd_mult=0.0),
+            RoleHyper(pattern="ssm.dt", multipliers=True, lr_mult=3.0, wd_mult=2.0),
+            RoleHyper(pattern="embedding", lr_mult=1.5),
+        ],
+    )
+    groups = groups_of(opt)
+    attn = groups["matrix/attn.*"]
+    assert attn["lr"] == 1e-3 * 0.5 and attn["weight_decay"] == 0.0 and attn["use_muon"]
+    assert {n.split(".")[-2] for n in attn["names"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert groups["matrix"]["lr"] == 1e-3 and groups["matrix"]["weight_decay"] == 0.1
+    assert not any("self_attn" in n for n in groups["matrix"]["names"])
+    dt = groups["multiplier/ssm.dt"]
+    assert dt["lr"] == pytest.approx(3e-3) and dt["weight_decay"] == pytest.approx(2e-3 * 0.5 * 2.0)
+    assert all(".in_proj.dt.lrm_" in n for n in dt["names"]) and not dt["use_muon"]
+    assert groups["multiplier"]["weight_decay"] == pytest.approx(1e-3)  # lrm.weight_decay x multiplier.wd_mult
+    assert groups["embedding/embedding"]["lr"] == pytest.approx(1e-3 * 2.0 * 1.5)
+    assert "embedding" not in groups  # its only parameter moved to the role group
+    held = [n for g in opt.param_groups for n in g["names"]]
+    assert sorted(held) == sorted(n for n, _ in model.named_parameters())  # each parameter in exactly one group
+    set_learning_rates(opt, 1e-3, 0.5)
+    assert groups_of(opt)["matrix/attn.*"]["lr"] == pytest.approx(1e-3 * 0.5 * 0.5)
+    table = format_table(class_table(opt))
+    assert any(line.split()[:2] == ["matrix/attn.*", "16"] for line in table.splitlines())  # 4 layers x q k v o
+
+
+@pytest.mark.parametrize(
+    "roles,message",
+    [
+        ([RoleHyper(pattern="attn.qq")], r"optim.roles\[0\].pattern='attn.qq' matches no matrix weight"),
+        ([RoleHyper(pattern="mlp.up", multipliers=True)], "matches no multiplier"),
+        ([RoleHyper(pattern="attn.*"), RoleHyper(pattern="attn.q")], "matched by both 'attn.\\*' and 'attn.q'"),
+    ],
+)
+def test_a_role_pattern_that_matches_nothing_or_twice_is_an_error(roles, message):
+    if "no multiplier" in message:
+        model = FalconH1LM(preset("tiny"), LRMConfig("symmetry_free"))  # mlp.up carries no multiplier there
+        lrm = LRMConfig("symmetry_free")
+    else:
+        model, lrm = FalconH1LM(preset("tiny"), LRMConfig("full")), LRMConfig("full")
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(model, classify_parameters(model), OptimConfig(roles=roles), lrm)
+
+
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(lr=-1.0), "optim.lr=-1.0"),
+        (dict(betas=[0.9, 1.0]), r"optim.betas\[1\]=1.0 must be in \[0, 1\)"),
+        (dict(betas=[-0.1, 0.9]), r"optim.betas\[0\]"),
+        (dict(eps=-1e-8), "optim.eps"),
+        (dict(weight_decay=-0.1), "optim.weight_decay"),
+        (dict(embedding=ClassHyper(lr_mult=-1.0)), "optim.embedding.lr_mult"),
+        (dict(roles=[RoleHyper(pattern="attn.q", wd_mult=-1.0)]), r"optim.roles\[0\].wd_mult"),
+    ],
+)
+def test_impossible_optimizer_settings_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key) as info:
+        OptimConfig(**kwargs)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="lrm.weight_decay=-1"):
+        LRMConfig(weight_decay=-1)
