@@ -59,6 +59,7 @@ class WandbConfig:
     mode: str = "offline"  # offline (no network, no account), online, disabled
     project: str = "lrm_train"
     entity: str | None = None
+    group: str | None = None  # runs of one experiment (e.g. a comparison) share a group
 
 
 @dataclass

@@ -71,6 +71,7 @@ class MetricSinks(Callback):
             self.wandb_run = wandb.init(
                 project=self.cfg.wandb.project,
                 entity=self.cfg.wandb.entity,
+                group=self.cfg.wandb.group,
                 mode=self.cfg.wandb.mode,
                 dir=str(run_dir),
                 name=self.run_name,
