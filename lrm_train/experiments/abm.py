@@ -1,0 +1,277 @@
+"""Adam Brownian motion (ABM): where noise and weight decay alone put a matrix's norm.
+
+    python -m lrm_train.experiments.abm [experiment=abm_gpu] [run=path/to/run_dir] [key=value ...]
+
+i.i.d. N(0, 1) "gradients" go to the trainer's own optimizer - built by the trainer's construction code for the
+model and each (lr, wd) of the sweep, AdamW or Muon - through ``train.metrics.AdamBrownianMotion``, the very code the
+trainer logs as ``abm/...``. At a constant LR the norm settles at an equilibrium ||W|| ∝ sqrt(lr/wd): its log-log slope
+against lr/wd must be 0.5 (the command fails, exit status 1, when a slope leaves 0.45-0.55; against sqrt(lr/wd) itself
+the slope is 1). For AdamW the trajectories are drawn against the closed form sqrt(lr / (2 wd)): the Adam update,
+summed over its momentum's memory, is a random walk of unit steps times lr, pulled back by lr*wd per step, whose
+stationary variance is lr^2 / (2 lr wd). Holds while lr*wd is well below 1 - beta1 (the momentum's memory).
+
+``run=<run dir>`` also overlays a finished run's matrix norms (``norm/...``) on the ABM prediction the trainer logged
+for it (``abm/...``) and its multipliers (``lrm/...``): the paper finds that matrices follow ABM and multipliers do not.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from lrm_train.experiments.analysis import command_main, power_law_fit
+from lrm_train.experiments.report import markdown_table, read_metrics, save_figure, write_report
+from lrm_train.models import FalconH1LM
+from lrm_train.models.config import preset
+from lrm_train.nn import LRMConfig
+from lrm_train.optim import OptimConfig, OptimizerName, build_optimizer, classify_parameters, set_learning_rates
+from lrm_train.train.metrics import AdamBrownianMotion
+
+SLOPE_RANGE = (0.45, 0.55)
+_TRAJECTORY_POINTS = 200  # points kept per trajectory for the plot
+
+
+@dataclass
+class ABMSettings:
+    out_dir: str = "experiments/abm"
+    model: str = "tiny"  # a model preset: the shapes and parameter groups the optimizer is built for
+    optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
+    # The sweep: lr/wd over these ratios at each of these lr*wd products (lr = sqrt(p r), wd = sqrt(p / r)).
+    # Products well below 1 - beta1 (the momentum's memory) keep the closed form valid.
+    ratios: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0])
+    products: list[float] = field(default_factory=lambda: [1e-3, 4e-3])
+    # Steps per point, in units of the equilibration time 1/(lr*wd); the equilibrium is the mean over the last one.
+    timescales: float = 3.0
+    seed: int = 0
+    run: str | None = None  # a finished run directory to overlay on its ABM prediction
+
+
+def simulate(model: FalconH1LM, optimizer_name: str, lr: float, wd: float, timescales: float, seed: int) -> dict:
+    """ABM of every shadow the trainer would keep for this model under (lr, wd): trajectories and equilibria."""
+    cfg = OptimConfig(name=OptimizerName(optimizer_name), lr=lr, weight_decay=wd)
+    optimizer = build_optimizer(model, classify_parameters(model), cfg, LRMConfig(placement="none"))
+    set_learning_rates(optimizer, lr, 1.0)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    abm = AdamBrownianMotion(optimizer, cfg, shapes, model.cfg.init_std, seed)
+    steps = math.ceil(timescales / (lr * wd))
+    every = max(1, steps // _TRAJECTORY_POINTS)
+    window_start = steps - math.ceil(steps / timescales)
+    trajectories: dict[str, list[float]] = {}
+    squares: dict[str, float] = {}
+    for step in range(1, steps + 1):
+        abm.step()
+        if step % every and step <= window_start:
+            continue
+        for name, norm in abm.norms().items():
+            value = float(norm)
+            if step % every == 0:
+                trajectories.setdefault(name, []).append(value)
+            if step > window_start:
+                squares[name] = squares.get(name, 0.0) + value**2
+    equilibrium = {name: math.sqrt(total / (steps - window_start)) for name, total in squares.items()}
+    return dict(steps=steps, every=every, trajectories=trajectories, equilibrium=equilibrium)
+
+
+def sweep(settings: ABMSettings) -> list[dict]:
+    model = FalconH1LM(preset(settings.model))
+    points = []
+    for name in settings.optimizers:
+        for product in settings.products:
+            for ratio in settings.ratios:
+                lr, wd = math.sqrt(product * ratio), math.sqrt(product / ratio)
+                print(f"abm: {name} lr={lr:.4g} wd={wd:.4g}", flush=True)
+                points.append(
+                    dict(
+                        optimizer=name,
+                        lr=lr,
+                        wd=wd,
+                        **simulate(model, name, lr, wd, settings.timescales, settings.seed),
+                    )
+                )
+    return points
+
+
+def slopes(points: list[dict]) -> list[dict]:
+    """Per optimizer and shadow: the log-log slope of the equilibrium norm against lr/wd, with its CI."""
+    rows = []
+    for name in dict.fromkeys(p["optimizer"] for p in points):
+        mine = [p for p in points if p["optimizer"] == name]
+        for shadow in mine[0]["equilibrium"]:
+            ratio = [p["lr"] / p["wd"] for p in mine]
+            fit = power_law_fit(ratio, [p["equilibrium"][shadow] for p in mine])
+            ok = SLOPE_RANGE[0] <= fit["exponent"] <= SLOPE_RANGE[1]
+            rows.append(dict(optimizer=name, shadow=shadow, **fit, within_range=ok))
+    return rows
+
+
+def plot_equilibria(points: list[dict], out_dir: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in dict.fromkeys(p["optimizer"] for p in points):
+        mine = [p for p in points if p["optimizer"] == name]
+        for shadow in mine[0]["equilibrium"]:
+            s = [math.sqrt(p["lr"] / p["wd"]) for p in mine]
+            ax.loglog(s, [p["equilibrium"][shadow] for p in mine], "o", label=f"{name} {shadow}", alpha=0.7)
+    s = sorted({math.sqrt(p["lr"] / p["wd"]) for p in points})
+    ax.loglog(s, [v / math.sqrt(2) for v in s], "k--", label="sqrt(lr/(2 wd)) (AdamW closed form)")
+    ax.set_xlabel("sqrt(lr / wd)")
+    ax.set_ylabel("equilibrium ||W|| (RMS)")
+    ax.set_title("ABM equilibrium norm")
+    ax.legend(fontsize=7)
+    return save_figure(fig, out_dir / "abm_equilibrium.png")
+
+
+def plot_adamw_trajectories(points: list[dict], out_dir: Path) -> str | None:
+    adamw = [p for p in points if p["optimizer"] == "adamw"]
+    if not adamw:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, p in enumerate(adamw):
+        shadow = next(iter(p["trajectories"]))  # every shadow of an AdamW sweep point shares lr and wd
+        norms = p["trajectories"][shadow]
+        time = [(k + 1) * p["every"] * p["lr"] * p["wd"] for k in range(len(norms))]
+        line = ax.semilogy(time, norms, color=f"C{i % 10}", label=f"lr={p['lr']:g} wd={p['wd']:g}")[0]
+        ax.axhline(math.sqrt(p["lr"] / (2 * p["wd"])), color=line.get_color(), ls="--", lw=0.8)
+    ax.set_xlabel("step x lr x wd (equilibration times)")
+    ax.set_ylabel(f"||W|| of the {shadow} shadow (RMS)")
+    ax.set_title("AdamW ABM trajectories; dashed: sqrt(lr / (2 wd))")
+    ax.legend(fontsize=6, ncol=2)
+    return save_figure(fig, out_dir / "abm_trajectories_adamw.png")
+
+
+def run_overlay(run_dir: Path, out_dir: Path) -> dict:
+    """A run's matrix norms and multipliers against the ABM prediction the trainer logged beside them."""
+    metrics_file = run_dir / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise ValueError(f"run={run_dir}: no metrics.jsonl there (is it a run directory?)")
+    records = [r for r in read_metrics(run_dir) if any(k.startswith("abm/") for k in r)]
+    if not records:
+        raise ValueError(f"run={run_dir}: metrics.jsonl has no abm/ values (run with logging.trajectories=true)")
+    steps = [r["step"] for r in records]
+    last = records[-1]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for key in sorted(k for k in last if k.startswith("norm/")):
+        ax.semilogy(steps, [r.get(key) for r in records], color="0.6", lw=0.6)
+    for key in sorted(k for k in last if k.startswith("lrm/") and k.endswith("/mean")):
+        ax.semilogy(steps, [abs(r.get(key)) for r in records], color="C1", lw=0.6, alpha=0.6)
+    for i, key in enumerate(sorted(k for k in last if k.startswith("abm/"))):
+        ax.semilogy(steps, [r.get(key) for r in records], color=f"C{i + 2}", lw=2, ls="--", label=key)
+    ax.plot([], [], color="0.6", label="norm/<matrix> (grey)")
+    ax.plot([], [], color="C1", label="|lrm/<multiplier>/mean| (orange)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("RMS norm / multiplier value")
+    ax.set_title(f"{run_dir.name}: matrix norms and multipliers against ABM")
+    ax.legend(fontsize=7)
+    figure = save_figure(fig, out_dir / "abm_run_overlay.png")
+    ratios = {}
+    for key in (k for k in last if k.startswith("norm/")):
+        matrix_abm = [v for k, v in last.items() if k.startswith("abm/")]
+        ratios[key] = last[key] / (sum(matrix_abm) / len(matrix_abm))
+    return dict(run_dir=str(run_dir), step=last["step"], figure=figure, norm_over_abm_mean=ratios)
+
+
+def run(settings: ABMSettings) -> None:
+    torch.set_num_threads(1)  # 64x64 steps: threads only contend (x20 slower on 2 shared cores)
+    out_dir = Path(settings.out_dir)
+    unknown = [name for name in settings.optimizers if name not in set(OptimizerName)]
+    if unknown:
+        raise ValueError(f"optimizers: {unknown[0]!r} is not one of {', '.join(OptimizerName)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overlay = run_overlay(Path(settings.run), out_dir) if settings.run else None  # a bad run dir fails first
+    points = sweep(settings)
+    fits = slopes(points)
+    figures = [plot_equilibria(points, out_dir), plot_adamw_trajectories(points, out_dir)]
+    report = write_report(
+        out_dir,
+        "Adam Brownian motion",
+        _markdown(settings, points, fits, figures, overlay),
+        _data(settings, points, fits, overlay),
+    )
+    print(f"report: {report}")
+    failed = [f for f in fits if not f["within_range"]]
+    for f in fits:
+        print(
+            f"abm: {f['optimizer']} {f['shadow']}: slope {f['exponent']:.3f} (95% CI {f['ci95'][0]:.3f}..{f['ci95'][1]:.3f})"
+        )
+    if failed:
+        names = ", ".join(f"{f['optimizer']} {f['shadow']} {f['exponent']:.3f}" for f in failed)
+        print(f"FAIL: ABM slope outside {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}: {names}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _data(settings, points, fits, overlay) -> dict:
+    table = [
+        dict(
+            optimizer=p["optimizer"],
+            lr=p["lr"],
+            wd=p["wd"],
+            steps=p["steps"],
+            equilibrium=p["equilibrium"],
+            closed_form_adamw=math.sqrt(p["lr"] / (2 * p["wd"])),
+        )
+        for p in points
+    ]
+    return dict(settings=vars(settings), slope_range=SLOPE_RANGE, slopes=fits, points=table, run_overlay=overlay)
+
+
+def _markdown(settings, points, fits, figures, overlay) -> str:
+    slope_rows = [
+        [
+            f["optimizer"],
+            f["shadow"],
+            f["exponent"],
+            f"{f['ci95'][0]:.3f}..{f['ci95'][1]:.3f}",
+            "yes" if f["within_range"] else "NO",
+        ]
+        for f in fits
+    ]
+    point_rows = []
+    for p in points:
+        closed = math.sqrt(p["lr"] / (2 * p["wd"]))
+        for shadow, value in p["equilibrium"].items():
+            point_rows.append(
+                [
+                    p["optimizer"],
+                    p["lr"],
+                    p["wd"],
+                    shadow,
+                    value,
+                    closed if p["optimizer"] == "adamw" else "-",
+                    value / closed,
+                ]
+            )
+    text = f"""
+N(0, 1) gradients fed to the trainer's optimizer (model preset `{settings.model}`), constant LR, {settings.timescales:g}
+equilibration times 1/(lr*wd) per point; the equilibrium is the RMS norm averaged over the last one.
+
+## Log-log slope of the equilibrium norm against lr/wd
+
+Expected 0.5, i.e. ||W|| ∝ sqrt(lr/wd); accepted {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}.
+
+{markdown_table(["optimizer", "shadow", "slope", "95% CI", "in range"], slope_rows)}
+
+![equilibria]({figures[0]})
+"""
+    if figures[1]:
+        text += f"\n![AdamW trajectories]({figures[1]})\n"
+    text += "\n## Every point\n\n" + markdown_table(
+        ["optimizer", "lr", "wd", "shadow", "equilibrium", "sqrt(lr/(2wd))", "ratio to closed form"], point_rows
+    )
+    if overlay:
+        text += f"\n\n## Run {overlay['run_dir']} (step {overlay['step']})\n\n![overlay]({overlay['figure']})\n\n"
+        text += markdown_table(
+            ["matrix", "norm / mean ABM prediction"], [[k, v] for k, v in sorted(overlay["norm_over_abm_mean"].items())]
+        )
+    return text
+
+
+def main() -> None:
+    command_main("abm", ABMSettings, run, __doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""What the paper's analyses (abm, norm_sweep, width_scaling, coord_check) share beyond the experiments' runner,
+config path and report helpers: the command wrapper, the power-law fit with its confidence interval, the width
+family's model keys and a finished run's weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lrm_train.experiments.config import compose_experiment
+from lrm_train.train.checkpoint import complete_checkpoints
+
+
+def command_main(command: str, schema: type, run: Callable, doc: str) -> None:
+    """``python -m lrm_train.experiments.<command> [experiment=<command>_gpu] [key=value ...]``: the settings of
+    ``configs/<command>.yaml``, then ``run(settings)``; bad input is one line and exit status 2, before any work."""
+    argv = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        fields = "\n".join(f"  {f.name}" for f in dataclasses.fields(schema))
+        print(f"{doc.strip()}\n\nusage: python -m lrm_train.experiments.{command} [experiment=NAME] [key=value ...]")
+        print(f"settings (defaults in configs/experiment/{command}_cpu.yaml and {schema.__name__}):\n{fields}")
+        return
+    try:
+        run(compose_experiment(command, schema, argv))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (from 31 on the normal's 1.96 is close enough).
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+_T95 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def power_law_fit(x: list[float], y: list[float]) -> dict:
+    """Least-squares fit of ``|y| = a * x**p`` on logs: p with its 95% confidence interval (Student's t).
+
+    A negative value is fitted by its magnitude (a multiplier's sign is one of the model's symmetries)."""
+    if len(x) < 3:
+        raise ValueError(f"a power-law fit with a confidence interval needs 3 points or more, got {len(x)}")
+    lx = [math.log(v) for v in x]
+    ly = [math.log(abs(v)) for v in y]
+    n = len(lx)
+    mx, my = sum(lx) / n, sum(ly) / n
+    sxx = sum((a - mx) ** 2 for a in lx)
+    slope = sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sxx
+    intercept = my - slope * mx
+    residual = sum((b - intercept - slope * a) ** 2 for a, b in zip(lx, ly))
+    stderr = math.sqrt(residual / (n - 2) / sxx)
+    t = _T95[n - 3] if n - 2 <= len(_T95) else 1.96
+    return dict(exponent=slope, ci95=[slope - t * stderr, slope + t * stderr], prefactor=math.exp(intercept), n=n)
+
+
+def width_overrides(width: int, layers: int, head_dim: int) -> list[str]:
+    """Model keys of the 0.5B model's proportions at ``width`` (as ``models.width_family``, whose heads are 64 wide)
+    with heads of ``head_dim``, so that widths below 128 exist for CPU sweeps: attention width/2, MLP 2x, SSM 1.5x.
+    The muP forward multipliers are the model group's (the 0.5B values in the ``tiny`` preset)."""
+    if width % (2 * head_dim):
+        raise ValueError(f"width {width} is not a multiple of 2 x head_dim={head_dim}")
+    heads = width // (2 * head_dim)
+    values = dict(
+        hidden_size=width,
+        num_hidden_layers=layers,
+        intermediate_size=2 * width,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        head_dim=head_dim,
+        mamba_d_ssm=3 * width // 2,
+        mamba_n_heads=3 * width // (2 * head_dim),
+        mamba_d_head=head_dim,
+        mamba_d_state=min(128, width // 2),
+    )
+    return [f"model.{k}={v}" for k, v in values.items()]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model state of a run's newest complete checkpoint."""
+    done = complete_checkpoints(run_dir)
+    if not done:
+        raise ValueError(f"{run_dir}: no complete checkpoint")
+    return load_file(done[-1] / "model.safetensors")
