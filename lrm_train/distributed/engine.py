@@ -186,6 +186,10 @@ class Engine:
         """The parameter-group table (group, count, numel, optimizer, lr, wd) from what the engine holds."""
         return class_table(self.optimizer)
 
+    def parameter_shapes(self) -> dict[str, torch.Size]:
+        """Every parameter's full shape by name, whatever the engine holds (ZeRO-3 frees the full tensors)."""
+        return {name: p.shape for name, p in self.module.named_parameters()}
+
     def gathered(self):
         """A context in which every parameter of the model is whole (ZeRO-3 partitions them otherwise)."""
         return contextlib.nullcontext()

@@ -289,6 +289,11 @@ class ZeroEngine(Engine):
 
     # State.
 
+    def parameter_shapes(self) -> dict[str, torch.Size]:
+        if self.stage < 3:
+            return super().parameter_shapes()
+        return {name: p.ds_shape for name, p in self.module.named_parameters()}
+
     def gathered(self):
         if self.stage < 3:
             return contextlib.nullcontext()

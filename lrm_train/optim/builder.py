@@ -206,8 +206,14 @@ def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: Opti
     return groups
 
 
-def make_optimizer(groups: list[dict], use_muon: bool, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer of these groups: Muon or AdamW with the run's settings (groups carry their own lr and wd)."""
+def make_optimizer(
+    groups: list[dict], use_muon: bool, cfg: OptimConfig, share_across_ranks: bool = True
+) -> torch.optim.Optimizer:
+    """The optimizer of these groups: Muon or AdamW with the run's settings (groups carry their own lr and wd).
+
+    ``share_across_ranks=False`` for parameters that are not the model's (the ABM's shadows, on each rank's CPU):
+    Muon then never splits its work across ranks, which would be a collective.
+    """
     if use_muon:
         return Muon(
             groups,
@@ -217,6 +223,7 @@ def make_optimizer(groups: list[dict], use_muon: bool, cfg: OptimConfig) -> torc
             ns_steps=cfg.muon_ns_steps,
             ns_dtype=cfg.muon_ns_dtype,
             adjust_lr=cfg.muon_adjust_lr,
+            share_across_ranks=share_across_ranks,
         )
     return AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 

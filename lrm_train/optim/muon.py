@@ -105,6 +105,7 @@ class Muon(Optimizer):
         ns_dtype: str = NSDtype.auto,
         adjust_lr: str = AdjustLR.match_rms_adamw,
         eps: float = 1e-7,
+        share_across_ranks: bool = True,
     ) -> None:
         if adjust_lr not in set(AdjustLR):
             raise ValueError(f"optim.muon_adjust_lr={adjust_lr!r} is not one of {', '.join(AdjustLR)}")
@@ -121,6 +122,7 @@ class Muon(Optimizer):
             eps=eps,
         )
         super().__init__(params, defaults)
+        self.share_across_ranks = share_across_ranks  # False: every rank orthogonalizes all (no collective)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -143,7 +145,8 @@ class Muon(Optimizer):
 
     def _orthogonalize(self, work: list) -> list[torch.Tensor]:
         """Newton-Schulz of every direction; with several ranks each computes its share and all-gathers."""
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        shared = self.share_across_ranks and dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if shared else 1
         rank = dist.get_rank() if world > 1 else 0
 
         def orthogonalize_one(index: int) -> torch.Tensor:
