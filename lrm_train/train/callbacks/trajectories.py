@@ -18,7 +18,10 @@ class Trajectories(Callback):
         self.abm: AdamBrownianMotion | None = None
 
     def setup(self, trainer) -> None:
-        self.abm = AdamBrownianMotion(trainer.optimizer, self.init_std, seed=self.seed + _ABM_SEED_OFFSET)
+        shapes = trainer.engine.parameter_shapes()
+        self.abm = AdamBrownianMotion(
+            trainer.optimizer, trainer.cfg.optim, shapes, self.init_std, seed=self.seed + _ABM_SEED_OFFSET
+        )
 
     def on_step(self, trainer, step: StepResult) -> None:
         if step.applied:
