@@ -28,9 +28,9 @@ def test_metrics_jsonl_and_the_offline_wandb_run_hold_the_trajectories(data_root
         "lrm/embed_tokens.lrm_col/max",
         "norm/layers.1.feed_forward.down_proj",
         "norm_eff/layers.1.feed_forward.down_proj",
-        "abm/matrix",
-        "abm/embedding",
-        "abm/lm_head",
+        "abm/matrix/32x32",
+        "abm/embedding/512x32",
+        "abm/lm_head/512x32",
     ]
     for key in expected:
         assert key in last, key
