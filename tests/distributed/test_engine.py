@@ -132,3 +132,9 @@ def test_zero_skips_by_the_same_rule(group_norms, loss_is_finite, applied):
         torch.testing.assert_close(norm, torch.tensor(3.0))
         scales = [g["grad_scale"] for g in engine.client.param_groups]
         assert scales == [pytest.approx(1.5 / (3.0 + 1e-6)), 1.0]
+
+
+def test_parameter_shapes_are_full_and_named():
+    engine = engine_for("single")[0]
+    assert engine.parameter_shapes() == {"weight": torch.Size([3, 3]), "lrm_row": torch.Size([3])}
+    assert sum(s.numel() for s in engine.parameter_shapes().values()) == 12  # a count no engine can shrink
