@@ -1,0 +1,179 @@
+"""Runs an experiment's trainer runs, each in its own run directory, and knows which of them have finished.
+
+A run is a list of trainer overrides (``RunSpec``); every run is composed by the trainer's ``compose`` before any
+work, so a bad key in any of them stops the experiment with one line before the first step. Where a run stands is
+read from its run directory alone, so it is the same whoever trained it (this process, torchrun, a Slurm job):
+
+- ``finished``: its newest complete checkpoint is at ``train.max_steps`` (the trainer always saves the final step,
+  after writing its metrics);
+- ``diverged``: the trainer stopped on non-finite steps and left an ``emergency_step_*`` checkpoint; rerunning would
+  diverge again from the same checkpoint, so it is kept as a result (delete the run directory to try again);
+- ``pending``: anything else; training it resumes from its newest checkpoint (``train.resume=auto``).
+
+Launchers: ``local`` trains the runs one after another on this machine - in this process on a CPU or one GPU, under
+``torchrun --nproc_per_node=N ... dist=ddp`` on N GPUs - and ``slurm`` submits one ``sbatch launch/slurm.sbatch``
+job per run that is neither finished nor already queued.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lrm_train.train import RunConfig, compose, train
+from lrm_train.train.checkpoint import checkpoint_root, complete_checkpoints
+
+FINISHED, DIVERGED, PENDING = "finished", "diverged", "pending"
+SLURM_JOB_FILE = "slurm_job_id"  # in a run directory: the job that trains it
+
+
+@dataclass
+class RunSpec:
+    name: str
+    overrides: list[str]  # trainer overrides, train.run_dir included
+    cfg: RunConfig
+    labels: dict = field(default_factory=dict)  # what the experiment varies in this run (arm, lr, seed, ...)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.run_dir)
+
+
+def make_run(name: str, run_dir: Path, overrides: list[str], **labels) -> RunSpec:
+    """A run composed now (so a config error surfaces before any training), named ``name`` in W&B and logs."""
+    full = [*overrides, f"train.run_dir={run_dir}", f"experiment.name={name}"]
+    try:
+        cfg = compose(full)
+    except ValueError as e:
+        raise ValueError(f"run {name}: {e}") from None
+    return RunSpec(name, full, cfg, labels)
+
+
+def run_status(run: RunSpec) -> str:
+    if any(p.name.startswith("emergency_step_") for p in _children(checkpoint_root(run.run_dir))):
+        return DIVERGED
+    done = complete_checkpoints(run.run_dir)
+    if done and int(done[-1].name.removeprefix("step_")) >= run.cfg.train.max_steps:
+        return FINISHED
+    return PENDING
+
+
+def _children(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
+def run_local(runs: list[RunSpec], nproc: int = 0) -> None:
+    """Train every unfinished run in turn; ``nproc`` processes per run (0: one per visible GPU, at least one)."""
+    nproc = nproc or max(1, torch.cuda.device_count())
+    for i, run in enumerate(runs, 1):
+        status = run_status(run)
+        if status != PENDING:
+            print(f"[{i}/{len(runs)}] {run.name}: {status}, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(runs)}] {run.name}: training", flush=True)
+        if nproc == 1:
+            _train_in_process(run)
+        else:
+            _train_with_torchrun(run, nproc)
+        print(f"[{i}/{len(runs)}] {run.name}: {run_status(run)}", flush=True)
+
+
+def _train_in_process(run: RunSpec) -> None:
+    # In process, not a subprocess: one run costs no interpreter and torch start-up, and a config or disk error
+    # keeps its own one-line message. The trainer reseeds everything it uses from the run's config.
+    try:
+        train(run.cfg)
+    except RuntimeError as e:
+        if run_status(run) != DIVERGED:  # only non-finite steps leave an emergency checkpoint
+            raise
+        print(f"  {run.name}: {e}", flush=True)
+
+
+def _train_with_torchrun(run: RunSpec, nproc: int) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "lrm_train.train",
+        "dist=ddp",
+        *run.overrides,
+    ]
+    done = subprocess.run(command)
+    if done.returncode == 130:
+        raise KeyboardInterrupt
+    if done.returncode != 0 and run_status(run) != DIVERGED:
+        raise RuntimeError(f"run {run.name} failed (exit status {done.returncode}); see {run.run_dir}")
+
+
+@dataclass
+class SlurmConfig:
+    script: str = "launch/slurm.sbatch"  # one torchrun per node, requeue-friendly
+    nodes: int = 1  # per run
+    sbatch_args: list[str] = field(default_factory=list)  # e.g. ["--partition=gpu", "--time=2-00:00:00"]
+
+
+def submit_slurm(runs: list[RunSpec], slurm: SlurmConfig, report_command: list[str] | None = None) -> list[str]:
+    """One ``sbatch`` job per run that is neither finished, diverged nor still queued; then, if ``report_command`` is
+    given, a job that runs it once all of them have ended (``--dependency=afterany``). Returns the job ids."""
+    job_ids = []
+    for run in runs:
+        status = run_status(run)
+        queued = _queued_job(run)
+        if status != PENDING or queued:
+            print(f"{run.name}: {status if status != PENDING else f'queued as job {queued}'}, not submitted")
+            continue
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        job_id = _sbatch(
+            [
+                f"--job-name={run.name}",
+                f"--nodes={slurm.nodes}",
+                f"--output={run.run_dir}/slurm-%j.out",
+                *slurm.sbatch_args,
+                slurm.script,
+                *run.overrides,
+            ]
+        )
+        (run.run_dir / SLURM_JOB_FILE).write_text(job_id)
+        print(f"{run.name}: submitted as job {job_id}")
+        job_ids.append(job_id)
+    if report_command and job_ids:
+        job_id = _sbatch(
+            [
+                f"--dependency=afterany:{':'.join(job_ids)}",
+                "--job-name=report",
+                *slurm.sbatch_args,
+                f"--wrap={shlex.join(report_command)}",
+            ]
+        )
+        print(f"report: job {job_id}, after the runs end")
+        job_ids.append(job_id)
+    return job_ids
+
+
+def _sbatch(args: list[str]) -> str:
+    done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"sbatch failed (exit status {done.returncode}): {done.stderr.strip()}")
+    return done.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
+
+
+def _queued_job(run: RunSpec) -> str | None:
+    """The job id recorded for this run if Slurm still lists it (pending or running)."""
+    id_file = run.run_dir / SLURM_JOB_FILE
+    if not id_file.is_file():
+        return None
+    job_id = id_file.read_text().strip()
+    listed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return job_id if listed.returncode == 0 and listed.stdout.strip() else None
+
+
+def python_command(module: str, args: list[str]) -> list[str]:
+    """``python -m module args`` with this interpreter (for jobs that run on this installation)."""
+    return [sys.executable, "-m", module, *args]
