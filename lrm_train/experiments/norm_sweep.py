@@ -1,0 +1,133 @@
+"""The paper's projector experiment: sweep S = sqrt(lr/wd) of the LM head at a fixed sqrt(lr*wd).
+
+    python -m lrm_train.experiments.norm_sweep [experiment=norm_sweep_gpu] [key=value ...]
+
+The LM head's LR and WD are set through its class multipliers so that sqrt(lr*wd) = ``effective_lr`` and
+sqrt(lr/wd) = S for each S of ``scales``; everything else trains as usual. ABM puts the head's norm at
+||W|| ≈ S/sqrt(2), so S moves the logits' scale unless something learnable can undo it. Arms (trainer overrides):
+``frozen`` - no multipliers and frozen norm weights (``optim.norm.lr_mult=0``: AdamW's step, weight decay included,
+is scaled by the LR, so a zero LR leaves the weights at 1); ``scalar`` - a learnable scalar on every matrix, the
+head's included, norms frozen; ``vector`` - learnable norm weights, the final RMSNorm's being the head's column
+multipliers. The paper: the frozen arm degrades at extreme S, the multiplier arms stay flat while ||W|| follows S.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lrm_train.experiments.analysis import command_main
+from lrm_train.experiments.report import markdown_table, new_figure, read_metrics, save_figure, write_report
+from lrm_train.experiments.runner import make_run, run_local
+from lrm_train.train import compose
+
+
+@dataclass
+class NormSweepSettings:
+    out_dir: str = "experiments/norm_sweep"
+    scales: list[float] = field(default_factory=lambda: [1 / 64, 1 / 8, 1.0, 8.0, 64.0])  # S = sqrt(lr/wd): 8^-2..8^2
+    # sqrt(lr*wd) of the head: 1/effective_lr^2 steps is the head's equilibration time, which the runs must exceed.
+    effective_lr: float = 0.14
+    arms: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "frozen": ["lrm=none", "optim.norm.lr_mult=0"],
+            "scalar": ["lrm=scalar", "optim.norm.lr_mult=0"],
+            "vector": ["lrm=none"],
+        }
+    )
+    trainer: list[str] = field(default_factory=list)  # the model, data and length of every run
+
+
+def head_overrides(settings: NormSweepSettings, scale: float, base_lr: float, base_wd: float) -> list[str]:
+    lr, wd = settings.effective_lr * scale, settings.effective_lr / scale
+    return [f"optim.lm_head.lr_mult={lr / base_lr}", f"optim.lm_head.wd_mult={wd / base_wd}"]
+
+
+def make_runs(settings: NormSweepSettings, out_dir: Path) -> dict:
+    """Every run composed before any trains (a bad key fails first), by (arm, S)."""
+    base = compose(list(settings.trainer)).optim  # the base LR and WD that the class multipliers scale
+    runs = {}
+    for arm, arm_overrides in settings.arms.items():
+        for scale in settings.scales:
+            name = f"{arm}_S{scale:g}"
+            overrides = [
+                *settings.trainer,
+                *arm_overrides,
+                *head_overrides(settings, scale, base.lr, base.weight_decay),
+            ]
+            runs[(arm, scale)] = make_run(f"norm_sweep_{name}", out_dir / "runs" / name, overrides)
+    return runs
+
+
+def final_values(run_dir: Path) -> dict:
+    """The final validation loss and the LM head's norms (and scalar, when it has one) from the run's metrics."""
+    records = read_metrics(run_dir)
+    last = {}
+    for record in records:
+        last.update({k: v for k, v in record.items() if v is not None})
+    values = dict(val_loss=last["val_loss"], norm=last["norm/lm_head"], norm_eff=last["norm_eff/lm_head"])
+    if "lrm/lm_head.lrm_scalar" in last:
+        values["head_scalar"] = last["lrm/lm_head.lrm_scalar"]
+    return values
+
+
+def run(settings: NormSweepSettings) -> None:
+    out_dir = Path(settings.out_dir)
+    if settings.effective_lr <= 0 or any(s <= 0 for s in settings.scales):
+        raise ValueError("effective_lr and every S of scales must be positive")
+    runs = make_runs(settings, out_dir)
+    run_local(list(runs.values()))
+    results = {key: final_values(run.run_dir) for key, run in runs.items()}
+    spreads = {}
+    for arm in settings.arms:
+        losses = [results[(arm, s)]["val_loss"] for s in settings.scales]
+        spreads[arm] = dict(min=min(losses), max=max(losses), spread=max(losses) - min(losses))
+
+    fig, (loss_ax, norm_ax) = new_figure(2, f"LM-head norm sweep at sqrt(lr*wd) = {settings.effective_lr:g}")
+    for i, arm in enumerate(settings.arms):
+        loss_ax.semilogx(settings.scales, [results[(arm, s)]["val_loss"] for s in settings.scales], "o-", label=arm)
+        norm_ax.loglog(settings.scales, [results[(arm, s)]["norm"] for s in settings.scales], "o-", label=arm)
+    norm_ax.loglog(settings.scales, [s / math.sqrt(2) for s in settings.scales], "k--", label="S/sqrt(2) (ABM)")
+    loss_ax.set(xlabel="S = sqrt(lr/wd) of the LM head", ylabel="final validation loss")
+    norm_ax.set(xlabel="S = sqrt(lr/wd) of the LM head", ylabel="||W|| of the LM head (RMS)")
+    loss_ax.legend()
+    norm_ax.legend()
+    figure = save_figure(fig, out_dir / "norm_sweep.png")
+
+    rows = []
+    for (arm, scale), values in results.items():
+        rows.append([arm, scale, values["val_loss"], values["norm"], values["norm_eff"], values.get("head_scalar")])
+    spread_rows = [[arm, v["min"], v["max"], v["spread"]] for arm, v in spreads.items()]
+    text = f"""
+The LM head's sqrt(lr*wd) is fixed at {settings.effective_lr:g} while S = sqrt(lr/wd) sweeps {settings.scales};
+arms: {", ".join(f"`{arm}` ({' '.join(o)})" for arm, o in settings.arms.items())}; every run: {settings.trainer}.
+
+![norm sweep]({figure})
+
+## Spread of the final validation loss across S
+
+The paper: the frozen arm degrades at extreme S, the multiplier arms stay flat.
+
+{markdown_table(["arm", "min loss", "max loss", "spread (max - min)"], spread_rows)}
+
+## Every run
+
+{markdown_table(["arm", "S", "final val loss", "‖W‖ head", "‖W_eff‖ head", "head scalar"], rows)}
+"""
+    data = dict(
+        settings=dict(vars(settings)),
+        spread=spreads,
+        runs=[dict(arm=arm, S=scale, **values) for (arm, scale), values in results.items()],
+    )
+    print(f"report: {write_report(out_dir, 'Norm sweep (LM head)', text, data)}")
+    for arm, v in spreads.items():
+        print(f"norm_sweep: {arm}: final loss {v['min']:.3f}..{v['max']:.3f} across S (spread {v['spread']:.3f})")
+
+
+def main() -> None:
+    command_main("norm_sweep", NormSweepSettings, run, __doc__)
+
+
+if __name__ == "__main__":
+    main()
