@@ -5,8 +5,12 @@ The training loop talks to this small interface only, so it never branches on th
     optimizer = engine.setup(model, optimizer, classes)   # the optimizer whose param_groups the schedule drives
     with engine.accumulating(last=...):                  # gradient sync only on the last micro-batch
         engine.backward(loss)
-    grad_norm, applied = engine.optimizer_step(max_norm, loss_is_finite)
+    grad_norm, applied = engine.optimizer_step(max_norm, loss_is_finite)   # applied only if all is finite
     engine.model_state() / engine.optimizer_state()      # full, named: the same checkpoint for every engine
+    engine.parameter_shapes()                            # full shapes by name (ZeRO-3 partitions the tensors)
+
+Each engine owns a process group (``LocalProcess``, or ``LaunchedProcessGroup`` under a launcher) for rank, world
+size and the few collectives the loop needs.
 
 ``single`` runs one process; ``ddp`` runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on CUDA);
 ``zero1``/``zero2``/``zero3`` run DeepSpeed ZeRO (``distributed/zero.py``).
