@@ -1,0 +1,21 @@
+"""Downstream evaluation with lm-evaluation-harness: our ``lrm_train`` harness model, offline task data, bits per
+byte. ``python -m lrm_train.eval CHECKPOINT [tasks=...] [limit=N]``; from Python, ``evaluate_checkpoint``.
+
+Importing this package imports the harness (slow): the trainer imports it only when ``eval.tasks`` is set.
+"""
+
+from lrm_train.eval.api import evaluate_checkpoint
+from lrm_train.eval.model import LRMHarnessLM, load_for_eval
+from lrm_train.eval.scoring import correct_continuation_bpb, run_harness, validation_bpb
+from lrm_train.eval.tasks import DEFAULT_TASKS, OFFLINE_TASKS
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "OFFLINE_TASKS",
+    "LRMHarnessLM",
+    "correct_continuation_bpb",
+    "evaluate_checkpoint",
+    "load_for_eval",
+    "run_harness",
+    "validation_bpb",
+]

@@ -1,0 +1,250 @@
+"""Our model inside lm-evaluation-harness: the ``lrm_train`` model (``--model lrm_train --model_args path=...``).
+
+``path`` is a training checkpoint (``runs/<name>/checkpoints/step_*``, any engine), a run directory (its newest
+checkpoint), an lrm_train model folder or an exported Hugging Face folder. The tokenizer is the run's (named in the
+checkpoint's config), the one an HF export carries, or ``tokenizer=PATH`` (a tokenizer.json).
+
+Scoring follows the harness's ``hf`` model: the same context/continuation split (``TemplateLM``), the same rolling
+windows, the end-of-document token as the prefix of an empty context; so the numbers compare with published ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer
+from torch import nn
+
+from lrm_train.data import TokenData
+from lrm_train.data.tokenizer import eos_id, load_tokenizer
+
+DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_GEN_TOKS = 256
+
+# A gather over ranks: this rank's list in, every rank's lists out (rank order). One process: itself.
+Gather = Callable[[list], list[list]]
+
+
+def _single_process(items: list) -> list[list]:
+    return [items]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_data_folder(run_config_yaml: str) -> Path:
+    """The prepared data folder of a training run (the one ``prepare`` made or reused for its data config)."""
+    from lrm_train.data.config import DataConfig
+    from lrm_train.data.prepare import load_corpus, output_key
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(run_config_yaml).data))
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    return Path(cfg.out_root) / f"{cfg.name}-{output_key(cfg, load_corpus(cfg), tokenizer)}"
+
+
+def run_tokenizer_path(run_config_yaml: str, source: Path) -> Path:
+    """The tokenizer of a training run: the one in its prepared data folder."""
+    try:
+        return TokenData(run_data_folder(run_config_yaml), verify_checksums=False).tokenizer_path
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{source}: its run's data is not readable ({e}); pass tokenizer=PATH") from None
+
+
+def load_for_eval(path: str | Path, tokenizer: str | Path | None = None) -> tuple[nn.Module, Path]:
+    """The model at ``path`` (see the module docstring) and its tokenizer.json."""
+    from lrm_train.hf.convert import import_hf
+    from lrm_train.models.io import load_model
+    from lrm_train.train.checkpoint import MANIFEST, complete_checkpoints, load_resumable, model_from_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"path={path}: no such checkpoint, run directory or model folder")
+    if not (path / MANIFEST).exists() and complete_checkpoints(path):
+        path = complete_checkpoints(path)[-1]
+    if (path / MANIFEST).exists():
+        model = model_from_checkpoint(path)
+        found = run_tokenizer_path(load_resumable(path)[1]["run"]["config"], path) if tokenizer is None else None
+    elif (path / "config.json").exists():
+        is_hf = "model_type" in OmegaConf.load(path / "config.json")
+        model = import_hf(path) if is_hf else load_model(path)
+        found = path / "tokenizer.json" if (path / "tokenizer.json").exists() else None
+    else:
+        raise ValueError(f"path={path}: not a checkpoint, run directory, model folder or Hugging Face folder")
+    tokenizer_path = Path(tokenizer) if tokenizer is not None else found
+    if tokenizer_path is None:
+        raise ValueError(f"path={path}: it carries no tokenizer; pass tokenizer=PATH (a tokenizer.json)")
+    return model, tokenizer_path
+
+
+@register_model("lrm_train")
+class LRMHarnessLM(TemplateLM):
+    """Scores requests with one of our models; ``gather`` spreads the work over training ranks (the in-loop callback:
+    every rank sees every request, scores its share and receives every result)."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        tokenizer: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 8,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        model: nn.Module | None = None,
+        autocast: Callable | None = None,
+        gather: Gather = _single_process,
+        rank: int = 0,
+        world_size: int = 1,
+        **_ignored,
+    ) -> None:
+        super().__init__()
+        if model is None:
+            if path is None:
+                raise ValueError("model_args: path=... (a checkpoint, run directory, model or HF folder) is required")
+            model, tokenizer = load_for_eval(path, tokenizer)
+        if tokenizer is None:
+            raise ValueError("model_args: tokenizer=... (a tokenizer.json) is required")
+        self._device = torch.device(device) if device else default_device()
+        # A model handed in (the trainer's) stays where it is and in its mode; one loaded here goes to the device.
+        self.model = model.to(self._device).eval() if path is not None else model
+        if autocast is None:
+            # bf16 on CUDA (the precision we train in); float32 on CPU, where bf16 matrix products are ~20x slower.
+            use_bf16 = dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda")
+            autocast = lambda: torch.autocast(self.device.type, torch.bfloat16, enabled=use_bf16)
+        self.autocast = autocast
+        self.tokenizer: Tokenizer = load_tokenizer(tokenizer)
+        self._eot = eos_id(self.tokenizer, str(tokenizer))
+        self.batch_size = 8 if batch_size == "auto" else int(batch_size)
+        self.max_length, self.max_gen_toks = int(max_length), int(max_gen_toks)
+        self.gather, self.share_rank, self.share_count = gather, rank, world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # The harness's own rank/world_size stay 0/1: the harness hands every rank all requests, we split them.
+    @property
+    def eot_token_id(self) -> int:
+        return self._eot
+
+    def tok_encode(self, string: str, **_kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=False).ids
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    @torch.no_grad()
+    def _logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Log-probabilities (float32, CPU) at every position of each sequence, batched and right-padded: the model
+        is causal (attention and Mamba alike), so padding after a sequence does not change its positions."""
+        out = []
+        for i in range(0, len(sequences), self.batch_size):
+            batch = sequences[i : i + self.batch_size]
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), self._eot, dtype=torch.long)
+            for row, s in enumerate(batch):
+                ids[row, : len(s)] = torch.tensor(s)
+            with self.autocast():
+                logits = self.model(ids.to(self._device))
+            logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+            out += [logprobs[row, : len(s)] for row, s in enumerate(batch)]
+        return out
+
+    def _my_share(self, items: list) -> list:
+        """This rank's items (strided), padded with copies to an equal count so every rank runs as many forwards
+        (sharded engines gather weights in every forward, all ranks together)."""
+        per_rank = -(-len(items) // self.share_count)
+        mine = items[self.share_rank :: self.share_count]
+        return mine + [items[0]] * (per_rank - len(mine)) if items else []
+
+    def _unshare(self, results: list, count: int) -> list:
+        per_rank = self.gather(results)
+        return [per_rank[i % self.share_count][i // self.share_count] for i in range(count)]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_kwargs) -> list[tuple[float, bool]]:
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        # Longest first: batches of similar length pad little.
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        mine = self._my_share(order)
+        inputs = []
+        for i in mine:
+            context, continuation = pairs[i]
+            inputs.append((context + continuation)[-(self.max_length + 1) :][:-1])
+        scored = []
+        for i, logprobs in zip(mine, self._logprobs(inputs)):
+            continuation = torch.tensor(pairs[i][1])
+            tail = logprobs[-len(continuation) :]
+            greedy = bool((tail.argmax(-1) == continuation).all())
+            scored.append((float(tail.gather(-1, continuation[:, None]).sum()), greedy))
+        by_order = self._unshare(scored, len(order))
+        results = [None] * len(pairs)
+        for i, result in zip(order, by_order):
+            results[i] = result
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for n, request in enumerate(requests):
+            tokens = self.tok_encode(request.args[0])
+            for window in utils.get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1):
+                windows.append((None, *utils.make_disjoint_window(window)))
+                owner.append(n)
+        totals = [0.0] * len(requests)
+        for n, (loglikelihood, _) in zip(owner, self._loglikelihood_tokens(windows)):
+            totals[n] += loglikelihood
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), total)
+        return totals
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation until a stop string, end of document or ``max_gen_toks``; requests whose contexts
+        have the same token count are decoded together (no padding needed)."""
+        encoded = [(self.tok_encode(r.args[0]), r.args[1]) for r in requests]
+        mine = self._my_share(list(range(len(encoded))))
+        groups: dict[tuple, list[int]] = {}
+        for i in mine:
+            context, kwargs = encoded[i]
+            until = kwargs.get("until") or []
+            key = (len(context), tuple([until] if isinstance(until, str) else until), kwargs.get("max_gen_toks"))
+            groups.setdefault(key, []).append(i)
+        texts = {}
+        for (_, until, max_gen), members in groups.items():
+            for i, text in zip(members, self._greedy([encoded[i][0] for i in members], list(until), max_gen)):
+                texts[i] = text
+        generated = self._unshare([texts[i] for i in mine], len(encoded))
+        for request, text in zip(requests, generated):
+            self.cache_hook.add_partial("generate_until", request.args, text)
+        return generated
+
+    def _greedy(self, contexts: list[list[int]], until: list[str], max_gen_toks: int | None) -> list[str]:
+        max_new = int(max_gen_toks or self.max_gen_toks)
+        ids = torch.tensor([c[-(self.max_length - max_new) :] for c in contexts], device=self._device)
+        start, finished = ids.shape[1], torch.zeros(len(contexts), dtype=torch.bool, device=self._device)
+        for _ in range(max_new):
+            with self.autocast():
+                next_ids = self.model(ids[:, -self.max_length :])[:, -1].float().argmax(-1)
+            finished |= next_ids == self._eot
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            texts = [self.tok_decode(row[start:].tolist()) for row in ids]
+            finished |= torch.tensor([any(s in t for s in until) for t in texts], device=self._device)
+            if finished.all():
+                break
+        out = []
+        for row in ids:
+            new = row[start:].tolist()
+            text = self.tok_decode(new[: new.index(self._eot)] if self._eot in new else new)
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
