@@ -19,9 +19,10 @@ from lrm_train.nn import LRMConfig
 from lrm_train.utils import atomic_directory, check_replaceable
 
 FORMAT = "lrm_train.falcon_h1"
-# Every folder lrm_train writes here (a model folder or a Hugging Face export) holds exactly these files, and its
-# safetensors metadata says who wrote it: that is how --overwrite tells our output from a user's folder.
-FOLDER_FILES = ("config.json", "model.safetensors")
+# Every folder lrm_train writes here (a model folder or a Hugging Face export, with its run's tokenizer) holds only
+# these files, and its safetensors metadata says who wrote it: that is how --overwrite tells our output from a user's
+# folder.
+FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 WRITTEN_BY = "lrm_train"
 
 
@@ -50,11 +51,15 @@ def write_weights_folder(
     metadata: dict[str, str],
     overwrite: bool = False,
     sources: Iterable[str | Path] = (),
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` as one folder, atomically (see ``check_output_folder``)."""
+    """Write ``config.json``, ``model.safetensors`` and ``extra_files`` (name -> text) as one folder, atomically (see
+    ``check_output_folder``)."""
     check_output_folder(out_dir, overwrite, sources)
     with atomic_directory(out_dir, overwrite=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         save_file(state, tmp / "model.safetensors", metadata={**metadata, "written_by": WRITTEN_BY})
     return Path(out_dir)
 
