@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lrm_train.experiments.config import compose_experiment
 from lrm_train.experiments.report import (
     finite,
@@ -46,6 +48,8 @@ from lrm_train.experiments.runner import (
     run_status,
     submit_slurm,
 )
+from lrm_train.models import FalconH1LM
+from lrm_train.optim import batch_fraction
 from lrm_train.train.loop import Interrupted
 
 LAUNCHERS = ("local", "slurm")
@@ -57,7 +61,7 @@ class CompareConfig:
     """Settings of a comparison (``configs/experiment/compare_*.yaml`` fill them in; see ``configs/compare.yaml``)."""
 
     name: str = "compare"
-    out_dir: str = "experiments/${name}"
+    out_dir: str = "runs/${name}"  # gitignored, beside the trainer's own runs
     arms: dict[str, list[str]] = field(default_factory=dict)  # arm -> its trainer overrides (lrm=...)
     baseline: str = "mup"  # the arm the others are compared with
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
@@ -65,6 +69,7 @@ class CompareConfig:
     lr_points: int = 3  # LRs per grid, sqrt(2) apart, centred on lr_center
     seeds: list[int] = field(default_factory=lambda: [0])
     train: list[str] = field(default_factory=list)  # trainer overrides every run shares: model, data, budget, schedule
+    train_extra: list[str] = field(default_factory=list)  # more of them, from the command line (e.g. data.source)
     launcher: str = "local"  # local: one run after another here; slurm: one sbatch job per run
     nproc: int = 0  # local: processes per run (0: one per visible GPU; torchrun + DDP when more than one)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -93,15 +98,20 @@ def lr_grid(center: float, points: int) -> list[float]:
 
 
 def plan(cfg: CompareConfig) -> list[RunSpec]:
-    """Every run of the comparison, composed (a bad override fails here, before any training)."""
+    """Every run of the comparison, composed (a bad override fails here, before any training).
+
+    In the order that gives a comparison soonest when the runs go one after another: the grid's centre LR first,
+    and each arm beside the others at the same optimizer, LR and seed."""
     runs = []
-    for arm, arm_overrides in cfg.arms.items():
+    for k in sorted(range(cfg.lr_points), key=lambda k: abs(k - (cfg.lr_points - 1) // 2)):
         for optimizer in cfg.optimizers:
-            for lr in lr_grid(cfg.lr_center[optimizer], cfg.lr_points):
-                for seed in cfg.seeds:
+            lr = lr_grid(cfg.lr_center[optimizer], cfg.lr_points)[k]
+            for seed in cfg.seeds:
+                for arm, arm_overrides in cfg.arms.items():
                     name = f"{arm}-{optimizer}-lr{lr:.3g}-s{seed}"
                     overrides = [
                         *cfg.train,
+                        *cfg.train_extra,
                         *arm_overrides,
                         f"optim={optimizer}",
                         f"optim.lr={lr!r}",
@@ -212,7 +222,19 @@ def gap_curve(arm_runs: dict, base_runs: dict) -> dict | None:
     return dict(seeds=seeds, tokens=tokens, mean=[m for m, _ in stats], std=[s for _, s in stats])
 
 
-def at_or_before(curve: dict, tokens: int) -> float | None:
+def tokens_at_step(records: list[dict], step: int) -> float | None:
+    """Tokens seen after ``step`` steps, interpolated between the logged records around it (exact without a batch
+    ramp); None past the last record."""
+    logged = [(r["step"], r["tokens_seen"]) for r in records if "tokens_seen" in r]
+    before = [(s, t) for s, t in logged if s <= step] or [(0, 0)]
+    after = [(s, t) for s, t in logged if s >= step]
+    if not after:
+        return None
+    (s0, t0), (s1, t1) = before[-1], after[0]
+    return t0 if s1 == s0 else t0 + (t1 - t0) * (step - s0) / (s1 - s0)
+
+
+def at_or_before(curve: dict, tokens: float) -> float | None:
     earlier = [m for t, m in zip(curve["tokens"], curve["mean"]) if t <= tokens]
     return earlier[-1] if earlier else None
 
@@ -254,15 +276,7 @@ def summarize(cfg: CompareConfig, results: list[RunResult]) -> dict:
         spreads = [s for s in (row["final_std"], base["final_std"]) if s is not None]
         spread = max(spreads) if len(spreads) == 2 else None
         first = next(iter(arm_runs.values())).run
-        decay_step = decay_start_step(first)
-        decay_tokens = next(
-            (
-                rec["tokens_seen"]
-                for rec in base_runs[curve["seeds"][0]].records
-                if rec["step"] >= decay_step and "tokens_seen" in rec
-            ),
-            None,
-        )
+        decay_tokens = tokens_at_step(base_runs[curve["seeds"][0]].records, decay_start_step(first))
         row["gap"] = dict(
             final=gap,
             final_std=gap_std,
@@ -299,7 +313,11 @@ def _gap_words(row: dict, baseline: str) -> str:
         verdict = f"larger than the seed spread ({g['seed_spread']:.4f})"
     else:
         verdict = f"within the seed spread ({g['seed_spread']:.4f}): not distinguishable from noise"
-    decay = "" if g["at_decay_start"] is None else f"; at the start of the decay it was {g['at_decay_start']:+.4f}"
+    decay = (
+        ""
+        if g["at_decay_start"] is None
+        else f"; at the last evaluation before the LR decay it was {g['at_decay_start']:+.4f}"
+    )
     return (
         f"- **{row['arm']} vs {baseline}, {row['optimizer']}**: final gap {g['final']:+.4f} ({row['arm']} "
         f"{sign}){decay}; {verdict}."
@@ -372,6 +390,9 @@ def plot_lr_sensitivity(out: Path, cfg: CompareConfig, summary: dict) -> str:
                 top = max(p["mean"] for p in points)
                 ax.plot(diverged, [top] * len(diverged), "x", color=bars[0].get_color(), ms=10)
         ax.set_xscale("log", base=2)
+        grid = sorted({p["lr"] for row in summary["rows"] if row["optimizer"] == optimizer for p in row["lr_curve"]})
+        ax.set_xticks(grid, [f"{lr:.3g}" for lr in grid])
+        ax.minorticks_off()
         ax.set(title=optimizer, xlabel="base LR", ylabel="final validation loss")
         ax.legend()
     return save_figure(fig, out / "lr_sensitivity.png")
@@ -395,12 +416,18 @@ def plot_multipliers(out: Path, table: dict, summary: dict) -> str | None:
             panels.append((row, records, keys))
     if not panels:
         return None
-    fig, axes = new_figure(len(panels), "multipliers at the best LR (scalars, and the mean of row/column vectors)")
+    fig, axes = new_figure(
+        len(panels),
+        "multipliers at the best LR, relative to their first logged value (scalars; means of row/column vectors)",
+    )
     for ax, (row, records, keys) in zip(axes, panels):
         for key in keys:
             steps, values = series(records, key)
-            ax.plot(steps, values, lw=0.8, label=key.removeprefix("lrm/"))
-        ax.set(title=f"{row['arm']}, {row['optimizer']}, lr {row['best_lr']:.3g}", xlabel="step", ylabel="value")
+            ratios = [v / values[0] if finite(v) and values[0] else None for v in values]
+            ax.plot(steps, ratios, lw=0.8, label=key.removeprefix("lrm/"))
+        ax.set_yscale("log")
+        title = f"{row['arm']}, {row['optimizer']}, lr {row['best_lr']:.3g}"
+        ax.set(title=title, xlabel="step", ylabel="value / first logged value")
         if len(keys) <= 12:
             ax.legend(fontsize=6)
     return save_figure(fig, out / "multipliers.png")
@@ -489,7 +516,8 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
     diverged = [r.run.name for r in results if r.status == DIVERGED]
     md = [
         f"{finished} of {len(runs)} runs finished" + (f"; diverged: {', '.join(diverged)}" if diverged else "") + ".",
-        f"Each run: {first.train.max_steps} steps, model `{first.model.hidden_size}` wide x "
+        f"Each run: {first.train.max_steps} steps of {first.train.micro_batch_size * first.train.grad_accum} x "
+        f"{first.data.seq_len} tokens per process, a model {first.model.hidden_size} wide with "
         f"{first.model.num_hidden_layers} layers, schedule `{first.schedule.name}`; the shared trainer overrides "
         f"are `{' '.join(cfg.train)}`. LR grids (sqrt(2) apart): "
         + "; ".join(
@@ -522,7 +550,7 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
     if figures["multipliers"]:
         md.append(
             f"![multipliers]({figures['multipliers']})\n\nLearned multipliers of the LRM arms against step "
-            "(scalars, and row/column means): they move away from their initial values as they learn scale."
+            "(scalars, and row/column means), each divided by its first logged value: how far each has moved from where it started."
         )
     if figures["norms_abm"]:
         md.append(
@@ -534,12 +562,40 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
     return path
 
 
-USAGE = """usage: python -m lrm_train.experiments.compare [experiment=compare_cpu|compare_0p5b] [key=value ...]
+def tokens_per_run(run: RunSpec, world_size: int) -> int:
+    """Training tokens of one run, batch ramp included (the trainer's ``batch_fraction``, in whole micro-batches)."""
+    t = run.cfg.train
+    micro_batches = sum(
+        max(1, math.ceil(t.grad_accum * batch_fraction(run.cfg.schedule, step))) for step in range(t.max_steps)
+    )
+    return micro_batches * t.micro_batch_size * world_size * run.cfg.data.seq_len
+
+
+def estimate(cfg: CompareConfig, runs: list[RunSpec], mfu: float) -> str:
+    """GPU hours of the comparison from the model's training FLOPs per token at an assumed MFU."""
+    world = cfg.nproc or 1
+    run = runs[0]
+    with torch.device("meta"):  # the FLOPs need the shapes only
+        model = FalconH1LM(run.cfg.model, run.cfg.lrm)
+    flops_per_token = model.flops_per_token(run.cfg.data.seq_len)
+    tokens = tokens_per_run(run, world)
+    peak = run.cfg.logging.peak_tflops * 1e12
+    hours = flops_per_token * tokens / (mfu * peak) / 3600
+    return (
+        f"{len(runs)} runs x {tokens / 1e9:.3g} GT at {flops_per_token:.3g} training FLOPs/token "
+        f"({world} processes per run): {hours:,.0f} GPU hours per run, {hours * len(runs):,.0f} in all, "
+        f"assuming {mfu:.0%} MFU of {run.cfg.logging.peak_tflops:g} TFLOP/s per GPU (logging.peak_tflops)"
+    )
+
+
+USAGE = """usage: python -m lrm_train.experiments.compare [experiment=compare_cpu|compare_0p5b] [key=value ...] [--estimate]
 
 keys (configs/compare.yaml, configs/experiment/*.yaml): name, out_dir, arms.<arm>=[overrides], baseline, optimizers,
-lr_center.<optimizer>, lr_points, seeds, train=[trainer overrides], launcher (local|slurm), nproc,
+lr_center.<optimizer>, lr_points, seeds, train=[trainer overrides], train_extra=[more of them], launcher (local|slurm), nproc,
 slurm.script, slurm.nodes, slurm.sbatch_args, report (after|only)
+--estimate prints the GPU hours the comparison would take at an assumed 35% MFU, and exits
 """
+ASSUMED_MFU = 0.35  # typical of well-tuned bf16 training on H100s (e.g. torchtitan's 33-39%); not measured here
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -547,12 +603,19 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\n" + (__doc__ or ""))
         return 0
+    flags = [a for a in argv if a.startswith("-")]
+    if flags and flags != ["--estimate"]:
+        print(f"error: unknown option {next(f for f in flags if f != '--estimate')!r} (see --help)", file=sys.stderr)
+        return 2
     try:
-        cfg = compose_experiment("compare", CompareConfig, argv)
+        cfg = compose_experiment("compare", CompareConfig, [a for a in argv if not a.startswith("-")])
         runs = plan(cfg)
     except ValueError as e:
         print(f"error: config: {e}", file=sys.stderr)
         return 2
+    if flags:
+        print(estimate(cfg, runs, ASSUMED_MFU))
+        return 0
     try:
         if cfg.report == "after":
             if cfg.launcher == "slurm":

@@ -9,10 +9,10 @@ import matplotlib.image
 import pytest
 from runs import overrides
 
-from lrm_train.experiments.compare import CompareConfig, RunResult, lr_grid, main, plan, summarize
+from lrm_train.experiments.compare import CompareConfig, RunResult, lr_grid, main, plan, summarize, tokens_per_run
 from lrm_train.experiments.config import compose_experiment
 from lrm_train.experiments.report import read_metrics
-from lrm_train.experiments.runner import FINISHED, PENDING, RunSpec, run_status
+from lrm_train.experiments.runner import FINISHED, PENDING, RunSpec, make_run, run_status
 
 STEPS = 8
 
@@ -138,7 +138,7 @@ def test_gap_and_spread_over_seeds():
 
     def result(arm, lr, seed, final):
         run = RunSpec(f"{arm}{lr}{seed}", [], _FakeRun(), dict(arm=arm, optimizer="adamw", lr=lr, seed=seed))
-        val = [final + 1.0, final]
+        val = [2 * final, final]  # the gap at the first evaluation is twice the final one
         records = [dict(step=50, tokens_seen=100), dict(step=100, tokens_seen=200)]
         return RunResult(run, FINISHED, final, [100, 200], val, records)
 
@@ -158,7 +158,8 @@ def test_gap_and_spread_over_seeds():
     gap = rows["lrm"]["gap"]
     assert gap["per_seed"] == pytest.approx([-0.15, -0.15]) and gap["final"] == pytest.approx(-0.15)
     assert gap["seed_spread"] == pytest.approx(0.01414, 1e-3) and gap["exceeds_spread"] is True
-    assert gap["curve"]["tokens"] == [100, 200] and gap["curve"]["mean"] == pytest.approx([-0.15, -0.15])
+    assert gap["curve"]["tokens"] == [100, 200] and gap["curve"]["mean"] == pytest.approx([-0.30, -0.15])
+    assert gap["decay_start_tokens"] == 100 and gap["at_decay_start"] == pytest.approx(-0.30)  # decay from step 50
     assert rows["mup"]["lr_range"] == pytest.approx(0.10)
 
     small = [result("mup", 0.01, 0, 3.00), result("mup", 0.01, 1, 3.10), result("lrm", 0.01, 0, 2.99)]
@@ -202,24 +203,37 @@ def test_slurm_submits_one_job_per_unfinished_run_then_the_report(data_root, fin
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
-    args = micro_args(data_root, out, optimizers="[adamw,muon]", launcher="slurm")
+    args = micro_args(data_root, out, optimizers="[adamw,muon]", lr_points=1, launcher="slurm")
     args.append(f"slurm.sbatch_args={hydra_list(['--partition=gpu'])}")
     runs = plan(compose_experiment("compare", CompareConfig, args))
     shutil.rmtree(runs[0].run_dir)  # a finished AdamW run gone; the Muon runs never ran
     pending = [r for r in runs if run_status(r) == PENDING]
-    assert len(runs) == 8 and len(pending) == 5
+    assert len(runs) == 4 and len(pending) == 3
 
     assert main(args) == 0
     submitted = log.read_text().splitlines()
-    assert len(submitted) == 6  # the unfinished runs, then the report
+    assert len(submitted) == 4  # the unfinished runs, then the report
     for i, (run, line) in enumerate(zip(pending, submitted)):
         assert line.startswith(f"--parsable --job-name={run.name} --nodes=1 --output={run.run_dir}/slurm-%j.out")
         assert line.endswith(" ".join(["--partition=gpu launch/slurm.sbatch", *run.overrides]))
         assert (run.run_dir / "slurm_job_id").read_text() == str(101 + i)
-    assert submitted[5].startswith("--parsable --dependency=afterany:101:102:103:104:105 --job-name=report")
-    assert "report=only launcher=local" in submitted[5] and "--partition=gpu" in submitted[5]
+    assert submitted[3].startswith("--parsable --dependency=afterany:101:102:103 --job-name=report")
+    assert "report=only launcher=local" in submitted[3] and "--partition=gpu" in submitted[3]
 
     assert main(args) == 0  # 101 is still queued; the others ended without finishing: submitted again
-    again = log.read_text().splitlines()[6:]
-    assert [line.split()[1] for line in again[:4]] == [f"--job-name={r.name}" for r in pending[1:]]
+    again = log.read_text().splitlines()[4:]
+    assert [line.split()[1] for line in again[:2]] == [f"--job-name={r.name}" for r in pending[1:]]
     assert "queued as job 101" in capsys.readouterr().out
+
+
+def test_estimate_counts_the_tokens_of_the_batch_ramp(data_root, tmp_path, capsys):
+    values = overrides(data_root, tmp_path / "run", **{"train.grad_accum": 2, "schedule.batch_ramp_steps": 4})
+    values["schedule.batch_ramp_start"] = 0.5
+    run = make_run("one", tmp_path / "run", [f"{k}={v}" for k, v in values.items() if k != "train.run_dir"])
+    # micro-batches of 2 per step: 1, 2, 2, 2 during the ramp (0.5, 0.625, 0.75, 0.875 of the batch), then 4 x 2
+    assert tokens_per_run(run, world_size=1) == 15 * 4 * 32
+    assert tokens_per_run(run, world_size=8) == 8 * 15 * 4 * 32
+    assert main([*micro_args(data_root, tmp_path / "out"), "--estimate"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("4 runs x ") and "assuming 35% MFU" in printed
+    assert not (tmp_path / "out").exists()
