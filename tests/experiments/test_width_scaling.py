@@ -1,0 +1,41 @@
+import json
+
+import pytest
+import torch
+
+from lrm_train.experiments.analysis import power_law_fit
+from lrm_train.experiments.width_scaling import PAPER_EXPONENTS, WidthScalingSettings, learned_multipliers, run
+from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
+
+
+def test_learned_multipliers_pair_each_query_head_with_its_key_head():
+    head_dim = 2
+    weights = {
+        "lm_head.lrm_scalar": torch.tensor([0.5]),
+        "layers.0.mamba.in_proj.dt.lrm_row": torch.tensor([2.0, 2.0]),
+        "layers.0.mamba.in_proj.dt.lrm_col": torch.tensor([0.25, 0.75]),  # mean 0.5: dt = 2 x 0.5
+        "layers.0.self_attn.q_proj.lrm_row": torch.tensor([1.0, 1.0, 4.0, 4.0, 2.0, 2.0, 8.0, 8.0]),  # 4 q heads
+        "layers.0.self_attn.k_proj.lrm_row": torch.tensor([1.0, 1.0, 0.5, 0.5]),  # 2 kv heads, 2 q heads each
+    }
+    values = learned_multipliers(weights, head_dim, heads_per_kv=2)
+    assert values["lm_head_scalar"] == 0.5
+    assert values["ssm_dt"] == pytest.approx(1.0)
+    assert values["qk_product"] == pytest.approx((1 * 4 * 1 * 4) ** 0.25)  # q x k per head: 1, 4, 1, 4
+
+
+def test_width_sweep_report(data_root, tmp_path):
+    settings = WidthScalingSettings(
+        out_dir=str(tmp_path), widths=[16, 32, 64], layers=1, head_dim=8,
+        trainer=micro_trainer(data_root, model=False),
+    )  # fmt: skip
+    run(settings)
+    report = json.loads((tmp_path / "report.json").read_text())
+    widths = [16, 32, 64]
+    for quantity, paper in PAPER_EXPONENTS.items():
+        fit = power_law_fit(widths, [report["values"][str(w)][quantity] for w in widths])
+        assert report["fits"][quantity] == fit and report["paper_exponents"][quantity] == paper
+        assert f"| {quantity} | {fit['exponent']:.4g} |" in (tmp_path / "report.md").read_text()
+    # Two steps at lr 3e-3 from 1: the multipliers have moved, but little.
+    assert all(0.9 < report["values"][str(w)]["lm_head_scalar"] < 1.1 for w in widths)
+    assert report["values"]["16"]["lm_head_scalar"] != 1.0
+    assert is_png_with_content(tmp_path / "width_scaling.png")
