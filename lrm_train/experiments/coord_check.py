@@ -151,6 +151,8 @@ def plot(settings: CoordCheckSettings, results: dict, arm: str, out_dir: Path) -
             ax.loglog(settings.widths, values, "o-", color=f"C{i}", label=quantity)
         ax.set_title(f"step {step + 1}")
         ax.set_xlabel("width")
+        ax.set_xticks(settings.widths, [str(w) for w in settings.widths], minor=False)
+        ax.minorticks_off()
     axes[0][0].set_ylabel("RMS of the output")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"coordinate check, lrm={arm} (flat = width-independent)")
