@@ -201,8 +201,10 @@ def best_lrs(table: dict) -> dict:
 
 
 def decay_start_step(run: RunSpec) -> int:
+    """Where a constant-then-decay schedule starts its decay (the end of the run for the others)."""
     s, t = run.cfg.schedule, run.cfg.train
-    return t.max_steps - round(s.decay_fraction * t.max_steps) if s.name == "constant_exp_decay" else t.max_steps
+    decays = s.name in ("constant_exp_decay", "wsd")
+    return t.max_steps - round(s.decay_fraction * t.max_steps) if decays else t.max_steps
 
 
 def gap_curve(arm_runs: dict, base_runs: dict) -> dict | None:
@@ -324,6 +326,11 @@ def _gap_words(row: dict, baseline: str) -> str:
     )
 
 
+def legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a panel may have nothing to label (no gap without a baseline)
+        ax.legend()
+
+
 def plot_val_curves(out: Path, cfg: CompareConfig, table: dict, summary: dict) -> str:
     fig, axes = new_figure(len(cfg.optimizers), "validation loss at each arm's best LR (mean over seeds, ± std)")
     for ax, optimizer in zip(axes, cfg.optimizers):
@@ -341,7 +348,7 @@ def plot_val_curves(out: Path, cfg: CompareConfig, table: dict, summary: dict) -
                     common, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25
                 )
         ax.set(title=optimizer, xlabel="tokens", ylabel="validation loss")
-        ax.legend()
+        legend(ax)
     return save_figure(fig, out / "val_loss.png")
 
 
@@ -365,7 +372,7 @@ def plot_gap(out: Path, cfg: CompareConfig, summary: dict) -> str:
             if row["gap"]["decay_start_tokens"] is not None:
                 ax.axvline(row["gap"]["decay_start_tokens"], color="grey", ls=":", lw=1)
         ax.set(title=f"{optimizer} (dotted: LR decay starts)", xlabel="tokens", ylabel="validation loss gap")
-        ax.legend()
+        legend(ax)
     return save_figure(fig, out / "gap.png")
 
 
@@ -394,7 +401,7 @@ def plot_lr_sensitivity(out: Path, cfg: CompareConfig, summary: dict) -> str:
         ax.set_xticks(grid, [f"{lr:.3g}" for lr in grid])
         ax.minorticks_off()
         ax.set(title=optimizer, xlabel="base LR", ylabel="final validation loss")
-        ax.legend()
+        legend(ax)
     return save_figure(fig, out / "lr_sensitivity.png")
 
 

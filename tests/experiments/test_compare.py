@@ -237,3 +237,14 @@ def test_estimate_counts_the_tokens_of_the_batch_ramp(data_root, tmp_path, capsy
     printed = capsys.readouterr().out
     assert printed.startswith("4 runs x ") and "assuming 35% MFU" in printed
     assert not (tmp_path / "out").exists()
+
+
+def test_nproc_runs_each_run_under_torchrun_with_ddp(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    args = [*micro_args(data_root, out, lr_points=1, nproc=2), "~arms.lrm"]  # one run: the baseline's
+    assert main(args) == 0
+    (run,) = plan(compose_experiment("compare", CompareConfig, args))
+    assert run_status(run) == FINISHED and run.name.startswith("mup-adamw")
+    assert (run.run_dir / "train_rank1.log").is_file()  # a second rank trained it
+    assert "world size 2" in (run.run_dir / "train_rank0.log").read_text()
