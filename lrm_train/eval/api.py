@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lrm_train.eval.model import LRMHarnessLM, default_device, load_for_eval, run_data_folder
+from lrm_train.eval.model import LRMHarnessLM, default_device, load_for_eval
 from lrm_train.eval.scoring import run_harness, validation_bpb
 from lrm_train.eval.tasks import DEFAULT_TASKS
+from lrm_train.hf.tokenizer import run_data_folder
 
 
 def evaluate_checkpoint(

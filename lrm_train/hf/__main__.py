@@ -1,7 +1,8 @@
 """``python -m lrm_train.hf import HF_DIR OUT_DIR [--placement ...]`` and ``... export SOURCE OUT_DIR``.
 
 SOURCE is an lrm_train model folder or a training checkpoint (``runs/<name>/checkpoints/step_*``). OUT_DIR may be
-missing or an empty folder; ``--overwrite`` replaces only a folder lrm_train wrote, never the source.
+missing or an empty folder; ``--overwrite`` replaces only a folder lrm_train wrote, never the source. An export carries
+the tokenizer (``AutoTokenizer`` loads it): a checkpoint's run's, or ``--tokenizer tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import sys
 from pathlib import Path
 
 from lrm_train.hf.convert import export_hf, import_hf
+from lrm_train.hf.tokenizer import run_tokenizer_path
 from lrm_train.models.io import check_output_folder, load_model, save_model
 from lrm_train.nn import INITS, PLACEMENTS, LRMConfig
 from lrm_train.train.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from lrm_train.train.checkpoint import model_from_checkpoint
+from lrm_train.train.checkpoint import load_resumable, model_from_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     exp = commands.add_parser("export", help="model folder or checkpoint -> Hugging Face folder, multipliers folded")
     exp.add_argument("source")
     exp.add_argument("out_dir")
+    exp.add_argument("--tokenizer", help="tokenizer.json to carry (default: a checkpoint's run's)")
     for command in (imp, exp):
         command.add_argument(
             "--overwrite", action="store_true", help="replace out_dir if lrm_train wrote it (a model folder or export)"
@@ -41,9 +44,14 @@ def main(argv: list[str] | None = None) -> int:
             lrm = LRMConfig(placement=args.placement, init=args.init, lm_head_rows=args.lm_head_rows)
             save_model(import_hf(source, lrm), args.out_dir, args.overwrite, sources=[source])
         else:
-            is_checkpoint = (source / CHECKPOINT_MANIFEST).exists()
-            model = model_from_checkpoint(source) if is_checkpoint else load_model(source)
-            export_hf(model, args.out_dir, args.overwrite, sources=[source])
+            tokenizer = args.tokenizer
+            if (source / CHECKPOINT_MANIFEST).exists():
+                model = model_from_checkpoint(source)
+                if tokenizer is None:
+                    tokenizer = run_tokenizer_path(load_resumable(source)[1]["run"]["config"], source)
+            else:
+                model = load_model(source)
+            export_hf(model, args.out_dir, args.overwrite, sources=[source], tokenizer=tokenizer)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

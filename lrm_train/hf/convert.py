@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lrm_train.hf.tokenizer import hf_tokenizer_files
 from lrm_train.models import hf_mapping
 from lrm_train.models.hf_mapping import HFMapping
 from lrm_train.models.io import check_tensors, load_state_strict, read_json, read_safetensors, write_weights_folder
@@ -42,17 +43,24 @@ def _mapping_of_config(config: dict, source: Path) -> HFMapping:
 
 
 def export_hf(
-    model: nn.Module, out_dir: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()
+    model: nn.Module,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    sources: Iterable[str | Path] = (),
+    tokenizer: str | Path | None = None,
 ) -> Path:
-    """Write a folder that transformers' ``from_pretrained`` loads.
+    """Write a folder that transformers' ``from_pretrained`` loads (and ``AutoTokenizer``, given ``tokenizer``: a
+    tokenizer.json, carried along).
 
     ``overwrite`` replaces only a folder lrm_train wrote; ``sources`` (folders the model was read from) never.
     """
+    tokenizer_files = hf_tokenizer_files(tokenizer) if tokenizer is not None else None
     mapping = _mapping_of_model(model)
     config = {"architectures": [mapping.ARCHITECTURE], "model_type": mapping.MODEL_TYPE}
     config.update(mapping.to_hf_config(model.cfg))
     # transformers refuses safetensors files whose "format" is not a framework it knows.
-    return write_weights_folder(out_dir, config, mapping.to_hf_state(model), {"format": "pt"}, overwrite, sources)
+    state = mapping.to_hf_state(model)
+    return write_weights_folder(out_dir, config, state, {"format": "pt"}, overwrite, sources, tokenizer_files)
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
