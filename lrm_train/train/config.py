@@ -77,6 +77,16 @@ class ExperimentConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream tasks scored in the loop (lm-evaluation-harness; none by default: the harness is not imported)."""
+
+    tasks: list[str] = field(default_factory=list)  # e.g. [arc_easy, piqa]; see lrm_train.eval.OFFLINE_TASKS
+    limit: int = 100  # the first N items of each task: the same fixed subset at every evaluation
+    every: int = 100  # steps between evaluations (and at the end)
+    batch_size: int = 8
+
+
+@dataclass
 class RunConfig:
     """Everything a run is. ``callbacks``: extra callbacks by name, each ``{_target_: module.Class, **kwargs}``."""
 
@@ -89,6 +99,7 @@ class RunConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)
 
 

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 
 from lrm_train.train.callbacks.base import Callback, StepResult
 from lrm_train.train.callbacks.checkpointer import Checkpointer
+from lrm_train.train.callbacks.downstream import DownstreamEval
 from lrm_train.train.callbacks.evaluator import Evaluator
 from lrm_train.train.callbacks.sinks import MetricSinks
 from lrm_train.train.callbacks.speed import SpeedMonitor
@@ -27,6 +28,7 @@ from lrm_train.train.config import RunConfig
 __all__ = [
     "Callback",
     "Checkpointer",
+    "DownstreamEval",
     "Evaluator",
     "MetricSinks",
     "SpeedMonitor",
@@ -55,6 +57,7 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         SpeedMonitor(t.log_every, cfg.logging.peak_tflops),
         Trajectories(t.log_every, cfg.logging.trajectories, cfg.model.init_std, seed=t.seed),
         Evaluator(t.eval_every, t.eval_batch_size),
+        *([DownstreamEval(cfg.eval)] if cfg.eval.tasks else []),
         *user,
         MetricSinks(cfg.logging, cfg.experiment.name),
         Checkpointer(t.ckpt_every, t.keep_last),
