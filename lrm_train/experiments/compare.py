@@ -19,6 +19,7 @@ the gap exceeds the seed spread, multiplier trajectories, and matrix norms again
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch
 
 from lrm_train.experiments.config import compose_experiment
 from lrm_train.experiments.report import (
+    atomic_write_text,
     finite,
     markdown_table,
     mean_std,
@@ -50,10 +52,20 @@ from lrm_train.experiments.runner import (
 )
 from lrm_train.models import FalconH1LM
 from lrm_train.optim import batch_fraction
+from lrm_train.train.checkpoint import complete_checkpoints
 from lrm_train.train.loop import Interrupted
 
 LAUNCHERS = ("local", "slurm")
 REPORT_MODES = ("after", "only")
+
+
+@dataclass
+class DownstreamConfig:
+    """Scoring each arm's best-LR final checkpoints with ``lrm_train.eval`` (lm-evaluation-harness tasks)."""
+
+    tasks: list[str] = field(default_factory=list)  # e.g. [hellaswag, arc_easy]; empty: no downstream columns
+    limit: float | None = None  # items per task (a float below 1: a fraction); None: all
+    batch_size: int = 8
 
 
 @dataclass
@@ -74,6 +86,7 @@ class CompareConfig:
     nproc: int = 0  # local: processes per run (0: one per visible GPU; torchrun + DDP when more than one)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     report: str = "after"  # after: train, then report; only: rebuild the report from the finished runs
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def __post_init__(self) -> None:
         if self.baseline not in self.arms:
@@ -300,6 +313,44 @@ def summarize(cfg: CompareConfig, results: list[RunResult]) -> dict:
     )
 
 
+DOWNSTREAM_FILE = "downstream.json"  # in a run directory: its final checkpoint's scores, and how they were taken
+
+
+def downstream_scores(run: RunSpec, settings: DownstreamConfig) -> dict[str, float]:
+    """``{task/metric: value}`` of the run's final checkpoint, scored once per task list and limit (then cached)."""
+    from lrm_train.eval import api  # lm-evaluation-harness loads only when scores are asked for
+
+    wanted = dict(tasks=list(settings.tasks), limit=settings.limit)
+    cache = run.run_dir / DOWNSTREAM_FILE
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored["settings"] == wanted:
+            return stored["scores"]
+    checkpoint = complete_checkpoints(run.run_dir)[-1]
+    print(f"scoring {checkpoint} on {', '.join(settings.tasks)}", flush=True)
+    result = api.evaluate_checkpoint(checkpoint, settings.tasks, settings.limit, settings.batch_size)
+    scores = {
+        f"{task}/{metric}": value for task, metrics in result["tasks"].items() for metric, value in metrics.items()
+    }
+    atomic_write_text(cache, json.dumps(dict(settings=wanted, scores=scores), indent=1))
+    return scores
+
+
+def add_downstream(cfg: CompareConfig, table: dict, summary: dict) -> list[str]:
+    """Each row's downstream scores at its best LR (mean over seeds); returns the score names, in column order."""
+    names: set[str] = set()
+    for row in summary["rows"]:
+        if row["best_lr"] is None:
+            continue
+        per_seed = [
+            downstream_scores(r.run, cfg.downstream)
+            for r in table[(row["arm"], row["optimizer"])][row["best_lr"]].values()
+        ]
+        row["downstream"] = {k: mean_std([s[k] for s in per_seed])[0] for k in per_seed[0]}
+        names |= set(row["downstream"])
+    return sorted(names)
+
+
 def _pm(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "-"
@@ -489,6 +540,7 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
         train=cfg.train,
         max_steps=first.train.max_steps,
     )
+    scores = add_downstream(cfg, table, summary) if cfg.downstream.tasks else []
     header = [
         "arm",
         "optimizer",
@@ -498,6 +550,7 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
         f"gap vs {cfg.baseline} (mean ± std)",
         "gap > seed spread?",
         "loss range over the LR grid",
+        *scores,
     ]
     lines = []
     for row in summary["rows"]:
@@ -517,6 +570,7 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
                 "-" if g is None else _pm(g["final"], g["final_std"]),
                 exceeds,
                 row["lr_range"],
+                *(row.get("downstream", {}).get(name) for name in scores),
             ]
         )
     finished = sum(r.status == FINISHED for r in results)
@@ -564,7 +618,12 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
             f"![norms]({figures['norms_abm']})\n\nMatrix norms against the Adam-Brownian-motion prediction: "
             "the paper finds that matrices follow it (their scale is set by noise and weight decay)."
         )
-    md.append("Downstream evaluation is not part of this report yet; every number above is in `report.json`.")
+    if scores:
+        md.append(
+            f"Downstream scores (`{'`, `'.join(scores)}`) are each arm's best-LR final checkpoints scored by "
+            f"`lrm_train.eval` (mean over seeds; limit {cfg.downstream.limit or 'none'} items per task)."
+        )
+    md.append("Every number above is in `report.json`.")
     path = write_report(out, f"{cfg.name}: LRM vs muP", "\n\n".join(md), summary)
     return path
 
@@ -599,7 +658,8 @@ USAGE = """usage: python -m lrm_train.experiments.compare [experiment=compare_cp
 
 keys (configs/compare.yaml, configs/experiment/*.yaml): name, out_dir, arms.<arm>=[overrides], baseline, optimizers,
 lr_center.<optimizer>, lr_points, seeds, train=[trainer overrides], train_extra=[more of them], launcher (local|slurm), nproc,
-slurm.script, slurm.nodes, slurm.sbatch_args, report (after|only)
+slurm.script, slurm.nodes, slurm.sbatch_args, report (after|only), downstream.tasks, downstream.limit,
+downstream.batch_size
 --estimate prints the GPU hours the comparison would take at an assumed 35% MFU, and exits
 """
 ASSUMED_MFU = 0.35  # typical of well-tuned bf16 training on H100s (e.g. torchtitan's 33-39%); not measured here

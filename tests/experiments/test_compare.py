@@ -248,3 +248,28 @@ def test_nproc_runs_each_run_under_torchrun_with_ddp(data_root, tmp_path, monkey
     assert run_status(run) == FINISHED and run.name.startswith("mup-adamw")
     assert (run.run_dir / "train_rank1.log").is_file()  # a second rank trained it
     assert "world size 2" in (run.run_dir / "train_rank0.log").read_text()
+
+
+def test_downstream_scores_become_columns_of_the_table(data_root, finished, tmp_path, monkeypatch):
+    from lrm_train.eval import api
+
+    scored = []
+
+    def fake_evaluate(path, tasks, limit, batch_size):
+        scored.append(path)
+        return {"tasks": {"hellaswag": {"acc": 0.25 + len(str(path)) % 7 / 100}}}
+
+    monkeypatch.setattr(api, "evaluate_checkpoint", fake_evaluate)
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    args = micro_args(data_root, out, report="only", **{"downstream.tasks": "[hellaswag]", "downstream.limit": 10})
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(scored) == 2  # each arm's best-LR final checkpoint
+    for row in report["rows"]:
+        (run_dir,) = row["run_dirs"]
+        (path,) = [p for p in scored if str(p).startswith(run_dir)]
+        assert path.name == f"step_{STEPS:08d}"
+        assert row["downstream"] == {"hellaswag/acc": 0.25 + len(str(path)) % 7 / 100}
+    assert "hellaswag/acc |" in (out / "report.md").read_text()
+    assert main(args) == 0 and len(scored) == 2  # cached beside the run: not scored again
