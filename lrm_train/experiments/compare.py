@@ -269,6 +269,8 @@ def summarize(cfg: CompareConfig, results: list[RunResult]) -> dict:
         row = dict(arm=arm, optimizer=optimizer, lr_curve=lr_curve, best_lr=best.get((arm, optimizer)))
         finite_means = [p["mean"] for p in lr_curve if p["mean"] is not None]
         row["lr_range"] = max(finite_means) - min(finite_means) if len(finite_means) > 1 else None
+        grid = lr_grid(cfg.lr_center[optimizer], cfg.lr_points)
+        row["best_at_grid_edge"] = cfg.lr_points > 1 and row["best_lr"] in (grid[0], grid[-1])
         if row["best_lr"] is not None:
             seeds = by_lr[row["best_lr"]]
             row["seeds"] = sorted(seeds)
@@ -349,6 +351,16 @@ def add_downstream(cfg: CompareConfig, table: dict, summary: dict) -> list[str]:
         row["downstream"] = {k: mean_std([s[k] for s in per_seed])[0] for k in per_seed[0]}
         names |= set(row["downstream"])
     return sorted(names)
+
+
+def _edge_words(rows: list[dict]) -> str:
+    edge = [f"{r['arm']} ({r['optimizer']})" for r in rows if r["best_at_grid_edge"]]
+    if not edge:
+        return "Every best LR lies inside its grid."
+    return (
+        f"**Best LR at the edge of the grid** for {', '.join(edge)}: the optimum may lie outside it, so the gap may "
+        "be overstated; widen the grid (`lr_points`, `lr_center`) before trusting it."
+    )
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -591,9 +603,12 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
             "The gap is the arm's final validation loss minus the baseline's at their own best LRs, paired by seed "
             "(below 0: the arm is better). It exceeds the seed spread when |gap| is larger than the larger of the two "
             "arms' standard deviations over seeds. The LR range is the worst minus the best mean final loss over the "
-            "grid: the smaller, the cheaper the LR is to tune."
+            "grid: the smaller, the cheaper the LR is to tune. The baseline keeps the model config's fixed muP "
+            "multipliers; the paper compares against *tuned* ones, so with untuned multipliers (the tiny preset "
+            "carries the 0.5B model's) part of a gap in LRM's favour is what tuning them would have bought."
         ),
         "\n".join(_gap_words(row, cfg.baseline) for row in summary["rows"] if "gap" in row),
+        _edge_words(summary["rows"]),
         "## Figures",
         (
             f"![validation loss]({figures['val_loss']})\n\nValidation loss against tokens for each arm at its best LR "

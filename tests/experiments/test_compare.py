@@ -134,7 +134,8 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(data_root, finish
 def test_gap_and_spread_over_seeds():
     """Two seeds: mean +- std, the gap paired by seed, and whether it exceeds the seed spread."""
     cfg = CompareConfig(arms={"mup": ["lrm=none"], "lrm": ["lrm=full"]}, lr_center={"adamw": 0.01, "muon": 0.01})
-    cfg.optimizers = ["adamw"]
+    cfg.optimizers, cfg.lr_points = ["adamw"], 2
+    high = lr_grid(0.01, 2)[1]
 
     def result(arm, lr, seed, final):
         run = RunSpec(f"{arm}{lr}{seed}", [], _FakeRun(), dict(arm=arm, optimizer="adamw", lr=lr, seed=seed))
@@ -145,15 +146,15 @@ def test_gap_and_spread_over_seeds():
     results = [
         result("mup", 0.01, 0, 3.00),
         result("mup", 0.01, 1, 3.02),
-        result("mup", 0.02, 0, 3.10),
-        result("mup", 0.02, 1, 3.12),
+        result("mup", high, 0, 3.10),
+        result("mup", high, 1, 3.12),
         result("lrm", 0.01, 0, 2.90),
         result("lrm", 0.01, 1, 2.94),
-        result("lrm", 0.02, 0, 2.85),
-        result("lrm", 0.02, 1, 2.87),
+        result("lrm", high, 0, 2.85),
+        result("lrm", high, 1, 2.87),
     ]
     rows = {r["arm"]: r for r in summarize(cfg, results)["rows"]}
-    assert rows["mup"]["best_lr"] == 0.01 and rows["lrm"]["best_lr"] == 0.02
+    assert rows["mup"]["best_lr"] == 0.01 and rows["lrm"]["best_lr"] == high
     assert rows["lrm"]["final_mean"] == pytest.approx(2.86) and rows["lrm"]["final_std"] == pytest.approx(0.01414, 1e-3)
     gap = rows["lrm"]["gap"]
     assert gap["per_seed"] == pytest.approx([-0.15, -0.15]) and gap["final"] == pytest.approx(-0.15)
@@ -161,6 +162,7 @@ def test_gap_and_spread_over_seeds():
     assert gap["curve"]["tokens"] == [100, 200] and gap["curve"]["mean"] == pytest.approx([-0.30, -0.15])
     assert gap["decay_start_tokens"] == 100 and gap["at_decay_start"] == pytest.approx(-0.30)  # decay from step 50
     assert rows["mup"]["lr_range"] == pytest.approx(0.10)
+    assert rows["lrm"]["best_at_grid_edge"] and rows["mup"]["best_at_grid_edge"]  # a grid of two: both are edges
 
     small = [result("mup", 0.01, 0, 3.00), result("mup", 0.01, 1, 3.10), result("lrm", 0.01, 0, 2.99)]
     small.append(result("lrm", 0.01, 1, 3.07))
