@@ -271,6 +271,7 @@ def summarize(cfg: CompareConfig, results: list[RunResult]) -> dict:
         row["lr_range"] = max(finite_means) - min(finite_means) if len(finite_means) > 1 else None
         grid = lr_grid(cfg.lr_center[optimizer], cfg.lr_points)
         row["best_at_grid_edge"] = cfg.lr_points > 1 and row["best_lr"] in (grid[0], grid[-1])
+        row["grid_finished"] = len(lr_curve) == len(grid)
         if row["best_lr"] is not None:
             seeds = by_lr[row["best_lr"]]
             row["seeds"] = sorted(seeds)
@@ -355,12 +356,18 @@ def add_downstream(cfg: CompareConfig, table: dict, summary: dict) -> list[str]:
 
 def _edge_words(rows: list[dict]) -> str:
     edge = [f"{r['arm']} ({r['optimizer']})" for r in rows if r["best_at_grid_edge"]]
-    if not edge:
-        return "Every best LR lies inside its grid."
-    return (
-        f"**Best LR at the edge of the grid** for {', '.join(edge)}: the optimum may lie outside it, so the gap may "
-        "be overstated; widen the grid (`lr_points`, `lr_center`) before trusting it."
-    )
+    unfinished = [f"{r['arm']} ({r['optimizer']})" for r in rows if not r["grid_finished"]]
+    words = []
+    if edge:
+        words.append(
+            f"**Best LR at the edge of the grid** for {', '.join(edge)}: the optimum may lie outside it, so the gap "
+            "may be overstated; widen the grid (`lr_points`, `lr_center`) before trusting it."
+        )
+    if unfinished:
+        words.append(
+            f"Not every LR of the grid has finished for {', '.join(unfinished)}: their best LR is provisional."
+        )
+    return " ".join(words) or "Every best LR lies inside its grid."
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -473,6 +480,9 @@ def _best_run(table: dict, row: dict) -> RunResult:
     return seeds[min(seeds)]
 
 
+MOVERS_SHOWN = 5
+
+
 def plot_multipliers(out: Path, table: dict, summary: dict) -> str | None:
     """Scalar multipliers and the mean of row/column multipliers against step, for each LRM arm at its best LR."""
     rows = [r for r in summary["rows"] if r["best_lr"] is not None and r["arm"] != summary["baseline"]]
@@ -491,15 +501,21 @@ def plot_multipliers(out: Path, table: dict, summary: dict) -> str | None:
         "multipliers at the best LR, relative to their first logged value (scalars; means of row/column vectors)",
     )
     for ax, (row, records, keys) in zip(axes, panels):
+        ratios = {}
         for key in keys:
             steps, values = series(records, key)
-            ratios = [v / values[0] if finite(v) and values[0] else None for v in values]
-            ax.plot(steps, ratios, lw=0.8, label=key.removeprefix("lrm/"))
+            ratios[key] = (steps, [v / values[0] if finite(v) and values[0] else None for v in values])
+        # The multipliers that moved most (by final |log ratio|) are named in the legend and in report.json.
+        moved = {k: abs(math.log(r[-1])) for k, (_, r) in ratios.items() if finite(r[-1]) and r[-1] > 0}
+        movers = sorted(moved, key=moved.get, reverse=True)[:MOVERS_SHOWN]
+        row["multipliers_moved_most"] = {k.removeprefix("lrm/"): ratios[k][1][-1] for k in movers}
+        for key, (steps, ratio) in ratios.items():
+            label = key.removeprefix("lrm/") if key in movers else None
+            ax.plot(steps, ratio, lw=1.4 if label else 0.6, alpha=1.0 if label else 0.5, label=label)
         ax.set_yscale("log")
         title = f"{row['arm']}, {row['optimizer']}, lr {row['best_lr']:.3g}"
         ax.set(title=title, xlabel="step", ylabel="value / first logged value")
-        if len(keys) <= 12:
-            ax.legend(fontsize=6)
+        ax.legend(fontsize=7, title="moved most")
     return save_figure(fig, out / "multipliers.png")
 
 
@@ -626,7 +642,14 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
     if figures["multipliers"]:
         md.append(
             f"![multipliers]({figures['multipliers']})\n\nLearned multipliers of the LRM arms against step "
-            "(scalars, and row/column means), each divided by its first logged value: how far each has moved from where it started."
+            "(scalars, and row/column means), each divided by its first logged value: how far each has moved from "
+            "where it started. Moved most (final / first):\n\n"
+            + "\n".join(
+                f"- {row['arm']}, {row['optimizer']}: "
+                + ", ".join(f"`{k}` x{v:.3g}" for k, v in row["multipliers_moved_most"].items())
+                for row in summary["rows"]
+                if "multipliers_moved_most" in row
+            )
         )
     if figures["norms_abm"]:
         md.append(

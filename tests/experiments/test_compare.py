@@ -88,6 +88,12 @@ def test_report_numbers_equal_the_runs_metrics(finished):
         assert f"{row['final_mean']:.4f} (1 seed)" in text
         assert row["lr_range"] == pytest.approx(max(by_lr.values()) - min(by_lr.values()))
     rows = {(r["arm"], r["optimizer"]): r for r in report["rows"]}
+    moved = rows[("lrm", "adamw")]["multipliers_moved_most"]
+    records = read_metrics(rows[("lrm", "adamw")]["run_dirs"][0])
+    assert len(moved) == 5 and "multipliers_moved_most" not in rows[("mup", "adamw")]
+    for name, ratio in moved.items():
+        values = [r[f"lrm/{name}"] for r in records if f"lrm/{name}" in r]
+        assert ratio == pytest.approx(values[-1] / values[0]) and f"`{name}` x{ratio:.3g}" in text
     for optimizer in ("adamw",):
         gap = rows[("lrm", optimizer)]["gap"]
         expected = rows[("lrm", optimizer)]["final_mean"] - rows[("mup", optimizer)]["final_mean"]
