@@ -692,12 +692,12 @@ def estimate(cfg: CompareConfig, runs: list[RunSpec], mfu: float) -> str:
     )
 
 
-USAGE = """usage: python -m lrm_train.experiments.compare [experiment=compare_cpu|compare_0p5b] [key=value ...] [--estimate]
+USAGE = """usage: python -m lrm_train.experiments.compare [experiment=NAME] [key=value ...] [--estimate]
 
-keys (configs/compare.yaml, configs/experiment/*.yaml): name, out_dir, arms.<arm>=[overrides], baseline, optimizers,
-lr_center.<optimizer>, lr_points, seeds, train=[trainer overrides], train_extra=[more of them], launcher (local|slurm), nproc,
-slurm.script, slurm.nodes, slurm.sbatch_args, report (after|only), downstream.tasks, downstream.limit,
-downstream.batch_size
+keys (configs/compare.yaml, configs/experiment/*.yaml): name, out_dir, arms.<arm>=[overrides], baseline,
+optimizers, lr_center.<optimizer>, lr_points, seeds, train=[trainer overrides], train_extra=[more of them],
+launcher (local|slurm), nproc, slurm.script, slurm.nodes, slurm.sbatch_args, report (after|only),
+downstream.tasks, downstream.limit, downstream.batch_size
 --estimate prints the GPU hours the comparison would take at an assumed 35% MFU, and exits
 """
 ASSUMED_MFU = 0.35  # typical of well-tuned bf16 training on H100s (e.g. torchtitan's 33-39%); not measured here
