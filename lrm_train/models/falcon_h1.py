@@ -39,11 +39,12 @@ from lrm_train.nn import (
     MultipliedEmbedding,
     MultipliedLinear,
     MultipliedMatrix,
+    ParamClass,
+    ParamRole,
     RMSNorm,
     fused_linear,
     merge_multipliers_,
 )
-from lrm_train.optim.param_classes import ParamClass, ParamRole
 
 _ROW_COL = Learnable(row=True, col=True)
 _ROW = Learnable(row=True)
@@ -255,7 +256,7 @@ class FalconH1LM(nn.Module):
         return {name: m for name, m in self.named_modules() if isinstance(m, MultipliedMatrix)}
 
     def parameter_roles(self) -> Iterator[tuple[str, ParamRole]]:
-        """Every parameter's class and matrix role (the ``optim.ParamRoleModel`` protocol)."""
+        """Every parameter's class and matrix role (the ``nn.ParamRoleModel`` protocol)."""
         for name, module in self.named_modules():
             prefix = f"{name}." if name else ""
             if isinstance(module, MultipliedMatrix):

@@ -1,4 +1,5 @@
-"""Primitives: the learnable-multiplier layers, norms and the loss. Nothing here knows about Falcon-H1."""
+"""Primitives: the learnable-multiplier layers, norms, the loss, and the parameter vocabulary (classes, roles) a model
+declares itself in. Nothing here knows about Falcon-H1."""
 
 from lrm_train.nn.loss import LMLoss, lm_loss
 from lrm_train.nn.multipliers import (
@@ -14,6 +15,7 @@ from lrm_train.nn.multipliers import (
     merge_multipliers_,
 )
 from lrm_train.nn.norms import GatedRMSNorm, RMSNorm
+from lrm_train.nn.params import ParamClass, ParamRole, ParamRoleModel
 
 __all__ = [
     "INITS",
@@ -26,6 +28,9 @@ __all__ = [
     "MultipliedEmbedding",
     "MultipliedLinear",
     "MultipliedMatrix",
+    "ParamClass",
+    "ParamRole",
+    "ParamRoleModel",
     "RMSNorm",
     "fused_linear",
     "lm_loss",
