@@ -289,14 +289,15 @@ class FalconH1LM(nn.Module):
         cfg = self.cfg
         linear = sum(m.weight.numel() for m in self.matrices().values() if m is not self.embed_tokens)
         attention = 4 * seq_len * cfg.num_attention_heads * cfg.attention_head_dim
-        chunk = min(cfg.mamba_chunk_size, seq_len)
-        chunks = math.ceil(seq_len / cfg.mamba_chunk_size)
+        chunk = cfg.mamba_chunk_size
+        chunks = math.ceil(seq_len / chunk)
         heads_state = cfg.mamba_n_heads * cfg.mamba_d_head * cfg.mamba_d_state
-        ssd = (
+        per_scanned_token = (
             2 * chunk * cfg.mamba_n_groups * cfg.mamba_d_state  # C B^T scores inside a chunk
             + 2 * chunk * cfg.mamba_d_ssm  # scores times x
             + 4 * heads_state  # chunk states in, entering states out
             + 2 * chunks * heads_state / chunk  # the recurrence across chunks
         )
+        ssd = per_scanned_token * chunks * chunk / seq_len  # the scan runs over seq_len padded to whole chunks
         conv = 2 * cfg.mamba_d_conv * (cfg.mamba_d_ssm + 2 * cfg.mamba_n_groups * cfg.mamba_d_state)
         return 3 * (2 * linear + cfg.num_hidden_layers * (attention + ssd + conv))
