@@ -63,9 +63,9 @@ def test_overwrite_refuses_a_folder_lrm_train_did_not_write(model_dir, tmp_path,
     assert (theirs / "results.csv").read_text() == "1,2,3"
     # An export the user added a file to is theirs too.
     assert hf_cli(["export", str(model_dir), str(tmp_path / "hf")]) == 0
-    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
-    refused(capsys, ["export", str(model_dir), str(tmp_path / "hf"), "--overwrite"], "tokenizer.json")
-    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    (tmp_path / "hf" / "notes.txt").write_text("{}")
+    refused(capsys, ["export", str(model_dir), str(tmp_path / "hf"), "--overwrite"], "notes.txt")
+    assert (tmp_path / "hf" / "notes.txt").exists()
     (tmp_path / "file").write_text("x")
     refused(capsys, ["export", str(model_dir), str(tmp_path / "file"), "--overwrite"], "not a folder")
     assert (tmp_path / "file").read_text() == "x"
