@@ -9,9 +9,7 @@ the next prepare removes the temporaries of dead ones. The tokenizer workers die
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import signal
@@ -23,15 +21,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from lrm_train.config_compose import compose_schema, help_text
 from lrm_train.data.config import FORMAT, MANIFEST, DataConfig
 from lrm_train.data.sources import Corpus, load_corpus
 from lrm_train.data.tokenizer import batch_encoder, eos_id, load_tokenizer, tokenizer_hash, train_bpe
@@ -39,7 +32,6 @@ from lrm_train.utils import atomic_directory, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parents[2] / "configs"
 # Characters of text per task sent to a tokenizer worker: tens of milliseconds of work, so the workers share a few
 # long documents evenly and many short ones cost little in messages.
 _BATCH_CHARS = 1 << 16
@@ -206,45 +198,9 @@ class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def _one_line(error: BaseException) -> str:
-    """A Hydra or OmegaConf error as one line naming the key; Hydra's options for an unknown group option."""
-    cause = error
-    while cause is not None:
-        key = getattr(cause, "full_key", None)
-        if key and isinstance(cause, ConfigAttributeError | ConfigKeyError):
-            return f"unknown key {key!r} (--help lists the keys)"
-        if key:
-            return f"{key}: {str(cause).splitlines()[0]}"
-        if type(cause) is ValueError:  # a DataConfig check, wrapped by OmegaConf
-            return str(cause)
-        cause = cause.__cause__ or cause.__context__
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    if "Available options in" in text:
-        listed = text.split("Available options in", 1)[1].splitlines()[1:]
-        options = [name.strip() for name in itertools.takewhile(lambda name: name.startswith("\t"), listed)]
-        line += f" (options: {', '.join(options)})"
-    return line
-
-
 def compose(overrides: list[str]) -> DataConfig:
     """The data config of ``configs/prepare.yaml`` with Hydra ``overrides``; a ValueError line for any config error."""
-    ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
-    GlobalHydra.instance().clear()  # compose may run again in the same process (tests)
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            composed = hydra_compose("prepare", overrides=overrides)
-    except Exception as e:  # noqa: BLE001 - Hydra raises many types; all are config errors here
-        raise ValueError(_one_line(e)) from None
-    # A `+key` the schema lacks is kept by a typed node and dropped by to_object without a word: refuse it.
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = [key for key in composed if key != "data"] + [f"data.{key}" for key in composed.data if key not in known]
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} (--help lists the keys)")
-    try:
-        return OmegaConf.to_object(composed).data
-    except Exception as e:  # noqa: BLE001 - a wrong type, or a DataConfig check
-        raise ValueError(_one_line(e)) from None
+    return compose_schema("prepare", PrepareConfig, overrides).data
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -254,8 +210,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        comments = [line for line in (CONFIG_DIR / "prepare.yaml").read_text().splitlines() if line.startswith("#")]
-        print(USAGE + "\n" + "\n".join(line[2:] for line in comments[2:]))
+        print(help_text("prepare", USAGE))
         return 0
     if flags := [arg for arg in argv if arg.startswith("-")]:
         print(f"error: unknown option {flags[0]!r} (see --help)", file=sys.stderr)

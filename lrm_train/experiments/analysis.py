@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lrm_train.experiments.config import compose_experiment
+from lrm_train.config_compose import compose_schema
 from lrm_train.train.checkpoint import complete_checkpoints
 
 
@@ -27,7 +27,7 @@ def command_main(command: str, schema: type, run: Callable, doc: str) -> None:
         print(f"settings (defaults in configs/experiment/{command}_cpu.yaml and {schema.__name__}):\n{fields}")
         return
     try:
-        run(compose_experiment(command, schema, argv))
+        run(compose_schema(command, schema, argv))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lrm_train.experiments.config import compose_experiment
+from lrm_train.config_compose import compose_schema
 from lrm_train.experiments.report import (
     atomic_write_text,
     finite,
@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown option {next(f for f in flags if f != '--estimate')!r} (see --help)", file=sys.stderr)
         return 2
     try:
-        cfg = compose_experiment("compare", CompareConfig, [a for a in argv if not a.startswith("-")])
+        cfg = compose_schema("compare", CompareConfig, [a for a in argv if not a.startswith("-")])
         runs = plan(cfg)
     except ValueError as e:
         print(f"error: config: {e}", file=sys.stderr)

@@ -10,7 +10,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from lrm_train.train.config import CONFIG_DIR, compose
+from lrm_train.config_compose import help_text
+from lrm_train.train.config import compose
 from lrm_train.train.loop import Interrupted, train
 
 USAGE = """usage: python -m lrm_train.train [group=option ...] [key=value ...] [--cfg]
@@ -30,8 +31,7 @@ Examples:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        comments = [line for line in (CONFIG_DIR / "train.yaml").read_text().splitlines() if line.startswith("#")]
-        print(USAGE + "\n" + "\n".join(line[2:] for line in comments[2:]))
+        print(help_text("train", USAGE))
         return 0
     flags = [a for a in argv if a.startswith("-")]
     if flags and flags != ["--cfg"]:

@@ -9,27 +9,19 @@ dataclass, an unknown key (``+`` or not) or a value of the wrong type fails whil
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import os
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
+from lrm_train.config_compose import compose_schema
 from lrm_train.data import DataConfig
 from lrm_train.distributed import DistConfig
 from lrm_train.models import PRESETS, FalconH1Config
 from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, ScheduleConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PRECISIONS = ("auto", "float32", "bf16")
 
 
@@ -105,70 +97,19 @@ class RunConfig:
 
 def register_configs() -> None:
     store = ConfigStore.instance()
-    store.store(name="run_schema", node=RunConfig)
     for name, make in PRESETS.items():  # the Python presets are the model group's options
         store.store(group="model", name=name, node=make())
 
 
-def unknown_keys(config: dict, schema: type, prefix: str = "") -> list[str]:
-    """Keys of ``config`` that ``schema`` (a dataclass) does not declare, recursively.
-
-    A typed Hydra node keeps a key added with ``+`` and ``OmegaConf.to_object`` then drops it without a word, so a
-    typo such as ``+train.max_stepz=10`` would silently do nothing; free-form fields (``dict[str, Any]``) are not checked.
-    """
-    hints = typing.get_type_hints(schema)
-    found = []
-    for key, value in config.items():
-        if key not in hints:
-            found.append(f"{prefix}{key}")
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            found += unknown_keys(value, hints[key], f"{prefix}{key}.")
-    return found
-
-
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> RunConfig:
-    """The run config of ``configs/{config_name}.yaml`` with Hydra ``overrides``, checked and validated.
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The run config of ``configs/train.yaml`` with Hydra ``overrides``, checked and validated.
 
     Raises ``ValueError`` with one line naming the culprit for every config error.
     """
     register_configs()
-    GlobalHydra.instance().clear()  # compose may be called again in the same process (tests, experiments)
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            composed = hydra_compose(config_name, overrides=list(overrides))
-    except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many types; all are config errors here
-        raise ValueError(one_line(e)) from None
-    unknown = unknown_keys(OmegaConf.to_container(composed, resolve=False), RunConfig)
-    if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r} (check the spelling; `--help` lists the groups)")
-    try:
-        cfg = OmegaConf.to_object(composed)
-    except Exception as e:  # noqa: BLE001 - a wrong type or a dataclass's own check
-        raise ValueError(one_line(e)) from None
+    cfg = compose_schema("train", RunConfig, overrides)
     validate(cfg)
     return cfg
-
-
-def one_line(error: BaseException) -> str:
-    """Hydra/OmegaConf errors span several lines and chain causes: the first line of each, without repeats, plus the
-    options Hydra lists for a missing group option."""
-    parts, seen = [], set()
-    options = ""
-    while error is not None:
-        text = str(error).strip()
-        line = text.splitlines()[0] if text else type(error).__name__
-        if "Available options in" in text:
-            listed = text.split("Available options in", 1)[1].splitlines()[1:]
-            names = [n.strip() for n in itertools.takewhile(lambda n: n.startswith("\t"), listed)]
-            options = f" (options: {', '.join(names)})" if names else ""
-        full_key = getattr(error, "full_key", None)
-        if full_key and full_key not in line:
-            line = f"{line} ({full_key})"
-        if line not in seen:
-            parts.append(line)
-            seen.add(line)
-        error = error.__cause__ or error.__context__
-    return ": ".join(parts[:2]) + options  # deeper causes repeat the same complaint in template form
 
 
 def _wandb_key_available() -> bool:

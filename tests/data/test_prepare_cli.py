@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lrm_train.config_compose import CONFIG_DIR
 from lrm_train.data import prepare as prepare_module
-from lrm_train.data.prepare import CONFIG_DIR, main
+from lrm_train.data.prepare import main
 
 
 def small_run(corpus_dir, out_root) -> list[str]:
@@ -45,9 +46,9 @@ def test_help_says_what_prepare_does_and_lists_only_the_data_group(capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("+data.max_stepz=1", "unknown key 'data.max_stepz' (--help lists the keys)"),
-        ("+max_stepz=1", "unknown key 'max_stepz' (--help lists the keys)"),
-        ("data.vocab_sise=5", "unknown key 'data.vocab_sise' (--help lists the keys)"),
+        ("+data.max_stepz=1", "unknown config key 'data.max_stepz' (check the spelling; --help lists the keys)"),
+        ("+max_stepz=1", "unknown config key 'max_stepz' (check the spelling; --help lists the keys)"),
+        ("data.vocab_sise=5", "unknown config key 'data.vocab_sise' (check the spelling; --help lists the keys)"),
         ("data=nope", "In 'prepare': Could not find 'data/nope' (options: local_text, shakespeare)"),
         ("data.vocab_size=many", "data.vocab_size: Value 'many' of type 'str' could not be converted to Integer"),
         ("data.vocab_size=null", "data.vocab_size: field 'data.vocab_size' is not Optional"),

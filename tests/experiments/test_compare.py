@@ -9,8 +9,8 @@ import matplotlib.image
 import pytest
 from runs import overrides
 
+from lrm_train.config_compose import compose_schema
 from lrm_train.experiments.compare import CompareConfig, RunResult, lr_grid, main, plan, summarize, tokens_per_run
-from lrm_train.experiments.config import compose_experiment
 from lrm_train.experiments.report import read_metrics
 from lrm_train.experiments.runner import FINISHED, PENDING, RunSpec, make_run, run_status
 
@@ -56,7 +56,7 @@ def finished(data_root, tmp_path_factory):
 
 
 def test_every_run_exists_and_finished(data_root, finished):
-    cfg = compose_experiment("compare", CompareConfig, micro_args(data_root, finished))
+    cfg = compose_schema("compare", CompareConfig, micro_args(data_root, finished))
     runs = plan(cfg)
     assert len(runs) == 2 * 2
     names = sorted(p.name for p in (finished / "runs").iterdir())
@@ -114,7 +114,7 @@ def test_plots_are_non_empty_images(finished):
 def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(data_root, finished, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
-    runs = plan(compose_experiment("compare", CompareConfig, micro_args(data_root, out)))
+    runs = plan(compose_schema("compare", CompareConfig, micro_args(data_root, out)))
     cut, untouched = runs[0], runs[1:]
     shutil.rmtree(cut.run_dir / "checkpoints" / f"step_{STEPS:08d}")  # as if killed after step 4's checkpoint
     assert run_status(cut) == PENDING
@@ -213,7 +213,7 @@ def test_slurm_submits_one_job_per_unfinished_run_then_the_report(data_root, fin
     shutil.copytree(finished, out)
     args = micro_args(data_root, out, optimizers="[adamw,muon]", lr_points=1, launcher="slurm")
     args.append(f"slurm.sbatch_args={hydra_list(['--partition=gpu'])}")
-    runs = plan(compose_experiment("compare", CompareConfig, args))
+    runs = plan(compose_schema("compare", CompareConfig, args))
     shutil.rmtree(runs[0].run_dir)  # a finished AdamW run gone; the Muon runs never ran
     pending = [r for r in runs if run_status(r) == PENDING]
     assert len(runs) == 4 and len(pending) == 3
@@ -252,7 +252,7 @@ def test_nproc_runs_each_run_under_torchrun_with_ddp(data_root, tmp_path, monkey
     out = tmp_path / "out"
     args = [*micro_args(data_root, out, lr_points=1, nproc=2), "~arms.lrm"]  # one run: the baseline's
     assert main(args) == 0
-    (run,) = plan(compose_experiment("compare", CompareConfig, args))
+    (run,) = plan(compose_schema("compare", CompareConfig, args))
     assert run_status(run) == FINISHED and run.name.startswith("mup-adamw")
     assert (run.run_dir / "train_rank1.log").is_file()  # a second rank trained it
     assert "world size 2" in (run.run_dir / "train_rank0.log").read_text()

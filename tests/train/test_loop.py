@@ -78,7 +78,7 @@ def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(d
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["train.max_stepz=3"], "Key 'max_stepz' not in 'TrainConfig'"),
+        (["train.max_stepz=3"], "unknown config key 'train.max_stepz' (check the spelling; --help lists the keys)"),
         (["train.max_steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
         (["optim=adagrad"], "Could not find 'optim/adagrad'"),
         (["schedule.warmup_steps=500", "train.max_steps=100"], "schedule.warmup_steps=500 exceeds train.max_steps=100"),

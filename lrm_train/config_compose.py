@@ -1,0 +1,92 @@
+"""How every command makes its config: Hydra's compose API over ``configs/<name>.yaml`` and a dataclass schema.
+
+The schema (a dataclass holding every default) is stored in Hydra's ConfigStore as ``<name>_schema``, which the YAML
+lists first in its defaults; the YAML files pick group options and name only what those change. ``compose_schema``
+turns every config error - an unknown key (also one added with ``+``), an unknown group option, a wrong type, a
+dataclass's own check - into one ``ValueError`` line naming the culprit, before any work.
+
+It sits beside the packages (like ``utils``) so that ``data``, ``train`` and ``experiments`` share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import typing
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_schema(config_name: str, schema: type, overrides: list[str] | tuple[str, ...] = ()):
+    """``configs/{config_name}.yaml`` with Hydra ``overrides``, as an instance of ``schema``."""
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+    GlobalHydra.instance().clear()  # compose may run again in the same process (tests, experiments)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            composed = hydra_compose(config_name, overrides=list(overrides))
+    except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many types; all are config errors here
+        raise ValueError(one_line(e)) from None
+    unknown = unknown_keys(OmegaConf.to_container(composed, resolve=False), schema)
+    if unknown:
+        raise ValueError(_unknown_key(unknown[0]))
+    try:
+        return OmegaConf.to_object(composed)
+    except Exception as e:  # noqa: BLE001 - a wrong type, or a dataclass's own check
+        raise ValueError(one_line(e)) from None
+
+
+def unknown_keys(config: dict, schema: type, prefix: str = "") -> list[str]:
+    """Keys of ``config`` that ``schema`` (a dataclass) does not declare, recursively.
+
+    A typed Hydra node keeps a key added with ``+`` and ``OmegaConf.to_object`` then drops it without a word, so a
+    typo such as ``+train.max_stepz=10`` would silently do nothing; free-form fields (``dict[str, Any]``) are not checked.
+    """
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key, value in config.items():
+        if key not in hints:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return found
+
+
+def _unknown_key(key: str) -> str:
+    return f"unknown config key {key!r} (check the spelling; --help lists the keys)"
+
+
+def one_line(error: BaseException) -> str:
+    """A Hydra/OmegaConf error (several lines, chained causes) as one line naming the key; for an unknown group
+    option, the options Hydra lists."""
+    cause = error
+    while cause is not None:
+        key = getattr(cause, "full_key", None)
+        if key and isinstance(cause, ConfigAttributeError | ConfigKeyError):
+            return _unknown_key(key)
+        if key:
+            return f"{key}: {str(cause).strip().splitlines()[0]}"
+        if type(cause) is ValueError:  # a dataclass's own check, wrapped by OmegaConf
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    if "Available options in" in text:
+        listed = text.split("Available options in", 1)[1].splitlines()[1:]
+        options = [name.strip() for name in itertools.takewhile(lambda name: name.startswith("\t"), listed)]
+        line += f" (options: {', '.join(options)})"
+    return line
+
+
+def help_text(config_name: str, usage: str) -> str:
+    """``usage`` followed by the comment block of ``configs/{config_name}.yaml`` (after its first two lines)."""
+    lines = (CONFIG_DIR / f"{config_name}.yaml").read_text().splitlines()
+    comments = [line for line in lines if line.startswith("#")]
+    return usage + "\n" + "\n".join(line[2:] for line in comments[2:])
