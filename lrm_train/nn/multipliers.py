@@ -26,14 +26,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PLACEMENTS = ("none", "scalar", "full", "symmetry_free")
-INITS = ("one", "mup")
+
+class Placement(str, Enum):
+    """Where the learnable multipliers go (see ``LRMConfig``); the values are the config strings."""
+
+    none = "none"
+    scalar = "scalar"
+    full = "full"
+    symmetry_free = "symmetry_free"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Init(str, Enum):
+    """Where a layer's muP value lives at step 0 (see the module docstring)."""
+
+    one = "one"
+    mup = "mup"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PLACEMENTS = tuple(p.value for p in Placement)
+INITS = tuple(i.value for i in Init)
 MULTIPLIER_NAMES = ("lrm_scalar", "lrm_row", "lrm_col")
 
 
@@ -64,16 +88,18 @@ class LRMConfig:
     weight_decay: decoupled weight decay on the multipliers; it pins the symmetries down (the paper: 2e-3).
     """
 
-    placement: str = "full"
-    init: str = "one"
+    placement: Placement = Placement.full
+    init: Init = Init.one
     lm_head_rows: bool = False
     weight_decay: float = 2e-3
 
     def __post_init__(self) -> None:
+        # Built from plain strings too (model folders' config.json, LRMConfig("full")): keep the enums.
         if self.placement not in PLACEMENTS:
             raise ValueError(f"lrm.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}")
         if self.init not in INITS:
             raise ValueError(f"lrm.init={self.init!r} is not one of {', '.join(INITS)}")
+        self.placement, self.init = Placement(self.placement), Init(self.init)
         if self.weight_decay < 0:
             raise ValueError(f"lrm.weight_decay={self.weight_decay} must be >= 0")
 
