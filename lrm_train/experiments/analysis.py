@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lrm_train.config_compose import compose_schema
+from lrm_train.models import width_family
 from lrm_train.train.checkpoint import complete_checkpoints
 
 
@@ -58,25 +59,12 @@ def power_law_fit(x: list[float], y: list[float]) -> dict:
 
 
 def width_overrides(width: int, layers: int, head_dim: int) -> list[str]:
-    """Model keys of the 0.5B model's proportions at ``width`` (as ``models.width_family``, whose heads are 64 wide)
-    with heads of ``head_dim``, so that widths below 128 exist for CPU sweeps: attention width/2, MLP 2x, SSM 1.5x.
-    The muP forward multipliers are the model group's (the 0.5B values in the ``tiny`` preset)."""
-    if width % (2 * head_dim):
-        raise ValueError(f"width {width} is not a multiple of 2 x head_dim={head_dim}")
-    heads = width // (2 * head_dim)
-    values = dict(
-        hidden_size=width,
-        num_hidden_layers=layers,
-        intermediate_size=2 * width,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
-        head_dim=head_dim,
-        mamba_d_ssm=3 * width // 2,
-        mamba_n_heads=3 * width // (2 * head_dim),
-        mamba_d_head=head_dim,
-        mamba_d_state=min(128, width // 2),
-    )
-    return [f"model.{k}={v}" for k, v in values.items()]
+    """Trainer overrides for the model shape of ``models.width_family(width, layers, head_dim=head_dim)``; the muP
+    forward multipliers stay the model group's (the 0.5B values in the ``tiny`` preset)."""
+    shape = width_family(width, layers, head_dim=head_dim)
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_d_state")  # fmt: skip
+    return [f"model.{key}={getattr(shape, key)}" for key in keys]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

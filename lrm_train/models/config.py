@@ -160,17 +160,22 @@ TINY = dict(
 # fmt: on
 
 
-def width_family(hidden_size: int, num_hidden_layers: int = 12, vocab_size: int = 8192) -> FalconH1Config:
+def width_family(
+    hidden_size: int, num_hidden_layers: int = 12, vocab_size: int = 8192, head_dim: int = 64
+) -> FalconH1Config:
     """The 0.5B model's proportions at another width, with its muP multipliers.
 
-    Heads of 64 everywhere; attention width = hidden/2 with 4 query heads per KV head; MLP 2x; SSM 1.5x.
+    Heads of ``head_dim`` everywhere (the 0.5B model's 64; smaller heads give CPU sweeps widths below 128); attention
+    width = hidden/2 with 4 query heads per KV head; MLP 2x; SSM 1.5x.
 
     For width-scaling studies (the paper sweeps widths 2^7..2^13 at fixed depth): head dims stay fixed and the number
     of heads grows with the width, so learned multipliers can be compared across widths.
     """
-    if hidden_size % 128:
-        raise ValueError(f"model.hidden_size={hidden_size} must be a multiple of 128 for the width family")
-    heads = hidden_size // 128
+    if hidden_size % (2 * head_dim):
+        raise ValueError(
+            f"width {hidden_size} is not a multiple of 2 x head_dim={head_dim} (model.hidden_size in the width family)"
+        )
+    heads = hidden_size // (2 * head_dim)
     base = FalconH1Config(**FALCON_H1_0P5B)
     return replace(
         base,
@@ -180,8 +185,10 @@ def width_family(hidden_size: int, num_hidden_layers: int = 12, vocab_size: int 
         intermediate_size=2 * hidden_size,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 4),
+        head_dim=head_dim,
         mamba_d_ssm=3 * hidden_size // 2,
-        mamba_n_heads=3 * hidden_size // 128,
+        mamba_n_heads=3 * hidden_size // (2 * head_dim),
+        mamba_d_head=head_dim,
         mamba_d_state=min(128, hidden_size // 2),
     )
 
