@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+SSD_BACKENDS = ("torch", "triton", "auto")
+# Fields that choose how a model runs on this machine, not the function it computes: model folders, Hugging Face
+# exports and checkpoints' run records leave them out, so a model saved on a GPU loads anywhere.
+RUNTIME_FIELDS = ("ssd_backend",)
+
 
 @dataclass
 class FalconH1Config:
@@ -39,6 +44,8 @@ class FalconH1Config:
     ssm_out_multiplier: float = 1.0
     ssm_multipliers: list[float] = field(default_factory=lambda: [1.0] * 5)  # z, x, B, C, dt
     mlp_multipliers: list[float] = field(default_factory=lambda: [1.0, 1.0])  # gate, down
+    # How the Mamba2 scan runs, not what it computes (see RUNTIME_FIELDS): torch, triton, or auto (Triton on CUDA).
+    ssd_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +108,8 @@ class FalconH1Config:
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be positive")
+        if self.ssd_backend not in SSD_BACKENDS:
+            raise ValueError(f"model.ssd_backend={self.ssd_backend!r} must be one of {', '.join(SSD_BACKENDS)}")
 
     def forward_multipliers(self) -> dict[str, float]:
         """The 14 muP forward multipliers by name."""

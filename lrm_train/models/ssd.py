@@ -12,12 +12,20 @@ the padding never reaches a real position, and it is cut off before returning.
 
 Heads are grouped: the ``heads // groups`` heads of a group share one B and one C, and B/C are never repeated per head.
 The scan runs in float32 whatever the autocast state: its cumulative decays are too sensitive for bf16.
+
+This is the CPU scan and the reference; ``models.ssd_triton`` is the GPU one. ``ssd_scan_function`` gives the scan
+that ``model.ssd_backend`` names.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+ScanFunction = Callable[..., torch.Tensor]  # (x, dt, A, B, C, D, chunk_size) -> y, as ssd_chunked_scan
 
 
 def _segment_sum(a: torch.Tensor) -> torch.Tensor:
@@ -85,3 +93,37 @@ def ssd_chunked_scan(
 
         y = y.reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
         return (y + skip).to(dtype)
+
+
+def ssd_scan_function(backend: str) -> ScanFunction:
+    """The scan ``model.ssd_backend`` names: ``torch`` (this module), ``triton`` (``models.ssd_triton``), or ``auto``:
+    Triton on CUDA tensors when triton imports, this module's scan on any other device.
+
+    Models are built on the CPU and moved afterwards, so ``auto`` cannot know their device here: where CUDA and
+    triton exist it returns a scan that picks by the inputs' device type (a check torch.compile resolves once).
+    """
+    if backend == "torch":
+        return ssd_chunked_scan
+    if backend == "triton":
+        try:
+            return _triton_scan()
+        except ImportError as e:
+            raise ValueError(f"model.ssd_backend=triton: the Triton scan does not import ({e})") from None
+    if backend != "auto":
+        raise ValueError(f"model.ssd_backend={backend!r} must be torch, triton or auto")
+    if not torch.cuda.is_available():
+        return ssd_chunked_scan
+    try:
+        return functools.partial(_scan_by_device, _triton_scan())
+    except ImportError:
+        return ssd_chunked_scan
+
+
+def _triton_scan() -> ScanFunction:
+    from lrm_train.models.ssd_triton import ssd_scan
+
+    return ssd_scan
+
+
+def _scan_by_device(triton_scan: ScanFunction, x: torch.Tensor, *args) -> torch.Tensor:
+    return (triton_scan if x.device.type == "cuda" else ssd_chunked_scan)(x, *args)
