@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrm_train.models.config import FalconH1Config
-from lrm_train.models.ssd import ssd_chunked_scan
+from lrm_train.models.ssd import ssd_scan_function
 from lrm_train.nn import (
     MULTIPLIER_NAMES,
     GatedRMSNorm,
@@ -157,6 +157,7 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = cfg.mamba_n_heads, cfg.mamba_d_head
         self.n_groups, self.d_state, self.chunk_size = cfg.mamba_n_groups, cfg.mamba_d_state, cfg.mamba_chunk_size
+        self.ssd_scan = ssd_scan_function(cfg.ssd_backend)
         d, d_ssm, d_bc = cfg.hidden_size, cfg.mamba_d_ssm, cfg.mamba_n_groups * cfg.mamba_d_state
         # The five sections of the Hugging Face in_proj, in its order; applied as one matmul.
         sizes = {"z": d_ssm, "x": d_ssm, "B": d_bc, "C": d_bc, "dt": self.n_heads}
@@ -181,7 +182,7 @@ class Mamba2Mixer(nn.Module):
         xbc = F.silu(self.conv1d(xbc)[..., :seq_len]).transpose(1, 2)
         x, B, C = xbc.split(self.section_sizes[1:4], dim=-1)
         dt = F.softplus(dt + self.dt_bias)
-        y = ssd_chunked_scan(
+        y = self.ssd_scan(
             x.unflatten(-1, (self.n_heads, self.head_dim)),
             dt,
             -torch.exp(self.A_log.float()),
