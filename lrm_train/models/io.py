@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lrm_train.models.config import FalconH1Config
+from lrm_train.models.config import RUNTIME_FIELDS, FalconH1Config
 from lrm_train.models.falcon_h1 import FalconH1LM
 from lrm_train.nn import LRMConfig
 from lrm_train.utils import atomic_directory, check_replaceable
@@ -68,7 +68,8 @@ def save_model(
     model: FalconH1LM, out_dir: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()
 ) -> Path:
     """Write ``model`` as an lrm_train model folder. ``sources``: folders it was read from, never replaced."""
-    config = {"format": FORMAT, "model": dataclasses.asdict(model.cfg), "lrm": dataclasses.asdict(model.lrm)}
+    shape = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in RUNTIME_FIELDS}
+    config = {"format": FORMAT, "model": shape, "lrm": dataclasses.asdict(model.lrm)}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     return write_weights_folder(out_dir, config, state, {"format": FORMAT}, overwrite, sources)
 
