@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lrm_train.models import FalconH1Config, FalconH1LM
+from lrm_train.models.config import RUNTIME_FIELDS
 from lrm_train.nn import LRMConfig
 from lrm_train.utils import atomic_directory, sha256_file
 
@@ -160,7 +161,7 @@ def run_section(cfg, global_batch: int) -> dict:
         return OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True)
 
     return {
-        "model_config": plain(cfg.model),
+        "model_config": {k: v for k, v in plain(cfg.model).items() if k not in RUNTIME_FIELDS},
         "lrm": plain(cfg.lrm),
         "optimizer": plain(cfg.optim)["name"],
         "global_batch": global_batch,
