@@ -45,6 +45,7 @@ from lrm_train.nn import (
     fused_linear,
     merge_multipliers_,
 )
+from lrm_train.nn.loss import LMHead, LMLoss
 
 _ROW_COL = Learnable(row=True, col=True)
 _ROW = Learnable(row=True)
@@ -112,12 +113,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-interleaved RoPE tables [seq_len, head_dim], computed in float32 as Hugging Face does."""
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-interleaved RoPE tables [seq_len, head_dim] in float32, computed as Hugging Face does."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
     angles = torch.arange(seq_len, device=device).float()[:, None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return angles.cos(), angles.sin()
+
+
+class RotaryTables(nn.Module):
+    """The RoPE cos/sin tables, built once for every layer and kept as buffers (not saved: they are a function of
+    the config). Position p's entries do not depend on the table's length, so a longer table changes nothing."""
+
+    INITIAL_LENGTH = 4096
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        cos, sin = rotary_cos_sin(self.INITIAL_LENGTH, head_dim, theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if seq_len > self.cos.shape[0]:  # rare: rebuilt once, outside the (compiled) layers
+            self.cos, self.sin = rotary_cos_sin(seq_len, self.head_dim, self.theta, self.cos.device)
+        return self.cos[:seq_len], self.sin[:seq_len]
 
 
 class Attention(nn.Module):
@@ -130,19 +150,18 @@ class Attention(nn.Module):
             cfg.num_key_value_heads,
             cfg.attention_head_dim,
         )
-        self.rope_theta = cfg.rope_theta
         d, q_dim, kv_dim = cfg.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.q_proj = _matrix(cfg, lrm, "attn.q", d, q_dim)
         self.k_proj = _matrix(cfg, lrm, "attn.k", d, kv_dim)
         self.v_proj = _matrix(cfg, lrm, "attn.v", d, kv_dim)
         self.o_proj = _matrix(cfg, lrm, "attn.o", q_dim, d)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         batch, seq_len, _ = h.shape
         qkv = fused_linear(h, [self.q_proj, self.k_proj, self.v_proj])
         q, k, v = qkv.split([self.q_proj.weight.shape[0], self.k_proj.weight.shape[0], self.v_proj.weight.shape[0]], -1)
         q, k, v = (t.view(batch, seq_len, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        cos, sin = rotary_cos_sin(seq_len, self.head_dim, self.rope_theta, h.device, q.dtype)
+        cos, sin = (table.to(q.dtype) for table in rope)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
@@ -218,14 +237,15 @@ class DecoderLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = GatedMLP(cfg, lrm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         h = self.input_layernorm(x)
-        x = x + self.mamba(h) + self.self_attn(h)
+        x = x + self.mamba(h) + self.self_attn(h, rope)
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
 
 class FalconH1LM(nn.Module):
-    """``FalconH1LM(cfg, lrm)(input_ids [B, T]) -> logits [B, T, vocab]`` (untied embedding and LM head)."""
+    """``FalconH1LM(cfg, lrm)(input_ids [B, T]) -> logits [B, T, vocab]`` (untied embedding and LM head);
+    ``model(input_ids, targets [B, T], z_loss_weight) -> LMLoss``, computed without the full logits (``LMHead``)."""
 
     def __init__(self, cfg: FalconH1Config, lrm: LRMConfig | None = None) -> None:
         super().__init__()
@@ -235,15 +255,20 @@ class FalconH1LM(nn.Module):
         self.embed_tokens = MultipliedEmbedding(
             cfg.vocab_size, cfg.hidden_size, **_multipliers(cfg, self.lrm, "embedding")
         )
+        self.rotary = RotaryTables(cfg.attention_head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.lrm) for _ in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = _matrix(cfg, self.lrm, "lm_head", cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, **_multipliers(cfg, self.lrm, "lm_head"))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, z_loss_weight: float = 0.0
+    ) -> torch.Tensor | LMLoss:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary(input_ids.shape[1])
         for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(self.final_layernorm(x))
+            x = layer(x, rope)
+        hidden = self.final_layernorm(x)
+        return self.lm_head(hidden) if targets is None else self.lm_head(hidden, targets, z_loss_weight)
 
     @torch.no_grad()
     def merge_multipliers_(self) -> None:

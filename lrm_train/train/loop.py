@@ -23,7 +23,6 @@ import torch
 from omegaconf import OmegaConf
 
 from lrm_train.distributed import Engine, build_engine
-from lrm_train.nn import lm_loss
 from lrm_train.optim import batch_fraction, format_table, lr_factor, set_learning_rates
 from lrm_train.train.build import Components, build, seed_everything
 from lrm_train.train.callbacks import Callback, Checkpointer, Evaluator, MetricSinks, StepResult, build_callbacks
@@ -162,7 +161,7 @@ class Trainer:
             if i == micro_batches:
                 break
             with engine.accumulating(last=i == micro_batches - 1), self.autocast():
-                out = lm_loss(engine.model(x.to(engine.device)), y.to(engine.device), cfg.train.z_loss)
+                out = engine.model(x.to(engine.device), y.to(engine.device), cfg.train.z_loss)
                 engine.backward(out.loss / micro_batches)
             loss_sum += out.cross_entropy.detach() / micro_batches
         loss = engine.all_reduce_mean(loss_sum)

@@ -3,8 +3,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from runs import as_args, cli, overrides, run_config
 
+from lrm_train.models import FalconH1LM
 from lrm_train.optim import ParamClass
 from lrm_train.train import loop, open_trainer, train
 from lrm_train.train.__main__ import main
@@ -51,16 +53,18 @@ def test_clipping_leaves_the_multipliers_out_by_default(data_root, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(data_root, tmp_path, monkeypatch):
-    real = loop.lm_loss
+    real = FalconH1LM.forward
     calls = {"n": 0}
 
-    def sometimes_nan(logits, targets, z_loss_weight=0.0):
+    def sometimes_nan(self, input_ids, targets=None, z_loss_weight=0.0):
+        out = real(self, input_ids, targets, z_loss_weight)
+        if not torch.is_grad_enabled():  # the validation loss
+            return out
         calls["n"] += 1
-        out = real(logits, targets, z_loss_weight)
         poisoned = calls["n"] in bad_calls
         return out._replace(loss=out.loss * float("nan")) if poisoned else out
 
-    monkeypatch.setattr(loop, "lm_loss", sometimes_nan)
+    monkeypatch.setattr(FalconH1LM, "forward", sometimes_nan)
     bad_calls = {3}  # the 3rd training micro-batch
     result = train(run_config(data_root, tmp_path / "one", **{"train.max_steps": 5, "train.eval_every": 100}))
     records = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
@@ -128,15 +132,17 @@ def _strict_records(path) -> list[dict]:
 
 
 def test_a_non_finite_loss_is_written_as_null(data_root, tmp_path, monkeypatch):
-    real = loop.lm_loss
+    real = FalconH1LM.forward
 
-    def nan_at_third(logits, targets, z_loss_weight=0.0):
+    def nan_at_third(self, input_ids, targets=None, z_loss_weight=0.0):
+        out = real(self, input_ids, targets, z_loss_weight)
+        if not torch.is_grad_enabled():  # the validation loss
+            return out
         nan_at_third.calls += 1
-        out = real(logits, targets, z_loss_weight)
         return out._replace(cross_entropy=out.cross_entropy * float("nan")) if nan_at_third.calls == 3 else out
 
     nan_at_third.calls = 0
-    monkeypatch.setattr(loop, "lm_loss", nan_at_third)
+    monkeypatch.setattr(FalconH1LM, "forward", nan_at_third)
     result = train(run_config(data_root, tmp_path, **{"train.max_steps": 4, "train.eval_every": 100}))
     records = _strict_records(result.metrics_file)
     assert records[2]["step"] == 3 and records[2]["loss"] is None and records[2]["skipped_steps"] == 1

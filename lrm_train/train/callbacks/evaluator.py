@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from lrm_train.data import validation_batches
-from lrm_train.nn import lm_loss
 from lrm_train.train.callbacks.base import Callback, StepResult, due
 
 
@@ -41,8 +40,7 @@ class Evaluator(Callback):
         )
         for x, y in batches:
             with trainer.autocast():
-                logits = trainer.components.model(x.to(engine.device))
-            loss = lm_loss(logits, y.to(engine.device)).cross_entropy
+                loss = trainer.components.model(x.to(engine.device), y.to(engine.device)).cross_entropy
             total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=engine.device)])
         total = engine.all_reduce_mean(total)
         return float(total[0] / total[1])
