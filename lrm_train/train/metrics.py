@@ -114,10 +114,14 @@ class AdamBrownianMotion:
                 key = f"{group['name']}/{shape[0]}x{shape[1]}"
                 self.shadows[key] = _Shadow(param, shadow_optimizer, group, correction)
 
-    def step(self) -> None:
-        for shadow in self.shadows.values():
+    def hyperparameters(self) -> list[tuple[float, float]]:
+        """Each shadow's LR and WD now (its group's), for a ``step`` taken later."""
+        return [(s.group["lr"], s.group["weight_decay"]) for s in self.shadows.values()]
+
+    def step(self, hyperparameters: list[tuple[float, float]] | None = None) -> None:
+        for shadow, (lr, wd) in zip(self.shadows.values(), hyperparameters or self.hyperparameters()):
             shadow_group = shadow.optimizer.param_groups[0]
-            shadow_group["lr"], shadow_group["weight_decay"] = shadow.group["lr"], shadow.group["weight_decay"]
+            shadow_group["lr"], shadow_group["weight_decay"] = lr, wd
             shadow.param.grad = torch.randn(shadow.param.shape, generator=self.generator)
             shadow.optimizer.step()
 
