@@ -5,7 +5,7 @@ The training loop talks to this small interface only, so it never branches on th
     optimizer = engine.setup(model, optimizer, classes)   # the optimizer whose param_groups the schedule drives
     with engine.accumulating(last=...):                  # gradient sync only on the last micro-batch
         engine.backward(loss)
-    grad_norm, applied = engine.optimizer_step(max_norm, loss_is_finite)   # applied only if all is finite
+    grad_norm, applied = engine.optimizer_step(max_norm, loss_is_finite)   # device tensors: no host sync
     engine.model_state() / engine.optimizer_state()      # full, named: the same checkpoint for every engine
     engine.parameter_shapes()                            # full shapes by name (ZeRO-3 partitions the tensors)
 
@@ -51,10 +51,13 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def step_is_finite(loss_is_finite: bool, grad_norms: list[torch.Tensor]) -> bool:
+def step_is_finite(loss_is_finite: torch.Tensor, grad_norms: list[torch.Tensor]) -> torch.Tensor:
     """The rule of every engine: a step is applied only if the loss and every gradient - all classes, multipliers
-    included - are finite. A non-finite entry makes its group's norm non-finite, so the norms decide it in one sync."""
-    return loss_is_finite and bool(torch.isfinite(torch.stack(grad_norms)).all())
+    included - are finite. A non-finite entry makes its group's norm non-finite, so the norms decide it.
+
+    The answer is a 0-d bool tensor on the device, never read by the host here: the optimizers skip the update on the
+    device (``apply``), and the loop reads the flags only at log steps."""
+    return loss_is_finite & torch.isfinite(torch.stack(grad_norms)).all()
 
 
 class LocalProcess:
@@ -172,17 +175,17 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, max_norm: float, loss_is_finite: bool) -> tuple[torch.Tensor, bool]:
+    def optimizer_step(self, max_norm: float, loss_is_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step unless ``step_is_finite`` says no, after clipping (``max_norm`` > 0) on the global norm of the clipped
-        classes; gradients are cleared either way. Returns (that norm before clipping, whether it stepped)."""
+        classes; gradients are cleared either way. Returns (that norm before clipping, whether it stepped), both 0-d
+        tensors on the device: nothing here waits for the device."""
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.clip_params if p.grad is not None], foreach=True)
         unclipped = [p.grad for p in self.unclipped_params if p.grad is not None]
         unclipped_norm = torch.nn.utils.get_total_norm(unclipped, foreach=True) if unclipped else norm.new_zeros(())
-        applied = step_is_finite(loss_is_finite, [norm, unclipped_norm])
-        if applied and max_norm > 0:
+        applied = step_is_finite(loss_is_finite.to(norm.device), [norm, unclipped_norm])
+        if max_norm > 0:  # a non-finite norm makes the gradients non-finite: the optimizer ignores them then
             torch.nn.utils.clip_grads_with_norm_(self.clip_params, max_norm, norm, foreach=True)
-        if applied:
-            self.optimizer.step()
+        self.optimizer.step(apply=applied)
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied
 

@@ -1,46 +1,82 @@
-"""AdamW, written once: ``adamw_update_`` is the per-tensor step that every engine applies.
+"""AdamW, written once: ``adamw_update_`` is the step that every engine applies, to one tensor or a whole group.
 
-The update is ``torch.optim.AdamW``'s (decoupled weight decay, bias-corrected moments; its single-tensor path,
-operation for operation), and the state keeps its keys (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints are
-interchangeable with it. The single/DDP optimizer applies it parameter by parameter, the ZeRO client shard by shard:
-elementwise, so a shard of a flat group gets exactly the update of the parameters it holds.
+The update is ``torch.optim.AdamW``'s (decoupled weight decay, bias-corrected moments; on the CPU bitwise equal to its
+single-tensor path), and the state keeps its keys (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints are
+interchangeable with it. It is written with ``torch._foreach_*`` ops: on CUDA one call updates a whole group with
+multi-tensor kernels; on the CPU, where those ops loop over the tensors anyway, the optimizer calls it tensor by
+tensor (the same numbers, a smaller working set). The ZeRO client applies it shard by shard: elementwise, so a shard
+of a flat group gets exactly the update of the parameters it holds.
+
+``apply`` (a 0-d bool tensor on the parameters' device) decides on the device whether the step happens: False leaves
+parameters and state bitwise unchanged whatever the gradients hold, without the host ever reading the flag.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.optim import Optimizer
 
 
 def adamw_update_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict],
     lr: float,
     weight_decay: float,
     betas: tuple[float, float],
     eps: float,
+    apply: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step of ``param`` in place; ``state`` (empty at first) holds its moments and step count."""
-    if not state:
-        # The step count stays a float32 scalar on the CPU, as torch.optim.AdamW keeps it (no device sync per step).
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(param)
-        state["exp_avg_sq"] = torch.zeros_like(param)
+    """One AdamW step of each tensor of ``params`` in place; ``states`` (empty at first) hold their moments and step
+    counts. ``apply``: see the module docstring (None: always)."""
+    if apply is None:
+        apply = torch.ones((), dtype=torch.bool, device=params[0].device)
+    for param, state in zip(params, states):
+        if not state:
+            # The step count lives on the device: it counts applied steps, which only the device knows.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+    _update_moments_(params, grads, states, lr * weight_decay, betas, apply)
+    _apply_update_(params, states, lr, betas, eps, apply)
+
+
+def _update_moments_(params, grads, states, decay: float, betas: tuple[float, float], apply: torch.Tensor) -> None:
+    """Count the step, decay the parameters, update both moments. A skipped step's gradients may be NaN or inf, so
+    each operand is replaced by the one that makes its operation a no-op: the first moment itself as its lerp target,
+    zero for the second moment, 1 as a factor."""
     beta1, beta2 = betas
-    state["step"] += 1
-    step = float(state["step"])
-    param.mul_(1 - lr * weight_decay)
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-    param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    torch._foreach_add_([s["step"] for s in states], apply)
+    torch._foreach_mul_(params, torch.where(apply, 1 - decay, 1.0))
+    torch._foreach_lerp_(exp_avgs, [torch.where(apply, g, m) for g, m in zip(grads, exp_avgs)], 1 - beta1)
+    grads_or_zero = [torch.where(apply, g, 0.0) for g in grads]
+    torch._foreach_mul_(exp_avg_sqs, torch.where(apply, beta2, 1.0))
+    torch._foreach_addcmul_(exp_avg_sqs, grads_or_zero, grads_or_zero, value=1 - beta2)
+
+
+def _apply_update_(params, states, lr: float, betas: tuple[float, float], eps: float, apply: torch.Tensor) -> None:
+    """``param -= lr / (1 - beta1^t) * exp_avg / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps)``, a zero step if skipped.
+
+    The bias corrections are computed in float64 from the device's step counts, as torch.optim.AdamW computes them on
+    the host from its CPU count; a count of 0 (a skipped first step) is clamped so that they stay finite."""
+    beta1, beta2 = betas
+    steps = torch.stack([s["step"] for s in states]).double().clamp(min=1)
+    step_sizes = torch.where(apply, -lr / (1 - beta1**steps), 0.0).float().unbind()
+    bias2_sqrts = (1 - beta2**steps).sqrt().float().unbind()
+    denoms = torch._foreach_div(torch._foreach_sqrt([s["exp_avg_sq"] for s in states]), bias2_sqrts)
+    torch._foreach_add_(denoms, eps)
+    # exp_avg * step_size / denom, in addcdiv's order of operations (which takes no tensor as its factor).
+    updates = torch._foreach_mul([s["exp_avg"] for s in states], step_sizes)
+    torch._foreach_div_(updates, denoms)
+    torch._foreach_add_(params, updates)
 
 
 class AdamW(Optimizer):
-    """``adamw_update_`` on every parameter with a gradient, group by group (deterministic: a fixed order)."""
+    """``adamw_update_`` on every parameter with a gradient, group by group (deterministic: a fixed order).
+
+    ``foreach``: one call per group (default on CUDA) instead of one per tensor."""
 
     def __init__(
         self,
@@ -49,16 +85,30 @@ class AdamW(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        foreach: bool | None = None,
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self.foreach = foreach
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, apply: torch.Tensor | None = None):
+        """``apply``: a 0-d bool tensor on the parameters' device; False skips the step on the device."""
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    adamw_update_(
-                        p, p.grad, self.state[p], group["lr"], group["weight_decay"], group["betas"], group["eps"]
-                    )
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            foreach = self.foreach if self.foreach is not None else params[0].device.type == "cuda"
+            batches = [params] if foreach else [[p] for p in params]
+            for batch in batches:
+                adamw_update_(
+                    batch,
+                    [p.grad for p in batch],
+                    [self.state[p] for p in batch],
+                    group["lr"],
+                    group["weight_decay"],
+                    group["betas"],
+                    group["eps"],
+                    apply,
+                )
         return loss

@@ -125,9 +125,10 @@ class CombinedOptimizer:
     def state(self) -> dict:
         return {p: s for opt in self.optimizers for p, s in opt.state.items()}
 
-    def step(self) -> None:
+    def step(self, apply: torch.Tensor | None = None) -> None:
+        """``apply``: a 0-d bool tensor on the device; False skips the step there (no host sync)."""
         for opt in self.optimizers:
-            opt.step()
+            opt.step(apply=apply)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
@@ -136,13 +137,11 @@ class CombinedOptimizer:
     def load_param_state(self, param: torch.Tensor, state: dict) -> None:
         """Set one parameter's state (a copy, placed as the optimizers keep it) in whichever optimizer holds it.
 
-        Checkpoints load on the CPU: moments and momentum go to the parameter's device and dtype, which the update
-        needs them on; AdamW's step count stays the float32 CPU scalar it always is (``adamw_update_``).
+        Checkpoints load on the CPU: every entry goes to the parameter's device, the moments and momentum in its
+        dtype, AdamW's step count as the float32 scalar it always is (``adamw_update_``).
         """
         placed = {
-            key: value.to("cpu", torch.float32, copy=True)
-            if key == "step"
-            else value.to(param.device, param.dtype, copy=True)
+            key: value.to(param.device, torch.float32 if key == "step" else param.dtype, copy=True)
             for key, value in state.items()
         }
         for opt in self.optimizers:

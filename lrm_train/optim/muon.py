@@ -73,11 +73,18 @@ def adjusted_lr(lr: float, shape: torch.Size, rule: str) -> float:
     return lr * math.sqrt(max(1.0, rows / cols))
 
 
-def muon_direction_(grad: torch.Tensor, state: dict, momentum: float, nesterov: bool) -> torch.Tensor:
-    """Update the momentum in ``state`` (empty at first) with ``grad``; return the direction to orthogonalize."""
+def muon_direction_(
+    grad: torch.Tensor, state: dict, momentum: float, nesterov: bool, apply: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Update the momentum in ``state`` (empty at first) with ``grad``; return the direction to orthogonalize.
+
+    Elementwise, so it runs on a shard as well as on a whole matrix. ``apply`` False (a 0-d bool tensor, decided on the
+    device): the momentum stays bitwise unchanged and the direction is finite whatever ``grad`` holds."""
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(grad)
     buf = state["momentum_buffer"]
+    if apply is not None:
+        grad = torch.where(apply, grad, buf)  # the momentum itself: its lerp towards it is a no-op
     buf.lerp_(grad, 1 - momentum)
     return grad.lerp(buf, momentum) if nesterov else buf
 
@@ -87,10 +94,43 @@ def orthogonalize(direction: torch.Tensor, ns_steps: int, dtype: torch.dtype, ep
     return newton_schulz(direction, ns_steps, dtype, eps).float()
 
 
-def decoupled_step_(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, step_lr: float) -> None:
-    """``W *= 1 - lr * wd`` then ``W -= step_lr * update`` (Muon's step once the update is orthogonalized)."""
-    param.mul_(1 - lr * weight_decay)
-    param.add_(update.to(param.dtype), alpha=-step_lr)
+def decoupled_step_(
+    param: torch.Tensor,
+    update: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    step_lr: float,
+    apply: torch.Tensor | None = None,
+) -> None:
+    """``W *= 1 - lr * wd`` then ``W -= step_lr * update`` (Muon's step once the update is orthogonalized); nothing
+    changes where ``apply`` is False (a 0-d bool tensor on the device; ``update`` must then be finite)."""
+    if apply is None:
+        param.mul_(1 - lr * weight_decay)
+        param.add_(update.to(param.dtype), alpha=-step_lr)
+        return
+    param.mul_(torch.where(apply, 1 - lr * weight_decay, 1.0))
+    param.add_(torch.where(apply, update.to(param.dtype), 0.0), alpha=-step_lr)
+
+
+def share_of_matrices(shapes: list[tuple[int, int]], world: int):
+    """How ranks share the Newton-Schulz work: chunks of at most ``world`` matrices of one shape (all_gather needs
+    equal shapes), yielded as (shape, indices); in each chunk, rank r orthogonalizes ``indices[r]``."""
+    by_shape = defaultdict(list)
+    for i, shape in enumerate(shapes):
+        by_shape[tuple(shape)].append(i)
+    for shape, indices in by_shape.items():
+        for start in range(0, len(indices), world):
+            yield shape, indices[start : start + world]
+
+
+def exchange_updates(mine: torch.Tensor | None, shape: tuple[int, int], world: int, device) -> list[torch.Tensor]:
+    """All-gather the chunk's orthogonalized matrices: ``mine`` from this rank (None: it had none in this chunk),
+    returned in rank order (collective)."""
+    if mine is None:
+        mine = torch.zeros(shape, dtype=torch.float32, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine.contiguous())
+    return gathered
 
 
 class Muon(Optimizer):
@@ -129,18 +169,19 @@ class Muon(Optimizer):
                     raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, apply: torch.Tensor | None = None):
+        """``apply``: a 0-d bool tensor on the parameters' device; False skips the step on the device."""
         loss = None if closure is None else closure()
         work = []  # (param, group, direction to orthogonalize)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                direction = muon_direction_(p.grad, self.state[p], group["momentum"], group["nesterov"])
+                direction = muon_direction_(p.grad, self.state[p], group["momentum"], group["nesterov"], apply)
                 work.append((p, group, direction))
         for (p, group, _), update in zip(work, self._orthogonalize(work)):
             step_lr = adjusted_lr(group["lr"], p.shape, group["adjust_lr"])
-            decoupled_step_(p, update, group["lr"], group["weight_decay"], step_lr)
+            decoupled_step_(p, update, group["lr"], group["weight_decay"], step_lr, apply)
         return loss
 
     def _orthogonalize(self, work: list) -> list[torch.Tensor]:
@@ -156,19 +197,9 @@ class Muon(Optimizer):
         if world == 1:
             return [orthogonalize_one(i) for i in range(len(work))]
         updates: list[torch.Tensor | None] = [None] * len(work)
-        by_shape = defaultdict(list)  # all_gather needs equal shapes
-        for i, (p, _, _) in enumerate(work):
-            by_shape[tuple(p.shape)].append(i)
-        for shape, indices in by_shape.items():
-            for start in range(0, len(indices), world):
-                chunk = indices[start : start + world]
-                mine = (
-                    orthogonalize_one(chunk[rank])
-                    if rank < len(chunk)
-                    else work[chunk[0]][0].new_zeros(shape, dtype=torch.float32)
-                )
-                gathered = [torch.empty_like(mine) for _ in range(world)]
-                dist.all_gather(gathered, mine.contiguous())
-                for index, update in zip(chunk, gathered):
-                    updates[index] = update
+        device = work[0][0].device if work else None
+        for shape, chunk in share_of_matrices([p.shape for p, _, _ in work], world):
+            mine = orthogonalize_one(chunk[rank]) if rank < len(chunk) else None
+            for index, update in zip(chunk, exchange_updates(mine, shape, world, device)):
+                updates[index] = update
         return updates

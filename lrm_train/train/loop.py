@@ -99,6 +99,7 @@ class Trainer:
         self.callbacks = callbacks
         self.checkpointer = next(c for c in callbacks if isinstance(c, Checkpointer))
         self.state = TrainState()
+        self.unsettled: list[tuple[int, torch.Tensor]] = []  # (step, applied flag on the device) not yet read
         self.failed = False
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and engine.device.type == "cuda")
         self.autocast = (
@@ -115,6 +116,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Collective: every rank contributes its RNG state (ZeRO gathers its optimizer shards)."""
+        self.settle_skipped_steps()
         callback_states = {cb.name: cb.state_dict() for cb in self.callbacks}
         return {
             "format": FORMAT,
@@ -165,20 +167,44 @@ class Trainer:
                 engine.backward(out.loss / micro_batches)
             loss_sum += out.cross_entropy.detach() / micro_batches
         loss = engine.all_reduce_mean(loss_sum)
-        grad_norm, applied = engine.optimizer_step(cfg.train.grad_clip, bool(torch.isfinite(loss)))
+        grad_norm, applied = engine.optimizer_step(cfg.train.grad_clip, torch.isfinite(loss))
         s = self.state
         s.step += 1
         tokens = micro_batches * micro * engine.world_size * cfg.data.seq_len
         s.tokens_seen += tokens
-        if applied:
-            s.bad_in_row = 0
-        else:
-            s.skipped_steps += 1
-            s.bad_in_row += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped", s.step)
+        self.unsettled.append((s.step, applied))
         last = s.step == cfg.train.max_steps
+        if s.step % cfg.train.log_every == 0 or last:
+            self.settle_skipped_steps()  # the interval's one wait for the device, counted in this step's time
         seconds = time.perf_counter() - started
         return StepResult(s.step, loss, grad_norm, applied, cfg.optim.lr * lr_scale, tokens, seconds, last)
+
+    def settle_skipped_steps(self) -> None:
+        """Read whether the steps since the last call were applied (one host sync for all of them) and account for the
+        skipped ones: ``skipped_steps``, ``bad_in_row``, a warning each; ``NonFiniteSteps`` if ``train.max_bad_steps``
+        came in a row. The loop calls it at log steps, at the end and before a checkpoint, so a run of bad steps is
+        stopped up to ``train.log_every - 1`` steps after it happened (the model was not updated by those steps)."""
+        if not self.unsettled:
+            return
+        steps = [step for step, _ in self.unsettled]
+        applied = torch.stack([flag for _, flag in self.unsettled]).tolist()
+        self.unsettled = []
+        s, limit, stop_at = self.state, self.cfg.train.max_bad_steps, None
+        for step, was_applied in zip(steps, applied):
+            if was_applied:
+                s.bad_in_row = 0
+                continue
+            s.skipped_steps += 1
+            s.bad_in_row += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped", step)
+            if s.bad_in_row >= limit and stop_at is None:
+                stop_at = step
+        if stop_at is not None:
+            seen = "" if stop_at == s.step else f", seen at step {s.step}"
+            raise NonFiniteSteps(
+                f"{limit} non-finite steps in a row (train.max_bad_steps={limit}) at step {stop_at}{seen}; "
+                "the model was not updated by them"
+            )
 
     def fit(self) -> None:
         t = self.cfg.train
@@ -187,16 +213,12 @@ class Trainer:
         try:
             while self.state.step < t.max_steps:
                 step = self.train_step()
-                if self.state.bad_in_row >= t.max_bad_steps:
-                    raise NonFiniteSteps(
-                        f"{self.state.bad_in_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}) "
-                        f"at step {self.state.step}; the model was not updated by them"
-                    )
                 for callback in self.callbacks:
                     callback.on_step(self, step)
                 if t.stop_at_step and self.state.step >= t.stop_at_step:
                     log.info("stopping at step %d (train.stop_at_step)", self.state.step)
                     break
+            self.settle_skipped_steps()
         except NonFiniteSteps as e:
             self.failed = True
             path = self.checkpointer.save_emergency(self)

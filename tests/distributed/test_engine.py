@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from lrm_train.distributed import DDPEngine, DistConfig, Engine, build_engine
-from lrm_train.optim import ParamClass
+from lrm_train.optim import AdamW, ParamClass
 
 
 @pytest.fixture
@@ -71,30 +71,36 @@ def engine_for(name: str):
     engine = build_engine(DistConfig(name=name, device="cpu"))
     model = WithMultiplier()
     classes = {"weight": ParamClass.MATRIX, "lrm_row": ParamClass.MULTIPLIER}
-    optimizer = engine.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), classes, clip_multipliers=False)
-    return engine, model, optimizer
+    optimizer = AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
+    return engine, model, engine.setup(model, optimizer, classes, clip_multipliers=False)
 
 
 @pytest.mark.parametrize("name", ["single", "ddp"])
 @pytest.mark.parametrize("bad", ["loss", "multiplier_grad", "matrix_grad", "none"])
 def test_a_step_is_applied_only_if_the_loss_and_every_gradient_are_finite(one_rank_launch, name, bad):
-    engine, model, _ = engine_for(name)
+    engine, model, optimizer = engine_for(name)
     model.weight.grad = torch.full((3, 3), 0.5)
     model.lrm_row.grad = torch.full((3,), 0.5)
     if bad == "multiplier_grad":  # not in the clipped norm (clip_multipliers=False), still refused
         model.lrm_row.grad[1] = float("inf")
     if bad == "matrix_grad":
         model.weight.grad[0, 0] = float("nan")
-    norm, applied = engine.optimizer_step(max_norm=1.0, loss_is_finite=bad != "loss")
-    assert applied == (bad == "none")
-    if applied:
+    norm, applied = engine.optimizer_step(max_norm=1.0, loss_is_finite=torch.tensor(bad != "loss"))
+    assert applied.shape == () and bool(applied) == (bad == "none")
+    if bad == "none":
         torch.testing.assert_close(norm, torch.tensor(1.5))  # the clipped classes only: sqrt(9 * 0.25)
-        torch.testing.assert_close(model.weight.detach(), torch.full((3, 3), 1 - 0.1 * 0.5 / 1.5), atol=1e-6, rtol=0)
-        torch.testing.assert_close(model.lrm_row.detach(), torch.full((3,), 1 - 0.1 * 0.5))  # not clipped
+        # AdamW's first moment after one step is (1 - beta1) * the gradient it was given: clipped, or not.
+        state = optimizer.state
+        torch.testing.assert_close(
+            state[model.weight]["exp_avg"], torch.full((3, 3), 0.1 * 0.5 / 1.5), rtol=1e-6, atol=0
+        )
+        torch.testing.assert_close(state[model.lrm_row]["exp_avg"], torch.full((3,), 0.1 * 0.5))
+        assert not torch.equal(model.weight.detach(), torch.ones(3, 3))
     else:
         assert torch.equal(model.weight.detach(), torch.ones(3, 3)) and torch.equal(
             model.lrm_row.detach(), torch.ones(3)
         )
+        assert all(float(s["step"]) == 0 for s in optimizer.state.values())
     assert model.weight.grad is None and model.lrm_row.grad is None
 
 
@@ -111,8 +117,8 @@ class FakeDeepSpeed:
     [
         ([3.0, 4.0], True, True),
         ([3.0, 4.0], False, False),  # the non-finite loss branch
-        ([3.0, -1.0], True, False),  # DeepSpeed's -1: a non-finite multiplier gradient, outside the clipped norm
-        ([-1.0, 4.0], True, False),
+        ([3.0, float("inf")], True, False),  # a non-finite multiplier gradient, outside the clipped norm
+        ([float("nan"), 4.0], True, False),
     ],
 )
 def test_zero_skips_by_the_same_rule(group_norms, loss_is_finite, applied):
@@ -121,17 +127,18 @@ def test_zero_skips_by_the_same_rule(group_norms, loss_is_finite, applied):
     engine = object.__new__(ZeroEngine)
     engine.clip_multipliers = False
     engine.client = types.SimpleNamespace(
-        param_groups=[{"param_class": "matrix"}, {"param_class": "multiplier"}], skip=False
+        param_groups=[{"param_class": "matrix"}, {"param_class": "multiplier"}], apply=None
     )
     engine._group_norms = lambda: [torch.tensor(n) for n in group_norms]
     engine.ds = FakeDeepSpeed()
-    norm, stepped = engine.optimizer_step(max_norm=1.5, loss_is_finite=loss_is_finite)
-    assert stepped == applied and engine.client.skip == (not applied)
+    norm, stepped = engine.optimizer_step(max_norm=1.5, loss_is_finite=torch.tensor(loss_is_finite))
+    assert bool(stepped) == applied and engine.client.apply is stepped
     assert engine.ds.steps == 1  # DeepSpeed always steps (it clears its gradients); the client skips the update
     if applied:
         torch.testing.assert_close(norm, torch.tensor(3.0))
-        scales = [g["grad_scale"] for g in engine.client.param_groups]
-        assert scales == [pytest.approx(1.5 / (3.0 + 1e-6)), 1.0]
+        matrix, multiplier = (g["grad_scale"] for g in engine.client.param_groups)
+        torch.testing.assert_close(matrix, torch.tensor(1.5 / (3.0 + 1e-6)))
+        assert multiplier is None  # not clipped
 
 
 def test_parameter_shapes_are_full_and_named():

@@ -43,9 +43,9 @@ def test_the_update_function_is_elementwise_so_a_shard_gets_its_slice_of_the_upd
     whole, halves = param.clone(), [param[:4].clone(), param[4:].clone()]
     state, states = {}, [{}, {}]
     for _ in range(3):
-        adamw_update_(whole, grad, state, 0.01, 0.1, (0.9, 0.95), 1e-8)
+        adamw_update_([whole], [grad], [state], 0.01, 0.1, (0.9, 0.95), 1e-8)
         for half, half_grad, half_state in zip(halves, (grad[:4], grad[4:]), states):
-            adamw_update_(half, half_grad, half_state, 0.01, 0.1, (0.9, 0.95), 1e-8)
+            adamw_update_([half], [half_grad], [half_state], 0.01, 0.1, (0.9, 0.95), 1e-8)
     torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)
     assert float(state["step"]) == 3.0
 
@@ -71,3 +71,43 @@ def test_state_dict_round_trip_continues_identically(steps):
         o.step()
     for a, b in zip(params, clone):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_foreach_path_gives_the_per_tensor_numbers():
+    # On the CPU the foreach ops loop over the tensors: the numbers must be the per-tensor path's exactly.
+    per_tensor, opt_a = run(lambda groups: AdamW(groups, foreach=False), steps=6)
+    foreach, opt_b = run(lambda groups: AdamW(groups, foreach=True), steps=6)
+    for a, b in zip(per_tensor, foreach):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_a.state[a][key], opt_b.state[b][key], rtol=0, atol=0)
+    assert float(opt_a.state[per_tensor[0]]["step"]) == 6.0
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_skipped_step_leaves_parameters_and_state_bitwise_unchanged(foreach, bad):
+    params, opt = run(lambda groups: AdamW(groups, foreach=foreach), steps=2)
+    before = [p.detach().clone() for p in params]
+    state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    for p in params:
+        p.grad = torch.full_like(p, bad)
+    opt.step(apply=torch.tensor(False))
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+        for key, value in state[p].items():
+            assert torch.equal(opt.state[p][key], value), key
+    # The next applied step is the third: the skipped one did not count.
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step(apply=torch.tensor(True))
+    assert all(float(opt.state[p]["step"]) == 3.0 for p in params)
+
+
+def test_a_skipped_first_step_keeps_the_parameters_finite_and_counts_nothing():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), float("nan"))
+    opt = AdamW([p], lr=0.1)
+    opt.step(apply=torch.tensor(False))
+    assert torch.equal(p.detach(), torch.ones(3)) and float(opt.state[p]["step"]) == 0.0
+    assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(3))

@@ -100,3 +100,18 @@ def test_ranks_orthogonalize_their_share_and_match_one_process(tmp_path):
             torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
     calls = sorted(r[1] for r in results)
     assert sum(calls) == len(shapes) * len(grads) and calls[1] - calls[0] <= len(grads) * 3
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_a_skipped_step_leaves_parameters_and_momentum_bitwise_unchanged(nesterov):
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = Muon(params, lr=0.02, weight_decay=0.1, nesterov=nesterov)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step(apply=torch.tensor(True))
+    before = [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone()) for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step(apply=torch.tensor(False))
+    for p, (weight, momentum) in zip(params, before):
+        assert torch.equal(p.detach(), weight) and torch.equal(opt.state[p]["momentum_buffer"], momentum)

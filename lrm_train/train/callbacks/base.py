@@ -16,12 +16,18 @@ class StepResult:
     step: int  # the step just taken (1-based: the number of steps done)
     loss: torch.Tensor  # mean cross-entropy over the global batch
     grad_norm: torch.Tensor  # before clipping
-    applied: bool  # False: non-finite loss or gradient, the update was skipped
+    applied_on_device: torch.Tensor  # 0-d bool: False when a non-finite loss or gradient skipped the update
     lr: float  # the base learning rate used (schedule x optim.lr)
     tokens: int  # tokens consumed by this step (all ranks)
     seconds: float  # wall time of the step itself
     last: bool  # the run's final step
     metrics: dict = field(default_factory=dict)  # what callbacks report for this step, written by the sinks
+
+    @property
+    def applied(self) -> bool:
+        """Whether the update was applied. Reading it waits for the device; the trainer's own callbacks read the flags
+        only at log steps (``applied_on_device`` keeps them on the device)."""
+        return bool(self.applied_on_device)
 
 
 class Callback:
