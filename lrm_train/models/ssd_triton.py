@@ -141,9 +141,10 @@ def _load_group_rows(ptr, b, g, t, offs_n, stride_b, stride_t, stride_g, stride_
 
 @triton.jit
 def _causal_decay(s_ptr, offs_l, chunk_size):
-    """``exp(s_l - s_s)`` for s <= l, else 0 (masked before the exp, which would overflow above the diagonal)."""
+    """``exp(s_l - s_s)`` for s <= l < chunk_size, else 0: masked before the exp, which would overflow above the
+    diagonal and in the rows past a chunk size that is not a power of two."""
     s = tl.load(s_ptr + offs_l, mask=offs_l < chunk_size, other=0.0)
-    causal = offs_l[:, None] >= offs_l[None, :]
+    causal = (offs_l[:, None] >= offs_l[None, :]) & (offs_l[:, None] < chunk_size)
     return s, tl.exp(tl.where(causal, s[:, None] - s[None, :], -float("inf")))
 
 
