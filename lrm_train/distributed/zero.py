@@ -9,8 +9,13 @@ own machinery would change:
   (multipliers left out, as in the trainer) from DeepSpeed's reduced gradient partitions, and the optimizer scales
   those classes' gradients before its update - so Muon sees a clipped gradient and its orthogonalized update is
   never shrunk afterwards.
-- Muon: only the ``matrix`` class uses it. Each matrix's full gradient and momentum are all-gathered from the
-  shards (``ShardLayout``), updated and orthogonalized exactly as in ``optim.Muon``, and each rank keeps its shard.
+- Muon: only the ``matrix`` class uses it. Momentum and direction are elementwise, so each rank updates them on its
+  own shard; the Newton-Schulz work is shared as in ``optim.Muon`` under DDP (``share_of_matrices``,
+  ``exchange_updates``): each matrix's direction is reduced onto the one rank that orthogonalizes it, and each chunk of
+  at most world-size updates is all-gathered, from which every rank keeps its shard. No rank ever holds more than one
+  chunk of whole matrices.
+- Finiteness: the engine decides it on the device (``step_is_finite``) and the client skips the update there
+  (``apply``); DeepSpeed's own gradient-norm and overflow checks, which read the norm on the host, are off for ZeRO-1/2.
 
 Checkpoints use the trainer's format: full named model and optimizer states, gathered from the shards on save and
 cut back into shards on load, so a run resumes on another world size or engine.
@@ -36,6 +41,7 @@ from lrm_train.optim import (
     ns_dtype,
     orthogonalize,
 )
+from lrm_train.optim.muon import exchange_updates, share_of_matrices
 
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -54,6 +60,35 @@ class ShardLayout:
     contiguous: bool
     world: int
     rank: int
+
+    def pieces(self, shard_numel: int) -> list[tuple[slice, slice]]:
+        """Per parameter, the elements of it this rank's shard holds: (where in the shard, where in the flattened
+        parameter); empty slices where it holds none."""
+        out = []
+        if self.contiguous:
+            start, end = self.rank * shard_numel, (self.rank + 1) * shard_numel
+            offset = 0
+            for shape in self.shapes:
+                low, high = max(offset, start), min(offset + shape.numel(), end)
+                high = max(low, high)
+                out.append((slice(low - start, high - start), slice(low - offset, high - offset)))
+                offset += shape.numel()
+            return out
+        local = 0
+        for shape, size in zip(self.shapes, self.shard_sizes):
+            low, high = self.rank * size, min((self.rank + 1) * size, shape.numel())
+            high = max(low, high)
+            out.append((slice(local, local + high - low), slice(low, high)))
+            local += size
+        return out
+
+    def gather_to(self, shard: torch.Tensor, index: int, piece: tuple[slice, slice], owner: int):
+        """Parameter ``index`` whole on rank ``owner`` from every rank's piece of it (collective); None elsewhere."""
+        local, place = piece
+        flat = shard.new_zeros(self.shapes[index].numel())
+        flat[place] = shard[local]
+        dist.reduce(flat, dst=owner)  # the pieces do not overlap: their sum is the parameter, exactly
+        return flat.view(self.shapes[index]) if self.rank == owner else None
 
     def gather(self, shard: torch.Tensor) -> list[torch.Tensor]:
         """Full tensors of every parameter from each rank's ``shard`` (collective)."""
@@ -91,50 +126,55 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
     """The client optimizer DeepSpeed wraps: AdamW on any shard, Muon on matrix shards through their layout.
 
     Groups are the trainer's (one per parameter class, with its lr, weight decay and optimizer settings).
-    ``group["grad_scale"]`` (set by the engine before each step) scales the clipped classes; ``skip`` drops the update.
+    Set by the engine before each step: ``group["grad_scale"]`` (a 0-d tensor, or None for the unclipped classes) and
+    ``apply`` (a 0-d bool tensor: False skips the update on the device).
     """
 
     def __init__(self, groups: list[dict]) -> None:
         super().__init__(groups, {})
         self.layouts: dict[int, ShardLayout] = {}  # id(shard) -> layout, for the Muon groups
-        self.skip = False
+        self.apply: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.skip:
-            return
         # DeepSpeed's ZeRO-1/2 steps one group at a time (``param_groups`` swapped for a one-group list), so each group
         # carries its own scale.
         for group in self.param_groups:
-            scale = group["grad_scale"]
             for shard in group["params"]:
                 if shard.grad is None:
                     continue
-                grad = shard.grad if scale == 1.0 else shard.grad * scale
+                grad = shard.grad if group["grad_scale"] is None else shard.grad.mul_(group["grad_scale"])
                 if group["use_muon"]:
                     self._muon(shard, grad, group)
                 else:
-                    self._adamw(shard, grad, group)
-        return
-
-    def _adamw(self, shard: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        adamw_update_(shard, grad, self.state[shard], group["lr"], group["weight_decay"], group["betas"], group["eps"])
+                    adamw_update_(
+                        [shard],
+                        [grad],
+                        [self.state[shard]],
+                        group["lr"],
+                        group["weight_decay"],
+                        group["betas"],
+                        group["eps"],
+                        self.apply,
+                    )
 
     def _muon(self, shard: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        """Muon on the whole matrices of this shard: gathered, updated as in ``optim.Muon``, cut back."""
+        """Muon on the matrices of this shard, the Newton-Schulz work shared across ranks as ``optim.Muon`` does."""
         layout = self.layouts[id(shard)]
-        state = self.state[shard]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(shard)
-        grads, buffers = layout.gather(grad), layout.gather(state["momentum_buffer"])
+        direction = muon_direction_(grad, self.state[shard], group["momentum"], group["nesterov"], self.apply)
+        pieces = layout.pieces(shard.numel())
         dtype = ns_dtype(group["ns_dtype"], shard.device)
-        updates = []
-        for g, buf, shape in zip(grads, buffers, layout.shapes):
-            direction = muon_direction_(g, {"momentum_buffer": buf}, group["momentum"], group["nesterov"])
-            update = orthogonalize(direction, group["ns_steps"], dtype, group["eps"])
-            updates.append(update * adjusted_lr(1.0, shape, group["adjust_lr"]))  # the shape's LR factor
-        state["momentum_buffer"] = layout.shard(buffers, shard)
-        decoupled_step_(shard, layout.shard(updates, shard), group["lr"], group["weight_decay"], group["lr"])
+        update = torch.zeros_like(shard)
+        for shape, chunk in share_of_matrices(layout.shapes, layout.world):
+            whole = [layout.gather_to(direction, index, pieces[index], owner) for owner, index in enumerate(chunk)]
+            mine = None
+            if layout.rank < len(chunk):
+                orthogonal = orthogonalize(whole[layout.rank], group["ns_steps"], dtype, group["eps"])
+                mine = orthogonal * adjusted_lr(1.0, shape, group["adjust_lr"])  # the shape's LR factor
+            for index, full in zip(chunk, exchange_updates(mine, shape, layout.world, shard.device)):
+                local, place = pieces[index]
+                update[local] = full.reshape(-1)[place]
+        decoupled_step_(shard, update, group["lr"], group["weight_decay"], group["lr"], self.apply)
 
 
 class ZeroEngine(Engine):
@@ -173,6 +213,9 @@ class ZeroEngine(Engine):
                 # ZeRO-3 cuts each parameter group into sub-groups of at most this many elements; larger than any
                 # model, it keeps one fp32 shard per group, so a shard never mixes classes and each has one layout.
                 "sub_group_size": 1_000_000_000_000,
+                # ``optimizer_step`` takes the norms itself, on the device; DeepSpeed's would be read on the host
+                # (ZeRO-3 cannot turn it off).
+                **({"compute_grad_norm": False} if self.stage < 3 else {}),
             },
             "bf16": {"enabled": False},
             "steps_per_print": 1 << 30,  # never: the trainer logs
@@ -259,31 +302,31 @@ class ZeroEngine(Engine):
         self.ds.backward(loss, scale_wrt_gas=False)
 
     def _group_norms(self) -> list[torch.Tensor]:
-        """Per client group, the norm of its reduced gradient (DeepSpeed's own computation; collective)."""
+        """Per client group, the norm of its reduced gradient: this rank's partitions, squared and summed across ranks
+        in one all-reduce. Non-finite stays non-finite, and nothing is read on the host."""
         opt = self.ds_optimizer
         if self.stage < 3:
-            return [
-                opt.get_grad_norm_direct(opt.averaged_gradients[i], opt.params_in_partition[i])
-                for i in range(len(opt.bit16_groups))
-            ]
-        norms = [torch.zeros(()) for _ in self.client.param_groups]
-        for sub_group, norm in enumerate(opt._get_norm_groups()):
-            index = opt.sub_group_to_group_id[sub_group]
-            norms[index] = torch.sqrt(norms[index] ** 2 + torch.as_tensor(norm, dtype=torch.float32) ** 2)
-        return norms
+            group_of = list(range(len(opt.bit16_groups)))
+        else:
+            group_of = [opt.sub_group_to_group_id[sub_group] for sub_group in range(len(opt.fp16_groups))]
+        squares = torch.zeros(len(self.client.param_groups), dtype=torch.float32, device=self.device)
+        for sub_group, group in enumerate(group_of):
+            grads = opt.averaged_gradients[sub_group]
+            if grads:
+                squares[group] += torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
+        dist.all_reduce(squares)
+        return list(squares.sqrt())
 
-    def optimizer_step(self, max_norm: float, loss_is_finite: bool) -> tuple[torch.Tensor, bool]:
+    def optimizer_step(self, max_norm: float, loss_is_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         groups = self.client.param_groups
         clipped = [is_clipped(ParamClass(g["param_class"]), self.clip_multipliers) for g in groups]
-        # DeepSpeed reports a non-finite group norm as -1.
-        norms = [torch.as_tensor(n, dtype=torch.float32) for n in self._group_norms()]
-        norms = [n if n >= 0 else torch.full_like(n, float("nan")) for n in norms]
+        norms = self._group_norms()
         norm = torch.sqrt(sum(n**2 for n, clip in zip(norms, clipped) if clip))
-        applied = step_is_finite(loss_is_finite, norms)
-        scale = min(1.0, max_norm / (float(norm) + 1e-6)) if max_norm > 0 and applied else 1.0
+        applied = step_is_finite(loss_is_finite.to(norm.device), norms)
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm > 0 else None  # as the single engine
         for group, clip in zip(groups, clipped):
-            group["grad_scale"] = scale if clip else 1.0
-        self.client.skip = not applied
+            group["grad_scale"] = scale if clip else None
+        self.client.apply = applied
         self.ds.step()
         return norm, applied
 
