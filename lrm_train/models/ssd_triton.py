@@ -36,6 +36,14 @@ def _block(size: int, cap: int | None = None) -> int:
 
 
 @triton.jit
+def _load_group_rows(ptr, b, g, t, offs_n, stride_b, stride_t, stride_g, stride_n, mask):
+    """The rows t (positions of a chunk) of a group's B or C, [positions, d_state block]."""
+    return tl.load(
+        ptr + b * stride_b + g * stride_g + t[:, None] * stride_t + offs_n[None, :] * stride_n, mask=mask, other=0.0
+    )
+
+
+@triton.jit
 def _decay_weights(s_ptr, offs_l, chunk_size, FROM_END: tl.constexpr, dt_ptr, dt_offs, valid):
     """Per position of a chunk: ``exp(s_last - s_l) * dt_l`` (what reaches the chunk's end) or ``exp(s_l)``
     (what the chunk's entering state keeps at l); zero off the sequence."""
@@ -76,14 +84,9 @@ def _chunk_outer_sum_kernel(
         mask=valid[:, None] & (offs_p[None, :] < head_dim),
         other=0.0,
     )
-    v = tl.load(
-        v_ptr + b * sv_b + g * sv_g + t[:, None] * sv_t + offs_n[None, :] * sv_n,
-        mask=valid[:, None] & (offs_n[None, :] < d_state),
-        other=0.0,
-    )
-    dtype = DOT_DTYPE
-    weighted = (u.to(tl.float32) * weights[:, None]).to(dtype)
-    out = tl.dot(tl.trans(weighted), v.to(dtype), input_precision=FP32_PRECISION)
+    v = _load_group_rows(v_ptr, b, g, t, offs_n, sv_b, sv_t, sv_g, sv_n, valid[:, None] & (offs_n[None, :] < d_state))
+    weighted = (u.to(tl.float32) * weights[:, None]).to(DOT_DTYPE)
+    out = tl.dot(tl.trans(weighted), v.to(DOT_DTYPE), input_precision=FP32_PRECISION)
     out_chunk = out_ptr + (pid_bh * chunks + c) * head_dim * d_state
     tl.store(
         out_chunk + offs_p[:, None] * d_state + offs_n[None, :],
@@ -132,14 +135,6 @@ def _state_passing_backward_kernel(
 
 
 @triton.jit
-def _load_group_rows(ptr, b, g, t, offs_n, stride_b, stride_t, stride_g, stride_n, mask):
-    """The rows t (positions of a chunk) of a group's B or C, [positions, d_state block]."""
-    return tl.load(
-        ptr + b * stride_b + g * stride_g + t[:, None] * stride_t + offs_n[None, :] * stride_n, mask=mask, other=0.0
-    )
-
-
-@triton.jit
 def _causal_decay(s_ptr, offs_l, chunk_size):
     """``exp(s_l - s_s)`` for s <= l < chunk_size, else 0: masked before the exp, which would overflow above the
     diagonal and in the rows past a chunk size that is not a power of two."""
@@ -164,7 +159,6 @@ def _chunk_scan_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     t = c * chunk_size + offs_l
     valid = (offs_l < chunk_size) & (t < length)
-    dtype = DOT_DTYPE
 
     scores = tl.zeros([BLOCK_L, BLOCK_L], dtype=tl.float32)  # C_l . B_s
     from_state = tl.zeros([BLOCK_L, BLOCK_P], dtype=tl.float32)  # S_in C_l
@@ -172,22 +166,22 @@ def _chunk_scan_kernel(
     for n0 in range(0, d_state, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         bc_mask = valid[:, None] & (offs_n[None, :] < d_state)
-        C = _load_group_rows(C_ptr, b, g, t, offs_n, sc_b, sc_t, sc_g, sc_n, bc_mask).to(dtype)
-        B = _load_group_rows(B_ptr, b, g, t, offs_n, sb_b, sb_t, sb_g, sb_n, bc_mask).to(dtype)
+        C = _load_group_rows(C_ptr, b, g, t, offs_n, sc_b, sc_t, sc_g, sc_n, bc_mask).to(DOT_DTYPE)
+        B = _load_group_rows(B_ptr, b, g, t, offs_n, sb_b, sb_t, sb_g, sb_n, bc_mask).to(DOT_DTYPE)
         scores = tl.dot(C, tl.trans(B), scores, input_precision=FP32_PRECISION)
         state = tl.load(
             state_chunk + offs_p[:, None] * d_state + offs_n[None, :],
             mask=(offs_p[:, None] < head_dim) & (offs_n[None, :] < d_state),
             other=0.0,
         )
-        from_state = tl.dot(C, tl.trans(state.to(dtype)), from_state, input_precision=FP32_PRECISION)
+        from_state = tl.dot(C, tl.trans(state.to(DOT_DTYPE)), from_state, input_precision=FP32_PRECISION)
 
     s, decay = _causal_decay(s_ptr + (pid_bh * chunks + c) * chunk_size, offs_l, chunk_size)
     dt = tl.load(dt_ptr + b * sdt_b + h * sdt_h + t * sdt_t, mask=valid, other=0.0).to(tl.float32)
     x_mask = valid[:, None] & (offs_p[None, :] < head_dim)
     x = tl.load(x_ptr + b * sx_b + h * sx_h + t[:, None] * sx_t + offs_p[None, :] * sx_p, mask=x_mask, other=0.0)
-    weights = (scores * decay * dt[None, :]).to(dtype)
-    y = tl.dot(weights, x.to(dtype), input_precision=FP32_PRECISION) + tl.exp(s)[:, None] * from_state
+    weights = (scores * decay * dt[None, :]).to(DOT_DTYPE)
+    y = tl.dot(weights, x.to(DOT_DTYPE), input_precision=FP32_PRECISION) + tl.exp(s)[:, None] * from_state
     y += tl.load(D_ptr + h).to(tl.float32) * x.to(tl.float32)
     tl.store(y_ptr + b * sy_b + h * sy_h + t[:, None] * sy_t + offs_p[None, :] * sy_p, y, mask=x_mask)
 
@@ -209,7 +203,6 @@ def _chunk_scan_backward_x_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     t = c * chunk_size + offs_l
     valid = (offs_l < chunk_size) & (t < length)
-    dtype = DOT_DTYPE
 
     scores = tl.zeros([BLOCK_L, BLOCK_L], dtype=tl.float32)  # C_l . B_s
     from_state = tl.zeros([BLOCK_L, BLOCK_P], dtype=tl.float32)  # S_in C_l
@@ -218,14 +211,14 @@ def _chunk_scan_backward_x_kernel(
     for n0 in range(0, d_state, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         bc_mask = valid[:, None] & (offs_n[None, :] < d_state)
-        C = _load_group_rows(C_ptr, b, g, t, offs_n, sc_b, sc_t, sc_g, sc_n, bc_mask).to(dtype)
-        B = _load_group_rows(B_ptr, b, g, t, offs_n, sb_b, sb_t, sb_g, sb_n, bc_mask).to(dtype)
+        C = _load_group_rows(C_ptr, b, g, t, offs_n, sc_b, sc_t, sc_g, sc_n, bc_mask).to(DOT_DTYPE)
+        B = _load_group_rows(B_ptr, b, g, t, offs_n, sb_b, sb_t, sb_g, sb_n, bc_mask).to(DOT_DTYPE)
         scores = tl.dot(C, tl.trans(B), scores, input_precision=FP32_PRECISION)
         pn_offs = offs_p[:, None] * d_state + offs_n[None, :]
         pn_mask = (offs_p[:, None] < head_dim) & (offs_n[None, :] < d_state)
-        state = tl.load(states_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(dtype)
+        state = tl.load(states_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(DOT_DTYPE)
         from_state = tl.dot(C, tl.trans(state), from_state, input_precision=FP32_PRECISION)
-        leaving_grad = tl.load(leaving_grads_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(dtype)
+        leaving_grad = tl.load(leaving_grads_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(DOT_DTYPE)
         to_leaving = tl.dot(B, tl.trans(leaving_grad), to_leaving, input_precision=FP32_PRECISION)
 
     s_chunk = s_ptr + (pid_bh * chunks + c) * chunk_size
@@ -236,17 +229,18 @@ def _chunk_scan_backward_x_kernel(
     x = tl.load(x_ptr + b * sx_b + h * sx_h + t[:, None] * sx_t + offs_p[None, :] * sx_p, mask=lp_mask, other=0.0)
     dy = tl.load(dy_ptr + b * sdy_b + h * sdy_h + t[:, None] * sdy_t + offs_p[None, :] * sdy_p, mask=lp_mask, other=0.0)
     x32, dy32 = x.to(tl.float32), dy.to(tl.float32)
+    x, dy = x.to(DOT_DTYPE), dy.to(DOT_DTYPE)
     to_end = tl.where(valid, tl.exp(s_last - s), 0.0)
 
     decayed_scores = scores * decay
-    d_xdt = tl.dot(tl.trans(decayed_scores.to(dtype)), dy.to(dtype), input_precision=FP32_PRECISION)
+    d_xdt = tl.dot(tl.trans(decayed_scores.to(DOT_DTYPE)), dy, input_precision=FP32_PRECISION)
     d_xdt += to_end[:, None] * to_leaving
     dx = d_xdt * dt[:, None] + tl.load(D_ptr + h).to(tl.float32) * dy32
     tl.store(dx_ptr + b * sdx_b + h * sdx_h + t[:, None] * sdx_t + offs_p[None, :] * sdx_p, dx, mask=lp_mask)
     tl.store(ddt_ptr + b * sddt_b + h * sddt_h + t * sddt_t, tl.sum(d_xdt * x32, axis=1), mask=valid)
 
     # d/ds: each weight exp(s_l - s_s) pulls s_l up and s_s down; exp(s_l) and exp(s_last - s_s) likewise.
-    outputs_by_inputs = tl.dot(dy.to(dtype), tl.trans(x.to(dtype)), input_precision=FP32_PRECISION)  # dy_l . x_s
+    outputs_by_inputs = tl.dot(dy, tl.trans(x), input_precision=FP32_PRECISION)  # dy_l . x_s
     intra = decayed_scores * outputs_by_inputs * dt[None, :]
     ds = tl.sum(intra, axis=1) - tl.sum(intra, axis=0)
     ds += tl.exp(s) * tl.sum(dy32 * from_state, axis=1)
@@ -271,11 +265,10 @@ def _chunk_scan_backward_bc_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t = c * chunk_size + offs_l
     valid = (offs_l < chunk_size) & (t < length)
-    dtype = DOT_DTYPE
 
     bc_mask = valid[:, None] & (offs_n[None, :] < d_state)
-    C = _load_group_rows(C_ptr, b, g, t, offs_n, sc_b, sc_t, sc_g, sc_n, bc_mask).to(dtype)
-    B = _load_group_rows(B_ptr, b, g, t, offs_n, sb_b, sb_t, sb_g, sb_n, bc_mask).to(dtype)
+    C = _load_group_rows(C_ptr, b, g, t, offs_n, sc_b, sc_t, sc_g, sc_n, bc_mask).to(DOT_DTYPE)
+    B = _load_group_rows(B_ptr, b, g, t, offs_n, sb_b, sb_t, sb_g, sb_n, bc_mask).to(DOT_DTYPE)
     lp_mask = valid[:, None] & (offs_p[None, :] < head_dim)
     pn_offs = offs_p[:, None] * d_state + offs_n[None, :]
     pn_mask = (offs_p[:, None] < head_dim) & (offs_n[None, :] < d_state)
@@ -292,16 +285,16 @@ def _chunk_scan_backward_bc_kernel(
         dy = tl.load(
             dy_ptr + b * sdy_b + h * sdy_h + t[:, None] * sdy_t + offs_p[None, :] * sdy_p, mask=lp_mask, other=0.0
         )
-        x, dy = x.to(dtype), dy.to(dtype)
+        x, dy = x.to(DOT_DTYPE), dy.to(DOT_DTYPE)
         outputs_by_inputs = tl.dot(dy, tl.trans(x), input_precision=FP32_PRECISION)  # dy_l . x_s
-        d_scores = (outputs_by_inputs * decay * dt[None, :]).to(dtype)
+        d_scores = (outputs_by_inputs * decay * dt[None, :]).to(DOT_DTYPE)
         dC = tl.dot(d_scores, B, dC, input_precision=FP32_PRECISION)
         dB = tl.dot(tl.trans(d_scores), C, dB, input_precision=FP32_PRECISION)
 
         state_offs = (bh * chunks + c) * head_dim * d_state
-        state = tl.load(states_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(dtype)
+        state = tl.load(states_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(DOT_DTYPE)
         dC += tl.exp(s)[:, None] * tl.dot(dy, state, input_precision=FP32_PRECISION)
-        leaving_grad = tl.load(leaving_grads_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(dtype)
+        leaving_grad = tl.load(leaving_grads_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(DOT_DTYPE)
         to_end = tl.where(valid, tl.exp(s_last - s) * dt, 0.0)
         dB += to_end[:, None] * tl.dot(x, leaving_grad, input_precision=FP32_PRECISION)
 
