@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from lrm_train.models import MATRIX_ROLES, FalconH1Config, FalconH1LM, preset
-from lrm_train.models.falcon_h1 import learnable
+from lrm_train.models import MATRIX_ROLES, FalconH1Config, FalconH1LM, falcon_h1, preset
+from lrm_train.models.falcon_h1 import learnable, rotary_cos_sin
 from lrm_train.models.io import load_model, save_model
 from lrm_train.nn import PLACEMENTS, Learnable, LRMConfig
 
@@ -150,3 +150,27 @@ def test_width_family_scales_heads_not_head_dims():
 def test_config_round_trips_through_asdict():
     cfg = small()
     assert FalconH1Config(**dataclasses.asdict(cfg)) == cfg
+
+
+def test_rope_tables_are_buffers_built_once_and_never_saved(monkeypatch):
+    model = FalconH1LM(small())
+    assert not [key for key in model.state_dict() if key.startswith("rotary.")]
+    built = []
+    monkeypatch.setattr(falcon_h1, "rotary_cos_sin", lambda *args: built.append(args) or rotary_cos_sin(*args))
+    cos, sin = model.rotary(10)
+    model(torch.randint(0, 64, (2, 10)))
+    assert not built  # no table is computed per forward
+    expected_cos, expected_sin = rotary_cos_sin(10, model.cfg.attention_head_dim, model.cfg.rope_theta)
+    assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+
+
+def test_a_sequence_longer_than_the_rope_tables_grows_them_with_the_same_values(monkeypatch):
+    ids = torch.randint(0, 64, (1, 12))
+    torch.manual_seed(0)
+    reference = FalconH1LM(small())
+    monkeypatch.setattr(falcon_h1.RotaryTables, "INITIAL_LENGTH", 5)
+    torch.manual_seed(0)
+    model = FalconH1LM(small())
+    assert model.rotary.cos.shape[0] == 5
+    assert torch.equal(model(ids), reference(ids))
+    assert model.rotary.cos.shape[0] == 12
