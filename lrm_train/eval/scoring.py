@@ -42,27 +42,31 @@ def _request_text(arguments) -> tuple[str, str]:
     return arguments[0], arguments[1]
 
 
-def run_harness(lm, tasks=DEFAULT_TASKS, limit: float | None = None, num_fewshot: int | None = None) -> dict:
+def run_harness(lm, tasks=DEFAULT_TASKS, limit: float | None = None) -> dict:
     """``{task: {metric: value}}`` from the harness (``acc``, ``acc_norm``, LAMBADA's ``perplexity``, ...; the
-    stderr entries dropped) plus ``bpb`` of the correct continuation for loglikelihood and multiple-choice tasks."""
-    from lm_eval import simple_evaluate
-    from lm_eval.api.task import Task
-    from lm_eval.tasks import TaskManager
+    stderr entries dropped) plus ``bpb`` of the correct continuation for loglikelihood and multiple-choice tasks.
 
+    The tasks are set up as ``simple_evaluate`` sets them up (zero-shot unless their config says otherwise, few-shot
+    examples drawn with the harness's seed), then scored by the harness's ``evaluate``. Not ``simple_evaluate``
+    itself: it reseeds the global RNGs (the trainer's, in the loop), collects an environment report (seconds, at
+    every in-loop evaluation) and returns results only where LOCAL_RANK is 0, while every rank needs them.
+    """
+    from lm_eval.api.task import Task
+    from lm_eval.defaults import DEFAULT_OTHER_SEED
+    from lm_eval.evaluator import evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import setup_logging
+
+    setup_logging("WARNING")
     # Without the default index (a minute to build): every offline task comes as its full config.
     specs = task_specs(tasks)
     task_manager = TaskManager(include_defaults=not all(isinstance(spec, dict) for spec in specs))
-    task_dict = task_manager.load(specs)["tasks"]
-    output = simple_evaluate(
-        model=lm,
-        tasks=list(task_dict.values()),
-        task_manager=task_manager,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        log_samples=True,
-        bootstrap_iters=0,
-        verbosity="WARNING",
-    )
+    loaded = task_manager.load(specs)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    output = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0)
     scores = {}
     for task, metrics in output["results"].items():
         scores[task] = {
@@ -70,7 +74,7 @@ def run_harness(lm, tasks=DEFAULT_TASKS, limit: float | None = None, num_fewshot
             for name, value in metrics.items()
             if "_stderr" not in name and name not in _HARNESS_KEYS_DROPPED and isinstance(value, (int, float))
         }
-    for name, task in task_dict.items():
+    for name, task in loaded["tasks"].items():
         samples = output["samples"].get(name)
         if isinstance(task, Task) and samples and task.OUTPUT_TYPE in ("multiple_choice", "loglikelihood"):
             scores[name]["bpb"] = correct_continuation_bpb(task, samples)

@@ -70,12 +70,18 @@ class ExperimentConfig:
 
 @dataclass
 class EvalConfig:
-    """Downstream tasks scored in the loop (lm-evaluation-harness; none by default: the harness is not imported)."""
+    """Downstream tasks scored in the loop (lm-evaluation-harness; none by default). These are the arguments of the
+    ``callbacks.downstream`` entry of ``configs/train.yaml``, which attaches the evaluation callback."""
 
-    tasks: list[str] = field(default_factory=list)  # e.g. [arc_easy, piqa]; see lrm_train.eval.OFFLINE_TASKS
+    tasks: list[str] = field(default_factory=list)  # harness task names, e.g. [arc_easy, piqa]
     limit: int = 100  # the first N items of each task: the same fixed subset at every evaluation
     every: int = 100  # steps between evaluations (and at the end)
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 import math
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -63,3 +64,13 @@ def test_rolling_loglikelihood_counts_every_token_across_windows(tokenizer_json)
 
     assert len(lm.tok_encode(text)) == 7
     assert lm.loglikelihood_rolling([Request()]) == [pytest.approx(-7 * math.log(VOCAB))]
+
+
+def test_scoring_does_not_reseed_the_global_generators(tokenizer_json):
+    """In the loop, the harness must not reset the trainer's torch and NumPy generators (it seeds both by default)."""
+    lm = LRMHarnessLM(model=UniformLM(), tokenizer=str(tokenizer_json), device="cpu")
+    torch.manual_seed(5)
+    np.random.seed(5)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    run_harness(lm, [handmade_task(0)])
+    assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()

@@ -10,6 +10,7 @@ The loop (``train/loop.py``) calls, in list order:
 A callback with state gives ``state_dict()``/``load_state_dict()``: it is saved in every checkpoint under the
 callback's ``name``. Add your own from the config without editing the loop:
 ``+callbacks.<name>._target_=your.module.YourCallback`` (extra keys are passed to its constructor).
+``configs/train.yaml`` attaches the downstream evaluation (``callbacks.downstream``) the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from hydra.utils import instantiate
 
 from lrm_train.train.callbacks.base import Callback, StepResult
 from lrm_train.train.callbacks.checkpointer import Checkpointer
-from lrm_train.train.callbacks.downstream import DownstreamEval
 from lrm_train.train.callbacks.evaluator import Evaluator
 from lrm_train.train.callbacks.sinks import MetricSinks
 from lrm_train.train.callbacks.speed import SpeedMonitor
@@ -28,7 +28,6 @@ from lrm_train.train.config import RunConfig
 __all__ = [
     "Callback",
     "Checkpointer",
-    "DownstreamEval",
     "Evaluator",
     "MetricSinks",
     "SpeedMonitor",
@@ -57,7 +56,6 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         SpeedMonitor(t.log_every, cfg.logging.peak_tflops),
         Trajectories(t.log_every, cfg.logging.trajectories, cfg.model.init_std, seed=t.seed),
         Evaluator(t.eval_every, t.eval_batch_size),
-        *([DownstreamEval(cfg.eval)] if cfg.eval.tasks else []),
         *user,
         MetricSinks(cfg.logging, cfg.experiment.name),
         Checkpointer(t.ckpt_every, t.keep_last),

@@ -1,0 +1,78 @@
+"""Each package imports only the packages below it (docs/architecture.md), checked on every import statement."""
+
+import ast
+from pathlib import Path
+
+import lrm_train
+
+PACKAGE_ROOT = Path(lrm_train.__file__).parent
+
+# Bottom to top, as docs/architecture.md draws it; packages on one line do not import each other. The doc's top line
+# (eval, experiments, hf) is ordered here as they use each other: eval reads HF folders, experiments score with eval.
+LAYERS = [["nn"], ["models"], ["data", "optim"], ["distributed"], ["train"], ["hf"], ["eval"], ["experiments"]]
+STANDALONE = ["utils", "config_compose"]  # beside the layers: every package may import them, they import none
+
+
+def allowed_imports(package: str) -> set[str]:
+    if package in STANDALONE:
+        return set()
+    level = next(i for i, layer in enumerate(LAYERS) if package in layer)
+    return {name for layer in LAYERS[:level] for name in layer} | set(STANDALONE)
+
+
+def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:
+    """(line, absolute name) of everything the file imports (``from a import b``: ``a.b``), function-local and
+    relative imports included."""
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    package = list(parts[:-1])  # what a relative import starts from (for __init__.py too: its folder)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def layering_violations(root: Path = PACKAGE_ROOT) -> list[str]:
+    violations = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        package = parts[0] if len(parts) > 1 else path.stem
+        if package == "__init__":
+            continue
+        for line, module in imported_modules(path, root):
+            target = module.split(".")
+            if target[0] != "lrm_train" or len(target) < 2 or target[1] == package:
+                continue
+            if target[1] not in allowed_imports(package):
+                violations.append(f"{path.relative_to(root.parent)}:{line} ({package}) imports {module}")
+    return violations
+
+
+def test_every_package_imports_only_those_below_it():
+    assert layering_violations() == []
+
+
+def test_every_package_has_a_layer():
+    named = {name for layer in LAYERS for name in layer} | set(STANDALONE)
+    packages = {p.name for p in PACKAGE_ROOT.iterdir() if (p / "__init__.py").exists()}
+    modules = {p.stem for p in PACKAGE_ROOT.glob("*.py") if p.name != "__init__.py"}
+    assert packages | modules == named
+
+
+def test_an_upward_import_is_caught_even_inside_a_function(tmp_path):
+    root = tmp_path / "lrm_train"
+    (root / "train" / "callbacks").mkdir(parents=True)
+    (root / "train" / "callbacks" / "late.py").write_text("def f():\n    from lrm_train.eval import api\n")
+    (root / "models" / "deep.py").parent.mkdir()
+    (root / "models" / "deep.py").write_text("from ..train import loop\nimport lrm_train.nn\n")
+    (root / "data").mkdir()
+    (root / "data" / "x.py").write_text("from lrm_train import optim\nfrom . import loader\n")
+    assert sorted(layering_violations(root)) == [
+        "lrm_train/data/x.py:1 (data) imports lrm_train.optim",
+        "lrm_train/models/deep.py:1 (models) imports lrm_train.train.loop",
+        "lrm_train/train/callbacks/late.py:2 (train) imports lrm_train.eval.api",
+    ]
