@@ -39,10 +39,16 @@ class DistConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     timeout_minutes: int = 30
     zero3_persistence_threshold: int = 100_000  # ZeRO-3 keeps parameters smaller than this whole on every rank
+    # ZeRO only: the model's parameters (and gradients) in bf16, float32 master weights in the optimizer's shards.
+    bf16_params: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in ENGINES:
             raise ValueError(f"dist.name={self.name!r} is not one of {', '.join(ENGINES)}")
+        if self.bf16_params and not self.name.startswith("zero"):
+            raise ValueError(
+                f"dist.bf16_params=true needs a ZeRO engine (dist.name=zero1|zero2|zero3), not {self.name}"
+            )
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"dist.backend={self.backend!r} is not one of auto, gloo, nccl")
 

@@ -217,7 +217,9 @@ class ZeroEngine(Engine):
                 # (ZeRO-3 cannot turn it off).
                 **({"compute_grad_norm": False} if self.stage < 3 else {}),
             },
-            "bf16": {"enabled": False},
+            # bf16 parameters: DeepSpeed keeps the float32 masters in the shards our client updates; its overflow
+            # check (a host sync) is off, ``optimizer_step`` decides finiteness on the device.
+            "bf16": {"enabled": self.cfg.bf16_params, "check_grad_overflow": False},
             "steps_per_print": 1 << 30,  # never: the trainer logs
             "wall_clock_breakdown": False,
         }
@@ -345,8 +347,15 @@ class ZeroEngine(Engine):
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()))
 
     def model_state(self) -> dict[str, torch.Tensor]:
+        """The full named state; with bf16 parameters, the float32 master weights (what the run really holds)."""
+        masters = {}
+        if self.cfg.bf16_params:
+            for _, shard, layout in self.shards():
+                for param, full in zip(layout.params, layout.gather(shard.detach())):
+                    masters[self.names[id(param)]] = full
         with self.gathered():
-            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            state = {k: masters.get(k, v).detach().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.stage < 3:
@@ -356,7 +365,12 @@ class ZeroEngine(Engine):
 
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0):
                 self.module.load_state_dict(state)
-        self.ds_optimizer._restore_from_bit16_weights()
+        if not self.cfg.bf16_params:
+            self.ds_optimizer._restore_from_bit16_weights()
+            return
+        # The masters come from the checkpoint, not from the bf16 copies just loaded (that would round them).
+        for _, shard, layout in self.shards():
+            shard.data.copy_(layout.shard([state[self.names[id(p)]] for p in layout.params], shard))
 
     def optimizer_state(self) -> dict[str, dict]:
         named: dict[str, dict] = {}

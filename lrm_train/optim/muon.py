@@ -2,12 +2,14 @@
 
 The per-matrix math (``muon_direction_``, ``orthogonalize``, ``decoupled_step_``) is written once here and used by
 this optimizer and by the ZeRO client. Same update as ``torch.optim.Muon`` (momentum ``buf = mu*buf + (1-mu)*g``, Nesterov ``g + mu*(buf - g)``, quintic
-Newton-Schulz, ``W *= 1 - lr*wd``, then ``W -= adjusted_lr * O``), with two differences that matter here:
+Newton-Schulz, ``W *= 1 - lr*wd``, then ``W -= adjusted_lr * O``), with these differences:
 
 - Newton-Schulz runs in ``ns_dtype``: ``auto`` is bf16 on CUDA and float32 on CPU, where bf16 matmuls are ~20x slower.
 - Under data parallelism every rank keeps the (cheap) momentum of every matrix - the gradients are identical after
   the all-reduce, so the optimizer state is the same on every rank and a checkpoint of rank 0 resumes on any world
-  size - but each rank orthogonalizes only its share of the matrices, and the results are all-gathered.
+  size - but each rank orthogonalizes only its share of the matrices, and the results are all-gathered
+  (``share_of_matrices``, ``exchange_updates``: the ZeRO client shares the work the same way).
+- ``apply`` (a 0-d bool tensor) skips a step on the device, leaving weights and momentum bitwise unchanged.
 """
 
 from __future__ import annotations

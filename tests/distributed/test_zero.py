@@ -164,3 +164,21 @@ def test_the_engine_refuses_groups_deepspeed_would_have_merged():
     engine.ds_optimizer = types.SimpleNamespace(round_robin_bit16_groups=merged)
     with pytest.raises(ValueError, match="DeepSpeed regrouped the parameters"):
         engine._verify_and_map([g["name"] for g in optimizer.param_groups])
+
+
+def test_bf16_parameters_follow_the_autocast_run(data_root, tmp_path, jit_dir):
+    # The same run in one process under bf16 autocast (float32 weights), and on 2 ranks with bf16 parameters and
+    # float32 master weights: bf16 rounding apart, the same losses.
+    autocast = train(run_config(data_root, tmp_path / "autocast", **ONE_PROCESS, **{"train.precision": "bf16"}))
+    expected = losses(autocast.run_dir)
+    got = zero(data_root, tmp_path / "bf16", jit_dir, **{"dist.name": "zero2", "dist.bf16_params": True})
+    assert sorted(got) == sorted(expected) == list(range(1, 11))
+    for step, loss in expected.items():
+        assert abs(got[step] - loss) / loss < 1e-2, (step, got[step], loss)
+    assert got[10] < got[1] - 0.1  # it trains
+    # The checkpoint holds the float32 master weights, which the single-process engine resumes from.
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "bf16" / "checkpoints" / "step_00000010" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert any((v.bfloat16().float() != v).any() for v in state.values())  # not bf16 values stored as float32
