@@ -3,12 +3,14 @@ loader. One function, so the trainer, the benchmarks and the experiments assembl
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lrm_train.data import BatchLoader, TokenData
 from lrm_train.data.loader import validation_windows
@@ -59,12 +61,30 @@ def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
     return data
 
 
+def wrap_layers(
+    layers: nn.ModuleList, compile: bool, activation_checkpointing: bool, compile_backend: str = "inductor"
+) -> None:
+    """The per-layer options of ``train``, applied once to the built model (the layers' code knows nothing of them).
+
+    ``activation_checkpointing``: a layer keeps only its input for backward and runs its forward again there
+    (non-reentrant ``torch.utils.checkpoint``). ``compile``: each decoder layer is compiled by ``torch.compile``, not
+    the whole model: the LM head's loop over chunks and the embedding stay eager, and the Triton SSD scan is a custom
+    op the graphs call as one opaque op. The parameters keep their names either way (checkpoints do not change).
+    """
+    for layer in layers:
+        if activation_checkpointing:
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        if compile:
+            layer.compile(backend=compile_backend)
+
+
 def build(cfg: RunConfig, engine: Engine) -> Components:
     """Seed, then data -> model -> parameter classes -> optimizer -> engine -> loader (this order fixes the RNG use)."""
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg, engine)
     model = FalconH1LM(cfg.model, cfg.lrm).to(engine.device)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
+    wrap_layers(model.layers, cfg.train.compile, cfg.train.activation_checkpointing)
     classes = classify_parameters(model)
     optimizer = engine.setup(
         model, build_optimizer(model, classes, cfg.optim, cfg.lrm), classes, cfg.train.clip_multipliers

@@ -39,6 +39,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     clip_multipliers: bool = False  # the paper leaves multipliers out of the clipped global norm
     z_loss: float = 1e-4
+    compile: bool = False  # torch.compile each decoder layer
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward instead of keeping activations
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops (with an emergency checkpoint)
     log_every: int = 10
     eval_every: int = 50

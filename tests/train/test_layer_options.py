@@ -1,0 +1,70 @@
+"""train.compile and train.activation_checkpointing: the same loss and gradients as the plain model."""
+
+import functools
+
+import pytest
+import torch
+from runs import run_config
+
+from lrm_train.models import FalconH1Config, FalconH1LM
+from lrm_train.nn import LRMConfig
+from lrm_train.train import open_trainer
+from lrm_train.train.build import wrap_layers
+
+# fmt: off
+SMALL = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
+    num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
+    mamba_chunk_size=4,
+)
+# fmt: on
+
+
+def loss_and_grads(compile: bool, activation_checkpointing: bool):
+    torch.manual_seed(0)
+    model = FalconH1LM(FalconH1Config(**SMALL), LRMConfig("full"))
+    # aot_eager: the graphs and their autograd as torch.compile builds them, without inductor's slow C++ build.
+    wrap_layers(model.layers, compile, activation_checkpointing, compile_backend="aot_eager")
+    mlp_calls = []
+    model.layers[0].feed_forward.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+    ids = torch.randint(0, 64, (2, 11))
+    out = model(ids[:, :-1], ids[:, 1:], 1e-3)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return out.loss.detach(), grads, len(mlp_calls)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return loss_and_grads(compile=False, activation_checkpointing=False)
+
+
+def test_activation_checkpointing_recomputes_each_layer_and_gives_the_same_gradients_bitwise(plain):
+    loss, grads, mlp_calls = loss_and_grads(compile=False, activation_checkpointing=True)
+    assert plain[2] == 1 and mlp_calls == 2  # the layer ran again in backward
+    assert torch.equal(loss, plain[0])
+    for name, grad in grads.items():
+        assert torch.equal(grad, plain[1][name]), name
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_compiled_layers_give_the_same_loss_and_gradients(plain, activation_checkpointing):
+    torch._dynamo.reset()
+    loss, grads, _ = loss_and_grads(compile=True, activation_checkpointing=activation_checkpointing)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    torch.testing.assert_close(loss, plain[0], rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_run_config_applies_both_options_to_every_layer_and_keeps_the_parameter_names(data_root, tmp_path):
+    options = {"train.compile": True, "train.activation_checkpointing": True, "schedule.warmup_steps": 0}
+    with open_trainer(run_config(data_root, tmp_path, **options)) as trainer:
+        model = trainer.components.model
+        for layer in model.layers:
+            assert layer._compiled_call_impl is not None  # compiled on its first call
+            assert (
+                isinstance(layer.forward, functools.partial) and layer.forward.func is torch.utils.checkpoint.checkpoint
+            )
+        plain_names = [name for name, _ in FalconH1LM(model.cfg, model.lrm).named_parameters()]
+        assert [name for name, _ in model.named_parameters()] == plain_names
