@@ -7,7 +7,8 @@ mamba_ssm's kernels. Per chunk of ``chunk_size`` steps and head, with ``s`` the 
     state passing  S_in(c+1) = exp(s_last(c)) S_in(c) + S_c            (sequential over chunks, S_in(0) = 0)
     chunk scan     y_l       = sum_{s<=l} (C_l . B_s) exp(s_l - s_s) dt_s x_s + exp(s_l) S_in C_l + D x_l
 
-The backward recomputes the states instead of storing them, then runs the same three steps in reverse. Matmul
+The scans work on blocks of 64 positions of a chunk and skip the blocks above its diagonal. The backward recomputes
+the states instead of storing them, then runs the same three steps in reverse. Matmul
 operands are in the inputs' dtype (bf16 under autocast: tensor cores) and every sum accumulates in float32; the
 states between chunks are float32. The heads of a group share one B and one C: kernels index B/C by group, and the
 B/C gradients are summed over the group's heads inside one program, so nothing is repeated per head. Sequences of
@@ -27,6 +28,8 @@ INTERPRETED = triton.knobs.runtime.interpret
 _HALF_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # float32 matmuls on tensor cores keep float32 accuracy with three tf32 products (bf16/fp16 operands ignore this).
 FP32_PRECISION = tl.constexpr("tf32x3")
+# The scans work on 64-position blocks: with 8 warps their bf16 kernels compile for sm_90 without register spills.
+SCAN_WARPS = 8
 
 
 def _block(size: int, cap: int | None = None) -> int:
@@ -135,172 +138,284 @@ def _state_passing_backward_kernel(
 
 
 @triton.jit
-def _causal_decay(s_ptr, offs_l, chunk_size):
-    """``exp(s_l - s_s)`` for s <= l < chunk_size, else 0: masked before the exp, which would overflow above the
-    diagonal and in the rows past a chunk size that is not a power of two."""
-    s = tl.load(s_ptr + offs_l, mask=offs_l < chunk_size, other=0.0)
-    causal = (offs_l[:, None] >= offs_l[None, :]) & (offs_l[:, None] < chunk_size)
-    return s, tl.exp(tl.where(causal, s[:, None] - s[None, :], -float("inf")))
+def _group_scores(
+    rows_ptr, cols_ptr, b, g, t_rows, valid_rows, t_cols, valid_cols, d_state,
+    sr_b, sr_t, sr_g, sr_n, sc_b, sc_t, sc_g, sc_n,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``rows_t . cols_t'`` over d_state for two blocks of positions of a group: C.B^T (or B.C^T), float32."""
+    scores = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, d_state, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_state = offs_n[None, :] < d_state
+        rows = _load_group_rows(rows_ptr, b, g, t_rows, offs_n, sr_b, sr_t, sr_g, sr_n, valid_rows[:, None] & in_state)
+        cols = _load_group_rows(cols_ptr, b, g, t_cols, offs_n, sc_b, sc_t, sc_g, sc_n, valid_cols[:, None] & in_state)
+        scores = tl.dot(rows.to(DOT_DTYPE), tl.trans(cols.to(DOT_DTYPE)), scores, input_precision=FP32_PRECISION)
+    return scores
+
+
+@triton.jit
+def _causal_decay(s_later, s_earlier, later, earlier, chunk_size):
+    """``exp(s_l - s_s)`` for s <= l < chunk_size, else 0 (``later``/``earlier``: positions l and s, broadcast to one
+    block). Masked before the exp, which would overflow above the diagonal and in the rows past a chunk size that
+    is not a power of two."""
+    causal = (later >= earlier) & (later < chunk_size)
+    return tl.exp(tl.where(causal, s_later - s_earlier, -float("inf")))
+
+
+@triton.jit
+def _load_head_rows(ptr, b, h, t, offs_p, stride_b, stride_t, stride_h, stride_p, mask):
+    """The rows t (positions of a chunk) of a head's x (or dy), [positions, head_dim block]."""
+    return tl.load(
+        ptr + b * stride_b + h * stride_h + t[:, None] * stride_t + offs_p[None, :] * stride_p, mask=mask, other=0.0
+    )
 
 
 @triton.jit
 def _chunk_scan_kernel(
-    x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, s_ptr, states_ptr, y_ptr,
-    length, heads, heads_per_group, chunks, chunk_size, head_dim, d_state,
+    x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, s_ptr, states_ptr, y_ptr, dy_ptr, ds_ptr,
+    length, heads, heads_per_group, chunks, chunk_size, head_dim, d_state, row_blocks,
     sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
     sy_b, sy_t, sy_h, sy_p,
-    DOT_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    GRAD_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """y of one chunk, head and block of head_dim."""
-    pid_bh, c, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """y of one block of rows (positions) of a chunk, for one head and block of head_dim.
+
+    With ``GRAD_ROWS`` (the backward; head_dim in one block) it stores ``dy_l . (y_l - D x_l)`` instead: what each
+    row's own decays exp(s_l - s_s) and exp(s_l) give the gradient of s_l.
+    """
+    pid_bh, pid_cm, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = pid_bh // heads, pid_bh % heads
     g = h // heads_per_group
-    offs_l = tl.arange(0, BLOCK_L)
+    c, m = pid_cm // row_blocks, pid_cm % row_blocks
+    s_chunk = s_ptr + (pid_bh * chunks + c) * chunk_size
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_m = c * chunk_size + offs_m
+    valid_m = (offs_m < chunk_size) & (t_m < length)
+    s_m = tl.load(s_chunk + offs_m, mask=offs_m < chunk_size, other=0.0)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    t = c * chunk_size + offs_l
-    valid = (offs_l < chunk_size) & (t < length)
+    in_head = offs_p[None, :] < head_dim
 
-    scores = tl.zeros([BLOCK_L, BLOCK_L], dtype=tl.float32)  # C_l . B_s
-    from_state = tl.zeros([BLOCK_L, BLOCK_P], dtype=tl.float32)  # S_in C_l
+    # What the state entering the chunk gives: exp(s_l) S_in C_l.
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
     state_chunk = states_ptr + (pid_bh * chunks + c) * head_dim * d_state
     for n0 in range(0, d_state, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        bc_mask = valid[:, None] & (offs_n[None, :] < d_state)
-        C = _load_group_rows(C_ptr, b, g, t, offs_n, sc_b, sc_t, sc_g, sc_n, bc_mask).to(DOT_DTYPE)
-        B = _load_group_rows(B_ptr, b, g, t, offs_n, sb_b, sb_t, sb_g, sb_n, bc_mask).to(DOT_DTYPE)
-        scores = tl.dot(C, tl.trans(B), scores, input_precision=FP32_PRECISION)
+        C = _load_group_rows(
+            C_ptr, b, g, t_m, offs_n, sc_b, sc_t, sc_g, sc_n, valid_m[:, None] & (offs_n[None, :] < d_state)
+        )
         state = tl.load(
             state_chunk + offs_p[:, None] * d_state + offs_n[None, :],
             mask=(offs_p[:, None] < head_dim) & (offs_n[None, :] < d_state),
             other=0.0,
         )
-        from_state = tl.dot(C, tl.trans(state.to(DOT_DTYPE)), from_state, input_precision=FP32_PRECISION)
+        acc = tl.dot(C.to(DOT_DTYPE), tl.trans(state.to(DOT_DTYPE)), acc, input_precision=FP32_PRECISION)
+    acc *= tl.exp(s_m)[:, None]
 
-    s, decay = _causal_decay(s_ptr + (pid_bh * chunks + c) * chunk_size, offs_l, chunk_size)
-    dt = tl.load(dt_ptr + b * sdt_b + h * sdt_h + t * sdt_t, mask=valid, other=0.0).to(tl.float32)
-    x_mask = valid[:, None] & (offs_p[None, :] < head_dim)
-    x = tl.load(x_ptr + b * sx_b + h * sx_h + t[:, None] * sx_t + offs_p[None, :] * sx_p, mask=x_mask, other=0.0)
-    weights = (scores * decay * dt[None, :]).to(DOT_DTYPE)
-    y = tl.dot(weights, x.to(DOT_DTYPE), input_precision=FP32_PRECISION) + tl.exp(s)[:, None] * from_state
-    y += tl.load(D_ptr + h).to(tl.float32) * x.to(tl.float32)
-    tl.store(y_ptr + b * sy_b + h * sy_h + t[:, None] * sy_t + offs_p[None, :] * sy_p, y, mask=x_mask)
+    # The chunk's own inputs up to each row: blocks of columns s <= the block's last row.
+    for k0 in range(0, (m + 1) * BLOCK_M, BLOCK_M):
+        offs_k = k0 + tl.arange(0, BLOCK_M)
+        t_k = c * chunk_size + offs_k
+        valid_k = (offs_k < chunk_size) & (t_k < length)
+        scores = _group_scores(
+            C_ptr, B_ptr, b, g, t_m, valid_m, t_k, valid_k, d_state,
+            sc_b, sc_t, sc_g, sc_n, sb_b, sb_t, sb_g, sb_n, DOT_DTYPE, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+        s_k = tl.load(s_chunk + offs_k, mask=offs_k < chunk_size, other=0.0)
+        decay = _causal_decay(s_m[:, None], s_k[None, :], offs_m[:, None], offs_k[None, :], chunk_size)
+        dt_k = tl.load(dt_ptr + b * sdt_b + h * sdt_h + t_k * sdt_t, mask=valid_k, other=0.0).to(tl.float32)
+        x_k = _load_head_rows(x_ptr, b, h, t_k, offs_p, sx_b, sx_t, sx_h, sx_p, valid_k[:, None] & in_head)
+        weights = (scores * decay * dt_k[None, :]).to(DOT_DTYPE)
+        acc = tl.dot(weights, x_k.to(DOT_DTYPE), acc, input_precision=FP32_PRECISION)
+
+    if GRAD_ROWS:
+        dy = _load_head_rows(dy_ptr, b, h, t_m, offs_p, sy_b, sy_t, sy_h, sy_p, valid_m[:, None] & in_head)
+        tl.store(
+            ds_ptr + (pid_bh * chunks + c) * chunk_size + offs_m,
+            tl.sum(dy.to(tl.float32) * acc, axis=1),
+            mask=offs_m < chunk_size,
+        )
+    else:
+        x_m = _load_head_rows(x_ptr, b, h, t_m, offs_p, sx_b, sx_t, sx_h, sx_p, valid_m[:, None] & in_head)
+        y = acc + tl.load(D_ptr + h).to(tl.float32) * x_m.to(tl.float32)
+        y_offs = b * sy_b + h * sy_h + t_m[:, None] * sy_t + offs_p[None, :] * sy_p
+        tl.store(y_ptr + y_offs, y, mask=valid_m[:, None] & in_head)
 
 
 @triton.jit
 def _chunk_scan_backward_x_kernel(
-    x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, s_ptr, states_ptr, leaving_grads_ptr, dx_ptr, ddt_ptr, ds_ptr,
-    length, heads, heads_per_group, chunks, chunk_size, head_dim, d_state,
+    x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, s_ptr, leaving_grads_ptr, dx_ptr, ddt_ptr, ds_ptr, into_state_ptr,
+    length, heads, heads_per_group, chunks, chunk_size, head_dim, d_state, row_blocks,
     sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
     sdy_b, sdy_t, sdy_h, sdy_p, sdx_b, sdx_t, sdx_h, sdx_p, sddt_b, sddt_t, sddt_h,
-    DOT_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Of one chunk and head: dx, dt's gradient through ``dt x``, and the gradient of the cumulative decays ``s``
-    (all but the state passing's part)."""
-    pid_bh, c = tl.program_id(0), tl.program_id(1)
+    """Of one block of positions s of a chunk and one head: dx, dt's gradient through ``dt x``, and the gradient of
+    s_s from the decays that start at s (exp(s_l - s_s) and exp(s_last - s_s), this last also in ``into_state``)."""
+    pid_bh, pid_ck = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // heads, pid_bh % heads
     g = h // heads_per_group
-    offs_l = tl.arange(0, BLOCK_L)
+    c, k = pid_ck // row_blocks, pid_ck % row_blocks
+    s_chunk = s_ptr + (pid_bh * chunks + c) * chunk_size
+    offs_k = k * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_k = c * chunk_size + offs_k
+    valid_k = (offs_k < chunk_size) & (t_k < length)
+    s_k = tl.load(s_chunk + offs_k, mask=offs_k < chunk_size, other=0.0)
+    dt_k = tl.load(dt_ptr + b * sdt_b + h * sdt_h + t_k * sdt_t, mask=valid_k, other=0.0).to(tl.float32)
     offs_p = tl.arange(0, BLOCK_P)
-    t = c * chunk_size + offs_l
-    valid = (offs_l < chunk_size) & (t < length)
+    kp_mask = valid_k[:, None] & (offs_p[None, :] < head_dim)
+    x_k = _load_head_rows(x_ptr, b, h, t_k, offs_p, sx_b, sx_t, sx_h, sx_p, kp_mask).to(DOT_DTYPE)
 
-    scores = tl.zeros([BLOCK_L, BLOCK_L], dtype=tl.float32)  # C_l . B_s
-    from_state = tl.zeros([BLOCK_L, BLOCK_P], dtype=tl.float32)  # S_in C_l
-    to_leaving = tl.zeros([BLOCK_L, BLOCK_P], dtype=tl.float32)  # dS_in(c+1) B_s
-    state_offs = (pid_bh * chunks + c) * head_dim * d_state
+    # dS_in(c+1) B_s: the gradient that reaches x_s through the state leaving the chunk.
+    to_leaving = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    state_chunk = leaving_grads_ptr + (pid_bh * chunks + c) * head_dim * d_state
     for n0 in range(0, d_state, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        bc_mask = valid[:, None] & (offs_n[None, :] < d_state)
-        C = _load_group_rows(C_ptr, b, g, t, offs_n, sc_b, sc_t, sc_g, sc_n, bc_mask).to(DOT_DTYPE)
-        B = _load_group_rows(B_ptr, b, g, t, offs_n, sb_b, sb_t, sb_g, sb_n, bc_mask).to(DOT_DTYPE)
-        scores = tl.dot(C, tl.trans(B), scores, input_precision=FP32_PRECISION)
-        pn_offs = offs_p[:, None] * d_state + offs_n[None, :]
-        pn_mask = (offs_p[:, None] < head_dim) & (offs_n[None, :] < d_state)
-        state = tl.load(states_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(DOT_DTYPE)
-        from_state = tl.dot(C, tl.trans(state), from_state, input_precision=FP32_PRECISION)
-        leaving_grad = tl.load(leaving_grads_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(DOT_DTYPE)
-        to_leaving = tl.dot(B, tl.trans(leaving_grad), to_leaving, input_precision=FP32_PRECISION)
+        B = _load_group_rows(
+            B_ptr, b, g, t_k, offs_n, sb_b, sb_t, sb_g, sb_n, valid_k[:, None] & (offs_n[None, :] < d_state)
+        )
+        leaving_grad = tl.load(
+            state_chunk + offs_p[:, None] * d_state + offs_n[None, :],
+            mask=(offs_p[:, None] < head_dim) & (offs_n[None, :] < d_state),
+            other=0.0,
+        )
+        to_leaving = tl.dot(
+            B.to(DOT_DTYPE), tl.trans(leaving_grad.to(DOT_DTYPE)), to_leaving, input_precision=FP32_PRECISION
+        )
 
-    s_chunk = s_ptr + (pid_bh * chunks + c) * chunk_size
-    s, decay = _causal_decay(s_chunk, offs_l, chunk_size)
-    s_last = tl.load(s_chunk + chunk_size - 1)
-    dt = tl.load(dt_ptr + b * sdt_b + h * sdt_h + t * sdt_t, mask=valid, other=0.0).to(tl.float32)
-    lp_mask = valid[:, None] & (offs_p[None, :] < head_dim)
-    x = tl.load(x_ptr + b * sx_b + h * sx_h + t[:, None] * sx_t + offs_p[None, :] * sx_p, mask=lp_mask, other=0.0)
-    dy = tl.load(dy_ptr + b * sdy_b + h * sdy_h + t[:, None] * sdy_t + offs_p[None, :] * sdy_p, mask=lp_mask, other=0.0)
-    x32, dy32 = x.to(tl.float32), dy.to(tl.float32)
-    x, dy = x.to(DOT_DTYPE), dy.to(DOT_DTYPE)
-    to_end = tl.where(valid, tl.exp(s_last - s), 0.0)
+    d_xdt = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    ds = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for m0 in range(k * BLOCK_M, chunk_size, BLOCK_M):  # the rows l >= s
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        t_m = c * chunk_size + offs_m
+        valid_m = (offs_m < chunk_size) & (t_m < length)
+        scores_t = _group_scores(
+            B_ptr, C_ptr, b, g, t_k, valid_k, t_m, valid_m, d_state,
+            sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n, DOT_DTYPE, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+        s_m = tl.load(s_chunk + offs_m, mask=offs_m < chunk_size, other=0.0)
+        weights_t = scores_t * _causal_decay(s_m[None, :], s_k[:, None], offs_m[None, :], offs_k[:, None], chunk_size)
+        dy_m = _load_head_rows(
+            dy_ptr, b, h, t_m, offs_p, sdy_b, sdy_t, sdy_h, sdy_p, valid_m[:, None] & (offs_p[None, :] < head_dim)
+        ).to(DOT_DTYPE)
+        d_xdt = tl.dot(weights_t.to(DOT_DTYPE), dy_m, d_xdt, input_precision=FP32_PRECISION)
+        inputs_by_outputs = tl.dot(x_k, tl.trans(dy_m), input_precision=FP32_PRECISION)  # x_s . dy_l
+        ds -= tl.sum(weights_t * inputs_by_outputs, axis=1)
+    ds *= dt_k
 
-    decayed_scores = scores * decay
-    d_xdt = tl.dot(tl.trans(decayed_scores.to(DOT_DTYPE)), dy, input_precision=FP32_PRECISION)
+    to_end = tl.where(valid_k, tl.exp(tl.load(s_chunk + chunk_size - 1) - s_k), 0.0)
     d_xdt += to_end[:, None] * to_leaving
-    dx = d_xdt * dt[:, None] + tl.load(D_ptr + h).to(tl.float32) * dy32
-    tl.store(dx_ptr + b * sdx_b + h * sdx_h + t[:, None] * sdx_t + offs_p[None, :] * sdx_p, dx, mask=lp_mask)
-    tl.store(ddt_ptr + b * sddt_b + h * sddt_h + t * sddt_t, tl.sum(d_xdt * x32, axis=1), mask=valid)
-
-    # d/ds: each weight exp(s_l - s_s) pulls s_l up and s_s down; exp(s_l) and exp(s_last - s_s) likewise.
-    outputs_by_inputs = tl.dot(dy, tl.trans(x), input_precision=FP32_PRECISION)  # dy_l . x_s
-    intra = decayed_scores * outputs_by_inputs * dt[None, :]
-    ds = tl.sum(intra, axis=1) - tl.sum(intra, axis=0)
-    ds += tl.exp(s) * tl.sum(dy32 * from_state, axis=1)
-    into_state = to_end * dt * tl.sum(x32 * to_leaving, axis=1)
-    ds += tl.where(offs_l == chunk_size - 1, tl.sum(into_state), 0.0) - into_state
-    tl.store(ds_ptr + (pid_bh * chunks + c) * chunk_size + offs_l, ds, mask=offs_l < chunk_size)
+    x32 = x_k.to(tl.float32)
+    into_state = to_end * dt_k * tl.sum(x32 * to_leaving, axis=1)
+    dy_k = _load_head_rows(dy_ptr, b, h, t_k, offs_p, sdy_b, sdy_t, sdy_h, sdy_p, kp_mask).to(tl.float32)
+    dx = d_xdt * dt_k[:, None] + tl.load(D_ptr + h).to(tl.float32) * dy_k
+    tl.store(dx_ptr + b * sdx_b + h * sdx_h + t_k[:, None] * sdx_t + offs_p[None, :] * sdx_p, dx, mask=kp_mask)
+    tl.store(ddt_ptr + b * sddt_b + h * sddt_h + t_k * sddt_t, tl.sum(d_xdt * x32, axis=1), mask=valid_k)
+    chunk_offs = (pid_bh * chunks + c) * chunk_size + offs_k
+    tl.store(ds_ptr + chunk_offs, ds - into_state, mask=offs_k < chunk_size)
+    tl.store(into_state_ptr + chunk_offs, into_state, mask=offs_k < chunk_size)
 
 
 @triton.jit
-def _chunk_scan_backward_bc_kernel(
-    x_ptr, dt_ptr, B_ptr, C_ptr, dy_ptr, s_ptr, states_ptr, leaving_grads_ptr, dB_ptr, dC_ptr,
-    length, groups, heads_per_group, chunks, chunk_size, head_dim, d_state,
-    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sb_b, sb_t, sb_g, sb_n, sc_b, sc_t, sc_g, sc_n,
-    sdy_b, sdy_t, sdy_h, sdy_p, sd_b, sd_t, sd_g, sd_n,
-    DOT_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+def _chunk_scan_backward_c_kernel(
+    x_ptr, dt_ptr, B_ptr, dy_ptr, s_ptr, states_ptr, dC_ptr,
+    length, groups, heads_per_group, chunks, chunk_size, head_dim, d_state, row_blocks,
+    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sb_b, sb_t, sb_g, sb_n, sdy_b, sdy_t, sdy_h, sdy_p,
+    sd_b, sd_t, sd_g, sd_n,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dB and dC of one chunk, group and block of d_state, summed over the group's heads in this program."""
-    pid_bg, c, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """dC of one block of rows l of a chunk, group and block of d_state, summed over the group's heads."""
+    pid_bg, pid_cm, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, g = pid_bg // groups, pid_bg % groups
-    offs_l = tl.arange(0, BLOCK_L)
+    c, m = pid_cm // row_blocks, pid_cm % row_blocks
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_m = c * chunk_size + offs_m
+    valid_m = (offs_m < chunk_size) & (t_m < length)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    t = c * chunk_size + offs_l
-    valid = (offs_l < chunk_size) & (t < length)
-
-    bc_mask = valid[:, None] & (offs_n[None, :] < d_state)
-    C = _load_group_rows(C_ptr, b, g, t, offs_n, sc_b, sc_t, sc_g, sc_n, bc_mask).to(DOT_DTYPE)
-    B = _load_group_rows(B_ptr, b, g, t, offs_n, sb_b, sb_t, sb_g, sb_n, bc_mask).to(DOT_DTYPE)
-    lp_mask = valid[:, None] & (offs_p[None, :] < head_dim)
-    pn_offs = offs_p[:, None] * d_state + offs_n[None, :]
-    pn_mask = (offs_p[:, None] < head_dim) & (offs_n[None, :] < d_state)
-    dB = tl.zeros([BLOCK_L, BLOCK_N], dtype=tl.float32)
-    dC = tl.zeros([BLOCK_L, BLOCK_N], dtype=tl.float32)
+    in_head = offs_p[None, :] < head_dim
+    in_state = offs_n[None, :] < d_state
+    dC = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for e in range(heads_per_group):
         h = g * heads_per_group + e
         bh = b * (groups * heads_per_group) + h
         s_chunk = s_ptr + (bh * chunks + c) * chunk_size
-        s, decay = _causal_decay(s_chunk, offs_l, chunk_size)
-        s_last = tl.load(s_chunk + chunk_size - 1)
-        dt = tl.load(dt_ptr + b * sdt_b + h * sdt_h + t * sdt_t, mask=valid, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + b * sx_b + h * sx_h + t[:, None] * sx_t + offs_p[None, :] * sx_p, mask=lp_mask, other=0.0)
-        dy = tl.load(
-            dy_ptr + b * sdy_b + h * sdy_h + t[:, None] * sdy_t + offs_p[None, :] * sdy_p, mask=lp_mask, other=0.0
+        s_m = tl.load(s_chunk + offs_m, mask=offs_m < chunk_size, other=0.0)
+        dy_m = _load_head_rows(dy_ptr, b, h, t_m, offs_p, sdy_b, sdy_t, sdy_h, sdy_p, valid_m[:, None] & in_head).to(
+            DOT_DTYPE
         )
-        x, dy = x.to(DOT_DTYPE), dy.to(DOT_DTYPE)
-        outputs_by_inputs = tl.dot(dy, tl.trans(x), input_precision=FP32_PRECISION)  # dy_l . x_s
-        d_scores = (outputs_by_inputs * decay * dt[None, :]).to(DOT_DTYPE)
-        dC = tl.dot(d_scores, B, dC, input_precision=FP32_PRECISION)
-        dB = tl.dot(tl.trans(d_scores), C, dB, input_precision=FP32_PRECISION)
+        state = tl.load(
+            states_ptr + (bh * chunks + c) * head_dim * d_state + offs_p[:, None] * d_state + offs_n[None, :],
+            mask=(offs_p[:, None] < head_dim) & in_state,
+            other=0.0,
+        )
+        dC += tl.exp(s_m)[:, None] * tl.dot(dy_m, state.to(DOT_DTYPE), input_precision=FP32_PRECISION)
+        for k0 in range(0, (m + 1) * BLOCK_M, BLOCK_M):  # the columns s <= l
+            offs_k = k0 + tl.arange(0, BLOCK_M)
+            t_k = c * chunk_size + offs_k
+            valid_k = (offs_k < chunk_size) & (t_k < length)
+            s_k = tl.load(s_chunk + offs_k, mask=offs_k < chunk_size, other=0.0)
+            dt_k = tl.load(dt_ptr + b * sdt_b + h * sdt_h + t_k * sdt_t, mask=valid_k, other=0.0).to(tl.float32)
+            x_k = _load_head_rows(x_ptr, b, h, t_k, offs_p, sx_b, sx_t, sx_h, sx_p, valid_k[:, None] & in_head)
+            outputs_by_inputs = tl.dot(dy_m, tl.trans(x_k.to(DOT_DTYPE)), input_precision=FP32_PRECISION)  # dy_l . x_s
+            decay = _causal_decay(s_m[:, None], s_k[None, :], offs_m[:, None], offs_k[None, :], chunk_size)
+            d_scores = (outputs_by_inputs * decay * dt_k[None, :]).to(DOT_DTYPE)
+            B = _load_group_rows(B_ptr, b, g, t_k, offs_n, sb_b, sb_t, sb_g, sb_n, valid_k[:, None] & in_state)
+            dC = tl.dot(d_scores, B.to(DOT_DTYPE), dC, input_precision=FP32_PRECISION)
+    d_offs = b * sd_b + g * sd_g + t_m[:, None] * sd_t + offs_n[None, :] * sd_n
+    tl.store(dC_ptr + d_offs, dC, mask=valid_m[:, None] & in_state)
 
-        state_offs = (bh * chunks + c) * head_dim * d_state
-        state = tl.load(states_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(DOT_DTYPE)
-        dC += tl.exp(s)[:, None] * tl.dot(dy, state, input_precision=FP32_PRECISION)
-        leaving_grad = tl.load(leaving_grads_ptr + state_offs + pn_offs, mask=pn_mask, other=0.0).to(DOT_DTYPE)
-        to_end = tl.where(valid, tl.exp(s_last - s) * dt, 0.0)
-        dB += to_end[:, None] * tl.dot(x, leaving_grad, input_precision=FP32_PRECISION)
 
-    d_offs = b * sd_b + g * sd_g + t[:, None] * sd_t + offs_n[None, :] * sd_n
-    tl.store(dB_ptr + d_offs, dB, mask=bc_mask)
-    tl.store(dC_ptr + d_offs, dC, mask=bc_mask)
+@triton.jit
+def _chunk_scan_backward_b_kernel(
+    x_ptr, dt_ptr, C_ptr, dy_ptr, s_ptr, leaving_grads_ptr, dB_ptr,
+    length, groups, heads_per_group, chunks, chunk_size, head_dim, d_state, row_blocks,
+    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sc_b, sc_t, sc_g, sc_n, sdy_b, sdy_t, sdy_h, sdy_p,
+    sd_b, sd_t, sd_g, sd_n,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dB of one block of positions s of a chunk, group and block of d_state, summed over the group's heads."""
+    pid_bg, pid_ck, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, g = pid_bg // groups, pid_bg % groups
+    c, k = pid_ck // row_blocks, pid_ck % row_blocks
+    offs_k = k * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_k = c * chunk_size + offs_k
+    valid_k = (offs_k < chunk_size) & (t_k < length)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_head = offs_p[None, :] < head_dim
+    in_state = offs_n[None, :] < d_state
+    dB = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for e in range(heads_per_group):
+        h = g * heads_per_group + e
+        bh = b * (groups * heads_per_group) + h
+        s_chunk = s_ptr + (bh * chunks + c) * chunk_size
+        s_k = tl.load(s_chunk + offs_k, mask=offs_k < chunk_size, other=0.0)
+        dt_k = tl.load(dt_ptr + b * sdt_b + h * sdt_h + t_k * sdt_t, mask=valid_k, other=0.0).to(tl.float32)
+        x_k = _load_head_rows(x_ptr, b, h, t_k, offs_p, sx_b, sx_t, sx_h, sx_p, valid_k[:, None] & in_head).to(
+            DOT_DTYPE
+        )
+        leaving_grad = tl.load(
+            leaving_grads_ptr + (bh * chunks + c) * head_dim * d_state + offs_p[:, None] * d_state + offs_n[None, :],
+            mask=(offs_p[:, None] < head_dim) & in_state,
+            other=0.0,
+        )
+        to_end = tl.where(valid_k, tl.exp(tl.load(s_chunk + chunk_size - 1) - s_k) * dt_k, 0.0)
+        dB += to_end[:, None] * tl.dot(x_k, leaving_grad.to(DOT_DTYPE), input_precision=FP32_PRECISION)
+        for m0 in range(k * BLOCK_M, chunk_size, BLOCK_M):  # the rows l >= s
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            t_m = c * chunk_size + offs_m
+            valid_m = (offs_m < chunk_size) & (t_m < length)
+            s_m = tl.load(s_chunk + offs_m, mask=offs_m < chunk_size, other=0.0)
+            dy_m = _load_head_rows(dy_ptr, b, h, t_m, offs_p, sdy_b, sdy_t, sdy_h, sdy_p, valid_m[:, None] & in_head)
+            inputs_by_outputs = tl.dot(x_k, tl.trans(dy_m.to(DOT_DTYPE)), input_precision=FP32_PRECISION)  # x_s . dy_l
+            decay_t = _causal_decay(s_m[None, :], s_k[:, None], offs_m[None, :], offs_k[:, None], chunk_size)
+            d_scores_t = (inputs_by_outputs * decay_t * dt_k[:, None]).to(DOT_DTYPE)
+            C = _load_group_rows(C_ptr, b, g, t_m, offs_n, sc_b, sc_t, sc_g, sc_n, valid_m[:, None] & in_state)
+            dB = tl.dot(d_scores_t, C.to(DOT_DTYPE), dB, input_precision=FP32_PRECISION)
+    d_offs = b * sd_b + g * sd_g + t_k[:, None] * sd_t + offs_n[None, :] * sd_n
+    tl.store(dB_ptr + d_offs, dB, mask=valid_k[:, None] & in_state)
 
 
 class _Shape:
@@ -312,10 +427,13 @@ class _Shape:
         self.heads_per_group = self.heads // self.groups
         self.chunk_size = chunk_size
         self.chunks = triton.cdiv(self.length, chunk_size)
+        # The chunk states take a whole chunk per program; the scans take blocks of its positions, causal blocks only.
         self.block_l = _block(chunk_size)
+        self.chunk_warps = 8 if self.block_l >= 128 else 4
+        self.block_m = min(self.block_l, 64)
+        self.row_blocks = triton.cdiv(chunk_size, self.block_m)
         self.block_p = _block(self.head_dim)
         self.block_n = _block(self.d_state, cap=64)
-        self.num_warps = 8 if self.block_l >= 128 else 4
         # Matmul operands: bf16/fp16 as given; anything else, and everything under the interpreter (whose tl.dot
         # multiplies bf16 as raw integers in triton 3.9), as float32.
         self.dot_dtype = tl.float32 if INTERPRETED else _HALF_DTYPES.get(x.dtype, tl.float32)
@@ -354,7 +472,7 @@ def _chunk_outer_sums(u, v, dt, s, shape: _Shape, from_end: bool) -> torch.Tenso
         u, v, dt, s, out, shape.length, shape.heads, shape.heads_per_group, *shape.sizes,
         *u.stride(), *v.stride(), *dt.stride(),
         FROM_END=from_end, DOT_DTYPE=shape.dot_dtype,
-        BLOCK_L=shape.block_l, BLOCK_P=block_p, BLOCK_N=shape.block_n, num_warps=shape.num_warps,
+        BLOCK_L=shape.block_l, BLOCK_P=block_p, BLOCK_N=shape.block_n, num_warps=shape.chunk_warps,
     )  # fmt: skip
     return out
 
@@ -369,6 +487,19 @@ def _entering_states(x, dt, B, s, shape: _Shape) -> torch.Tensor:
     return states
 
 
+def _chunk_scan(x, dt, B, C, D, s, states, shape: _Shape, out, out_strides, grad_rows) -> None:
+    """y into ``out``; or, given ``grad_rows`` (a buffer like s), ``dy_l . (y_l - D x_l)`` with dy as ``out``."""
+    block_p = shape.block_p if grad_rows is not None else _block(shape.head_dim, cap=64)
+    grid = (shape.batch * shape.heads, shape.chunks * shape.row_blocks, triton.cdiv(shape.head_dim, block_p))
+    _chunk_scan_kernel[grid](
+        x, dt, B, C, D, s, states, out, out, grad_rows,
+        shape.length, shape.heads, shape.heads_per_group, *shape.sizes, shape.row_blocks,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *out_strides,
+        GRAD_ROWS=grad_rows is not None, DOT_DTYPE=shape.dot_dtype,
+        BLOCK_M=shape.block_m, BLOCK_P=block_p, BLOCK_N=shape.block_n, num_warps=SCAN_WARPS,
+    )  # fmt: skip
+
+
 @torch.library.custom_op("lrm_train::ssd_scan", mutates_args=())
 def ssd_scan(
     x: torch.Tensor,
@@ -379,20 +510,14 @@ def ssd_scan(
     D: torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:
-    """``ssd.ssd_chunked_scan`` in Triton: x [b, T, heads, p]; dt [b, T, heads]; A, D [heads]; B, C [b, T, groups, n]."""
+    """``ssd.ssd_chunked_scan`` in Triton: x [b, T, heads, p]; dt [b, T, heads]; A, D [heads]; B, C [b, T, groups, n]
+    -> y like x."""
     _check_device(x)
     shape = _Shape(x, B, chunk_size)
     s = _cumulative_decay(dt, A, shape)
     states = _entering_states(x, dt, B, s, shape)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_p = _block(shape.head_dim, cap=64)
-    grid = (shape.batch * shape.heads, shape.chunks, triton.cdiv(shape.head_dim, block_p))
-    _chunk_scan_kernel[grid](
-        x, dt, B, C, D, s, states, y, shape.length, shape.heads, shape.heads_per_group, *shape.sizes,
-        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
-        DOT_DTYPE=shape.dot_dtype, BLOCK_L=shape.block_l, BLOCK_P=block_p, BLOCK_N=shape.block_n,
-        num_warps=shape.num_warps,
-    )  # fmt: skip
+    _chunk_scan(x, dt, B, C, D, s, states, shape, y, y.stride(), grad_rows=None)
     return y
 
 
@@ -427,29 +552,42 @@ def ssd_scan_backward(
         leaving_grads, states, s, d_s_last, shape.chunks, shape.chunk_size, state_size, BLOCK=block
     )
 
+    # The gradient of s: each row's own decays (exp(s_l - s_s), exp(s_l)), then each column's (exp(s_l - s_s),
+    # exp(s_last - s_s)) with dx, then the state passing's exp(s_last).
+    ds_rows = torch.empty_like(s)
+    _chunk_scan(x, dt, B, C, D, s, states, shape, dy, dy.stride(), grad_rows=ds_rows)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ddt = torch.empty(dt.shape, dtype=torch.float32, device=x.device)
-    ds = torch.empty_like(s)
-    _chunk_scan_backward_x_kernel[(shape.batch * shape.heads, shape.chunks)](
-        x, dt, B, C, D, dy, s, states, leaving_grads, dx, ddt, ds,
-        shape.length, shape.heads, shape.heads_per_group, *shape.sizes,
+    ds, into_state = torch.empty_like(s), torch.empty_like(s)
+    _chunk_scan_backward_x_kernel[(shape.batch * shape.heads, shape.chunks * shape.row_blocks)](
+        x, dt, B, C, D, dy, s, leaving_grads, dx, ddt, ds, into_state,
+        shape.length, shape.heads, shape.heads_per_group, *shape.sizes, shape.row_blocks,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *ddt.stride(),
-        DOT_DTYPE=shape.dot_dtype, BLOCK_L=shape.block_l, BLOCK_P=shape.block_p, BLOCK_N=shape.block_n,
-        num_warps=shape.num_warps,
+        DOT_DTYPE=shape.dot_dtype, BLOCK_M=shape.block_m, BLOCK_P=shape.block_p, BLOCK_N=shape.block_n,
+        num_warps=SCAN_WARPS,
     )  # fmt: skip
+    ds += ds_rows
+    ds[..., -1] += into_state.sum(-1) + d_s_last.sum(0)
+
     dB = torch.empty(B.shape, dtype=B.dtype, device=x.device)
     dC = torch.empty(C.shape, dtype=C.dtype, device=x.device)
-    grid = (shape.batch * shape.groups, shape.chunks, triton.cdiv(shape.d_state, shape.block_n))
-    _chunk_scan_backward_bc_kernel[grid](
-        x, dt, B, C, dy, s, states, leaving_grads, dB, dC,
-        shape.length, shape.groups, shape.heads_per_group, *shape.sizes,
-        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dB.stride(),
-        DOT_DTYPE=shape.dot_dtype, BLOCK_L=shape.block_l, BLOCK_P=shape.block_p, BLOCK_N=shape.block_n,
-        num_warps=shape.num_warps,
+    grid = (shape.batch * shape.groups, shape.chunks * shape.row_blocks, triton.cdiv(shape.d_state, shape.block_n))
+    _chunk_scan_backward_c_kernel[grid](
+        x, dt, B, dy, s, states, dC,
+        shape.length, shape.groups, shape.heads_per_group, *shape.sizes, shape.row_blocks,
+        *x.stride(), *dt.stride(), *B.stride(), *dy.stride(), *dC.stride(),
+        DOT_DTYPE=shape.dot_dtype, BLOCK_M=shape.block_m, BLOCK_P=shape.block_p, BLOCK_N=shape.block_n,
+        num_warps=SCAN_WARPS,
+    )  # fmt: skip
+    _chunk_scan_backward_b_kernel[grid](
+        x, dt, C, dy, s, leaving_grads, dB,
+        shape.length, shape.groups, shape.heads_per_group, *shape.sizes, shape.row_blocks,
+        *x.stride(), *dt.stride(), *C.stride(), *dy.stride(), *dB.stride(),
+        DOT_DTYPE=shape.dot_dtype, BLOCK_M=shape.block_m, BLOCK_P=shape.block_p, BLOCK_N=shape.block_n,
+        num_warps=SCAN_WARPS,
     )  # fmt: skip
 
     # From the cumulative decays s to each step's log decay dt * A: every step counts in all later s of its chunk.
-    ds[..., -1] += d_s_last.sum(0)
     d_decay = ds.flip(-1).cumsum(-1).flip(-1).permute(0, 2, 3, 1).reshape(shape.batch, -1, shape.heads)
     d_decay = d_decay[:, : shape.length]
     ddt += d_decay * A.float()

@@ -58,6 +58,7 @@ NAMES = ("x", "dt", "A", "B", "C", "D")
         (2, 37, 4, 3, 2, 5, 16),  # 3 chunks, the last partial; 2 groups; dims below the 16-wide tiles
         (1, 32, 2, 16, 1, 80, 16),  # whole chunks; d_state over two 64-wide tiles
         (1, 30, 3, 8, 3, 8, 12),  # a chunk size that is not a power of two, a group per head
+        (1, 150, 2, 4, 2, 4, 80),  # chunks of two 64-position blocks, the second one partial
     ],
 )
 def test_output_and_every_gradient_match_the_reference(
@@ -74,12 +75,12 @@ def test_output_and_every_gradient_match_the_reference(
 
 
 def test_strong_decay_over_a_long_chunk_stays_finite_and_exact(ssd_triton):
-    """exp(s_l - s_s) above the diagonal, and in the rows a 48-step chunk leaves of its 64-wide tile, would overflow:
-    it must be masked before the exp, never after."""
-    inputs = scan_inputs(1, 40, 2, 4, 1, 4, max_decay=30.0)
-    dy = torch.randn(1, 40, 2, 4)
-    y, grads = outputs_and_grads(ssd_triton.ssd_scan, inputs, 48, dy)
-    y_ref, grads_ref = outputs_and_grads(ssd_chunked_scan, inputs, 48, dy)
+    """exp(s_l - s_s) above the diagonal, and in the rows an 80-step chunk leaves of its two 64-position blocks,
+    would overflow: it must be masked before the exp, never after."""
+    inputs = scan_inputs(1, 90, 2, 4, 1, 4, max_decay=30.0)
+    dy = torch.randn(1, 90, 2, 4)
+    y, grads = outputs_and_grads(ssd_triton.ssd_scan, inputs, 80, dy)
+    y_ref, grads_ref = outputs_and_grads(ssd_chunked_scan, inputs, 80, dy)
     assert all(torch.isfinite(t).all() for t in (y, *grads))
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for grad, grad_ref in zip(grads, grads_ref):
