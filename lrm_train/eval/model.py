@@ -190,43 +190,58 @@ class LRMHarnessLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation until a stop string, end of document or ``max_gen_toks``; requests whose contexts
-        have the same token count are decoded together (no padding needed)."""
-        encoded = [(self.tok_encode(r.args[0]), r.args[1]) for r in requests]
-        mine = self._my_share(list(range(len(encoded))))
+        """Greedy continuation until a stop string, the end-of-document token or ``max_gen_toks``. Requests with the
+        same stop strings and token budget are decoded together, whatever their lengths."""
         groups: dict[tuple, list[int]] = {}
-        for i in mine:
-            context, kwargs = encoded[i]
+        for i, request in enumerate(requests):
+            kwargs = request.args[1]
             until = kwargs.get("until") or []
-            key = (len(context), tuple([until] if isinstance(until, str) else until), kwargs.get("max_gen_toks"))
+            key = (tuple([until] if isinstance(until, str) else until), int(kwargs.get("max_gen_toks") or 0))
             groups.setdefault(key, []).append(i)
-        texts = {}
-        for (_, until, max_gen), members in groups.items():
-            for i, text in zip(members, self._greedy([encoded[i][0] for i in members], list(until), max_gen)):
-                texts[i] = text
-        generated = self._unshare([texts[i] for i in mine], len(encoded))
+        generated = [""] * len(requests)
+        for (until, max_gen_toks), members in groups.items():
+            mine = self._my_share(members)
+            texts = []
+            for start in range(0, len(mine), self.batch_size):
+                contexts = [self.tok_encode(requests[i].args[0]) for i in mine[start : start + self.batch_size]]
+                texts += self._greedy(contexts, list(until), max_gen_toks or self.max_gen_toks)
+            for i, text in zip(members, self._unshare(texts, len(members))):
+                generated[i] = text
         for request, text in zip(requests, generated):
             self.cache_hook.add_partial("generate_until", request.args, text)
         return generated
 
-    def _greedy(self, contexts: list[list[int]], until: list[str], max_gen_toks: int | None) -> list[str]:
-        max_new = int(max_gen_toks or self.max_gen_toks)
-        ids = torch.tensor([c[-(self.max_length - max_new) :] for c in contexts], device=self._device)
-        start, finished = ids.shape[1], torch.zeros(len(contexts), dtype=torch.bool, device=self._device)
+    def _greedy(self, contexts: list[list[int]], until: list[str], max_new: int) -> list[str]:
+        """Greedy decoding of a batch of contexts of any lengths, right-padded: the model is causal, so each row's
+        next token is read at its own last position and written just after it, over the padding. No KV cache:
+        every step runs the model over the whole batch."""
+        # An empty context starts from the end-of-document token, as in loglikelihood.
+        contexts = [c[-(self.max_length - max_new) :] or [self._eot] for c in contexts]
+        lengths = torch.tensor([len(c) for c in contexts], device=self._device)
+        ids = torch.full((len(contexts), int(lengths.max()) + max_new), self._eot, device=self._device)
+        for row, context in enumerate(contexts):
+            ids[row, : len(context)] = torch.tensor(context)
+        rows = torch.arange(len(contexts), device=self._device)
+        new_tokens: list[list[int]] = [[] for _ in contexts]
+        finished = [False] * len(contexts)
+        # Every rank runs as many steps as the slowest (sharded engines need every rank in every forward).
         for _ in range(max_new):
-            with self.autocast():
-                next_ids = self.model(ids[:, -self.max_length :])[:, -1].float().argmax(-1)
-            finished |= next_ids == self._eot
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            texts = [self.tok_decode(row[start:].tolist()) for row in ids]
-            finished |= torch.tensor([any(s in t for s in until) for t in texts], device=self._device)
-            if finished.all():
+            if all(self.gather(all(finished))):
                 break
-        out = []
-        for row in ids:
-            new = row[start:].tolist()
-            text = self.tok_decode(new[: new.index(self._eot)] if self._eot in new else new)
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
-        return out
+            with self.autocast():
+                logits = self.model(ids[:, : int(lengths.max())])
+            next_ids = logits[rows, lengths - 1].float().argmax(-1)
+            ids[rows, lengths] = next_ids
+            lengths += 1
+            for row, token in enumerate(next_ids.tolist()):
+                if not finished[row]:
+                    new_tokens[row].append(token)
+                    text = self.tok_decode(new_tokens[row])
+                    finished[row] = token == self._eot or any(stop in text for stop in until)
+        return [self._until_stop(tokens, until) for tokens in new_tokens]
+
+    def _until_stop(self, tokens: list[int], until: list[str]) -> str:
+        text = self.tok_decode(tokens[: tokens.index(self._eot)] if self._eot in tokens else tokens)
+        for stop in until:
+            text = text.split(stop)[0]
+        return text
