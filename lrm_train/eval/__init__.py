@@ -1,7 +1,7 @@
 """Downstream evaluation with lm-evaluation-harness: our ``lrm_train`` harness model, offline task data, bits per
 byte. ``python -m lrm_train.eval CHECKPOINT [tasks=...] [limit=N]``; from Python, ``evaluate_checkpoint``.
 
-Importing this package imports the harness (slow): the trainer imports it only when ``eval.tasks`` is set.
+In the training loop: ``callback.DownstreamEval``, which ``configs/train.yaml`` attaches (``eval.tasks=[...]``).
 """
 
 from lrm_train.eval.api import evaluate_checkpoint
