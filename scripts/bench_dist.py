@@ -1,11 +1,13 @@
 """Throughput and memory per rank of DDP vs DeepSpeed ZeRO-1/2/3, with AdamW and with Muon, at the same batch.
 
     python scripts/bench_dist.py [--nproc 2] [--model tiny] [--micro-batch 8] [--seq-len 256] [--steps 6]
+                                 [--engines ddp,zero3] [--optims muon]
 
 Each configuration runs under torchrun on whatever is present (CPU processes over gloo here; one process per GPU
 over NCCL on a GPU machine), as a real ``Trainer`` step (data, forward, backward, clipping, optimizer). Per rank it
-reports the median step time, the optimizer state it holds (what ZeRO shards) and its peak memory: allocated CUDA
-memory on GPUs, the process's peak resident set on CPU (which includes Python, torch and DeepSpeed themselves).
+reports the median step time, the optimizer state it holds (what ZeRO shards), how many matrices it orthogonalized
+per step (Muon: each rank takes its share) and its peak memory: ``torch.cuda.max_memory_allocated`` on GPUs, the
+process's peak resident set (``getrusage``) on CPU, which includes Python, torch and DeepSpeed themselves.
 """
 
 from __future__ import annotations
@@ -54,13 +56,25 @@ def _measure(trainer, args) -> None:
 
     import torch
 
+    from lrm_train.optim import muon
+
     engine, cfg = trainer.engine, trainer.cfg
+    real_newton_schulz, orthogonalized = muon.newton_schulz, []
+
+    def counted_newton_schulz(*a, **k):
+        orthogonalized.append(1)
+        return real_newton_schulz(*a, **k)
+
+    muon.newton_schulz = counted_newton_schulz
     times = []
     for step in range(args.warmup + args.steps):
         started = time.perf_counter()
         trainer.train_step()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()  # steps run ahead of the host: time what the device did
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
+    muon.newton_schulz = real_newton_schulz
     state = engine.client.state if hasattr(engine, "client") else engine.optimizer.state
     state_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if torch.is_tensor(t))
     if engine.device.type == "cuda":
@@ -72,6 +86,7 @@ def _measure(trainer, args) -> None:
         "tokens": trainer.components.global_batch * cfg.data.seq_len,
         "optimizer_state_bytes": state_bytes,
         "peak_bytes": peak,
+        "orthogonalized_per_step": len(orthogonalized) / (args.warmup + args.steps),
         "device": engine.device.type,
     }
     Path(args.out, f"{args.engine}-{args.optim}-rank{engine.rank}.json").write_text(json.dumps(result))
@@ -86,6 +101,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--data-root", default="data")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    parser.add_argument("--optims", default=",".join(OPTIMIZERS), help="comma-separated subset of adamw,muon")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--optim", help=argparse.SUPPRESS)
@@ -100,8 +117,8 @@ def main() -> int:
     nproc = args.nproc or torch.cuda.device_count() or 2
     results = {}
     with tempfile.TemporaryDirectory() as out:
-        for engine in ENGINES:
-            for optim in OPTIMIZERS:
+        for engine in args.engines.split(","):
+            for optim in args.optims.split(","):
                 command = [
                     sys.executable,
                     "-m",
@@ -136,23 +153,26 @@ def main() -> int:
                     return done.returncode
                 ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"{engine}-{optim}-rank*.json"))]
                 results[engine, optim] = ranks
-    device = results["ddp", "adamw"][0]["device"]
+    first = next(iter(results.values()))[0]
+    peak_label = "peak CUDA alloc/rank MB" if first["device"] == "cuda" else "peak RSS/rank MB"
     print(
-        f"model={args.model} ranks={nproc} device={device} global batch={results['ddp', 'adamw'][0]['tokens']} "
+        f"model={args.model} ranks={nproc} device={first['device']} global batch={first['tokens']} "
         f"tokens, float32 master weights, median of {args.steps} steps"
     )
     print(
         f"{'engine':<8}{'optim':<7}{'step ms':>9}{'tokens/s':>10}{'vs ddp':>8}{'opt state/rank MB':>19}"
-        f"{'peak/rank MB':>14}"
+        f"{'NS/rank/step':>14}{peak_label:>{len(peak_label) + 2}}"
     )
     for (engine, optim), ranks in results.items():
         step = max(r["step_s"] for r in ranks)
-        base = max(r["step_s"] for r in results["ddp", optim])
+        base = results.get(("ddp", optim))
+        versus = f"{step / max(r['step_s'] for r in base):>7.2f}x" if base else f"{'-':>8}"
         state = max(r["optimizer_state_bytes"] for r in ranks) / 2**20
+        orthogonalized = max(r["orthogonalized_per_step"] for r in ranks)
         peak = max(r["peak_bytes"] for r in ranks) / 2**20
         print(
-            f"{engine:<8}{optim:<7}{1e3 * step:>9.0f}{ranks[0]['tokens'] / step:>10.0f}{step / base:>7.2f}x"
-            f"{state:>19.2f}{peak:>14.0f}"
+            f"{engine:<8}{optim:<7}{1e3 * step:>9.0f}{ranks[0]['tokens'] / step:>10.0f}{versus}"
+            f"{state:>19.2f}{orthogonalized:>14.0f}{peak:>{len(peak_label) + 2}.0f}"
         )
     return 0
 

@@ -145,3 +145,9 @@ def test_parameter_shapes_are_full_and_named():
     engine = engine_for("single")[0]
     assert engine.parameter_shapes() == {"weight": torch.Size([3, 3]), "lrm_row": torch.Size([3])}
     assert sum(s.numel() for s in engine.parameter_shapes().values()) == 12  # a count no engine can shrink
+
+
+def test_bf16_parameters_are_a_zero_option():
+    assert DistConfig(name="zero2", bf16_params=True).bf16_params
+    with pytest.raises(ValueError, match=r"dist.bf16_params=true needs a ZeRO engine .* not ddp"):
+        DistConfig(name="ddp", bf16_params=True)
