@@ -342,9 +342,8 @@ def _chunk_scan_backward_c_kernel(
         bh = b * (groups * heads_per_group) + h
         s_chunk = s_ptr + (bh * chunks + c) * chunk_size
         s_m = tl.load(s_chunk + offs_m, mask=offs_m < chunk_size, other=0.0)
-        dy_m = _load_head_rows(dy_ptr, b, h, t_m, offs_p, sdy_b, sdy_t, sdy_h, sdy_p, valid_m[:, None] & in_head).to(
-            DOT_DTYPE
-        )
+        dy_m = _load_head_rows(dy_ptr, b, h, t_m, offs_p, sdy_b, sdy_t, sdy_h, sdy_p, valid_m[:, None] & in_head)
+        dy_m = dy_m.to(DOT_DTYPE)
         state = tl.load(
             states_ptr + (bh * chunks + c) * head_dim * d_state + offs_p[:, None] * d_state + offs_n[None, :],
             mask=(offs_p[:, None] < head_dim) & in_state,
@@ -393,9 +392,8 @@ def _chunk_scan_backward_b_kernel(
         s_chunk = s_ptr + (bh * chunks + c) * chunk_size
         s_k = tl.load(s_chunk + offs_k, mask=offs_k < chunk_size, other=0.0)
         dt_k = tl.load(dt_ptr + b * sdt_b + h * sdt_h + t_k * sdt_t, mask=valid_k, other=0.0).to(tl.float32)
-        x_k = _load_head_rows(x_ptr, b, h, t_k, offs_p, sx_b, sx_t, sx_h, sx_p, valid_k[:, None] & in_head).to(
-            DOT_DTYPE
-        )
+        x_k = _load_head_rows(x_ptr, b, h, t_k, offs_p, sx_b, sx_t, sx_h, sx_p, valid_k[:, None] & in_head)
+        x_k = x_k.to(DOT_DTYPE)
         leaving_grad = tl.load(
             leaving_grads_ptr + (bh * chunks + c) * head_dim * d_state + offs_p[:, None] * d_state + offs_n[None, :],
             mask=(offs_p[:, None] < head_dim) & in_state,
