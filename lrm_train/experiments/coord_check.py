@@ -78,6 +78,9 @@ class ActivationRMS(Callback):
     def _recorder(self, quantity: str):
         def record(module, args, output) -> None:
             if torch.is_grad_enabled():
+                if quantity == "logits":  # in training the LM head returns the loss, not the logits: form them here
+                    with torch.no_grad():
+                        output = module(args[0])
                 self.steps[-1][quantity].append(float(output.detach().float().pow(2).mean().sqrt()))
 
         return record
