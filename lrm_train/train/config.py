@@ -172,3 +172,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("lrm.lm_head_rows=true needs a placement other than lrm.placement=none")
     if cfg.data.seq_len < 2:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
+    if t.compile and cfg.dist.name == "zero3":
+        raise ValueError(
+            "train.compile=true does not work with dist=zero3 (ZeRO-3 gathers the parameters inside the compiled "
+            "layers); use dist=zero1, zero2 or ddp, or train.compile=false"
+        )

@@ -8,7 +8,7 @@ from runs import run_config
 
 from lrm_train.models import FalconH1Config, FalconH1LM
 from lrm_train.nn import LRMConfig
-from lrm_train.train import open_trainer
+from lrm_train.train import compose, open_trainer
 from lrm_train.train.build import wrap_layers
 
 # fmt: off
@@ -68,3 +68,9 @@ def test_the_run_config_applies_both_options_to_every_layer_and_keeps_the_parame
             )
         plain_names = [name for name, _ in FalconH1LM(model.cfg, model.lrm).named_parameters()]
         assert [name for name, _ in model.named_parameters()] == plain_names
+
+
+def test_compile_with_zero3_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="train.compile=true does not work with dist=zero3"):
+        compose(["train.compile=true", "dist=zero3"])
+    compose(["train.activation_checkpointing=true", "dist=zero3"])  # this one composes with ZeRO-3
