@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_data.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_dist.py
+	$(PY) scripts/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
