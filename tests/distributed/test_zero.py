@@ -166,7 +166,7 @@ def test_the_engine_refuses_groups_deepspeed_would_have_merged():
         engine._verify_and_map([g["name"] for g in optimizer.param_groups])
 
 
-def test_bf16_parameters_follow_the_autocast_run(data_root, tmp_path, jit_dir):
+def test_bf16_parameters_follow_the_autocast_run(data_root, tmp_path, jit_dir, reference):
     # The same run in one process under bf16 autocast (float32 weights), and on 2 ranks with bf16 parameters and
     # float32 master weights: bf16 rounding apart, the same losses.
     autocast = train(run_config(data_root, tmp_path / "autocast", **ONE_PROCESS, **{"train.precision": "bf16"}))
@@ -176,6 +176,7 @@ def test_bf16_parameters_follow_the_autocast_run(data_root, tmp_path, jit_dir):
     for step, loss in expected.items():
         assert abs(got[step] - loss) / loss < 1e-2, (step, got[step], loss)
     assert got[10] < got[1] - 0.1  # it trains
+    assert max(abs(got[s] - reference["adamw"][s]) / reference["adamw"][s] for s in got) > 1e-4  # not a float32 run
     # The checkpoint holds the float32 master weights, which the single-process engine resumes from.
     from safetensors.torch import load_file
 
