@@ -7,8 +7,8 @@ import lrm_train
 
 PACKAGE_ROOT = Path(lrm_train.__file__).parent
 
-# Bottom to top, as docs/architecture.md draws it; packages on one line do not import each other. The doc's top line
-# (eval, experiments, hf) is ordered here as they use each other: eval reads HF folders, experiments score with eval.
+# Bottom to top, as docs/architecture.md draws it; packages on one line do not import each other (eval reads HF
+# folders, experiments score with eval).
 LAYERS = [["nn"], ["models"], ["data", "optim"], ["distributed"], ["train"], ["hf"], ["eval"], ["experiments"]]
 STANDALONE = ["utils", "config_compose"]  # beside the layers: every package may import them, they import none
 
