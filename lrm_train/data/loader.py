@@ -96,6 +96,7 @@ class BatchLoader:
         world_size: int = 1,
         seed: int = 0,
         prefetch: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by the world size {world_size}")
@@ -106,6 +107,9 @@ class BatchLoader:
         self.rows = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
         self.step = 0
         self.prefetch = prefetch
+        # Pinned batches let the step copy them to the GPU without waiting (``non_blocking``); pinned in the prefetch
+        # thread, off the step's path.
+        self.pin_memory = pin_memory
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch") if prefetch else None
         self._pending: dict[int, Future] = {}
         self._permutation_epoch, self._permutation = -1, np.empty(0, dtype=np.int64)
@@ -128,7 +132,8 @@ class BatchLoader:
             return self._permutation
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _windows(self.split, self.window_ids(step)[self.rows] * self.seq_len, self.seq_len)
+        inputs, targets = _windows(self.split, self.window_ids(step)[self.rows] * self.seq_len, self.seq_len)
+        return (inputs.pin_memory(), targets.pin_memory()) if self.pin_memory else (inputs, targets)
 
     def __iter__(self) -> BatchLoader:
         return self

@@ -98,5 +98,6 @@ def build(cfg: RunConfig, engine: Engine) -> Components:
         engine.world_size,
         seed=cfg.train.seed,
         prefetch=cfg.data.prefetch,
+        pin_memory=engine.device.type == "cuda",
     )
     return Components(data, model, classes, optimizer, loader, global_batch, num_params, flops_per_token)

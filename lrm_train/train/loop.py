@@ -163,7 +163,8 @@ class Trainer:
             if i == micro_batches:
                 break
             with engine.accumulating(last=i == micro_batches - 1), self.autocast():
-                out = engine.model(x.to(engine.device), y.to(engine.device), cfg.train.z_loss)
+                x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
+                out = engine.model(x, y, cfg.train.z_loss)
                 engine.backward(out.loss / micro_batches)
             loss_sum += out.cross_entropy.detach() / micro_batches
         loss = engine.all_reduce_mean(loss_sum)
