@@ -9,6 +9,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
+# Without a GPU, Triton code runs in its interpreter (tests/models/test_ssd_triton.py). The switch is read when triton
+# itself is first imported - by any test's imports (DeepSpeed, torch.compile), not only ours - so it is set here,
+# before any of them; on a CUDA machine the kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

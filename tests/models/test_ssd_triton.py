@@ -1,12 +1,11 @@
 """The Triton SSD scan against the plain-PyTorch reference, run on CPU by Triton's interpreter.
 
-``TRITON_INTERPRET=1`` must be set when ``models.ssd_triton`` is imported (its kernels are decorated then) and while
-they run; the fixture sets it for this module's tests only, so no other test's Triton code is interpreted.
+``TRITON_INTERPRET=1`` must be set before triton is first imported (tests/conftest.py sets it on machines without
+CUDA); the fixture checks that the kernels really are interpreted.
 """
 
 import dataclasses
 import importlib
-import sys
 
 import pytest
 import torch
@@ -19,13 +18,12 @@ from lrm_train.nn import LRMConfig
 
 @pytest.fixture(scope="module")
 def ssd_triton():
-    already_imported = "lrm_train.models.ssd_triton" in sys.modules
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TRITON_INTERPRET", "1")
-        module = importlib.import_module("lrm_train.models.ssd_triton")
-        if not module.INTERPRETED:
-            pytest.fail(f"models.ssd_triton was imported before TRITON_INTERPRET=1 was set ({already_imported=})")
-        yield module
+    module = importlib.import_module("lrm_train.models.ssd_triton")
+    if not module.INTERPRETED:
+        if torch.cuda.is_available():
+            pytest.skip("interpreter tests; on CUDA, tests/gpu/test_gpu_ssd.py runs the compiled kernels")
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it)")
+    return module
 
 
 def scan_inputs(batch, length, heads, head_dim, groups, d_state, dtype=torch.float32, max_decay=4.0):
