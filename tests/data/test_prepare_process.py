@@ -48,6 +48,9 @@ def running(pid: int) -> bool:
 def start_stalled_prepare(tmp_path, corpus_dir):
     script = tmp_path / "stalled_prepare.py"
     script.write_text(STALLED_PREPARE)
+    # A terminal's job gets Ctrl-C even where pytest was started in the background, which ignores SIGINT: a child
+    # inherits an ignored signal but not a handler, so a handler here gives it the default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     process = subprocess.Popen(
         [
             sys.executable,
@@ -62,6 +65,7 @@ def start_stalled_prepare(tmp_path, corpus_dir):
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )
+    signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 60
     while len(workers := children(process.pid)) < 2:
         assert process.poll() is None, process.communicate()

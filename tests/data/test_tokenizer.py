@@ -39,9 +39,14 @@ def test_long_runs_are_split_and_ordinary_text_is_pre_tokenized_as_before():
 def test_ctrl_c_stops_bpe_training_at_once():
     # Training runs in Rust without looking at signals; this takes ~4 s on 2 cores when left alone.
     texts = [random_run(1_000_000, seed=1), random_run(1_000_000, seed=2)]
+    # Ctrl-C raises KeyboardInterrupt even where pytest was started in the background (which ignores SIGINT).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     started = time.perf_counter()
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        train_bpe(texts, vocab_size=8000)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_bpe(texts, vocab_size=8000)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - started < 1.5
