@@ -10,12 +10,16 @@ the slope is 1). For AdamW the trajectories are drawn against the closed form sq
 summed over its momentum's memory, is a random walk of unit steps times lr, pulled back by lr*wd per step, whose
 stationary variance is lr^2 / (2 lr wd). Holds while lr*wd is well below 1 - beta1 (the momentum's memory).
 
+``model=<preset>`` picks the model as the trainer's model group does (tiny, tiny_deep, falcon_h1_0p5b, width_128 ...
+width_8192, or a YAML file of configs/model), and ``model.<field>=...`` changes one of its fields.
+
 ``run=<run dir>`` also overlays a finished run's matrix norms (``norm/...``) on the ABM prediction the trainer logged
 for it (``abm/...``) and its multipliers (``lrm/...``): the paper finds that matrices follow ABM and multipliers do not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -26,10 +30,11 @@ import torch
 
 from lrm_train.experiments.analysis import command_main, power_law_fit
 from lrm_train.experiments.report import markdown_table, read_metrics, save_figure, write_report
-from lrm_train.models import FalconH1LM
-from lrm_train.models.config import preset
+from lrm_train.experiments.runner import create_out_dir
+from lrm_train.models import FalconH1Config, FalconH1LM, preset
 from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, OptimizerName, build_optimizer, classify_parameters, set_learning_rates
+from lrm_train.train import register_configs
 from lrm_train.train.metrics import AdamBrownianMotion
 
 SLOPE_RANGE = (0.45, 0.55)
@@ -39,7 +44,8 @@ _TRAJECTORY_POINTS = 200  # points kept per trajectory for the plot
 @dataclass
 class ABMSettings:
     out_dir: str = "experiments/abm"
-    model: str = "tiny"  # a model preset: the shapes and parameter groups the optimizer is built for
+    # The shapes and parameter groups the optimizer is built for: an option of the trainer's model group.
+    model: FalconH1Config = field(default_factory=lambda: preset("tiny"))
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
     # The sweep: lr/wd over these ratios at each of these lr*wd products (lr = sqrt(p r), wd = sqrt(p / r)).
     # Products well below 1 - beta1 (the momentum's memory) keep the closed form valid.
@@ -49,6 +55,27 @@ class ABMSettings:
     timescales: float = 3.0
     seed: int = 0
     run: str | None = None  # a finished run directory to overlay on its ABM prediction
+
+    def __post_init__(self) -> None:
+        # Checked before any work: the sweep takes square roots and logs of these values and divides by them.
+        if not self.optimizers:
+            raise ValueError(f"optimizers=[] must name at least one of {', '.join(OptimizerName)}")
+        unknown = [name for name in self.optimizers if name not in set(OptimizerName)]
+        if unknown:
+            raise ValueError(f"optimizers: {unknown[0]!r} is not one of {', '.join(OptimizerName)}")
+        if any(r <= 0 for r in self.ratios):
+            raise ValueError(f"ratios={self.ratios}: every lr/wd ratio must be > 0")
+        if any(p <= 0 for p in self.products):
+            raise ValueError(f"products={self.products}: every lr*wd product must be > 0")
+        if len(set(self.ratios)) < 2:
+            raise ValueError(f"ratios={self.ratios}: the slope against lr/wd needs 2 different ratios or more")
+        points = len(self.ratios) * len(self.products)
+        if points < 3:
+            raise ValueError(
+                f"ratios x products: the slope's confidence interval needs 3 points or more per optimizer, got {points}"
+            )
+        if self.timescales <= 0:
+            raise ValueError(f"timescales={self.timescales} must be > 0")
 
 
 def simulate(model: FalconH1LM, optimizer_name: str, lr: float, wd: float, timescales: float, seed: int) -> dict:
@@ -78,7 +105,7 @@ def simulate(model: FalconH1LM, optimizer_name: str, lr: float, wd: float, times
 
 
 def sweep(settings: ABMSettings) -> list[dict]:
-    model = FalconH1LM(preset(settings.model))
+    model = FalconH1LM(settings.model)
     points = []
     for name in settings.optimizers:
         for product in settings.products:
@@ -143,14 +170,19 @@ def plot_adamw_trajectories(points: list[dict], out_dir: Path) -> str | None:
     return save_figure(fig, out_dir / "abm_trajectories_adamw.png")
 
 
-def run_overlay(run_dir: Path, out_dir: Path) -> dict:
-    """A run's matrix norms and multipliers against the ABM prediction the trainer logged beside them."""
+def overlay_records(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics that carry the trainer's ABM prediction."""
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.is_file():
         raise ValueError(f"run={run_dir}: no metrics.jsonl there (is it a run directory?)")
     records = [r for r in read_metrics(run_dir) if any(k.startswith("abm/") for k in r)]
     if not records:
         raise ValueError(f"run={run_dir}: metrics.jsonl has no abm/ values (run with logging.trajectories=true)")
+    return records
+
+
+def run_overlay(run_dir: Path, records: list[dict], out_dir: Path) -> dict:
+    """A run's matrix norms and multipliers against the ABM prediction the trainer logged beside them."""
     steps = [r["step"] for r in records]
     last = records[-1]
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -176,12 +208,9 @@ def run_overlay(run_dir: Path, out_dir: Path) -> dict:
 
 def run(settings: ABMSettings) -> None:
     torch.set_num_threads(1)  # 64x64 steps: threads only contend (x20 slower on 2 shared cores)
-    out_dir = Path(settings.out_dir)
-    unknown = [name for name in settings.optimizers if name not in set(OptimizerName)]
-    if unknown:
-        raise ValueError(f"optimizers: {unknown[0]!r} is not one of {', '.join(OptimizerName)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    overlay = run_overlay(Path(settings.run), out_dir) if settings.run else None  # a bad run dir fails first
+    records = overlay_records(Path(settings.run)) if settings.run else None  # a bad run dir fails before any work
+    out_dir = create_out_dir(settings.out_dir)
+    overlay = run_overlay(Path(settings.run), records, out_dir) if records else None
     points = sweep(settings)
     fits = slopes(points)
     figures = [plot_equilibria(points, out_dir), plot_adamw_trajectories(points, out_dir)]
@@ -215,7 +244,9 @@ def _data(settings, points, fits, overlay) -> dict:
         )
         for p in points
     ]
-    return dict(settings=vars(settings), slope_range=SLOPE_RANGE, slopes=fits, points=table, run_overlay=overlay)
+    return dict(
+        settings=dataclasses.asdict(settings), slope_range=SLOPE_RANGE, slopes=fits, points=table, run_overlay=overlay
+    )
 
 
 def _markdown(settings, points, fits, figures, overlay) -> str:
@@ -244,9 +275,11 @@ def _markdown(settings, points, fits, figures, overlay) -> str:
                     value / closed,
                 ]
             )
+    m = settings.model
     text = f"""
-N(0, 1) gradients fed to the trainer's optimizer (model preset `{settings.model}`), constant LR, {settings.timescales:g}
-equilibration times 1/(lr*wd) per point; the equilibrium is the RMS norm averaged over the last one.
+N(0, 1) gradients fed to the trainer's optimizer (built for a model {m.hidden_size} wide, {m.num_hidden_layers} layers,
+vocabulary {m.vocab_size}), constant LR, {settings.timescales:g} equilibration times 1/(lr*wd) per point; the
+equilibrium is the RMS norm averaged over the last one.
 
 ## Log-log slope of the equilibrium norm against lr/wd
 
@@ -269,9 +302,10 @@ Expected 0.5, i.e. ||W|| ∝ sqrt(lr/wd); accepted {SLOPE_RANGE[0]}-{SLOPE_RANGE
     return text
 
 
-def main() -> None:
-    command_main("abm", ABMSettings, run, __doc__)
+def main(argv: list[str] | None = None) -> int:
+    register_configs()  # the trainer's model presets are the options of the model group in configs/abm.yaml
+    return command_main("abm", ABMSettings, run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """What the paper's analyses (abm, norm_sweep, width_scaling, coord_check) share beyond the experiments' runner,
 config path and report helpers: the command wrapper, the power-law fit with its confidence interval, the width
-family's model keys and a finished run's weights."""
+family's model keys and the width sweeps' checks of them, and a finished run's weights."""
 
 from __future__ import annotations
 
@@ -16,22 +16,46 @@ from safetensors.torch import load_file
 from lrm_train.config_compose import compose_schema
 from lrm_train.models import width_family
 from lrm_train.train.checkpoint import complete_checkpoints
+from lrm_train.train.loop import Interrupted
 
 
-def command_main(command: str, schema: type, run: Callable, doc: str) -> None:
+def command_main(command: str, schema: type, run: Callable, doc: str, argv: list[str] | None = None) -> int:
     """``python -m lrm_train.experiments.<command> [experiment=<command>_gpu] [key=value ...]``: the settings of
-    ``configs/<command>.yaml``, then ``run(settings)``; bad input is one line and exit status 2, before any work."""
-    argv = sys.argv[1:]
+    ``configs/<command>.yaml``, then ``run(settings)``; returns the exit status. Bad input is one line and exit status
+    2, before any work; so is an OS error on the way (an unwritable out_dir, a full disk), as for the trainer."""
+    argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         fields = "\n".join(f"  {f.name}" for f in dataclasses.fields(schema))
         print(f"{doc.strip()}\n\nusage: python -m lrm_train.experiments.{command} [experiment=NAME] [key=value ...]")
         print(f"settings (defaults in configs/experiment/{command}_cpu.yaml and {schema.__name__}):\n{fields}")
-        return
+        return 0
+    flags = [a for a in argv if a.startswith("-")]
+    if flags:  # Hydra would read one as an override and say something about its grammar instead
+        print(f"error: unknown option {flags[0]!r} (see --help)", file=sys.stderr)
+        return 2
     try:
         run(compose_schema(command, schema, argv))
-    except ValueError as e:
+    except Interrupted as e:
+        print(f"error: {e}; run the same command again to go on", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+def check_width_sweep(widths: list[int], layers: int, head_dim: int, fit: str) -> None:
+    """The settings of a sweep over ``width_overrides``: ``fit`` says what needs 3 widths (they are fitted on logs,
+    and the width family divides by head_dim)."""
+    if len(widths) < 3:
+        raise ValueError(f"widths: {fit} needs 3 widths or more, got {widths}")
+    if any(w <= 0 for w in widths):
+        raise ValueError(f"widths={widths}: every width must be > 0")
+    if len(set(widths)) != len(widths):
+        raise ValueError(f"widths={widths} must be distinct")
+    for name, value in (("layers", layers), ("head_dim", head_dim)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (from 31 on the normal's 1.96 is close enough).

@@ -44,6 +44,7 @@ from lrm_train.experiments.runner import (
     FINISHED,
     RunSpec,
     SlurmConfig,
+    create_out_dir,
     make_run,
     python_command,
     run_local,
@@ -67,6 +68,13 @@ class DownstreamConfig:
     limit: float | None = None  # items per task (a float below 1: a fraction); None: all
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        # Checked here, not when the scores are asked for: that is after every run has trained.
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"downstream.limit={self.limit} must be > 0 (below 1: a fraction of each task)")
+        if self.batch_size < 1:
+            raise ValueError(f"downstream.batch_size={self.batch_size} must be >= 1")
+
 
 @dataclass
 class CompareConfig:
@@ -74,7 +82,8 @@ class CompareConfig:
 
     name: str = "compare"
     out_dir: str = "runs/${name}"  # gitignored, beside the trainer's own runs
-    arms: dict[str, list[str]] = field(default_factory=dict)  # arm -> its trainer overrides (lrm=...)
+    # arm -> its trainer overrides (lrm=...); on the command line arms.NAME=[...] adds or replaces one (arm_overrides)
+    arms: dict[str, list[str]] = field(default_factory=dict)
     baseline: str = "mup"  # the arm the others are compared with
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
     lr_center: dict[str, float] = field(default_factory=dict)  # optimizer -> the LR in the middle of its grid
@@ -94,14 +103,26 @@ class CompareConfig:
         missing = [o for o in self.optimizers if o not in self.lr_center]
         if missing:
             raise ValueError(f"lr_center has no LR for optimizer {missing[0]!r}")
+        for optimizer, lr in self.lr_center.items():
+            if lr <= 0:
+                raise ValueError(f"lr_center.{optimizer}={lr} must be > 0")
         if self.lr_points < 1:
             raise ValueError(f"lr_points={self.lr_points} must be >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={list(self.seeds)} must be distinct and at least one")
+        if self.nproc < 0:
+            raise ValueError(f"nproc={self.nproc} must be >= 0 (0: one process per visible GPU)")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher={self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
         if self.report not in REPORT_MODES:
             raise ValueError(f"report={self.report!r} is not one of {', '.join(REPORT_MODES)}")
+
+
+def arm_overrides(overrides: list[str]) -> list[str]:
+    """Command-line overrides with ``arms.NAME=[...]`` as Hydra's ``++arms.NAME=[...]``: it adds the arm NAME, or
+    replaces it when the experiment has one. Hydra refuses a new key without ``+`` and an existing one with it, and
+    arms are an open set; every other key keeps Hydra's checks, so a typo in it is still refused."""
+    return [f"++{o}" if o.startswith("arms.") else o for o in overrides]
 
 
 def lr_grid(center: float, points: int) -> list[float]:
@@ -698,6 +719,8 @@ keys (configs/compare.yaml, configs/experiment/*.yaml): name, out_dir, arms.<arm
 optimizers, lr_center.<optimizer>, lr_points, seeds, train=[trainer overrides], train_extra=[more of them],
 launcher (local|slurm), nproc, slurm.script, slurm.nodes, slurm.sbatch_args, report (after|only),
 downstream.tasks, downstream.limit, downstream.batch_size
+arms.<arm>=[overrides] adds that arm, or replaces it if the experiment has one; quote it for the shell:
+  python -m lrm_train.experiments.compare 'arms.lrm_one=["lrm=full","lrm.init=one"]' --estimate
 --estimate prints the GPU hours the comparison would take at an assumed 35% MFU, and exits
 """
 ASSUMED_MFU = 0.35  # typical of well-tuned bf16 training on H100s (e.g. torchtitan's 33-39%); not measured here
@@ -713,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown option {next(f for f in flags if f != '--estimate')!r} (see --help)", file=sys.stderr)
         return 2
     try:
-        cfg = compose_schema("compare", CompareConfig, [a for a in argv if not a.startswith("-")])
+        cfg = compose_schema("compare", CompareConfig, arm_overrides([a for a in argv if not a.startswith("-")]))
         runs = plan(cfg)
     except ValueError as e:
         print(f"error: config: {e}", file=sys.stderr)
@@ -723,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if cfg.report == "after":
+            create_out_dir(cfg.out_dir)
             if cfg.launcher == "slurm":
                 report = python_command("lrm_train.experiments.compare", [*argv, "report=only", "launcher=local"])
                 submit_slurm(runs, cfg.slurm, report)

@@ -12,15 +12,16 @@ scale drifts with width, so the small model's tuning does not carry to the large
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
-from lrm_train.experiments.analysis import command_main, power_law_fit, width_overrides
+from lrm_train.experiments.analysis import check_width_sweep, command_main, power_law_fit, width_overrides
 from lrm_train.experiments.report import atomic_write_text, markdown_table, save_figure, write_report
-from lrm_train.experiments.runner import make_run, run_local
+from lrm_train.experiments.runner import create_out_dir, make_run, run_local
 from lrm_train.train import compose
 from lrm_train.train.callbacks import Callback
 
@@ -47,6 +48,15 @@ class CoordCheckSettings:
             "schedule.warmup_steps=1",
         ]
     )
+
+    def __post_init__(self) -> None:
+        check_width_sweep(self.widths, self.layers, self.head_dim, "the slope")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if not self.arms:
+            raise ValueError("arms=[] must name at least one lrm placement (e.g. none, full)")
+        if self.max_slope < 0:
+            raise ValueError(f"max_slope={self.max_slope} must be >= 0")
 
 
 RESULT_FILE = "activation_rms.json"
@@ -130,6 +140,7 @@ def _broken_override(settings: CoordCheckSettings, overrides: list[str], width: 
 
 def measure(settings: CoordCheckSettings, out_dir: Path) -> dict:
     runs = make_runs(settings, out_dir)
+    create_out_dir(out_dir)
     run_local(list(runs.values()))
     return {key: json.loads((run.run_dir / RESULT_FILE).read_text()) for key, run in runs.items()}
 
@@ -163,8 +174,6 @@ def plot(settings: CoordCheckSettings, results: dict, arm: str, out_dir: Path) -
 
 
 def run(settings: CoordCheckSettings) -> None:
-    if len(settings.widths) < 3:
-        raise ValueError(f"widths: the slope needs 3 widths or more, got {settings.widths}")
     out_dir = Path(settings.out_dir)
     results = measure(settings, out_dir)
     rows = slopes(settings, results)
@@ -218,9 +227,9 @@ def _broken(settings: CoordCheckSettings) -> str:
     return f", and model.{settings.break_multiplier} deliberately scaled by width/{settings.widths[0]}"
 
 
-def main() -> None:
-    command_main("coord_check", CoordCheckSettings, run, __doc__)
+def main(argv: list[str] | None = None) -> int:
+    return command_main("coord_check", CoordCheckSettings, run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

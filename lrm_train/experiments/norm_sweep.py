@@ -14,12 +14,13 @@ multipliers. The paper: the frozen arm degrades at extreme S, the multiplier arm
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrm_train.experiments.analysis import command_main
 from lrm_train.experiments.report import markdown_table, new_figure, read_metrics, save_figure, write_report
-from lrm_train.experiments.runner import make_run, run_local
+from lrm_train.experiments.runner import create_out_dir, make_run, run_local
 from lrm_train.train import compose
 
 
@@ -38,6 +39,15 @@ class NormSweepSettings:
     )
     trainer: list[str] = field(default_factory=list)  # the model, data and length of every run
 
+    def __post_init__(self) -> None:
+        # S and effective_lr set the head's lr and wd as their product and quotient, and S is plotted on logs.
+        if not self.scales:
+            raise ValueError("scales=[] must hold at least one S")
+        if any(s <= 0 for s in self.scales):
+            raise ValueError(f"scales={self.scales}: every S must be > 0")
+        if self.effective_lr <= 0:
+            raise ValueError(f"effective_lr={self.effective_lr} must be > 0")
+
 
 def head_overrides(settings: NormSweepSettings, scale: float, base_lr: float, base_wd: float) -> list[str]:
     lr, wd = settings.effective_lr * scale, settings.effective_lr / scale
@@ -47,6 +57,11 @@ def head_overrides(settings: NormSweepSettings, scale: float, base_lr: float, ba
 def make_runs(settings: NormSweepSettings, out_dir: Path) -> dict:
     """Every run composed before any trains (a bad key fails first), by (arm, S)."""
     base = compose(list(settings.trainer)).optim  # the base LR and WD that the class multipliers scale
+    if base.weight_decay <= 0:
+        raise ValueError(
+            f"trainer: optim.weight_decay={base.weight_decay} must be > 0 here (the LM head's weight decay is set as "
+            "a multiple of it)"
+        )
     runs = {}
     for arm, arm_overrides in settings.arms.items():
         for scale in settings.scales:
@@ -73,10 +88,8 @@ def final_values(run_dir: Path) -> dict:
 
 
 def run(settings: NormSweepSettings) -> None:
-    out_dir = Path(settings.out_dir)
-    if settings.effective_lr <= 0 or any(s <= 0 for s in settings.scales):
-        raise ValueError("effective_lr and every S of scales must be positive")
-    runs = make_runs(settings, out_dir)
+    runs = make_runs(settings, Path(settings.out_dir))
+    out_dir = create_out_dir(settings.out_dir)
     run_local(list(runs.values()))
     results = {key: final_values(run.run_dir) for key, run in runs.items()}
     spreads = {}
@@ -125,9 +138,9 @@ The paper: the frozen arm degrades at extreme S, the multiplier arms stay flat.
         print(f"norm_sweep: {arm}: final loss {v['min']:.3f}..{v['max']:.3f} across S (spread {v['spread']:.3f})")
 
 
-def main() -> None:
-    command_main("norm_sweep", NormSweepSettings, run, __doc__)
+def main(argv: list[str] | None = None) -> int:
+    return command_main("norm_sweep", NormSweepSettings, run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,6 +17,7 @@ job per run that is neither finished nor already queued.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -52,6 +53,20 @@ def make_run(name: str, run_dir: Path, overrides: list[str], **labels) -> RunSpe
     except ValueError as e:
         raise ValueError(f"run {name}: {e}") from None
     return RunSpec(name, full, cfg, labels)
+
+
+def create_out_dir(out_dir: str | Path) -> Path:
+    """An experiment's output folder, made once its settings and runs are checked and before any work, so that one
+    that cannot be written (a read-only mount, a file in the way) is one line naming ``out_dir`` rather than a
+    failure in the middle of the work."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir={out_dir}: cannot create it ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK):  # an existing folder on a read-only mount (also for root)
+        raise ValueError(f"out_dir={out_dir}: cannot write there")
+    return path
 
 
 def run_status(run: RunSpec) -> str:
@@ -117,6 +132,10 @@ class SlurmConfig:
     script: str = "launch/slurm.sbatch"  # one torchrun per node, requeue-friendly
     nodes: int = 1  # per run
     sbatch_args: list[str] = field(default_factory=list)  # e.g. ["--partition=gpu", "--time=2-00:00:00"]
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"slurm.nodes={self.nodes} must be >= 1")
 
 
 def submit_slurm(runs: list[RunSpec], slurm: SlurmConfig, report_command: list[str] | None = None) -> list[str]:

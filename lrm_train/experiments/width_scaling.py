@@ -16,14 +16,21 @@ slower than muP predicts.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lrm_train.experiments.analysis import command_main, final_weights, power_law_fit, width_overrides
+from lrm_train.experiments.analysis import (
+    check_width_sweep,
+    command_main,
+    final_weights,
+    power_law_fit,
+    width_overrides,
+)
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
-from lrm_train.experiments.runner import make_run, run_local
+from lrm_train.experiments.runner import create_out_dir, make_run, run_local
 
 PAPER_EXPONENTS = {"lm_head_scalar": -1.0, "ssm_dt": -1.0, "qk_product": -2.0}
 
@@ -35,6 +42,9 @@ class WidthScalingSettings:
     layers: int = 2
     head_dim: int = 32
     trainer: list[str] = field(default_factory=list)  # lr, wd, data and length: the same for every width
+
+    def __post_init__(self) -> None:
+        check_width_sweep(self.widths, self.layers, self.head_dim, "the exponent fit")
 
 
 def geometric_mean(values: list[float]) -> float:
@@ -78,10 +88,8 @@ def make_runs(settings: WidthScalingSettings, out_dir: Path) -> dict:
 
 
 def run(settings: WidthScalingSettings) -> None:
-    if len(settings.widths) < 3:
-        raise ValueError(f"widths: the exponent fit needs 3 widths or more, got {settings.widths}")
-    out_dir = Path(settings.out_dir)
-    runs = make_runs(settings, out_dir)
+    runs = make_runs(settings, Path(settings.out_dir))
+    out_dir = create_out_dir(settings.out_dir)
     run_local(list(runs.values()))
     values = {}
     for width, spec in runs.items():
@@ -145,9 +153,9 @@ norm weights, the same lr and wd at every width; trainer overrides {settings.tra
         )
 
 
-def main() -> None:
-    command_main("width_scaling", WidthScalingSettings, run, __doc__)
+def main(argv: list[str] | None = None) -> int:
+    return command_main("width_scaling", WidthScalingSettings, run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

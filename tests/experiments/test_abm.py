@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lrm_train.experiments.abm import ABMSettings, run
+from lrm_train.experiments.abm import ABMSettings, main, run
 from lrm_train.train import train
 from tests.experiments.micro_analysis import is_png_with_content
 from tests.runs import run_config
@@ -52,16 +52,10 @@ def test_a_slope_outside_the_range_fails_the_command(tmp_path, monkeypatch):
     assert (tmp_path / "report.md").is_file()  # the report says what failed
 
 
-def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["abm", f"out_dir={tmp_path}/out", "optimizers=[sgd]"])
-    from lrm_train.experiments.abm import main
-
-    with pytest.raises(SystemExit) as stopped:
-        main()
-    assert stopped.value.code == 2
+def test_bad_input_is_one_line_before_any_work(tmp_path, capsys):
+    assert main([f"out_dir={tmp_path}/out", "optimizers=[sgd]"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr("sys.argv", ["abm", f"out_dir={tmp_path}/out", f"run={tmp_path}"])
-    with pytest.raises(SystemExit):
-        main()
+    assert main([f"out_dir={tmp_path}/out", f"run={tmp_path}"]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,194 @@
+"""The experiments' commands refuse bad input with one line: the reliability battery's cases X01-X18 and A01-A18 that
+stop before any training, X17 (the README's example), and the same classes of input in every command (a non-positive
+number that is divided by or logged, an unwritable out_dir).
+
+Every row of ``REFUSED`` is refused before any training - by the settings' own checks or while the runs are composed -
+so each takes a second or two, and none may leave a folder behind (no out_dir, no ``runs/``).
+"""
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lrm_train.config_compose import compose_schema
+from lrm_train.experiments import abm, compare, coord_check, norm_sweep, runner, width_scaling
+from tests.reliability.harness import assert_refused, assert_untouched, run_main, snapshot
+
+COMMANDS = {
+    "compare": compare.main,
+    "abm": abm.main,
+    "norm_sweep": norm_sweep.main,
+    "width_scaling": width_scaling.main,
+    "coord_check": coord_check.main,
+}
+README = Path(__file__).resolve().parents[2] / "README.md"
+# The battery's SMALL comparison, shortened: one optimizer at one LR, so a comparison plans one run per arm.
+SMALL = ["optimizers=[adamw]", "lr_points=1"]
+# A sweep of three points that abm finishes in a few seconds with its slope inside the accepted range.
+SHORT_ABM = ["optimizers=[adamw]", "ratios=[1e-2,1e-1,1.0]", "products=[4e-2]"]
+
+
+def case(case_id: str, command: str, argv: list[str], match: str):
+    """``{tmp}`` in argv: the test's folder (it holds ``afile``, a regular file); without an ``out_dir=`` the row
+    gets ``out_dir={tmp}/out``."""
+    return pytest.param(command, argv, match, id=case_id)
+
+
+REFUSED = [
+    # compare: the arms, the grid, the launcher (regressions X02-X12, X18), and X01 (a new arm without '+')
+    case("X01", "compare", [*SMALL, 'arms.bad=["lrm=foo"]'], r"run bad-adamw-.*Could not find 'lrm/foo'"),
+    case("X02", "compare", [*SMALL, '+arms.big=["model.num_hidden_layers=2"]'], r"run big-.* another model config"),
+    case("X03", "compare", [*SMALL, '+arms.x=["train.max_stepz=3"]'], r"unknown config key 'train\.max_stepz'"),
+    case("X04", "compare", ["baseline=nope"], r"baseline='nope' is not one of the arms"),
+    case("X05", "compare", ["lr_points=0"], r"lr_points=0 must be >= 1"),
+    case("X07", "compare", ["seeds=[0,0]"], r"seeds=\[0, 0\] must be distinct"),
+    case("X08", "compare", ["launcher=bogus"], r"launcher='bogus' is not one of local, slurm"),
+    case("X09", "compare", ["optimizers=[sgd]"], r"lr_center has no LR for optimizer 'sgd'"),
+    case("X11", "compare", ["--foo"], r"unknown option '--foo'"),
+    case("X12", "compare", [*SMALL, '+arms.x=["train.max_steps=30"]'], r"run x-.* another train config"),
+    case("X18", "compare", [*SMALL, 'arms.lrm=["lrm=foo"]'], r"run lrm-adamw-.*Could not find 'lrm/foo'"),
+    case("X-armz", "compare", ['armz.x=["lrm=full"]'], r"unknown config key 'armz'"),
+    case("X-lr0", "compare", [*SMALL, "lr_center.adamw=0"], r"lr_center\.adamw=0\.0 must be > 0"),
+    case("X-lrneg", "compare", [*SMALL, "lr_center.muon=-1e-3"], r"lr_center\.muon=-0\.001 must be > 0"),
+    case("X-nproc", "compare", ["nproc=-1"], r"nproc=-1 must be >= 0"),
+    case("X-nodes", "compare", ["slurm.nodes=0"], r"slurm\.nodes=0 must be >= 1"),
+    case("X-dsbatch", "compare", ["downstream.batch_size=0"], r"downstream\.batch_size=0 must be >= 1"),
+    case("X-dslimit", "compare", ["downstream.limit=0"], r"downstream\.limit=0\.0 must be > 0"),
+    case("X-outdir", "compare", [*SMALL, "out_dir={tmp}/afile/cmp"], r"out_dir=.*/afile/cmp: .*Not a directory"),
+    # abm (A01-A08)
+    case("A01", "abm", ["foo=1"], r"unknown config key 'foo'"),
+    case("A02", "abm", ["run={tmp}/nope"], r"run=.*/nope: no metrics\.jsonl there"),
+    case("A03", "abm", ["optimizers=[sgd]"], r"optimizers: 'sgd' is not one of adamw, muon"),
+    case("A04", "abm", ["products=[0]"], r"products=\[0\.0\]: every lr\*wd product must be > 0"),
+    case("A05", "abm", ["ratios=[-1]"], r"ratios=\[-1\.0\]: every lr/wd ratio must be > 0"),
+    case("A06", "abm", ["model=nope"], r"Could not find 'model/nope' \(options: .*tiny"),
+    case("A06-key", "abm", ["model.hidden_size=0"], r"model\.hidden_size=0 must be a positive integer"),
+    case("A07", "abm", ["out_dir={tmp}/afile/abm"], r"out_dir=.*/afile/abm: .*Not a directory"),
+    case("A08", "abm", ["timescales=0", *SHORT_ABM], r"timescales=0\.0 must be > 0"),
+    case("A-opt0", "abm", ["optimizers=[]"], r"optimizers=\[\] must name at least one"),
+    case("A-ratio1", "abm", ["ratios=[1,1]"], r"ratios=\[1\.0, 1\.0\]: .* 2 different ratios"),
+    case("A-points", "abm", ["ratios=[0.1,1]", "products=[1e-3]"], r"ratios x products: .* 3 points or more"),
+    case("A-flag", "abm", ["--foo"], r"unknown option '--foo'"),
+    # norm_sweep (A09, A10)
+    case("A09", "norm_sweep", ["experiment=nope"], r"Could not find 'experiment/nope'"),
+    case("A10", "norm_sweep", ["scales=[0]"], r"scales=\[0\.0\]: every S must be > 0"),
+    case("N-scales", "norm_sweep", ["scales=[]"], r"scales=\[\] must hold at least one S"),
+    case("N-elr", "norm_sweep", ["effective_lr=0"], r"effective_lr=0\.0 must be > 0"),
+    case("N-wd0", "norm_sweep", ['trainer=["optim.weight_decay=0"]'], r"optim\.weight_decay=0\.0 .*must be > 0"),
+    case("N-outdir", "norm_sweep", ["scales=[1.0]", "out_dir={tmp}/afile/ns"], r"out_dir=.*/ns: .*Not a directory"),
+    # width_scaling (A11, A12)
+    case("A11", "width_scaling", ["widths=[64]"], r"widths: the exponent fit needs 3 widths or more, got \[64\]"),
+    case("A12", "width_scaling", ["widths=[60,120,240]"], r"width 60 is not a multiple of 2 x head_dim=32"),
+    case("W-zero", "width_scaling", ["widths=[0,64,128]"], r"widths=\[0, 64, 128\]: every width must be > 0"),
+    case("W-dup", "width_scaling", ["widths=[64,64,128]"], r"widths=\[64, 64, 128\] must be distinct"),
+    case("W-head", "width_scaling", ["head_dim=0"], r"head_dim=0 must be >= 1"),
+    case("W-layers", "width_scaling", ["layers=0"], r"layers=0 must be >= 1"),
+    case("W-outdir", "width_scaling", ["out_dir={tmp}/afile/ws"], r"out_dir=.*/afile/ws: .*Not a directory"),
+    # coord_check (A13-A18)
+    case("A13", "coord_check", ['trainer=["optim.lr=abc"]'], r"run coord_none_w64: optim\.lr: .*'abc'"),
+    case("A14", "coord_check", ["arms=[bogus]"], r"run coord_bogus_w64: .*Could not find 'lrm/bogus'"),
+    case("A15", "coord_check", ["widths=[64,128]"], r"widths: the slope needs 3 widths or more, got \[64, 128\]"),
+    case("A16", "coord_check", ["out_dir={tmp}/afile/cc"], r"out_dir=.*/afile/cc: .*Not a directory"),
+    case("A17", "coord_check", ["steps=0"], r"steps=0 must be >= 1"),
+    case("A18", "coord_check", ["break_multiplier=nope"], r"break_multiplier='nope' is not a model multiplier"),
+    case("C-head", "coord_check", ["head_dim=0"], r"head_dim=0 must be >= 1"),
+    case("C-zero", "coord_check", ["widths=[0,64,128]"], r"widths=\[0, 64, 128\]: every width must be > 0"),
+    case("C-slope", "coord_check", ["max_slope=-1"], r"max_slope=-1\.0 must be >= 0"),
+    case("C-arms", "coord_check", ["arms=[]"], r"arms=\[\] must name at least one"),
+]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Reaching a trainer run or the ABM sweep fails a row at once (rather than training for minutes)."""
+
+    def work(*args, **kwargs):
+        raise AssertionError("the command started its work")
+
+    monkeypatch.setattr(runner, "train", work)
+    monkeypatch.setattr(abm, "sweep", work)
+
+
+@pytest.mark.parametrize("command, argv, match", REFUSED)
+def test_bad_input_is_one_line_and_creates_nothing(command, argv, match, tmp_path, monkeypatch, no_work):
+    monkeypatch.chdir(tmp_path)  # a default out_dir (compare's runs/<name>) would be created here
+    (tmp_path / "afile").write_text("a file where a folder is expected\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if not any(a.startswith("out_dir=") for a in args):
+        args.append(f"out_dir={tmp_path}/out")
+    before = snapshot(tmp_path)
+    assert_refused(run_main(COMMANDS[command], args), match)
+    assert_untouched(before)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_readme_and_help_example_adds_an_arm(tmp_path, monkeypatch):
+    """X17: the README's and --help's own example works as written."""
+    monkeypatch.chdir(tmp_path)
+    example = 'arms.lrm_one=["lrm=full","lrm.init=one"]'
+    assert f"'{example}'" in README.read_text()
+    assert example in run_main(compare.main, ["--help"]).stdout
+    outcome = run_main(compare.main, [example, "--estimate"])
+    assert outcome.code == 0 and not outcome.stderr and not outcome.escaped, outcome.stderr + outcome.escaped
+    assert outcome.stdout.startswith("18 runs x")  # 3 arms (mup, lrm, lrm_one) x 2 optimizers x 3 LRs
+    assert not list(tmp_path.iterdir())  # --estimate writes nothing
+
+
+def test_an_arm_override_replaces_that_arm_and_keeps_the_others():
+    cfg = compose_schema("compare", compare.CompareConfig, compare.arm_overrides(['arms.lrm=["lrm=scalar"]']))
+    assert cfg.arms == {"mup": ["lrm=none"], "lrm": ["lrm=scalar"]}
+
+
+# Per command, settings that make it compose few runs (a read-only out_dir is found once they are composed).
+FEW_RUNS = {
+    "compare": SMALL,
+    "abm": [],
+    "norm_sweep": ["scales=[1.0]"],
+    "width_scaling": [],
+    "coord_check": ["arms=[none]", "widths=[64,128,256]"],
+}
+
+
+@pytest.mark.parametrize("command", FEW_RUNS)
+def test_an_out_dir_on_a_read_only_mount_is_one_line(command, tmp_path, monkeypatch, no_work):
+    """A07, simulated: the tests run as root, which a permission bit would not stop."""
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    outcome = run_main(COMMANDS[command], [*FEW_RUNS[command], f"out_dir={tmp_path}/ro/{command}"])
+    assert_refused(outcome, rf"out_dir=.*/ro/{command}: cannot create it \(Read-only file system\)")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", FEW_RUNS)
+def test_an_existing_out_dir_that_cannot_be_written_is_one_line(command, tmp_path, monkeypatch, no_work):
+    out = tmp_path / "ro"
+    out.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != out and access(path, mode, **kw))
+    outcome = run_main(COMMANDS[command], [*FEW_RUNS[command], f"out_dir={out}"])
+    assert_refused(outcome, rf"out_dir={out}: cannot write there")
+    assert not list(out.iterdir())
+
+
+def test_a_full_disk_in_the_middle_of_the_work_is_one_line(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "report.json"))
+
+    monkeypatch.setattr(abm, "sweep", full_disk)
+    assert_refused(run_main(abm.main, [f"out_dir={tmp_path}/out"]), r"No space left on device: .*report\.json")
+
+
+def test_abm_takes_a_model_preset_as_the_trainer_does(tmp_path):
+    """A06: ``model=<preset>`` (here a YAML preset of configs/model) and ``model.<field>`` reach the sweep."""
+    out = tmp_path / "abm"
+    outcome = run_main(abm.main, ["model=tiny_deep", "model.vocab_size=1024", *SHORT_ABM, f"out_dir={out}"])
+    assert outcome.code == 0 and not outcome.escaped and not outcome.error_lines, outcome.stderr + outcome.escaped
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["model"]["num_hidden_layers"] == 8
+    assert "embedding/1024x128" in {fit["shadow"] for fit in report["slopes"]}
