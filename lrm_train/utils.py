@@ -57,6 +57,27 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to the file ``path`` as ``atomic_directory`` writes a folder: into a temporary sibling, flushed,
+    renamed over ``path``, the parent flushed; a reader (or a crash) finds the previous file or the new one, never
+    half of one. Any failure is one ``OSError`` line naming ``path`` (its ``errno`` kept) and leaves no temporary."""
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _flush(path.parent)
+    except OSError as e:
+        raise _cannot_write(path, e.strerror or str(e), e.errno) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
 def _flush(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -176,3 +197,8 @@ def sha256_file(path: str | os.PathLike) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first non-empty line (its type's name when it has none)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

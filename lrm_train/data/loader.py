@@ -153,9 +153,10 @@ class BatchLoader:
         return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "seq_len", "global_batch"):
+        # The data order is a function of these: resuming with another would silently repeat or skip data.
+        for key, config_key in (("seed", "train.seed"), ("seq_len", "data.seq_len"), ("global_batch", "global batch")):
             if state[key] != getattr(self, key):
-                raise ValueError(f"loader state has {key}={state[key]}, this run has {getattr(self, key)}")
+                raise ValueError(f"trained with {config_key}={state[key]}, this run has {getattr(self, key)}")
         self._pending.clear()
         self.step = int(state["step"])
 

@@ -77,6 +77,9 @@ class LocalProcess:
     def all_gather_object(self, obj) -> list:
         return [obj]
 
+    def max_over_ranks(self, value: int) -> int:
+        return value
+
     def barrier(self) -> None:
         pass
 
@@ -93,6 +96,8 @@ class LaunchedProcessGroup:
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # Host-side agreements (a stop signal seen by some ranks) go through gloo, so they never wait for the GPU.
+        self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
@@ -103,6 +108,11 @@ class LaunchedProcessGroup:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def max_over_ranks(self, value: int) -> int:
+        tensor = torch.tensor([value])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group)
+        return int(tensor)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -157,6 +167,10 @@ class Engine:
 
     def all_gather_object(self, obj) -> list:
         return self.group.all_gather_object(obj)
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's ``value`` (host integers, no device sync)."""
+        return self.group.max_over_ranks(value)
 
     def barrier(self) -> None:
         self.group.barrier()

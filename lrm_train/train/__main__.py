@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from lrm_train.config_compose import help_text
 from lrm_train.train.config import compose
-from lrm_train.train.loop import Interrupted, train
+from lrm_train.train.loop import CallbackFailed, Interrupted, train
+from lrm_train.train.preemption import Stopped
 
 USAGE = """usage: python -m lrm_train.train [group=option ...] [key=value ...] [--cfg]
        torchrun --nproc_per_node=N -m lrm_train.train dist=ddp|zero1|zero2|zero3 [...]
@@ -47,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         train(cfg)
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("error: interrupted before training started; no checkpoint was written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, CallbackFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -8,9 +8,12 @@ A checkpoint is a folder ``{run_dir}/checkpoints/step_{step:08d}``:
 - ``tensors.safetensors``: every other tensor (optimizer moments, RNG states, ...);
 - ``state.pt``: everything else as plain data (numbers, strings, lists, dicts), tensors replaced by references into
   ``tensors.safetensors``; read back with ``torch.load(weights_only=True)``, so a checkpoint can never run code;
+- ``tokenizer.json``: the run's tokenizer, so evaluation and export never look for it elsewhere (the ``run`` section
+  also names the prepared data folder and the tokenizer's sha256);
 - ``checkpoint.json``: the step and a sha256 per file, written last. A folder without it is not a checkpoint.
 The folder is written under a temporary name and renamed when complete, so ``resume=auto`` never sees a partial one,
-and ``resume=auto`` skips a newest checkpoint that fails verification for the previous complete one.
+and ``resume=auto`` skips a newest checkpoint that fails verification for the previous complete one (but refuses to
+start over when no checkpoint of the run verifies).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from lrm_train.utils import atomic_directory, sha256_file
 log = logging.getLogger("lrm_train")
 
 MANIFEST = "checkpoint.json"
+TOKENIZER = "tokenizer.json"
 FORMAT = "lrm_train.checkpoint/2"
 # Every checkpoint of FORMAT has these top-level entries (the components' states).
 _SECTIONS = ("format", "run", "trainer", "optimizer", "loader", "rng", "callbacks")
@@ -68,25 +72,28 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(path: Path, model_state: dict, state: dict, step: int) -> Path:
+def save_checkpoint(path: Path, model_state: dict, state: dict, step: int, tokenizer: Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     plain = split_tensors(state, tensors)
     with atomic_directory(path, overwrite=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
         save_file(tensors, tmp / "tensors.safetensors")
         torch.save(plain, tmp / "state.pt")
+        shutil.copyfile(tokenizer, tmp / TOKENIZER)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
     return path
 
 
+def regular_checkpoint_folders(run_dir: str | Path) -> list[Path]:
+    """Every ``step_*`` folder of a run, complete or not, oldest first."""
+    root = checkpoint_root(run_dir)
+    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name)) if root.is_dir() else []
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete regular checkpoints of a run, oldest first (partial and emergency ones are not listed)."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return [p for p in regular_checkpoint_folders(run_dir) if (p / MANIFEST).is_file()]
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
@@ -112,9 +119,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     try:
         model_state = load_file(path / "model.safetensors")
         tensors = load_file(path / "tensors.safetensors")
-        plain = torch.load(path / "state.pt", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError) as e:
+    except (SafetensorError, RuntimeError, OSError) as e:
         raise ValueError(f"checkpoint {path}: refusing to load it ({_first_line(e)})") from None
+    try:
+        plain = torch.load(path / "state.pt", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+        raise ValueError(
+            f"checkpoint {path}: state.pt is not plain data ({_unpickling_reason(e)}); it is refused on purpose, "
+            "since loading anything else could run code"
+        ) from None
     return model_state, join_tensors(plain, tensors)
 
 
@@ -151,8 +164,9 @@ def check_resumable(saved: dict, this: dict, path: Path) -> None:
         )
 
 
-def run_section(cfg, global_batch: int) -> dict:
-    """The ``run`` entry: what the checkpoint was trained as (checked on resume, used to rebuild the model).
+def run_section(cfg, global_batch: int, data_folder: Path, tokenizer: Path) -> dict:
+    """The ``run`` entry: what the checkpoint was trained as (checked on resume, used to rebuild the model) and on
+    what data (the prepared folder, for validation scores; the tokenizer's sha256, which an export checks).
 
     Plain data only (enums as their strings): ``state.pt`` is read with ``weights_only=True``.
     """
@@ -166,6 +180,7 @@ def run_section(cfg, global_batch: int) -> dict:
         "optimizer": plain(cfg.optim)["name"],
         "global_batch": global_batch,
         "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+        "data": {"folder": str(Path(data_folder).resolve()), "tokenizer_sha256": sha256_file(tokenizer)},
     }
 
 
@@ -176,13 +191,23 @@ def load_resumable(path: Path) -> tuple[dict, dict]:
 
 
 def newest_loadable(run_dir: str | Path) -> tuple[Path, dict, dict] | None:
-    """The newest complete checkpoint of a run that verifies, skipping (with a warning) newer ones that do not."""
-    for path in reversed(complete_checkpoints(run_dir)):
+    """The newest checkpoint of a run that verifies, skipping (with a warning) newer ones that do not; None when the run
+    has no ``step_*`` folder at all.
+
+    When such folders exist and none verifies, one line names each folder and what is wrong with it.
+    """
+    folders = regular_checkpoint_folders(run_dir)
+    problems = []
+    for path in reversed(folders):
         try:
             return (path, *load_resumable(path))
         except ValueError as e:
-            log.warning("skipping %s: %s", path, e)
-    return None
+            log.warning("skipping %s", e)
+            problems.append(str(e).removeprefix(f"checkpoint {path}: "))
+    if not folders:
+        return None
+    found = "; ".join(f"{p.name}: {why}" for p, why in zip(reversed(folders), problems))
+    raise ValueError(f"no checkpoint of {checkpoint_root(run_dir)} loads ({found})")
 
 
 def model_from_checkpoint(path: str | Path) -> FalconH1LM:
@@ -200,7 +225,37 @@ def load_weights(load_state_dict, model_state: dict, path: Path) -> None:
     try:
         load_state_dict(model_state)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {path}: its weights do not fit this model ({_first_line(e)})") from None
+        raise ValueError(
+            f"checkpoint {path}: its weights were made for another model than the config it records "
+            f"({_describe_misfit(str(e))})"
+        ) from None
+
+
+def _describe_misfit(message: str) -> str:
+    """torch's ``load_state_dict`` error (every key, kilobytes long) as counts and a first example of each kind."""
+    parts = []
+    for kind, what in (("Missing", "missing"), ("Unexpected", "not in this model")):
+        found = re.search(rf"{kind} key\(s\) in state_dict: (.*)", message)
+        if found:
+            names = re.findall(r'"([^"]+)"', found.group(1))
+            parts.append(f"{len(names)} tensors {what}, e.g. {names[0]}")
+    shapes = re.findall(
+        r"size mismatch for ([^:]+): copying a param with shape torch.Size\((\[.*?\])\) from "
+        r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)",
+        message,
+    )
+    if shapes:
+        name, saved, wanted = shapes[0]
+        parts.append(f"{len(shapes)} tensors of another shape, e.g. {name}: {saved} saved, {wanted} here")
+    return "; ".join(parts) or _first_line(RuntimeError(message))
+
+
+def _unpickling_reason(error: BaseException) -> str:
+    """What torch found in a refused ``state.pt``, without its advice to load it unsafely."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler")
+    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    return reasons[0] if reasons else type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:

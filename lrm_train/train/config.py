@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 
 from lrm_train.config_compose import compose_schema
@@ -133,6 +134,10 @@ def _wandb_key_available() -> bool:
         return False
 
 
+def _cuda_device(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject impossible combinations with one line naming the keys."""
     t = cfg.train
@@ -158,6 +163,8 @@ def validate(cfg: RunConfig) -> None:
             "logging.wandb.mode=online but no W&B API key was found: set WANDB_API_KEY or run `wandb login` "
             "(or keep logging.wandb.mode=offline and `wandb sync` later)"
         )
+    if cfg.model.ssd_backend == "triton" and not _cuda_device(cfg.dist.device):
+        raise ValueError("model.ssd_backend=triton needs a CUDA device (use model.ssd_backend=auto or torch on CPU)")
     if t.grad_clip < 0:
         raise ValueError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     if cfg.schedule.warmup_steps < 0:

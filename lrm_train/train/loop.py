@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ from lrm_train.train.build import Components, build, seed_everything
 from lrm_train.train.callbacks import Callback, Checkpointer, Evaluator, MetricSinks, StepResult, build_callbacks
 from lrm_train.train.checkpoint import FORMAT, check_resumable, load_weights, run_section
 from lrm_train.train.config import RunConfig, validate
+from lrm_train.train.preemption import Stopped, StopSignals
 from lrm_train.train.run_dir import RunDirectory
+from lrm_train.utils import first_line
 
 log = logging.getLogger("lrm_train")
 
@@ -42,6 +45,10 @@ class NonFiniteSteps(RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGINT from a launcher), with a line saying what was kept."""
+
+
+class CallbackFailed(Exception):
+    """A callback raised: the line names it and what was kept."""
 
 
 @dataclass
@@ -129,14 +136,18 @@ class Trainer:
         }
 
     def run_section(self) -> dict:
-        return run_section(self.cfg, self.components.global_batch)
+        data = self.components.data
+        return run_section(self.cfg, self.components.global_batch, data.folder, data.tokenizer_path)
 
     def load_state_dict(self, state: dict, model_state: dict, path: Path) -> None:
         c = self.components
         check_resumable(state["run"], self.run_section(), path)
         load_weights(self.engine.load_model_state, model_state, path)
         self.engine.load_optimizer_state(state["optimizer"])
-        c.loader.load_state_dict(state["loader"])
+        try:
+            c.loader.load_state_dict(state["loader"])
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path}: {e}") from None
         for callback in self.callbacks:
             if callback.name in state["callbacks"]:
                 callback.load_state_dict(state["callbacks"][callback.name])
@@ -209,38 +220,71 @@ class Trainer:
 
     def fit(self) -> None:
         t = self.cfg.train
-        for callback in self.callbacks:
-            callback.on_start(self)
         try:
-            while self.state.step < t.max_steps:
-                step = self.train_step()
-                for callback in self.callbacks:
-                    callback.on_step(self, step)
-                if t.stop_at_step and self.state.step >= t.stop_at_step:
-                    log.info("stopping at step %d (train.stop_at_step)", self.state.step)
-                    break
+            self.run_hooks("on_start")
+            with StopSignals() as stop_signals:
+                while self.state.step < t.max_steps:
+                    step = self.train_step()
+                    self.run_hooks("on_step", step)
+                    signum = self.engine.max_over_ranks(stop_signals.received)  # every rank stops at the same step
+                    if signum and not step.last:
+                        raise Stopped(
+                            f"{signal.Signals(signum).name} at step {self.state.step}; saved the checkpoint "
+                            f"{self.checkpointer.save_current(self)} (run the same command to resume from it)",
+                            signum,
+                        )
+                    if t.stop_at_step and self.state.step >= t.stop_at_step:
+                        log.info("stopping at step %d (train.stop_at_step)", self.state.step)
+                        break
             self.settle_skipped_steps()
         except NonFiniteSteps as e:
             self.failed = True
             path = self.checkpointer.save_emergency(self)
             raise RuntimeError(f"{e}; emergency checkpoint: {path}") from None
+        except CallbackFailed as e:
+            self.failed = True
+            # The step itself completed and the other callbacks ran (its metrics are written): its state is sound.
+            kept = self.checkpointer.save_current(self) if self.state.step else None
+            raise CallbackFailed(f"{e}; {self._kept(kept)}") from None
         except KeyboardInterrupt:
             self.failed = True
-            kept = self.checkpointer.last
-            raise Interrupted(
-                f"interrupted at step {self.state.step}; "
-                + (
-                    f"kept the checkpoint {kept} (run the same command to resume from it)"
-                    if kept
-                    else "no checkpoint was written yet"
-                )
-            ) from None
+            raise Interrupted(f"interrupted at step {self.state.step}; {self._kept(self.checkpointer.last)}") from None
         except BaseException:
             self.failed = True
             raise
         finally:
-            for callback in self.callbacks:
-                callback.on_end(self)
+            try:
+                self.run_hooks("on_end")
+            except CallbackFailed as e:
+                if not self.failed:
+                    raise
+                log.warning("%s", e)  # the run's own failure is the one to report
+
+    def run_hooks(self, hook: str, *args) -> None:
+        """Call ``hook`` on every callback in order. One that fails does not keep the others from running (so a step's
+        metrics are still written); the first failure is then raised as ``CallbackFailed``, naming the callback.
+        The trainer's own failures (non-finite steps, a checkpoint that cannot be written) pass through as they are."""
+        failure = None
+        for callback in self.callbacks:
+            try:
+                getattr(callback, hook)(self, *args)
+            except NonFiniteSteps:
+                raise
+            except Exception as e:
+                if callback is self.checkpointer:
+                    raise
+                when = f"at step {args[0].step}" if args else {"on_start": "at the start", "on_end": "at the end"}[hook]
+                failure = failure or CallbackFailed(
+                    f"callbacks.{callback.name} failed {when} ({type(e).__name__}: {first_line(e)})"
+                )
+        if failure is not None:
+            raise failure
+
+    @staticmethod
+    def _kept(checkpoint: Path | None) -> str:
+        if checkpoint is None:
+            return "no checkpoint was written yet"
+        return f"kept the checkpoint {checkpoint} (run the same command to resume from it)"
 
     def result(self) -> TrainResult:
         evaluator = next((c for c in self.callbacks if isinstance(c, Evaluator)), None)
@@ -280,7 +324,7 @@ def open_trainer(cfg: RunConfig):
     engine = build_engine(cfg.dist)
     run_dir = None
     try:
-        run_dir = RunDirectory(cfg.train.run_dir, engine)
+        run_dir = RunDirectory(cfg.train.run_dir, engine, cfg.train.resume)
         trainer = Trainer(cfg, engine, run_dir.path, build(cfg, engine), build_callbacks(cfg))
         if engine.is_main:  # only now: a refused resume must not replace the run's config
             (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(trainer.config_dict()))

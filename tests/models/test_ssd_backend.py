@@ -73,9 +73,10 @@ def test_the_backend_is_not_exported_to_hugging_face():
     assert falcon_h1_hf.from_hf_config(config, source="config.json") == tiny()
 
 
-def test_a_checkpoint_run_record_leaves_the_backend_out_so_resume_may_change_it():
+def test_a_checkpoint_run_record_leaves_the_backend_out_so_resume_may_change_it(tmp_path):
     cfg = RunConfig()
     cfg.model = tiny(ssd_backend="torch")
-    record = run_section(cfg, global_batch=8)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    record = run_section(cfg, global_batch=8, data_folder=tmp_path, tokenizer=tmp_path / "tokenizer.json")
     assert "ssd_backend" not in record["model_config"]
     assert record["model_config"]["hidden_size"] == 128

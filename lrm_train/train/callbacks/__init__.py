@@ -24,6 +24,7 @@ from lrm_train.train.callbacks.sinks import MetricSinks
 from lrm_train.train.callbacks.speed import SpeedMonitor
 from lrm_train.train.callbacks.trajectories import Trajectories
 from lrm_train.train.config import RunConfig
+from lrm_train.utils import first_line
 
 __all__ = [
     "Callback",
@@ -46,7 +47,10 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         try:
             callback = instantiate(spec, _convert_="all")
         except Exception as e:  # noqa: BLE001 - an import error, a wrong argument: the user's config either way
-            raise ValueError(f"callbacks.{name}: cannot build it ({str(e).strip().splitlines()[0]})") from None
+            cause = e.__cause__ or e  # Hydra wraps the real error (a TypeError, an ImportError) in its own
+            raise ValueError(
+                f"callbacks.{name}: cannot build it ({type(cause).__name__}: {first_line(cause)})"
+            ) from None
         if not isinstance(callback, Callback):
             target = spec.get("_target_")
             raise ValueError(f"callbacks.{name}: {target} is not a lrm_train Callback")  # noqa: TRY004 - a config error

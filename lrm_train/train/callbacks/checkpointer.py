@@ -38,7 +38,7 @@ class Checkpointer(Callback):
         error = ""
         if trainer.engine.is_main:
             try:
-                save_checkpoint(path, model_state, state, trainer.state.step)
+                save_checkpoint(path, model_state, state, trainer.state.step, trainer.components.data.tokenizer_path)
                 if name is None:
                     prune_checkpoints(trainer.run_dir, self.keep_last)
             except OSError as e:  # a full disk, say: every rank must stop, not wait for rank 0 forever
@@ -49,6 +49,11 @@ class Checkpointer(Callback):
         self.last = path
         return path
 
+    def save_current(self, trainer) -> Path:
+        """The checkpoint of the step the run is at: the one just written or resumed from, or a new one."""
+        current = checkpoint_root(trainer.run_dir) / f"step_{trainer.state.step:08d}"
+        return current if self.last == current else self.save(trainer)
+
     def save_emergency(self, trainer) -> Path:
         """A checkpoint outside the regular series (``resume=auto`` never picks it): for inspection."""
         return self.save(trainer, name=f"emergency_step_{trainer.state.step:08d}")
@@ -58,7 +63,13 @@ class Checkpointer(Callback):
         if resume == "none":
             return
         if resume == "auto":
-            found = newest_loadable(trainer.run_dir)
+            try:
+                found = newest_loadable(trainer.run_dir)
+            except ValueError as e:  # starting over would overwrite those checkpoints and the run's metrics
+                raise ValueError(
+                    f"train.resume=auto: {e}; nothing was changed. "
+                    "To start over: train.resume=none (moves the old run aside) or another train.run_dir"
+                ) from None
             if found is None:
                 return
             path, model_state, state = found

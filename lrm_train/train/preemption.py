@@ -1,0 +1,50 @@
+"""A scheduler's stop signal, turned into a checkpoint at the next step boundary.
+
+Slurm sends SIGTERM on preemption and ``scancel`` (and SIGUSR1, or any signal, early when asked with ``--signal``),
+then SIGKILL after a grace period; torchrun passes a SIGTERM it receives on to its workers and kills them 30 s later.
+While the loop runs, ``StopSignals`` records such a signal instead of dying on it; after each step the ranks agree
+(one host-side max over ranks) whether any of them received one, and then every rank stops at the same step, so the
+collective checkpoint save can run. A second signal acts as it normally would.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+# What a stop request makes the process exit with: 128 + the signal, as a shell reports a process the signal ended,
+# so Slurm and wrappers that requeue on "killed by SIGTERM" (e.g. RequeueExit=143) treat a saved stop the same way.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving a checkpoint; ``exit_code`` is what the process should exit with."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While entered (on the main thread), SIGTERM and SIGUSR1 are recorded in ``received`` (0: none yet)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python handles signals on the main thread only
+            self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        return self
+
+    def _record(self, signum: int, _frame) -> None:
+        self.received = signum
+        self._restore()  # the next one is not deferred: a user who insists gets the usual behaviour
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *_exc) -> None:
+        self._restore()

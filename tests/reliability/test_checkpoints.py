@@ -1,0 +1,144 @@
+"""Fault cases of resuming: every checkpoint unreadable, or not this run's. Each is refused with one line naming the
+checkpoint and the cause, and the run directory is left byte for byte as it was (the log aside)."""
+
+import json
+import os
+
+import pytest
+import torch
+from harness import assert_refused, assert_untouched, run_main, snapshot
+from runs import as_args, overrides
+from safetensors.torch import load_file, save_file
+
+from lrm_train.train.__main__ import main as train_main
+from lrm_train.utils import sha256_file
+
+STEP_2, STEP_4 = "checkpoints/step_00000002", "checkpoints/step_00000004"
+
+
+def flip_bytes(path, offset=5000, count=4):
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def rehash(checkpoint):
+    """Make a tampered checkpoint's manifest agree with its files again (so the content itself is tested)."""
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    manifest["files"] = {name: sha256_file(checkpoint / name) for name in manifest["files"]}
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+def every_checkpoint_corrupt(run):
+    for step in (STEP_2, STEP_4):
+        flip_bytes(run / step / "model.safetensors")
+
+
+def only_checkpoint_without_manifest(run):
+    for name in os.listdir(run / STEP_2):
+        os.remove(run / STEP_2 / name)
+    os.rmdir(run / STEP_2)
+    os.remove(run / STEP_4 / "checkpoint.json")
+
+
+def weights_of_a_smaller_model(run):
+    path = run / STEP_4 / "model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith("layers.1.")}, path)
+    rehash(run / STEP_4)
+
+
+def state_pt_random_bytes(run):
+    (run / STEP_4 / "state.pt").write_bytes(os.urandom(4096))
+    rehash(run / STEP_4)
+
+
+def state_pt_that_runs_code(run):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {run}/PWNED",))
+
+    torch.save({"format": Payload()}, run / STEP_4 / "state.pt")
+    rehash(run / STEP_4)
+
+
+def manifest_not_json(run):
+    (run / STEP_4 / "checkpoint.json").write_text("{not json")
+
+
+def nothing(run):
+    pass
+
+
+CASES = {
+    # name: (fault, overrides, the line)
+    "N20 every checkpoint corrupt": (
+        every_checkpoint_corrupt,
+        {},
+        (
+            r"train.resume=auto: no checkpoint of \S+/checkpoints loads \(step_00000004: model.safetensors does not "
+            r"match its checksum .*; step_00000002: model.safetensors does not match .*\); nothing was changed. "
+            r"To start over: train.resume=none"
+        ),
+    ),
+    "N19 the only checkpoint lacks its manifest": (
+        only_checkpoint_without_manifest,
+        {},
+        r"no checkpoint of \S+ loads \(step_00000004: no checkpoint.json, so it is not a complete checkpoint\)",
+    ),
+    "K12 another seq_len": (
+        nothing,
+        {"data.seq_len": 16},
+        r"step_00000004: trained with data.seq_len=32, this run has 16",
+    ),
+    "K05 another depth": (
+        nothing,
+        {"model.num_hidden_layers": 3},
+        r"step_00000004: trained with model.num_hidden_layers=2, this run has 3",
+    ),
+    "K07 another optimizer": (
+        nothing,
+        {"optim": "muon"},
+        r"step_00000004: trained with optim=adamw, this run has optim=muon",
+    ),
+    "K11 another global batch": (
+        nothing,
+        {"train.micro_batch_size": 2},
+        r"step_00000004: global batch 4, this run has 2 .*adjust train.grad_accum",
+    ),
+    "K13 weights of another model": (
+        weights_of_a_smaller_model,
+        {"train.resume": STEP_4},
+        (
+            r"step_00000004: its weights were made for another model than the config it records \(\d+ tensors "
+            r"missing, e.g. layers.1.\S+\)$"
+        ),
+    ),
+    "K04b state.pt of random bytes": (
+        state_pt_random_bytes,
+        {"train.resume": STEP_4},
+        r"step_00000004: state.pt is not plain data \(.+\); it is refused on purpose",
+    ),
+    "K09 state.pt that would run code": (
+        state_pt_that_runs_code,
+        {"train.resume": STEP_4},
+        r"step_00000004: state.pt is not plain data \(.*unsupported GLOBAL.*\); it is refused on purpose",
+    ),
+    "K10 manifest not JSON": (manifest_not_json, {"train.resume": STEP_4}, r"checkpoint.json is unreadable"),
+    "K08 no such folder": (nothing, {"train.resume": "/nonexistent"}, r"train.resume=/nonexistent: no such checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_checkpoint_that_cannot_be_resumed_is_refused_and_nothing_is_touched(case, copy_of, data_root):
+    fault, extra, line = CASES[case]
+    run = copy_of()
+    fault(run)
+    if str(extra.get("train.resume", "")).startswith("checkpoints/"):
+        extra = {**extra, "train.resume": run / extra["train.resume"]}
+    before = snapshot(run)
+    argv = as_args(overrides(data_root, run, **{"train.max_steps": 6, "train.ckpt_every": 2, **extra}))
+    refusal = assert_refused(run_main(train_main, argv), line)
+    assert "weights_only" not in refusal  # we refuse on purpose; torch's advice to load unsafely is not ours
+    assert_untouched(before, ignore=("train_rank0.log",))
+    assert not (run / "PWNED").exists()
