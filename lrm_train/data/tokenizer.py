@@ -71,6 +71,8 @@ def _in_daemon_thread(work: Callable[[], None]) -> None:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"data.tokenizer: {path} is a folder, not a tokenizer.json file")
     if not path.is_file():
         raise FileNotFoundError(f"data.tokenizer: {path} does not exist")
     try:

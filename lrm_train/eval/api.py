@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from lrm_train.eval.model import LRMHarnessLM, default_device, load_for_eval
+from lrm_train.data import TokenData
+from lrm_train.eval.model import Loaded, LRMHarnessLM, default_device, load_for_eval
 from lrm_train.eval.scoring import run_harness, validation_bpb
 from lrm_train.eval.tasks import DEFAULT_TASKS
-from lrm_train.hf.tokenizer import run_data_folder
+from lrm_train.utils import sha256_file
 
 
 def evaluate_checkpoint(
@@ -20,33 +22,65 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     device: str | None = None,
     tokenizer: str | Path | None = None,
+    on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """``{"tasks": {task: {metric: value}}, "val_bpb": float | None, ...}`` for a checkpoint, run directory, model
     folder or HF folder. ``limit``: items per task (the first N; a float below 1 is a fraction). ``val_bpb``: bits
-    per byte on the run's validation windows, for checkpoints (whose run names its data); None otherwise."""
-    model, tokenizer_path = load_for_eval(path, tokenizer)
+    per byte on the validation windows of the data a checkpoint recorded; None (with ``val_bpb_unavailable`` saying
+    why) for a model folder or when that data is gone. ``on_progress``: called with the results so far after the
+    validation score and after each task (``tasks_done``, ``tasks_pending``)."""
+    return evaluate_loaded(load_for_eval(path, tokenizer), path, tasks, limit, batch_size, device, on_progress)
+
+
+def evaluate_loaded(
+    loaded: Loaded,
+    path: str | Path,
+    tasks=DEFAULT_TASKS,
+    limit: float | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """``evaluate_checkpoint`` of a model ``load_for_eval`` loaded from ``path``."""
     device = torch.device(device) if device else default_device()
-    model = model.to(device).eval()
-    lm = LRMHarnessLM(model=model, tokenizer=str(tokenizer_path), device=str(device), batch_size=batch_size)
-    scores = run_harness(lm, tasks, limit) if tasks else {}
-    return {
+    model = loaded.model.to(device).eval()
+    lm = LRMHarnessLM(model=model, tokenizer=str(loaded.tokenizer), device=str(device), batch_size=batch_size)
+    val_bpb, unavailable = _validation_bpb(lm, loaded)
+    results = {
         "path": str(path),
-        "tasks": scores,
+        "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
+        "tasks": {},
         "limit": limit,
-        "val_bpb": _run_validation_bpb(lm, path),
+        "val_bpb": val_bpb,
+        "val_bpb_unavailable": unavailable,
+        "tasks_done": [],
+        "tasks_pending": list(tasks),
     }
+    if on_progress:
+        on_progress(results)
+    # One task at a time, so that a failure (or a crash) keeps the scores of the tasks before it.
+    for task in tasks:
+        results["tasks"].update(run_harness(lm, [task], limit))
+        results["tasks_done"].append(results["tasks_pending"].pop(0))
+        if on_progress:
+            on_progress(results)
+    return results
 
 
-def _run_validation_bpb(lm: LRMHarnessLM, path: str | Path) -> float | None:
-    from lrm_train.train.checkpoint import MANIFEST, complete_checkpoints, load_resumable
-
-    path = Path(path)
-    if not (path / MANIFEST).exists():
-        found = complete_checkpoints(path)
-        if not found:
-            return None
-        path = found[-1]
-    run_config = load_resumable(path)[1]["run"]["config"]
-    config, folder = OmegaConf.create(run_config), run_data_folder(run_config)
+def _validation_bpb(lm: LRMHarnessLM, loaded: Loaded) -> tuple[float | None, str | None]:
+    """(bpb on the validation windows of the data the checkpoint was trained on, None) or (None, why not)."""
+    if loaded.run is None:
+        return None, "not a training checkpoint, so no training data is known"
+    data = loaded.run.get("data")
+    if data is None:
+        return None, f"checkpoint {loaded.checkpoint} was written before checkpoints recorded their data folder"
+    folder = Path(data["folder"])
+    try:
+        found = sha256_file(TokenData(folder, verify_checksums=False).tokenizer_path)
+    except (OSError, ValueError) as e:
+        return None, f"the run's data folder is not readable ({e})"
+    if found != data["tokenizer_sha256"]:
+        return None, f"{folder} holds another tokenizer than the one the checkpoint was trained with"
+    config = OmegaConf.create(loaded.run["config"])
     with lm.autocast():
-        return validation_bpb(lm.model, folder, config.data.seq_len, config.data.val_windows)
+        return validation_bpb(lm.model, folder, config.data.seq_len, config.data.val_windows), None

@@ -1,8 +1,9 @@
 """Our model inside lm-evaluation-harness: the ``lrm_train`` model (``--model lrm_train --model_args path=...``).
 
 ``path`` is a training checkpoint (``runs/<name>/checkpoints/step_*``, any engine), a run directory (its newest
-checkpoint), an lrm_train model folder or an exported Hugging Face folder. The tokenizer is the run's (named in the
-checkpoint's config), the one an HF export carries, or ``tokenizer=PATH`` (a tokenizer.json).
+checkpoint that verifies), an lrm_train model folder or an exported Hugging Face folder. The tokenizer is the copy a
+checkpoint carries (``tokenizer=PATH`` must be that same file), the one an HF export carries, or ``tokenizer=PATH``
+(a tokenizer.json).
 
 Scoring follows the harness's ``hf`` model: the same context/continuation split (``TemplateLM``), the same rolling
 windows, the end-of-document token as the prefix of an empty context; so the numbers compare with published ones.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lrm_train.data.tokenizer import eos_id, load_tokenizer
-from lrm_train.hf.tokenizer import run_tokenizer_path
+from lrm_train.hf.tokenizer import checkpoint_tokenizer
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
@@ -40,30 +42,46 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_for_eval(path: str | Path, tokenizer: str | Path | None = None) -> tuple[nn.Module, Path]:
-    """The model at ``path`` (see the module docstring) and its tokenizer.json."""
+class Loaded(NamedTuple):
+    model: nn.Module
+    tokenizer: Path  # its tokenizer.json
+    checkpoint: Path | None  # the training checkpoint it came from (a run directory's newest that verifies), if any
+    run: dict | None  # that checkpoint's ``run`` section: what it was trained as and on what data
+
+
+def load_for_eval(path: str | Path, tokenizer: str | Path | None = None) -> Loaded:
+    """The model at ``path`` (see the module docstring) and its tokenizer."""
     from lrm_train.hf.convert import import_hf
     from lrm_train.models.io import load_model
-    from lrm_train.train.checkpoint import MANIFEST, complete_checkpoints, load_resumable, model_from_checkpoint
+    from lrm_train.train.checkpoint import model_from_checkpoint
 
     path = Path(path)
+    given = Path(tokenizer) if tokenizer is not None else None
     if not path.exists():
         raise ValueError(f"path={path}: no such checkpoint, run directory or model folder")
-    if not (path / MANIFEST).exists() and complete_checkpoints(path):
-        path = complete_checkpoints(path)[-1]
-    if (path / MANIFEST).exists():
-        model = model_from_checkpoint(path)
-        found = run_tokenizer_path(load_resumable(path)[1]["run"]["config"], path) if tokenizer is None else None
-    elif (path / "config.json").exists():
-        is_hf = "model_type" in OmegaConf.load(path / "config.json")
-        model = import_hf(path) if is_hf else load_model(path)
-        found = path / "tokenizer.json" if (path / "tokenizer.json").exists() else None
-    else:
+    if found := _checkpoint_and_run(path):
+        checkpoint, run = found
+        tokenizer_path = checkpoint_tokenizer(checkpoint, run, given)  # settled (or refused) before the model is built
+        return Loaded(model_from_checkpoint(checkpoint), tokenizer_path, checkpoint, run)
+    if not (path / "config.json").exists():
         raise ValueError(f"path={path}: not a checkpoint, run directory, model folder or Hugging Face folder")
-    tokenizer_path = Path(tokenizer) if tokenizer is not None else found
+    is_hf = "model_type" in OmegaConf.load(path / "config.json")
+    model = import_hf(path) if is_hf else load_model(path)
+    tokenizer_path = given or (path / "tokenizer.json" if (path / "tokenizer.json").exists() else None)
     if tokenizer_path is None:
         raise ValueError(f"path={path}: it carries no tokenizer; pass tokenizer=PATH (a tokenizer.json)")
-    return model, tokenizer_path
+    return Loaded(model, tokenizer_path, None, None)
+
+
+def _checkpoint_and_run(path: Path) -> tuple[Path, dict] | None:
+    """The training checkpoint at ``path`` (for a run directory: its newest that verifies, a newer one that does not
+    skipped with a warning, as ``train.resume=auto`` does) and its ``run`` section; None for a model folder."""
+    from lrm_train.train.checkpoint import MANIFEST, load_resumable, newest_loadable
+
+    if (path / MANIFEST).exists():
+        return path, load_resumable(path)[1]["run"]
+    found = newest_loadable(path)
+    return (found[0], found[2]["run"]) if found else None
 
 
 @register_model("lrm_train")
@@ -91,7 +109,7 @@ class LRMHarnessLM(TemplateLM):
         if model is None:
             if path is None:
                 raise ValueError("model_args: path=... (a checkpoint, run directory, model or HF folder) is required")
-            model, tokenizer = load_for_eval(path, tokenizer)
+            model, tokenizer = load_for_eval(path, tokenizer)[:2]
         if tokenizer is None:
             raise ValueError("model_args: tokenizer=... (a tokenizer.json) is required")
         self._device = torch.device(device) if device else default_device()

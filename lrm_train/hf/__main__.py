@@ -1,8 +1,9 @@
 """``python -m lrm_train.hf import HF_DIR OUT_DIR [--placement ...]`` and ``... export SOURCE OUT_DIR``.
 
 SOURCE is an lrm_train model folder or a training checkpoint (``runs/<name>/checkpoints/step_*``). OUT_DIR may be
-missing or an empty folder; ``--overwrite`` replaces only a folder lrm_train wrote, never the source. An export carries
-the tokenizer (``AutoTokenizer`` loads it): a checkpoint's run's, or ``--tokenizer tokenizer.json``.
+missing or an empty folder, never inside a training checkpoint or a run's ``checkpoints/`` folder; ``--overwrite``
+replaces only a folder lrm_train wrote, never the source. An export carries the tokenizer (``AutoTokenizer`` loads it):
+the copy a checkpoint carries, or ``--tokenizer tokenizer.json`` (for a checkpoint it must be that same file).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 from pathlib import Path
 
 from lrm_train.hf.convert import export_hf, import_hf
-from lrm_train.hf.tokenizer import run_tokenizer_path
+from lrm_train.hf.outputs import check_outside_checkpoints
+from lrm_train.hf.tokenizer import checkpoint_tokenizer, tokenizer_argument
 from lrm_train.models.io import check_output_folder, load_model, save_model
 from lrm_train.nn import INITS, PLACEMENTS, LRMConfig
 from lrm_train.train.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     exp = commands.add_parser("export", help="model folder or checkpoint -> Hugging Face folder, multipliers folded")
     exp.add_argument("source")
     exp.add_argument("out_dir")
-    exp.add_argument("--tokenizer", help="tokenizer.json to carry (default: a checkpoint's run's)")
+    exp.add_argument("--tokenizer", help="tokenizer.json to carry (default: the one a checkpoint carries)")
     for command in (imp, exp):
         command.add_argument(
             "--overwrite", action="store_true", help="replace out_dir if lrm_train wrote it (a model folder or export)"
@@ -39,16 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     source = Path(args.hf_dir if args.command == "import" else args.source)
     try:
-        check_output_folder(args.out_dir, args.overwrite, sources=[source])  # before any loading
+        # Before any loading.
+        check_outside_checkpoints(args.out_dir, f"OUT_DIR {args.out_dir}")
+        check_output_folder(args.out_dir, args.overwrite, sources=[source])
         if args.command == "import":
             lrm = LRMConfig(placement=args.placement, init=args.init, lm_head_rows=args.lm_head_rows)
             save_model(import_hf(source, lrm), args.out_dir, args.overwrite, sources=[source])
         else:
-            tokenizer = args.tokenizer
+            tokenizer = tokenizer_argument(args.tokenizer, "--tokenizer") if args.tokenizer else None
             if (source / CHECKPOINT_MANIFEST).exists():
+                # The tokenizer is settled (or refused) before the model is built.
+                tokenizer = checkpoint_tokenizer(source, load_resumable(source)[1]["run"], tokenizer)
                 model = model_from_checkpoint(source)
-                if tokenizer is None:
-                    tokenizer = run_tokenizer_path(load_resumable(source)[1]["run"]["config"], source)
             else:
                 model = load_model(source)
             export_hf(model, args.out_dir, args.overwrite, sources=[source], tokenizer=tokenizer)

@@ -1,32 +1,46 @@
-"""The tokenizer files an export carries, and where a training run's tokenizer is."""
+"""The tokenizer files an export carries, and the tokenizer a training checkpoint was trained with."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from lrm_train.data import TokenData
 from lrm_train.data.tokenizer import EOS_CANDIDATES, load_tokenizer
+from lrm_train.train.checkpoint import TOKENIZER
+from lrm_train.utils import sha256_file
 
 
-def run_data_folder(run_config_yaml: str) -> Path:
-    """The prepared data folder of a training run (the one ``prepare`` made or reused for its data config)."""
-    from lrm_train.data.config import DataConfig
-    from lrm_train.data.prepare import load_corpus, output_key
+def tokenizer_argument(path: str | Path, key: str) -> Path:
+    """A tokenizer.json a user passed as ``key``: one line naming the key when it is missing or a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{key}={path}: a folder, not a tokenizer.json file")
+    if not path.is_file():
+        raise ValueError(f"{key}={path}: no such file")
+    return path
 
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(run_config_yaml).data))
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    return Path(cfg.out_root) / f"{cfg.name}-{output_key(cfg, load_corpus(cfg), tokenizer)}"
 
+def checkpoint_tokenizer(checkpoint: Path, run: dict, given: Path | None = None) -> Path:
+    """The tokenizer.json ``checkpoint`` (its ``run`` section) was trained with: the copy the checkpoint carries.
 
-def run_tokenizer_path(run_config_yaml: str, source: Path) -> Path:
-    """The tokenizer.json of a training run (``source``: its checkpoint, named in the error)."""
-    try:
-        return TokenData(run_data_folder(run_config_yaml), verify_checksums=False).tokenizer_path
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{source}: its run's data is not readable ({e}); pass the tokenizer's path") from None
+    Never looked up from the corpus: a corpus changed since, or prepared again, gives another tokenizer, and a model
+    paired with it decodes wrongly. ``given`` must be the same file (its sha256 is the one the run recorded); a
+    checkpoint written before checkpoints carried their tokenizer has no record, so there ``given`` is required.
+    """
+    recorded = (run.get("data") or {}).get("tokenizer_sha256")
+    if recorded is None:
+        if given is None:
+            raise ValueError(
+                f"checkpoint {checkpoint}: written before checkpoints carried their tokenizer; "
+                "pass the tokenizer.json it was trained with"
+            )
+        return given
+    if given is not None and sha256_file(given) != recorded:
+        raise ValueError(
+            f"{given} is not the tokenizer checkpoint {checkpoint} was trained with "
+            f"({checkpoint / TOKENIZER}, sha256 {recorded[:12]}...); refusing to pair them"
+        )
+    return checkpoint / TOKENIZER
 
 
 def hf_tokenizer_files(tokenizer_json: str | Path) -> dict[str, str]:

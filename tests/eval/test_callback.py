@@ -77,6 +77,8 @@ def test_the_cli_scores_the_checkpoint_as_the_loop_did(run, capsys):
     run_dir, records = run
     assert eval_main([str(run_dir), "tasks=arc_easy", "limit=3"]) == 0
     results = json.loads((run_dir / "eval" / "step_00000004.json").read_text())
+    assert results["checkpoint"] == str(run_dir / "checkpoints" / "step_00000004")
+    assert (results["tasks_done"], results["tasks_pending"]) == (["arc_easy"], [])
     assert results["tasks"]["arc_easy"]["acc"] == records[4]["eval/arc_easy/acc"]
     assert results["tasks"]["arc_easy"]["bpb"] == pytest.approx(records[4]["eval/arc_easy/bpb"], rel=1e-5)
     assert results["val_bpb"] > 0
