@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from lrm_train.config_compose import compose_schema
 from lrm_train.models import width_family
 from lrm_train.train.checkpoint import complete_checkpoints
-from lrm_train.train.loop import Interrupted
+from lrm_train.train.loop import CallbackFailed, Interrupted
+from lrm_train.train.preemption import Stopped
 
 
 def command_main(command: str, schema: type, run: Callable, doc: str, argv: list[str] | None = None) -> int:
@@ -38,7 +39,10 @@ def command_main(command: str, schema: type, run: Callable, doc: str, argv: list
     except Interrupted as e:
         print(f"error: {e}; run the same command again to go on", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
+    except Stopped as e:  # SIGTERM: the run in progress saved a checkpoint
+        print(f"stopped: {e}; run the same command again to go on", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, OSError, CallbackFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

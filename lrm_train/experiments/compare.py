@@ -54,7 +54,8 @@ from lrm_train.experiments.runner import (
 from lrm_train.models import FalconH1LM
 from lrm_train.optim import batch_fraction
 from lrm_train.train.checkpoint import complete_checkpoints
-from lrm_train.train.loop import Interrupted
+from lrm_train.train.loop import CallbackFailed, Interrupted
+from lrm_train.train.preemption import Stopped
 
 LAUNCHERS = ("local", "slurm")
 REPORT_MODES = ("after", "only")
@@ -756,7 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"error: {e}; run the same command again to go on", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
+    except Stopped as e:  # SIGTERM: the run in progress saved a checkpoint
+        print(f"stopped: {e}; run the same command again to go on", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, OSError, CallbackFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 import pytest
+from harness import assert_refused, assert_untouched, run_main, snapshot
+from runs import overrides
 
 from lrm_train.config_compose import compose_schema
 from lrm_train.experiments import abm, compare, coord_check, norm_sweep, runner, width_scaling
-from tests.reliability.harness import assert_refused, assert_untouched, run_main, snapshot
 
 COMMANDS = {
     "compare": compare.main,
@@ -192,3 +193,24 @@ def test_abm_takes_a_model_preset_as_the_trainer_does(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["model"]["num_hidden_layers"] == 8
     assert "embedding/1024x128" in {fit["shadow"] for fit in report["slopes"]}
+
+
+def test_sigterm_during_a_comparison_saves_the_run_in_progress_and_says_how_to_go_on(data_root, tmp_path):
+    train = {k: v for k, v in overrides(data_root, "unused").items() if k != "train.run_dir"}
+    train.update(
+        {"train.max_steps": 4, "+callbacks.term._target_": "faulty_callbacks.SignalAt", "+callbacks.term.at": 2}
+    )
+    argv = [
+        f"out_dir={tmp_path / 'cmp'}",
+        "train=" + json.dumps([f"{k}={v}" for k, v in train.items()]),
+        "optimizers=[adamw]",
+        "lr_points=1",
+        "seeds=[0]",
+    ]
+    outcome = run_main(compare.main, argv)
+    [kept] = (tmp_path / "cmp").glob("runs/*/checkpoints/step_00000002")
+    assert outcome.code == 143 and not outcome.escaped
+    assert outcome.stderr.splitlines()[-1] == (
+        f"stopped: SIGTERM at step 2; saved the checkpoint {kept} (run the same command to resume from it); "
+        "run the same command again to go on"
+    )
