@@ -1,6 +1,7 @@
 import shutil
 
 import pytest
+from faults import write_foreign_tokenizer
 from runs import as_args, overrides
 
 from lrm_train.train.__main__ import main as train_main
@@ -20,3 +21,8 @@ def copy_of(reference_run, tmp_path):
         return shutil.copytree(reference_run, tmp_path / name)
 
     return copy
+
+
+@pytest.fixture(scope="module")
+def foreign_tokenizer(tmp_path_factory):
+    return write_foreign_tokenizer(tmp_path_factory.mktemp("foreign") / "tokenizer.json")

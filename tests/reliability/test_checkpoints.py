@@ -1,38 +1,15 @@
 """Fault cases of resuming: every checkpoint unreadable, or not this run's. Each is refused with one line naming the
 checkpoint and the cause, and the run directory is left byte for byte as it was (the log aside)."""
 
-import json
 import os
 
 import pytest
 import torch
+from faults import STEP_2, STEP_4, every_checkpoint_corrupt, nothing, rehash, weights_of_a_smaller_model
 from harness import assert_refused, assert_untouched, run_main, snapshot
 from runs import as_args, overrides
-from safetensors.torch import load_file, save_file
 
 from lrm_train.train.__main__ import main as train_main
-from lrm_train.utils import sha256_file
-
-STEP_2, STEP_4 = "checkpoints/step_00000002", "checkpoints/step_00000004"
-
-
-def flip_bytes(path, offset=5000, count=4):
-    data = bytearray(path.read_bytes())
-    for i in range(offset, offset + count):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def rehash(checkpoint):
-    """Make a tampered checkpoint's manifest agree with its files again (so the content itself is tested)."""
-    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
-    manifest["files"] = {name: sha256_file(checkpoint / name) for name in manifest["files"]}
-    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
-
-
-def every_checkpoint_corrupt(run):
-    for step in (STEP_2, STEP_4):
-        flip_bytes(run / step / "model.safetensors")
 
 
 def only_checkpoint_without_manifest(run):
@@ -40,12 +17,6 @@ def only_checkpoint_without_manifest(run):
         os.remove(run / STEP_2 / name)
     os.rmdir(run / STEP_2)
     os.remove(run / STEP_4 / "checkpoint.json")
-
-
-def weights_of_a_smaller_model(run):
-    path = run / STEP_4 / "model.safetensors"
-    save_file({k: v for k, v in load_file(path).items() if not k.startswith("layers.1.")}, path)
-    rehash(run / STEP_4)
 
 
 def state_pt_random_bytes(run):
@@ -64,10 +35,6 @@ def state_pt_that_runs_code(run):
 
 def manifest_not_json(run):
     (run / STEP_4 / "checkpoint.json").write_text("{not json")
-
-
-def nothing(run):
-    pass
 
 
 CASES = {

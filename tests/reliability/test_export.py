@@ -8,54 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import (
+    STEP_4,
+    nothing,
+    weights_of_a_smaller_model,
+    written_before_checkpoints_carried_their_tokenizer,
+)
 from harness import assert_refused, assert_untouched, run_main, snapshot
 from runs import as_args, overrides
-from safetensors.torch import load_file, save_file
 
 from lrm_train.data.prepare import main as prepare_main
-from lrm_train.data.tokenizer import train_bpe
 from lrm_train.eval.__main__ import main as eval_main
 from lrm_train.hf.__main__ import main as hf_main
 from lrm_train.train.__main__ import main as train_main
 from lrm_train.utils import sha256_file
-
-STEP_4 = "checkpoints/step_00000004"
-
-
-def rehash(checkpoint):
-    """Make a tampered checkpoint's manifest agree with its files again (so the content itself is tested)."""
-    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
-    files = [name for name in manifest["files"] if (checkpoint / name).exists()]
-    manifest["files"] = {name: sha256_file(checkpoint / name) for name in files}
-    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
-
-
-def weights_of_a_smaller_model(run):
-    path = run / STEP_4 / "model.safetensors"
-    save_file({k: v for k, v in load_file(path).items() if not k.startswith("layers.1.")}, path)
-    rehash(run / STEP_4)
-
-
-def written_before_checkpoints_carried_their_tokenizer(run):
-    """step_4 as an lrm_train of before this change wrote it: no tokenizer.json, no ``run["data"]``."""
-    checkpoint = run / STEP_4
-    plain = torch.load(checkpoint / "state.pt", weights_only=True)
-    del plain["run"]["data"]
-    torch.save(plain, checkpoint / "state.pt")
-    (checkpoint / "tokenizer.json").unlink()
-    rehash(checkpoint)
-
-
-def nothing(run):
-    pass
-
-
-@pytest.fixture(scope="module")
-def foreign_tokenizer(tmp_path_factory):
-    """A valid tokenizer.json of the same size that is not the run's."""
-    path = tmp_path_factory.mktemp("foreign") / "tokenizer.json"
-    train_bpe(["an entirely different corpus, with other merges"] * 50, 512).save(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
