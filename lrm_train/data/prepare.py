@@ -215,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     if flags := [arg for arg in argv if arg.startswith("-")]:
         print(f"error: unknown option {flags[0]!r} (see --help)", file=sys.stderr)
         return 2
+    # A group of the trainer's (optim=muon): Hydra's own line does not say that prepare has only the data group.
+    if foreign := [
+        arg for arg in argv if "." not in arg.partition("=")[0] and arg[0] not in "+~" and arg[:5] != "data="
+    ]:
+        print(
+            f"error: config: {foreign[0]}: prepare takes data settings only (data=NAME, data.KEY=VALUE)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         cfg = compose(argv)
     except ValueError as e:

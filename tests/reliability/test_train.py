@@ -94,10 +94,22 @@ def test_a_user_callback_that_raises_stops_with_one_line_and_a_checkpoint_at_its
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
-def test_a_user_callback_with_a_wrong_argument_names_the_argument(data_root, tmp_path):
-    args = {"+callbacks.boom._target_": "faulty_callbacks.Boom", "+callbacks.boom.nosucharg": 1}
-    outcome = run_main(train_main, as_args(overrides(data_root, tmp_path, **args)))
-    assert_refused(outcome, r"callbacks.boom: cannot build it \(.*unexpected keyword argument 'nosucharg'")
+UNBUILDABLE_CALLBACKS = {
+    "N12 a wrong argument": (
+        {"+callbacks.boom._target_": "faulty_callbacks.Boom", "+callbacks.boom.nosucharg": 1},
+        r"callbacks.boom: cannot build it \(TypeError: .*unexpected keyword argument 'nosucharg'\)$",
+    ),
+    "N08 no such module": (
+        {"+callbacks.x._target_": "nonexistent.Class"},
+        r"callbacks.x: cannot build it \(ModuleNotFoundError: No module named 'nonexistent'\)$",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNBUILDABLE_CALLBACKS)
+def test_a_user_callback_that_cannot_be_built_names_the_cause(case, data_root, tmp_path):
+    args, line = UNBUILDABLE_CALLBACKS[case]
+    assert_refused(run_main(train_main, as_args(overrides(data_root, tmp_path, **args))), line)
 
 
 def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_for_requeue(data_root, tmp_path):

@@ -47,7 +47,9 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         try:
             callback = instantiate(spec, _convert_="all")
         except Exception as e:  # noqa: BLE001 - an import error, a wrong argument: the user's config either way
-            cause = e.__cause__ or e  # Hydra wraps the real error (a TypeError, an ImportError) in its own
+            cause = e
+            while cause.__cause__ is not None:  # Hydra wraps the real error (a TypeError, an ImportError) in its own
+                cause = cause.__cause__
             raise ValueError(
                 f"callbacks.{name}: cannot build it ({type(cause).__name__}: {first_line(cause)})"
             ) from None
