@@ -376,7 +376,9 @@ def add_downstream(cfg: CompareConfig, table: dict, summary: dict) -> list[str]:
     return sorted(names)
 
 
-def _edge_words(rows: list[dict]) -> str:
+def _edge_words(rows: list[dict], lr_points: int) -> str:
+    if lr_points == 1:  # no grid to lie inside
+        return "**One LR per arm** (`lr_points=1`): whether it is the best LR is not known; the gap is at that LR."
     edge = [f"{r['arm']} ({r['optimizer']})" for r in rows if r["best_at_grid_edge"]]
     unfinished = [f"{r['arm']} ({r['optimizer']})" for r in rows if not r["grid_finished"]]
     words = []
@@ -646,7 +648,7 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
             "carries the 0.5B model's) part of a gap in LRM's favour is what tuning them would have bought."
         ),
         "\n".join(_gap_words(row, cfg.baseline) for row in summary["rows"] if "gap" in row),
-        _edge_words(summary["rows"]),
+        _edge_words(summary["rows"], cfg.lr_points),
         "## Figures",
         (
             f"![validation loss]({figures['val_loss']})\n\nValidation loss against tokens for each arm at its best LR "

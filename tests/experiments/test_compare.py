@@ -281,3 +281,11 @@ def test_downstream_scores_become_columns_of_the_table(data_root, finished, tmp_
         assert row["downstream"] == {"hellaswag/acc": 0.25 + len(str(path)) % 7 / 100}
     assert "hellaswag/acc |" in (out / "report.md").read_text()
     assert main(args) == 0 and len(scored) == 2  # cached beside the run: not scored again
+
+
+def test_a_one_point_grid_does_not_claim_its_lr_is_inside_the_grid():
+    from lrm_train.experiments.compare import _edge_words
+
+    row = dict(arm="lrm", optimizer="adamw", best_at_grid_edge=False, grid_finished=True)
+    assert _edge_words([row], lr_points=1).startswith("**One LR per arm**")
+    assert _edge_words([row], lr_points=3) == "Every best LR lies inside its grid."
