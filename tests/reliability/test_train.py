@@ -112,16 +112,17 @@ def test_a_user_callback_that_cannot_be_built_names_the_cause(case, data_root, t
     assert_refused(run_main(train_main, as_args(overrides(data_root, tmp_path, **args))), line)
 
 
-def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_for_requeue(data_root, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_a_checkpoint_at_the_step_boundary_and_exits_for_requeue(signum, data_root, tmp_path):
     base = overrides(data_root, tmp_path / "whole", **{"train.max_steps": 6, "train.ckpt_every": 4})
     assert train_main(as_args(base)) == 0
     split = {**base, "train.run_dir": tmp_path / "split"}
-    sigterm = {"+callbacks.term._target_": "faulty_callbacks.SignalAt", "+callbacks.term.at": 3}
-    outcome = run_main(train_main, as_args({**split, **sigterm}))
+    stop = {"+callbacks.stop._target_": "faulty_callbacks.SignalAt", "+callbacks.stop.at": 3}
+    outcome = run_main(train_main, as_args({**split, **stop, "+callbacks.stop.signum": int(signum)}))
     kept = tmp_path / "split" / "checkpoints" / "step_00000003"
-    assert outcome.code == 128 + signal.SIGTERM and not outcome.escaped
+    assert outcome.code == 128 + signum and not outcome.escaped
     assert outcome.stderr.splitlines()[-1] == (
-        f"stopped: SIGTERM at step 3; saved the checkpoint {kept} (run the same command to resume from it)"
+        f"stopped: {signum.name} at step 3; saved the checkpoint {kept} (run the same command to resume from it)"
     )
     assert train_main(as_args(split)) == 0
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
