@@ -104,7 +104,7 @@ def test_resume_auto_skips_a_newest_checkpoint_that_fails_verification(data_root
     (newest / "tensors.safetensors").write_bytes(b"torn")
     train(run_config(data_root, tmp_path / "run"))
     log = (tmp_path / "run" / "train_rank0.log").read_text()
-    assert f"skipping {newest}: checkpoint {newest}: tensors.safetensors does not match its checksum" in log
+    assert f"skipping checkpoint {newest}: tensors.safetensors does not match its checksum" in log
     assert f"resumed from {newest.parent / 'step_00000004'} at step 4" in log
     assert losses(tmp_path / "run") == reference
 

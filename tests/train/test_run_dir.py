@@ -59,9 +59,10 @@ def test_a_run_dir_that_is_a_file_or_unwritable_is_one_line(data_root, tmp_path,
 
 def test_temporaries_of_interrupted_saves_are_removed_at_start(data_root, tmp_path):
     host = os.uname().nodename
+    train(run_config(data_root, tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 2}))  # a run to resume
     dead = checkpoint_root(tmp_path) / f".tmp-step_00000004@{host}-999999999-0123abcd"
     live = checkpoint_root(tmp_path) / f".tmp-step_00000004@{host}-{os.getpid()}-0123abcd"
     for folder in (dead, live):
         folder.mkdir(parents=True)
-    train(run_config(data_root, tmp_path, **{"train.max_steps": 2}))
+    train(run_config(data_root, tmp_path, **{"train.max_steps": 3}))
     assert not dead.exists() and live.exists()
