@@ -77,8 +77,8 @@ class LocalProcess:
     def all_gather_object(self, obj) -> list:
         return [obj]
 
-    def max_over_ranks(self, value: int) -> int:
-        return value
+    def max_over_ranks(self, values: list[int]) -> list[int]:
+        return [int(v) for v in values]
 
     def barrier(self) -> None:
         pass
@@ -109,10 +109,10 @@ class LaunchedProcessGroup:
         dist.all_gather_object(out, obj)
         return out
 
-    def max_over_ranks(self, value: int) -> int:
-        tensor = torch.tensor([value])
+    def max_over_ranks(self, values: list[int]) -> list[int]:
+        tensor = torch.tensor([int(v) for v in values])
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group)
-        return int(tensor)
+        return tensor.tolist()
 
     def barrier(self) -> None:
         dist.barrier()
@@ -168,9 +168,9 @@ class Engine:
     def all_gather_object(self, obj) -> list:
         return self.group.all_gather_object(obj)
 
-    def max_over_ranks(self, value: int) -> int:
-        """The largest of every rank's ``value`` (host integers, no device sync)."""
-        return self.group.max_over_ranks(value)
+    def max_over_ranks(self, values: list[int]) -> list[int]:
+        """Each of ``values`` (host integers or bools) maxed over the ranks: one host-side collective, no device sync."""
+        return self.group.max_over_ranks(values)
 
     def barrier(self) -> None:
         self.group.barrier()

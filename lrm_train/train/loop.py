@@ -221,12 +221,16 @@ class Trainer:
     def fit(self) -> None:
         t = self.cfg.train
         try:
-            self.run_hooks("on_start")
+            if failure := self.run_hooks("on_start"):
+                raise failure
             with StopSignals() as stop_signals:
                 while self.state.step < t.max_steps:
                     step = self.train_step()
-                    self.run_hooks("on_step", step)
-                    signum = self.engine.max_over_ranks(stop_signals.received)  # every rank stops at the same step
+                    failure = self.run_hooks("on_step", step)
+                    # Every rank stops at the same step (the checkpoint save that follows is collective).
+                    any_failed, signum = self.engine.max_over_ranks([failure is not None, stop_signals.received])
+                    if any_failed:
+                        raise failure or CallbackFailed(f"a callback failed at step {step.step} on another rank")
                     if signum and not step.last:
                         raise Stopped(
                             f"{signal.Signals(signum).name} at step {self.state.step}; saved the checkpoint "
@@ -253,17 +257,15 @@ class Trainer:
             self.failed = True
             raise
         finally:
-            try:
-                self.run_hooks("on_end")
-            except CallbackFailed as e:
+            if failure := self.run_hooks("on_end"):
                 if not self.failed:
-                    raise
-                log.warning("%s", e)  # the run's own failure is the one to report
+                    raise failure
+                log.warning("%s", failure)  # the run's own failure is the one to report
 
-    def run_hooks(self, hook: str, *args) -> None:
+    def run_hooks(self, hook: str, *args) -> CallbackFailed | None:
         """Call ``hook`` on every callback in order. One that fails does not keep the others from running (so a step's
-        metrics are still written); the first failure is then raised as ``CallbackFailed``, naming the callback.
-        The trainer's own failures (non-finite steps, a checkpoint that cannot be written) pass through as they are."""
+        metrics are still written); the first failure is returned as ``CallbackFailed``, naming the callback.
+        The trainer's own failures (non-finite steps, a checkpoint that cannot be written) are raised as they are."""
         failure = None
         for callback in self.callbacks:
             try:
@@ -277,8 +279,7 @@ class Trainer:
                 failure = failure or CallbackFailed(
                     f"callbacks.{callback.name} failed {when} ({type(e).__name__}: {first_line(e)})"
                 )
-        if failure is not None:
-            raise failure
+        return failure
 
     @staticmethod
     def _kept(checkpoint: Path | None) -> str:

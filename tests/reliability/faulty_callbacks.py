@@ -7,13 +7,13 @@ from lrm_train.train.callbacks import Callback
 
 
 class Boom(Callback):
-    """Raises ``ZeroDivisionError`` in ``on_step`` at step ``at``."""
+    """Raises ``ZeroDivisionError`` in ``on_step`` at step ``at`` (on rank ``rank`` only, when given)."""
 
-    def __init__(self, at: int) -> None:
-        self.at = at
+    def __init__(self, at: int, rank: int | None = None) -> None:
+        self.at, self.rank = at, rank
 
     def on_step(self, trainer, step) -> None:
-        if step.step == self.at:
+        if step.step == self.at and self.rank in (None, trainer.engine.rank):
             1 / 0  # noqa: B018 - the fault under test
 
 

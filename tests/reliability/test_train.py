@@ -94,6 +94,24 @@ def test_a_user_callback_that_raises_stops_with_one_line_and_a_checkpoint_at_its
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
+def test_a_callback_failing_on_one_rank_stops_every_rank_at_that_step_with_its_checkpoint(data_root, tmp_path):
+    run = overrides(data_root, tmp_path, **{"dist.name": "ddp", "train.max_steps": 8, "train.micro_batch_size": 2})
+    boom = {"+callbacks.boom._target_": "faulty_callbacks.Boom", "+callbacks.boom.at": 3, "+callbacks.boom.rank": 1}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "lrm_train.train"]
+    done = subprocess.run([*launcher, *as_args({**run, **boom})], capture_output=True, text=True, env=env, timeout=240)
+    kept = tmp_path / "checkpoints" / "step_00000003"
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and kept.is_dir()  # both ranks took part in the save: no hang, no lost step
+    assert (
+        f"error: callbacks.boom failed at step 3 (ZeroDivisionError: division by zero); kept the checkpoint {kept}"
+        in ("\n".join(lines))
+    )
+    assert any(
+        line.startswith("error: a callback failed at step 3 on another rank; kept the checkpoint") for line in lines
+    )
+
+
 UNBUILDABLE_CALLBACKS = {
     "N12 a wrong argument": (
         {"+callbacks.boom._target_": "faulty_callbacks.Boom", "+callbacks.boom.nosucharg": 1},
