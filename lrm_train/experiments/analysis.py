@@ -14,10 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from lrm_train.config_compose import compose_schema
+from lrm_train.experiments.runner import exit_status
 from lrm_train.models import width_family
 from lrm_train.train.checkpoint import complete_checkpoints
-from lrm_train.train.loop import CallbackFailed, Interrupted
-from lrm_train.train.preemption import Stopped
 
 
 def command_main(command: str, schema: type, run: Callable, doc: str, argv: list[str] | None = None) -> int:
@@ -34,18 +33,7 @@ def command_main(command: str, schema: type, run: Callable, doc: str, argv: list
     if flags:  # Hydra would read one as an override and say something about its grammar instead
         print(f"error: unknown option {flags[0]!r} (see --help)", file=sys.stderr)
         return 2
-    try:
-        run(compose_schema(command, schema, argv))
-    except Interrupted as e:
-        print(f"error: {e}; run the same command again to go on", file=sys.stderr)
-        return 130
-    except Stopped as e:  # SIGTERM: the run in progress saved a checkpoint
-        print(f"stopped: {e}; run the same command again to go on", file=sys.stderr)
-        return e.exit_code
-    except (ValueError, OSError, CallbackFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(compose_schema(command, schema, argv)))
 
 
 def check_width_sweep(widths: list[int], layers: int, head_dim: int, fit: str) -> None:

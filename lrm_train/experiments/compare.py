@@ -45,6 +45,7 @@ from lrm_train.experiments.runner import (
     RunSpec,
     SlurmConfig,
     create_out_dir,
+    exit_status,
     make_run,
     python_command,
     run_local,
@@ -54,8 +55,6 @@ from lrm_train.experiments.runner import (
 from lrm_train.models import FalconH1LM
 from lrm_train.optim import batch_fraction
 from lrm_train.train.checkpoint import complete_checkpoints
-from lrm_train.train.loop import CallbackFailed, Interrupted
-from lrm_train.train.preemption import Stopped
 
 LAUNCHERS = ("local", "slurm")
 REPORT_MODES = ("after", "only")
@@ -747,28 +746,18 @@ def main(argv: list[str] | None = None) -> int:
     if flags:
         print(estimate(cfg, runs, ASSUMED_MFU))
         return 0
-    try:
+
+    def work() -> None:
         if cfg.report == "after":
             create_out_dir(cfg.out_dir)
             if cfg.launcher == "slurm":
                 report = python_command("lrm_train.experiments.compare", [*argv, "report=only", "launcher=local"])
                 submit_slurm(runs, cfg.slurm, report)
-                return 0
+                return
             run_local(runs, cfg.nproc)
         print(f"report: {build_report(cfg, runs)}")
-    except Interrupted as e:
-        print(f"error: {e}; run the same command again to go on", file=sys.stderr)
-        return 130
-    except Stopped as e:  # SIGTERM: the run in progress saved a checkpoint
-        print(f"stopped: {e}; run the same command again to go on", file=sys.stderr)
-        return e.exit_code
-    except (ValueError, OSError, CallbackFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return exit_status(work)
 
 
 if __name__ == "__main__":

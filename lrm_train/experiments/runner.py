@@ -21,6 +21,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import torch
 
 from lrm_train.train import RunConfig, compose, train
 from lrm_train.train.checkpoint import checkpoint_root, complete_checkpoints
+from lrm_train.train.loop import CallbackFailed, Interrupted
+from lrm_train.train.preemption import Stopped
 
 FINISHED, DIVERGED, PENDING = "finished", "diverged", "pending"
 SLURM_JOB_FILE = "slurm_job_id"  # in a run directory: the job that trains it
@@ -67,6 +70,28 @@ def create_out_dir(out_dir: str | Path) -> Path:
     if not os.access(path, os.W_OK):  # an existing folder on a read-only mount (also for root)
         raise ValueError(f"out_dir={out_dir}: cannot write there")
     return path
+
+
+def exit_status(work: Callable[[], object]) -> int:
+    """Run an experiment's ``work``; return its exit status, with what stopped it as one line: Ctrl-C (130), a stop
+    signal after the run in progress saved its checkpoint (128 + signal), bad input, a failing callback or the OS
+    (2), a run that failed (1). Each says to run the same command again where that goes on."""
+    again = "run the same command again to go on"
+    try:
+        work()
+    except Interrupted as e:
+        print(f"error: {e}; {again}", file=sys.stderr)
+        return 130
+    except Stopped as e:
+        print(f"stopped: {e}; {again}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, OSError, CallbackFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_status(run: RunSpec) -> str:
