@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -123,7 +122,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
         raise ValueError(f"checkpoint {path}: refusing to load it ({_first_line(e)})") from None
     try:
         plain = torch.load(path / "state.pt", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - bytes that are not a pickle fail anywhere in the unpickler (IndexError, ...)
         raise ValueError(
             f"checkpoint {path}: state.pt is not plain data ({_unpickling_reason(e)}); it is refused on purpose, "
             "since loading anything else could run code"

@@ -2,6 +2,7 @@
 checkpoint and the cause, and the run directory is left byte for byte as it was (the log aside)."""
 
 import os
+import random
 
 import pytest
 import torch
@@ -19,9 +20,15 @@ def only_checkpoint_without_manifest(run):
     os.remove(run / STEP_4 / "checkpoint.json")
 
 
-def state_pt_random_bytes(run):
-    (run / STEP_4 / "state.pt").write_bytes(os.urandom(4096))
-    rehash(run / STEP_4)
+def state_pt_random_bytes(seed):
+    """Bytes that are no pickle; torch's unpickler fails on them with UnpicklingError, IndexError, KeyError or
+    UnicodeDecodeError depending on the bytes (seeds 0, 2, 20, 195)."""
+
+    def fault(run):
+        (run / STEP_4 / "state.pt").write_bytes(random.Random(seed).randbytes(4096))
+        rehash(run / STEP_4)
+
+    return fault
 
 
 def state_pt_that_runs_code(run):
@@ -81,11 +88,14 @@ CASES = {
             r"missing, e.g. layers.1.\S+\)$"
         ),
     ),
-    "K04b state.pt of random bytes": (
-        state_pt_random_bytes,
-        {"train.resume": STEP_4},
-        r"step_00000004: state.pt is not plain data \(.+\); it is refused on purpose",
-    ),
+    **{
+        f"K04b state.pt of random bytes ({seed})": (
+            state_pt_random_bytes(seed),
+            {"train.resume": STEP_4},
+            r"step_00000004: state.pt is not plain data \(.+\); it is refused on purpose",
+        )
+        for seed in (0, 2, 20, 195)
+    },
     "K09 state.pt that would run code": (
         state_pt_that_runs_code,
         {"train.resume": STEP_4},
