@@ -67,15 +67,19 @@ def wrap_layers(
     """The per-layer options of ``train``, applied once to the built model (the layers' code knows nothing of them).
 
     ``activation_checkpointing``: a layer keeps only its input for backward and runs its forward again there
-    (non-reentrant ``torch.utils.checkpoint``). ``compile``: each decoder layer is compiled by ``torch.compile``, not
-    the whole model: the LM head's loop over chunks and the embedding stay eager, and the Triton SSD scan is a custom
-    op the graphs call as one opaque op. The parameters keep their names either way (checkpoints do not change).
+    (non-reentrant ``torch.utils.checkpoint``). ``compile``: each decoder layer's forward is compiled by
+    ``torch.compile``, not the whole model: the LM head's loop over chunks and the embedding stay eager, and the Triton
+    SSD scan is a custom op the graphs call as one opaque op. With both, the checkpoint wraps the compiled forward:
+    compiling around the checkpoint compiles nothing (dynamo skips the module call and ``checkpoint`` disables it),
+    silently. The parameters keep their names either way (checkpoints do not change).
     """
     for layer in layers:
-        if activation_checkpointing:
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        forward = layer.forward
         if compile:
-            layer.compile(backend=compile_backend)
+            forward = torch.compile(forward, backend=compile_backend)
+        if activation_checkpointing:
+            forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        layer.forward = forward
 
 
 def build(cfg: RunConfig, engine: Engine) -> Components:
