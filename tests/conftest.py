@@ -6,14 +6,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import re
+
 import pytest
 import torch
 
-# Without a GPU, Triton code runs in its interpreter (tests/models/test_ssd_triton.py). The switch is read when triton
-# itself is first imported - by any test's imports (DeepSpeed, torch.compile), not only ours - so it is set here,
-# before any of them; on a CUDA machine the kernels run compiled.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def pytest_configure(config):
+    # The CPU suite hides any GPU from itself and its subprocesses (before CUDA is first asked about), so it is the same
+    # suite on a GPU machine; `make test-gpu` (-m gpu) selects the GPU suite and leaves the devices alone.
+    if not re.search(r"(?<!not )\bgpu\b", config.getoption("markexpr") or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # Without a GPU, Triton code runs in its interpreter (tests/models/test_ssd_triton.py). The switch is read when
+    # triton itself is first imported - by any test's imports (DeepSpeed, torch.compile), not only ours - so it is set
+    # here, before collection imports any of them; on a CUDA machine the kernels run compiled.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
