@@ -81,7 +81,9 @@ class TokenData:
 def _windows(split: TokenSplit, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = np.stack([split.read(int(s), seq_len + 1) for s in starts]).astype(np.int64)
     tokens = torch.from_numpy(rows)
-    return tokens[:, :-1], tokens[:, 1:]
+    # Contiguous copies, not views: a pinned tensor keeps its strides, and a strided source makes the non_blocking
+    # copy to the GPU stage through pageable memory (a host sync), which is what pinning is meant to avoid.
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
 class BatchLoader:

@@ -17,6 +17,8 @@ def test_windows_are_inputs_and_shifted_targets(prepared):
     it = loader(prepared, global_batch=64, prefetch=0)
     inputs, targets = it.batch(0)
     assert inputs.shape == targets.shape == (64, 16) and inputs.dtype == torch.int64
+    # Contiguous: a pinned view with strides would make .to(cuda, non_blocking=True) stage through pageable memory.
+    assert inputs.is_contiguous() and targets.is_contiguous()
     stream = torch.from_numpy(data.splits["train"].read(0, data.splits["train"].num_tokens).astype(np.int64))
     for window, x, y in zip(it.window_ids(0), inputs, targets):  # windows that cross shard boundaries included
         assert torch.equal(x, stream[window * 16 : window * 16 + 16])
