@@ -5,8 +5,8 @@ whole run. The kernel drops the lock when the process dies, so a crashed run nev
 
 It also holds one run at a time. A run that starts from step 0 (``train.resume=none``, or ``auto`` with no checkpoint
 folder to resume) in a directory holding another run's files moves all of them - checkpoints, metrics, config, logs,
-the W&B run and its id - into ``previous_runs/<NNN>_<time>/`` first and says so: two runs' records never interleave, the
-next launch cannot resume the other run's checkpoint, and nothing is deleted.
+the W&B run and its id - into ``previous_runs/<NNN>_<time>/`` first and says so: two runs' records never interleave,
+the next launch cannot resume the other run's checkpoint, and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ class RunDirectory:
         return resume == "none" or (resume == "auto" and not regular_checkpoint_folders(self.path))
 
     def _move_previous_run(self) -> Path | None:
-        """Move another run's files into ``previous_runs/<NNN>_<time>/``; None when there are none (logs alone are not a run:
-        a refused start leaves only its log)."""
+        """Move another run's files into ``previous_runs/<NNN>_<time>/``; None when there are none (logs alone are not
+        a run: a refused start leaves only its log)."""
         entries = [p for p in self.path.iterdir() if p.name not in (LOCK_FILE, PREVIOUS_RUNS)]
         if all(p.name.startswith("train_rank") and p.suffix == ".log" for p in entries):
             return None
