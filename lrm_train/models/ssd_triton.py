@@ -8,11 +8,11 @@ mamba_ssm's kernels. Per chunk of ``chunk_size`` steps and head, with ``s`` the 
     chunk scan     y_l       = sum_{s<=l} (C_l . B_s) exp(s_l - s_s) dt_s x_s + exp(s_l) S_in C_l + D x_l
 
 The scans work on blocks of 64 positions of a chunk and skip the blocks above its diagonal. The backward recomputes
-the states instead of storing them, then runs the same three steps in reverse. Matmul
-operands are in the inputs' dtype (bf16 under autocast: tensor cores) and every sum accumulates in float32; the
-states between chunks are float32. The heads of a group share one B and one C: kernels index B/C by group, and the
-B/C gradients are summed over the group's heads inside one program, so nothing is repeated per head. Sequences of
-any length are masked, never padded.
+the states instead of storing them, then runs the same three steps in reverse. Matmul operands are in the inputs'
+dtype (bf16 under autocast: tensor cores; float32 in the backward's GRAD_ROWS pass, see ``GRAD_ROWS_DOT_DTYPE``) and
+every sum accumulates in float32; the states between chunks are float32. The heads of a group share one B and one C:
+kernels index B/C by group, and the B/C gradients are summed over the group's heads inside one program, so nothing is
+repeated per head. Sequences of any length are masked, never padded.
 
 The kernels need CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` is set before this module is imported
 (how the tests run them).
@@ -25,10 +25,21 @@ import triton
 import triton.language as tl
 
 INTERPRETED = triton.knobs.runtime.interpret
+# Under the interpreter matmul operands are float32: triton 3.9's interpreter multiplies bf16 as raw integers (and
+# truncates float32 -> bf16). tests/models/bf16_interpreter.py patches it to a GPU's bf16 arithmetic and sets this,
+# so that the CPU tests also run the bf16 operands the kernels use on CUDA.
+INTERPRETER_HALF_DOTS = False
 _HALF_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # float32 matmuls on tensor cores keep float32 accuracy with three tf32 products (bf16/fp16 operands ignore this).
 FP32_PRECISION = tl.constexpr("tf32x3")
-# The scans work on 64-position blocks: with 8 warps their bf16 kernels compile for sm_90 without register spills.
+# The backward's GRAD_ROWS pass multiplies in float32 whatever the inputs. The gradient of a cumulative decay s_l is
+# its row terms (dy_l . y_l, this pass) minus its column terms (backward_x and the state passing, from float32
+# weights and states), which cancel pairwise; rounding only the row side's weights and states to bf16 leaves a residue
+# that the reverse cumsum over the chunk sums up: dA and the summed ddt came out 5-30% off with CUDA's bf16 arithmetic
+# (emulated: tests/models/bf16_interpreter.py). On tensor cores float32 dots are tf32x3 (FP32_PRECISION), as accurate
+# as float32 here; the pass then spills 168 bytes on sm_90 (ssd_triton_check).
+GRAD_ROWS_DOT_DTYPE = tl.float32
+# The scans work on 64-position blocks: with 8 warps their bf16 kernels compile for sm_90 with few register spills.
 SCAN_WARPS = 8
 
 
@@ -432,9 +443,10 @@ class _Shape:
         self.row_blocks = triton.cdiv(chunk_size, self.block_m)
         self.block_p = _block(self.head_dim)
         self.block_n = _block(self.d_state, cap=64)
-        # Matmul operands: bf16/fp16 as given; anything else, and everything under the interpreter (whose tl.dot
-        # multiplies bf16 as raw integers in triton 3.9), as float32.
-        self.dot_dtype = tl.float32 if INTERPRETED else _HALF_DTYPES.get(x.dtype, tl.float32)
+        # Matmul operands: bf16/fp16 as given; anything else, and everything under the plain interpreter (see
+        # INTERPRETER_HALF_DOTS), as float32.
+        half_dots = not INTERPRETED or INTERPRETER_HALF_DOTS
+        self.dot_dtype = _HALF_DTYPES.get(x.dtype, tl.float32) if half_dots else tl.float32
         self.sizes = (self.chunks, chunk_size, self.head_dim, self.d_state)
 
     def states_buffer(self, device: torch.device) -> torch.Tensor:
@@ -493,7 +505,7 @@ def _chunk_scan(x, dt, B, C, D, s, states, shape: _Shape, out, out_strides, grad
         x, dt, B, C, D, s, states, out, out, grad_rows,
         shape.length, shape.heads, shape.heads_per_group, *shape.sizes, shape.row_blocks,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *out_strides,
-        GRAD_ROWS=grad_rows is not None, DOT_DTYPE=shape.dot_dtype,
+        GRAD_ROWS=grad_rows is not None, DOT_DTYPE=shape.dot_dtype if grad_rows is None else GRAD_ROWS_DOT_DTYPE,
         BLOCK_M=shape.block_m, BLOCK_P=block_p, BLOCK_N=shape.block_n, num_warps=SCAN_WARPS,
     )  # fmt: skip
 

@@ -33,6 +33,7 @@ _INPUTS = ("x_ptr", "B_ptr", "C_ptr", "dy_ptr", "dx_ptr", "y_ptr", "dB_ptr", "dC
 def kernel_launches(shape: ssd_triton._Shape) -> list[tuple[str, dict, int]]:
     """(kernel name, its constexprs, num_warps) as ``ssd_scan`` and its backward launch them for this shape."""
     tiles = dict(DOT_DTYPE=shape.dot_dtype, BLOCK_M=shape.block_m, BLOCK_N=shape.block_n)
+    grad_rows_tiles = tiles | dict(DOT_DTYPE=ssd_triton.GRAD_ROWS_DOT_DTYPE)  # the backward's GRAD_ROWS pass
     chunk = dict(DOT_DTYPE=shape.dot_dtype, BLOCK_L=shape.block_l, BLOCK_P=ssd_triton._block(shape.head_dim, cap=64))
     state_block = dict(BLOCK=min(1024, triton.next_power_of_2(shape.head_dim * shape.d_state)))
     warps = ssd_triton.SCAN_WARPS
@@ -42,7 +43,7 @@ def kernel_launches(shape: ssd_triton._Shape) -> list[tuple[str, dict, int]]:
         ("_state_passing_kernel", state_block, 4),
         ("_state_passing_backward_kernel", state_block, 4),
         ("_chunk_scan_kernel", dict(GRAD_ROWS=False, BLOCK_P=chunk["BLOCK_P"], **tiles), warps),
-        ("_chunk_scan_kernel", dict(GRAD_ROWS=True, BLOCK_P=shape.block_p, **tiles), warps),
+        ("_chunk_scan_kernel", dict(GRAD_ROWS=True, BLOCK_P=shape.block_p, **grad_rows_tiles), warps),
         ("_chunk_scan_backward_x_kernel", dict(BLOCK_P=shape.block_p, **tiles), warps),
         ("_chunk_scan_backward_c_kernel", dict(BLOCK_P=shape.block_p, **tiles), warps),
         ("_chunk_scan_backward_b_kernel", dict(BLOCK_P=shape.block_p, **tiles), warps),
