@@ -289,3 +289,8 @@ def test_a_one_point_grid_does_not_claim_its_lr_is_inside_the_grid():
     row = dict(arm="lrm", optimizer="adamw", best_at_grid_edge=False, grid_finished=True)
     assert _edge_words([row], lr_points=1).startswith("**One LR per arm**")
     assert _edge_words([row], lr_points=3) == "Every best LR lies inside its grid."
+
+
+def test_the_gpu_scale_comparison_compiles_its_decoder_layers():
+    cfg = compose_schema("compare", CompareConfig, ["experiment=compare_0p5b", 'train_extra=["data.source=x"]'])
+    assert all(run.cfg.train.compile for run in plan(cfg))
