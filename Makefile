@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-gpu train bench clean lock
+.PHONY: install test test-gpu gpu-check train bench clean lock
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit(f'make test-gpu: torch {torch.__version__} sees no CUDA device')"
 	$(PY) -m pytest -q -m gpu tests/gpu
+
+# The day a GPU is lent: the environment (Triton's build needs), the GPU suite and bench_gpu.py at a size that fits,
+# in one results file (docs/results/gpu_check/report.md). Without CUDA it runs a reduced form (see the script).
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 # Resolve the newest versions pyproject.toml allows in a scratch venv, run nothing, and pin them in constraints.txt
 # (torch without its +cpu tag, so a GPU machine gets the CUDA build of the same version). Then run `make test`.

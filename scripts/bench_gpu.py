@@ -163,32 +163,61 @@ def peak_tflops(args) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def report(args, results: dict[str, dict]) -> None:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+def summarize(args, results: dict[str, dict]) -> dict:
+    """Every figure of the run as plain data: per variant tokens/s and MFU, the ratios against their targets."""
     peak = peak_tflops(args)
     tokens = args.micro_batch * args.seq_len
     flops = next((r["flops_per_token"] for r in results.values() if "flops_per_token" in r), None)
+    variants = {}
+    for name, r in results.items():
+        if "error" in r:
+            variants[name] = {"error": r["error"]}
+            continue
+        mfu = flops * tokens / r["seconds"] / (peak * 1e12) if peak and flops else None
+        variants[name] = {**r, "tokens_per_s": tokens / r["seconds"], "mfu": mfu}
+    ratios = []
+    for numerator, denominator, what, target in RATIOS:
+        if "seconds" in results.get(numerator, {}) and "seconds" in results.get(denominator, {}):
+            ratio = results[numerator]["seconds"] / results[denominator]["seconds"]
+            met = None if target is None else ratio <= target
+            ratios.append({"what": what, "ratio": ratio, "target_at_most": target, "met": met})
+    base_mfu = variants.get("base", {}).get("mfu")
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "preset": args.preset,
+        "micro_batch": args.micro_batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": peak,
+        "variants": variants,
+        "ratios": ratios,
+        "mfu_target": {"at_least": 0.40, "base": base_mfu, "met": None if base_mfu is None else base_mfu >= 0.40},
+    }
+
+
+def report(summary: dict) -> None:
+    s = summary
     print(
-        f"device={device} preset={args.preset} batch={args.micro_batch}x{args.seq_len} "
-        f"median of {args.steps} steps after {args.warmup}; peak bf16 {peak or 'unknown'} TFLOP/s"
+        f"device={s['device']} preset={s['preset']} batch={s['micro_batch']}x{s['seq_len']} "
+        f"median of {s['steps']} steps after {s['warmup']}; peak bf16 {s['peak_tflops'] or 'unknown'} TFLOP/s"
     )
     print(f"{'variant':<14}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
-    for name, r in results.items():
+    for name, r in s["variants"].items():
         if "error" in r:
             print(f"{name:<14}  failed: {r['error']}")
             continue
-        mfu = f"{flops * tokens / r['seconds'] / (peak * 1e12):.1%}" if peak and flops else "n/a"
-        print(f"{name:<14}{1e3 * r['seconds']:>10.1f}{tokens / r['seconds']:>12.0f}{mfu:>8}{r['peak_gb']:>10.2f}")
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        print(f"{name:<14}{1e3 * r['seconds']:>10.1f}{r['tokens_per_s']:>12.0f}{mfu:>8}{r['peak_gb']:>10.2f}")
     print("ratios of step time:")
-    for numerator, denominator, what, target in RATIOS:
-        if "seconds" not in results.get(numerator, {}) or "seconds" not in results.get(denominator, {}):
-            continue
-        ratio = results[numerator]["seconds"] / results[denominator]["seconds"]
-        verdict = "" if target is None else f"  (target <= {target:.2f}x: {'met' if ratio <= target else 'missed'})"
-        print(f"  {what:<40}{ratio:>7.3f}x{verdict}")
-    if peak and flops and "seconds" in results.get("base", {}):
-        mfu = flops * tokens / results["base"]["seconds"] / (peak * 1e12)
-        print(f"  MFU of base (lrm=full){'':<18}{mfu:>7.1%}  (target >= 40%: {'met' if mfu >= 0.40 else 'missed'})")
+    for r in s["ratios"]:
+        verdict = (
+            "" if r["met"] is None else f"  (target <= {r['target_at_most']:.2f}x: {'met' if r['met'] else 'missed'})"
+        )
+        print(f"  {r['what']:<40}{r['ratio']:>7.3f}x{verdict}")
+    if s["mfu_target"]["met"] is not None:
+        met = "met" if s["mfu_target"]["met"] else "missed"
+        print(f"  MFU of base (lrm=full){'':<18}{s['mfu_target']['base']:>7.1%}  (target >= 40%: {met})")
 
 
 def main() -> int:
@@ -204,6 +233,7 @@ def main() -> int:
     )
     parser.add_argument("--data-root", default="data", help="where the default corpus is prepared (reused)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s")
+    parser.add_argument("--json", default=None, help="also write every figure to this file (scripts/gpu_check.py)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     args = parser.parse_args()
     chosen = args.variants.split(",")
@@ -219,7 +249,11 @@ def main() -> int:
     for variant in chosen:
         print(f"measuring {variant} ...", file=sys.stderr, flush=True)
         results[variant] = run_variant_in_subprocess(args, variant)
-    report(args, results)
+    summary = summarize(args, results)
+    report(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
     return 0
 
 
