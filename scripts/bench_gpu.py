@@ -2,6 +2,7 @@
 FalconH1 at the same shape as the outside reference - all in one run, printed as ratios.
 
     python scripts/bench_gpu.py                          # CUDA: falcon_h1_0p5b at seq 4096; CPU: tiny at seq 256
+                                                         # (micro-batch 8, or the largest of 4, 2, 1 that fits)
     python scripts/bench_gpu.py --preset falcon_h1_0p5b --seq-len 4096 --micro-batch 4 --steps 10
     python scripts/bench_gpu.py --variants base,lrm=none  # a subset
 
@@ -24,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -33,6 +35,7 @@ import time
 
 import torch
 
+OUT_OF_MEMORY = re.compile(r"out of memory|OutOfMemoryError", re.IGNORECASE)
 # Dense bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -146,12 +149,29 @@ def measure_transformers(args) -> dict:
 
 
 def run_variant_in_subprocess(args, variant: str) -> dict:
-    command = [sys.executable, __file__, "--one", variant, *sys.argv[1:]]
+    command = [sys.executable, __file__, "--one", variant, *sys.argv[1:], "--micro-batch", str(args.micro_batch)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": last}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_at_a_size_that_fits(args, variants: list[str]) -> dict[str, dict]:
+    """Every variant at ``args.micro_batch``; with the default (0), at the largest of 8, 4, 2, 1 at which the first
+    variant does not run out of memory (at 0.5B x seq 4096, batch 8 needs ~81-104 GiB of activations: too much for an
+    80 GB H100, enough for an H200)."""
+    sizes = [args.micro_batch] if args.micro_batch else [8, 4, 2, 1]
+    for size in sizes:
+        args.micro_batch, results = size, {}
+        for variant in variants:
+            print(f"measuring {variant} at micro-batch {args.micro_batch} ...", file=sys.stderr, flush=True)
+            results[variant] = run_variant_in_subprocess(args, variant)
+            if OUT_OF_MEMORY.search(results[variant].get("error", "")) and variant == variants[0]:
+                break  # a smaller batch, if there is one left, for every variant
+        else:
+            return results
+    return results
 
 
 def peak_tflops(args) -> float | None:
@@ -225,7 +245,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="falcon_h1_0p5b" if gpu else "tiny")
     parser.add_argument("--seq-len", type=int, default=4096 if gpu else 256)
-    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument(
+        "--micro-batch", type=int, default=0, help="0 (default): 8, halved while the first variant runs out of memory"
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument(
@@ -245,10 +267,7 @@ def main() -> int:
         result = measure_transformers(args) if args.one == "transformers" else measure_trainer(args, args.one)
         print(json.dumps(result))
         return 0
-    results = {}
-    for variant in chosen:
-        print(f"measuring {variant} ...", file=sys.stderr, flush=True)
-        results[variant] = run_variant_in_subprocess(args, variant)
+    results = measure_at_a_size_that_fits(args, chosen)
     summary = summarize(args, results)
     report(summary)
     if args.json:

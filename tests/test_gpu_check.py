@@ -34,3 +34,30 @@ def test_the_gpu_check_writes_every_figure_on_cpu(data_root, tmp_path):
         "not run: no CUDA device" in report
         and f"| LRM overhead (lrm=full / lrm=none) | {overhead['ratio']:.3f}x" in report
     )
+
+
+def test_the_benchmark_halves_the_micro_batch_until_the_first_variant_fits(monkeypatch):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tried = []
+
+    def fits_from_two(args, variant):
+        tried.append((variant, args.micro_batch))
+        if args.micro_batch > 2:
+            return {"error": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+        return {"seconds": 1.0}
+
+    monkeypatch.setattr(bench, "run_variant_in_subprocess", fits_from_two)
+    args = argparse.Namespace(micro_batch=0)
+    assert bench.measure_at_a_size_that_fits(args, ["base", "eager"]) == {
+        "base": {"seconds": 1.0},
+        "eager": {"seconds": 1.0},
+    }
+    assert args.micro_batch == 2 and tried == [("base", 8), ("base", 4), ("base", 2), ("eager", 2)]
+    tried.clear()
+    args = argparse.Namespace(micro_batch=4)  # a size given is kept, out of memory or not
+    assert "error" in bench.measure_at_a_size_that_fits(args, ["base"])["base"] and tried == [("base", 4)]
