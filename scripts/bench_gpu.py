@@ -13,8 +13,9 @@ shape, same precision: bf16 autocast on CUDA, float32 on CPU).
 
 Each variant runs in its own process (so its peak memory is its own and nothing is left compiled or cached), on the
 default corpus (prepared once under ``--data-root``); the median of the timed steps is reported. MFU is the model's
-training FLOPs per token (``FalconH1LM.flops_per_token``: every matmul, attention over the full length, the SSD scan
-as it runs) times tokens/s over the device's dense bf16 peak (``--peak-tflops`` for a device not in the table).
+training FLOPs per token (``FalconH1LM.flops_per_token``: every matmul, attention as a causal kernel runs it, the
+SSD scan as it runs) times tokens/s over the device's dense bf16 peak (``--peak-tflops`` for a device not in the
+table).
 On CPU the figures are for the tiny preset and MFU is not defined.
 """
 

@@ -68,10 +68,21 @@ def test_flops_per_token_matches_flop_counter(shape, batch, seq_len, rel):
         with FakeTensorMode():
             model = FalconH1LM(dataclasses.replace(preset("falcon_h1_0p5b"), num_hidden_layers=2), lrm)
             counted = counted_flops_per_token(model, batch, seq_len)
-    assert model.flops_per_token(seq_len) == pytest.approx(counted, rel=rel)
+    # The math SDPA backend multiplies every query by every key: the non-causal count is what it executes.
+    assert model.flops_per_token(seq_len, causal_attention=False) == pytest.approx(counted, rel=rel)
 
 
 @pytest.mark.parametrize("seq_len", [32, 100])  # shorter than one chunk of 64, and not a multiple of it
 def test_flops_per_token_counts_the_padded_chunks_the_scan_runs(seq_len):
     model = FalconH1LM(preset("tiny"), LRMConfig("none"))
-    assert model.flops_per_token(seq_len) == pytest.approx(counted_flops_per_token(model, 2, seq_len), rel=1e-3)
+    counted = counted_flops_per_token(model, 2, seq_len)
+    assert model.flops_per_token(seq_len, causal_attention=False) == pytest.approx(counted, rel=1e-3)
+
+
+def test_causal_attention_counts_each_query_against_the_keys_up_to_it():
+    cfg = preset("falcon_h1_0p5b")
+    with torch.device("meta"):  # shapes only
+        model = FalconH1LM(dataclasses.replace(cfg, num_hidden_layers=2), LRMConfig("none"))
+    seq_len, per_key = 4096, 3 * 2 * 4 * cfg.num_attention_heads * cfg.attention_head_dim  # 2 layers, fwd + bwd
+    skipped = model.flops_per_token(seq_len, causal_attention=False) - model.flops_per_token(seq_len)
+    assert skipped == pytest.approx(per_key * (seq_len - (seq_len + 1) / 2))
