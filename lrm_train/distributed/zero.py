@@ -156,6 +156,7 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
                         group["betas"],
                         group["eps"],
                         self.apply,
+                        fused=shard.device.type == "cuda",  # as optim.AdamW's default
                     )
 
     def _muon(self, shard: torch.Tensor, grad: torch.Tensor, group: dict) -> None:

@@ -2,10 +2,11 @@
 
 The update is ``torch.optim.AdamW``'s (decoupled weight decay, bias-corrected moments; on the CPU bitwise equal to its
 single-tensor path), and the state keeps its keys (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints are
-interchangeable with it. It is written with ``torch._foreach_*`` ops: on CUDA one call updates a whole group with
-multi-tensor kernels; on the CPU, where those ops loop over the tensors anyway, the optimizer calls it tensor by
-tensor (the same numbers, a smaller working set). The ZeRO client applies it shard by shard: elementwise, so a shard
-of a flat group gets exactly the update of the parameters it holds.
+interchangeable with it. It is written with ``torch._foreach_*`` ops; on the CPU, where those ops loop over the
+tensors anyway, the optimizer calls it tensor by tensor (the same numbers, a smaller working set). On CUDA it runs
+``fused``: torch's fused AdamW kernel, one launch per group instead of ~30 passes over the parameters and thousands of
+small kernels, and bitwise torch.optim.AdamW(fused=True)'s update. The ZeRO client applies it shard by shard:
+elementwise, so a shard of a flat group gets exactly the update of the parameters it holds.
 
 ``apply`` (a 0-d bool tensor on the parameters' device) decides on the device whether the step happens: False leaves
 parameters and state bitwise unchanged whatever the gradients hold, without the host ever reading the flag.
@@ -26,9 +27,10 @@ def adamw_update_(
     betas: tuple[float, float],
     eps: float,
     apply: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> None:
     """One AdamW step of each tensor of ``params`` in place; ``states`` (empty at first) hold their moments and step
-    counts. ``apply``: see the module docstring (None: always)."""
+    counts. ``apply``: see the module docstring (None: always). ``fused``: torch's fused kernel (see above)."""
     if apply is None:
         apply = torch.ones((), dtype=torch.bool, device=params[0].device)
     for param, state in zip(params, states):
@@ -37,8 +39,35 @@ def adamw_update_(
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
             state["exp_avg"] = torch.zeros_like(param)
             state["exp_avg_sq"] = torch.zeros_like(param)
+    if fused:
+        _fused_update_(params, grads, states, lr, weight_decay, betas, eps, apply)
+        return
     _update_moments_(params, grads, states, lr * weight_decay, betas, apply)
     _apply_update_(params, states, lr, betas, eps, apply)
+
+
+def _fused_update_(params, grads, states, lr: float, weight_decay: float, betas, eps: float, apply) -> None:
+    """torch's fused AdamW kernel with a skipped step as its ``found_inf`` (GradScaler's mechanism): the kernel then
+    leaves parameters and moments untouched, whatever the gradients hold. It does not count steps: we do, applied only."""
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, apply)
+    torch._fused_adamw_(
+        params,
+        grads,
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [],
+        steps,
+        amsgrad=False,
+        lr=lr,
+        beta1=betas[0],
+        beta2=betas[1],
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=False,
+        grad_scale=None,
+        found_inf=(~apply).float(),
+    )
 
 
 def _update_moments_(params, grads, states, decay: float, betas: tuple[float, float], apply: torch.Tensor) -> None:
@@ -76,7 +105,8 @@ def _apply_update_(params, states, lr: float, betas: tuple[float, float], eps: f
 class AdamW(Optimizer):
     """``adamw_update_`` on every parameter with a gradient, group by group (deterministic: a fixed order).
 
-    ``foreach``: one call per group (default on CUDA) instead of one per tensor."""
+    ``fused``: torch's fused kernel, one call per group (default on CUDA). ``foreach``: the foreach ops on a whole group
+    in one call instead of one call per tensor (the CPU default)."""
 
     def __init__(
         self,
@@ -86,9 +116,10 @@ class AdamW(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        self.foreach = foreach
+        self.foreach, self.fused = foreach, fused
 
     @torch.no_grad()
     def step(self, closure=None, apply: torch.Tensor | None = None):
@@ -98,7 +129,9 @@ class AdamW(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            foreach = self.foreach if self.foreach is not None else params[0].device.type == "cuda"
+            on_cuda = params[0].device.type == "cuda"
+            fused = self.fused if self.fused is not None else on_cuda
+            foreach = fused or (self.foreach if self.foreach is not None else on_cuda)
             batches = [params] if foreach else [[p] for p in params]
             for batch in batches:
                 adamw_update_(
@@ -110,5 +143,6 @@ class AdamW(Optimizer):
                     group["betas"],
                     group["eps"],
                     apply,
+                    fused,
                 )
         return loss

@@ -84,10 +84,23 @@ def test_the_foreach_path_gives_the_per_tensor_numbers():
     assert float(opt_a.state[per_tensor[0]]["step"]) == 6.0
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+def test_the_fused_path_is_torchs_fused_adamw_bitwise():
+    # The CUDA default (one fused kernel per group); torch's fused AdamW also runs on the CPU, so it is checked here.
+    common = dict(betas=(0.9, 0.95), eps=1e-8)
+    ours, opt = run(lambda groups: AdamW(groups, fused=True, **common))
+    theirs, torch_opt = run(lambda groups: torch.optim.AdamW(groups, fused=True, **common))
+    per_tensor, _ = run(lambda groups: AdamW(groups, **common))
+    for a, b, c in zip(ours, theirs, per_tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[a][key], torch_opt.state[b][key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_skipped_step_leaves_parameters_and_state_bitwise_unchanged(foreach, bad):
-    params, opt = run(lambda groups: AdamW(groups, foreach=foreach), steps=2)
+def test_a_skipped_step_leaves_parameters_and_state_bitwise_unchanged(path, bad):
+    params, opt = run(lambda groups: AdamW(groups, **path), steps=2)
     before = [p.detach().clone() for p in params]
     state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
     for p in params:
@@ -104,10 +117,11 @@ def test_a_skipped_step_leaves_parameters_and_state_bitwise_unchanged(foreach, b
     assert all(float(opt.state[p]["step"]) == 3.0 for p in params)
 
 
-def test_a_skipped_first_step_keeps_the_parameters_finite_and_counts_nothing():
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skipped_first_step_keeps_the_parameters_finite_and_counts_nothing(fused):
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), float("nan"))
-    opt = AdamW([p], lr=0.1)
+    opt = AdamW([p], lr=0.1, fused=fused)
     opt.step(apply=torch.tensor(False))
     assert torch.equal(p.detach(), torch.ones(3)) and float(opt.state[p]["step"]) == 0.0
     assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(3))
