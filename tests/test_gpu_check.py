@@ -9,17 +9,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_gpu_check_writes_every_figure_on_cpu(data_root, tmp_path):
-    bench_args = f"--data-root {data_root} --preset tiny"
+def test_the_gpu_check_writes_every_figure_on_cpu(tmp_path):
+    # Its own data root: the benchmark prepares the corpus at the tiny preset's vocabulary, which the trainer tests'
+    # shared data_root must not hold (they pick its one prepared folder).
+    bench_args = f"--data-root {tmp_path / 'data'} --preset tiny"
     done = subprocess.run(
-        [sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path), "--bench-args", bench_args],
+        [sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path / "out"), "--bench-args", bench_args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads((tmp_path / "report.json").read_text())
+    results = json.loads((tmp_path / "out" / "report.json").read_text())
     env = results["environment"]
     assert env["device"] == "cpu" and env["torch"] and env["triton"] and results["reduced_form"] is True
     assert env["triton_can_build"] == (env["c_compiler"] is not None and env["python_headers"] is not None)
@@ -29,7 +31,7 @@ def test_the_gpu_check_writes_every_figure_on_cpu(data_root, tmp_path):
     assert base["seconds"] > 0 and base["tokens_per_s"] == bench["micro_batch"] * bench["seq_len"] / base["seconds"]
     [overhead] = [r for r in bench["ratios"] if r["what"].startswith("LRM overhead")]
     assert overhead["ratio"] == base["seconds"] / plain["seconds"]
-    report = (tmp_path / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
     assert (
         "not run: no CUDA device" in report
         and f"| LRM overhead (lrm=full / lrm=none) | {overhead['ratio']:.3f}x" in report
