@@ -24,7 +24,6 @@ from lrm_train.data.prepare import main as prepare_main
 from lrm_train.eval import api
 from lrm_train.eval.__main__ import main as eval_main
 
-CUDA = torch.cuda.is_available()
 # name: (fault, the arguments after the checkpoint (RUN and TMP: the run's and the test's folders), the line)
 CASES = {
     "E04 limit=0": (nothing, ["tasks=arc_easy", "limit=0"], r"^error: limit=0: must be > 0"),
@@ -77,8 +76,6 @@ def test_an_evaluation_that_cannot_run_is_refused_with_one_line_and_nothing_is_t
     case, copy_of, tmp_path, foreign_tokenizer
 ):
     fault, args, line = CASES[case]
-    if case.startswith("E14 ") and CUDA:
-        pytest.skip("CUDA is available here")
     run = copy_of()
     fault(run)
     (tmp_path / "a_file").write_text("a file")
