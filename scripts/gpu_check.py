@@ -92,9 +92,9 @@ def markdown(results: dict) -> str:
     if "error" in bench:
         lines.append(f"failed: {bench['error']}")
         return "\n".join(lines) + "\n"
-    lines.append(f"{bench['preset']}, micro-batch {bench['micro_batch']} x {bench['seq_len']} tokens, median of ")
-    lines[-1] += (
-        f"{bench['steps']} steps after {bench['warmup']}; bf16 peak {bench['peak_tflops'] or 'unknown'} TFLOP/s"
+    lines.append(
+        f"{bench['preset']}, micro-batch {bench['micro_batch']} x {bench['seq_len']} tokens, median of {bench['steps']} "
+        f"steps after {bench['warmup']}; bf16 peak {bench['peak_tflops'] or 'unknown'} TFLOP/s"
     )
     lines += ["", "| variant | step ms | tokens/s | MFU | peak GiB |", "|---|---|---|---|---|"]
     for name, r in bench["variants"].items():

@@ -53,16 +53,16 @@ def load_for_eval(path: str | Path, tokenizer: str | Path | None = None) -> Load
     """The model at ``path`` (see the module docstring) and its tokenizer."""
     from lrm_train.hf.convert import import_hf
     from lrm_train.models.io import load_model
-    from lrm_train.train.checkpoint import model_from_checkpoint
+    from lrm_train.train.checkpoint import model_from_state
 
     path = Path(path)
     given = Path(tokenizer) if tokenizer is not None else None
     if not path.exists():
         raise ValueError(f"path={path}: no such checkpoint, run directory or model folder")
-    if found := _checkpoint_and_run(path):
-        checkpoint, run = found
+    if found := _training_checkpoint(path):
+        checkpoint, model_state, run = found
         tokenizer_path = checkpoint_tokenizer(checkpoint, run, given)  # settled (or refused) before the model is built
-        return Loaded(model_from_checkpoint(checkpoint), tokenizer_path, checkpoint, run)
+        return Loaded(model_from_state(model_state, run, checkpoint), tokenizer_path, checkpoint, run)
     if not (path / "config.json").exists():
         raise ValueError(f"path={path}: not a checkpoint, run directory, model folder or Hugging Face folder")
     is_hf = "model_type" in OmegaConf.load(path / "config.json")
@@ -73,15 +73,18 @@ def load_for_eval(path: str | Path, tokenizer: str | Path | None = None) -> Load
     return Loaded(model, tokenizer_path, None, None)
 
 
-def _checkpoint_and_run(path: Path) -> tuple[Path, dict] | None:
+def _training_checkpoint(path: Path) -> tuple[Path, dict, dict] | None:
     """The training checkpoint at ``path`` (for a run directory: its newest that verifies, a newer one that does not
-    skipped with a warning, as ``train.resume=auto`` does) and its ``run`` section; None for a model folder."""
+    skipped with a warning, as ``train.resume=auto`` does), loaded and verified once: (its path, its weights, its
+    ``run`` section); None for a model folder."""
     from lrm_train.train.checkpoint import MANIFEST, load_resumable, newest_loadable
 
     if (path / MANIFEST).exists():
-        return path, load_resumable(path)[1]["run"]
-    found = newest_loadable(path)
-    return (found[0], found[2]["run"]) if found else None
+        found = (path, *load_resumable(path))
+    elif not (found := newest_loadable(path)):
+        return None
+    checkpoint, model_state, state = found
+    return checkpoint, model_state, state["run"]
 
 
 @register_model("lrm_train")

@@ -29,7 +29,6 @@ import torch
 
 from lrm_train.config_compose import compose_schema
 from lrm_train.experiments.report import (
-    atomic_write_text,
     finite,
     markdown_table,
     mean_std,
@@ -55,6 +54,7 @@ from lrm_train.experiments.runner import (
 from lrm_train.models import FalconH1LM
 from lrm_train.optim import batch_fraction
 from lrm_train.train.checkpoint import complete_checkpoints
+from lrm_train.utils import atomic_write_text
 
 LAUNCHERS = ("local", "slurm")
 REPORT_MODES = ("after", "only")

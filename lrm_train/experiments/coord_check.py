@@ -20,10 +20,11 @@ import matplotlib.pyplot as plt
 import torch
 
 from lrm_train.experiments.analysis import check_width_sweep, command_main, power_law_fit, width_overrides
-from lrm_train.experiments.report import atomic_write_text, markdown_table, save_figure, write_report
+from lrm_train.experiments.report import markdown_table, save_figure, write_report
 from lrm_train.experiments.runner import create_out_dir, make_run, run_local
 from lrm_train.train import compose
 from lrm_train.train.callbacks import Callback
+from lrm_train.utils import atomic_write_text
 
 QUANTITIES = ("embedding", "mamba", "attention", "mlp", "residual", "logits")
 

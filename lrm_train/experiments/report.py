@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from lrm_train.train.callbacks.sinks import METRICS_FILE
+from lrm_train.utils import atomic_write_text
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -44,12 +45,6 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def new_figure(panels: int = 1, title: str = ""):

@@ -18,7 +18,7 @@ from lrm_train.hf.tokenizer import checkpoint_tokenizer, tokenizer_argument
 from lrm_train.models.io import check_output_folder, load_model, save_model
 from lrm_train.nn import INITS, PLACEMENTS, LRMConfig
 from lrm_train.train.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from lrm_train.train.checkpoint import load_resumable, model_from_checkpoint
+from lrm_train.train.checkpoint import load_resumable, model_from_state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tokenizer = tokenizer_argument(args.tokenizer, "--tokenizer") if args.tokenizer else None
             if (source / CHECKPOINT_MANIFEST).exists():
+                model_state, state = load_resumable(source)  # verified once
                 # The tokenizer is settled (or refused) before the model is built.
-                tokenizer = checkpoint_tokenizer(source, load_resumable(source)[1]["run"], tokenizer)
-                model = model_from_checkpoint(source)
+                tokenizer = checkpoint_tokenizer(source, state["run"], tokenizer)
+                model = model_from_state(model_state, state["run"], source)
             else:
                 model = load_model(source)
             export_hf(model, args.out_dir, args.overwrite, sources=[source], tokenizer=tokenizer)

@@ -211,9 +211,12 @@ def newest_loadable(run_dir: str | Path) -> tuple[Path, dict, dict] | None:
 
 def model_from_checkpoint(path: str | Path) -> FalconH1LM:
     """The model of a training checkpoint (its config and LRM placement are stored in it)."""
-    path = Path(path)
-    model_state, state = load_resumable(path)
-    run = state["run"]
+    model_state, state = load_resumable(Path(path))
+    return model_from_state(model_state, state["run"], Path(path))
+
+
+def model_from_state(model_state: dict, run: dict, path: Path) -> FalconH1LM:
+    """The model of a checkpoint already loaded (``load_resumable``): its ``run`` section's config and placement."""
     model = FalconH1LM(FalconH1Config(**run["model_config"]), LRMConfig(**run["lrm"]))
     load_weights(model.load_state_dict, model_state, path)
     return model
