@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -202,3 +203,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 def first_line(error: BaseException) -> str:
     """An exception's message cut to its first non-empty line (its type's name when it has none)."""
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def stderr_line(text: str) -> None:
+    """Write ``text`` and its newline to stderr in one write. Under torchrun every rank shares the stream, and
+    unbuffered Python (PYTHONUNBUFFERED, common under Slurm and CI) writes ``print``'s text and its newline separately,
+    so two ranks' lines would run together."""
+    sys.stderr.write(text + "\n")

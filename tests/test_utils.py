@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lrm_train.utils import atomic_directory, remove_stale_temporaries
+from lrm_train.utils import atomic_directory, remove_stale_temporaries, stderr_line
 
 
 def write_two_files(folder: Path) -> None:
@@ -141,3 +141,11 @@ def test_a_writer_killed_mid_write_leaves_a_temporary_the_next_start_removes(tmp
     assert leftover.name.startswith(".tmp-out@")
     assert remove_stale_temporaries(tmp_path) == [leftover]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_line_reaches_stderr_in_one_write_so_ranks_sharing_the_stream_cannot_interleave_it(monkeypatch):
+    # Unbuffered stderr passes each write() straight to the OS: print() would issue the text and the newline as two.
+    writes = []
+    monkeypatch.setattr(sys, "stderr", type("Recorder", (), {"write": lambda self, text: writes.append(text)})())
+    stderr_line("error: one")
+    assert writes == ["error: one\n"]

@@ -28,7 +28,7 @@ from lrm_train.config_compose import compose_schema, help_text
 from lrm_train.data.config import FORMAT, MANIFEST, DataConfig
 from lrm_train.data.sources import Corpus, load_corpus
 from lrm_train.data.tokenizer import batch_encoder, eos_id, load_tokenizer, tokenizer_hash, train_bpe
-from lrm_train.utils import atomic_directory, remove_stale_temporaries
+from lrm_train.utils import atomic_directory, remove_stale_temporaries, stderr_line
 
 log = logging.getLogger(__name__)
 
@@ -213,33 +213,29 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text("prepare", USAGE))
         return 0
     if flags := [arg for arg in argv if arg.startswith("-")]:
-        print(f"error: unknown option {flags[0]!r} (see --help)", file=sys.stderr)
+        stderr_line(f"error: unknown option {flags[0]!r} (see --help)")
         return 2
     # A group of the trainer's (optim=muon): Hydra's own line does not say that prepare has only the data group.
     if foreign := [
         arg for arg in argv if "." not in arg.partition("=")[0] and arg[0] not in "+~" and arg[:5] != "data="
     ]:
-        print(
-            f"error: config: {foreign[0]}: prepare takes data settings only (data=NAME, data.KEY=VALUE)",
-            file=sys.stderr,
-        )
+        stderr_line(f"error: config: {foreign[0]}: prepare takes data settings only (data=NAME, data.KEY=VALUE)")
         return 2
     try:
         cfg = compose(argv)
     except ValueError as e:
-        print(f"error: config: {e}", file=sys.stderr)
+        stderr_line(f"error: config: {e}")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up as Ctrl-C does
     try:
         out = prepare(cfg)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        stderr_line(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print(
-            f"error: interrupted; nothing of this prepare was kept (finished folders in {cfg.out_root} are untouched)",
-            file=sys.stderr,
+        stderr_line(
+            f"error: interrupted; nothing of this prepare was kept (finished folders in {cfg.out_root} are untouched)"
         )
         return 130
     finally:

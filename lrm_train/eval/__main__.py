@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from lrm_train.eval.tasks import DEFAULT_TASKS
+from lrm_train.utils import stderr_line
 
 _KEYS = ("tasks", "limit", "batch_size", "device", "out", "tokenizer")
 
@@ -120,15 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         out = out or check_output(default_output(path, loaded.checkpoint))
         results = evaluate_loaded(loaded, path, **options, on_progress=write)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        stderr_line(f"error: {e}")
         if saved is not None:
-            print(
-                f"note: {out} keeps what was scored before that (tasks done: {', '.join(saved) or 'none'})",
-                file=sys.stderr,
-            )
+            stderr_line(f"note: {out} keeps what was scored before that (tasks done: {', '.join(saved) or 'none'})")
         return 2
     if results["val_bpb"] is None:
-        print(f"note: no validation bpb: {results['val_bpb_unavailable']}", file=sys.stderr)
+        stderr_line(f"note: no validation bpb: {results['val_bpb_unavailable']}")
     for task, metrics in results["tasks"].items():
         print(task, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     if results["val_bpb"] is not None:

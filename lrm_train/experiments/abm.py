@@ -36,6 +36,7 @@ from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, OptimizerName, build_optimizer, classify_parameters, set_learning_rates
 from lrm_train.train import register_configs
 from lrm_train.train.metrics import AdamBrownianMotion
+from lrm_train.utils import stderr_line
 
 SLOPE_RANGE = (0.45, 0.55)
 _TRAJECTORY_POINTS = 200  # points kept per trajectory for the plot
@@ -228,7 +229,7 @@ def run(settings: ABMSettings) -> None:
         )
     if failed:
         names = ", ".join(f"{f['optimizer']} {f['shadow']} {f['exponent']:.3f}" for f in failed)
-        print(f"FAIL: ABM slope outside {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}: {names}", file=sys.stderr)
+        stderr_line(f"FAIL: ABM slope outside {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}: {names}")
         sys.exit(1)
 
 

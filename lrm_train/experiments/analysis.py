@@ -17,6 +17,7 @@ from lrm_train.config_compose import compose_schema
 from lrm_train.experiments.runner import exit_status
 from lrm_train.models import width_family
 from lrm_train.train.checkpoint import complete_checkpoints
+from lrm_train.utils import stderr_line
 
 
 def command_main(command: str, schema: type, run: Callable, doc: str, argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def command_main(command: str, schema: type, run: Callable, doc: str, argv: list
         return 0
     flags = [a for a in argv if a.startswith("-")]
     if flags:  # Hydra would read one as an override and say something about its grammar instead
-        print(f"error: unknown option {flags[0]!r} (see --help)", file=sys.stderr)
+        stderr_line(f"error: unknown option {flags[0]!r} (see --help)")
         return 2
     return exit_status(lambda: run(compose_schema(command, schema, argv)))
 

@@ -54,7 +54,7 @@ from lrm_train.experiments.runner import (
 from lrm_train.models import FalconH1LM
 from lrm_train.optim import batch_fraction
 from lrm_train.train.checkpoint import complete_checkpoints
-from lrm_train.utils import atomic_write_text
+from lrm_train.utils import atomic_write_text, stderr_line
 
 LAUNCHERS = ("local", "slurm")
 REPORT_MODES = ("after", "only")
@@ -735,13 +735,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     flags = [a for a in argv if a.startswith("-")]
     if flags and flags != ["--estimate"]:
-        print(f"error: unknown option {next(f for f in flags if f != '--estimate')!r} (see --help)", file=sys.stderr)
+        stderr_line(f"error: unknown option {next(f for f in flags if f != '--estimate')!r} (see --help)")
         return 2
     try:
         cfg = compose_schema("compare", CompareConfig, arm_overrides([a for a in argv if not a.startswith("-")]))
         runs = plan(cfg)
     except ValueError as e:
-        print(f"error: config: {e}", file=sys.stderr)
+        stderr_line(f"error: config: {e}")
         return 2
     if flags:
         print(estimate(cfg, runs, ASSUMED_MFU))

@@ -31,6 +31,7 @@ from lrm_train.train import RunConfig, compose, train
 from lrm_train.train.checkpoint import checkpoint_root, complete_checkpoints
 from lrm_train.train.loop import CallbackFailed, Interrupted
 from lrm_train.train.preemption import Stopped
+from lrm_train.utils import stderr_line
 
 FINISHED, DIVERGED, PENDING = "finished", "diverged", "pending"
 SLURM_JOB_FILE = "slurm_job_id"  # in a run directory: the job that trains it
@@ -80,16 +81,16 @@ def exit_status(work: Callable[[], object]) -> int:
     try:
         work()
     except Interrupted as e:
-        print(f"error: {e}; {again}", file=sys.stderr)
+        stderr_line(f"error: {e}; {again}")
         return 130
     except Stopped as e:
-        print(f"stopped: {e}; {again}", file=sys.stderr)
+        stderr_line(f"stopped: {e}; {again}")
         return e.exit_code
     except (ValueError, OSError, CallbackFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        stderr_line(f"error: {e}")
         return 2
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        stderr_line(f"error: {e}")
         return 1
     return 0
 

@@ -19,6 +19,7 @@ from lrm_train.models.io import check_output_folder, load_model, save_model
 from lrm_train.nn import INITS, PLACEMENTS, LRMConfig
 from lrm_train.train.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from lrm_train.train.checkpoint import load_resumable, model_from_state
+from lrm_train.utils import stderr_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = load_model(source)
             export_hf(model, args.out_dir, args.overwrite, sources=[source], tokenizer=tokenizer)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        stderr_line(f"error: {e}")
         return 2
     print(f"wrote {args.out_dir}")
     return 0

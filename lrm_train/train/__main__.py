@@ -14,6 +14,7 @@ from lrm_train.config_compose import help_text
 from lrm_train.train.config import compose
 from lrm_train.train.loop import CallbackFailed, Interrupted, train
 from lrm_train.train.preemption import Stopped
+from lrm_train.utils import stderr_line
 
 USAGE = """usage: python -m lrm_train.train [group=option ...] [key=value ...] [--cfg]
        torchrun --nproc_per_node=N -m lrm_train.train dist=ddp|zero1|zero2|zero3 [...]
@@ -36,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     flags = [a for a in argv if a.startswith("-")]
     if flags and flags != ["--cfg"]:
-        print(f"error: unknown option {next(f for f in flags if f != '--cfg')!r} (see --help)", file=sys.stderr)
+        stderr_line(f"error: unknown option {next(f for f in flags if f != '--cfg')!r} (see --help)")
         return 2
     try:
         cfg = compose([a for a in argv if not a.startswith("-")])
     except ValueError as e:
-        print(f"error: config: {e}", file=sys.stderr)
+        stderr_line(f"error: config: {e}")
         return 2
     if flags:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -49,19 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg)
     except Stopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        stderr_line(f"stopped: {e}")
         return e.exit_code
     except Interrupted as e:
-        print(f"error: {e}", file=sys.stderr)
+        stderr_line(f"error: {e}")
         return 130
     except KeyboardInterrupt:
-        print("error: interrupted before training started; no checkpoint was written", file=sys.stderr)
+        stderr_line("error: interrupted before training started; no checkpoint was written")
         return 130
     except (ValueError, FileNotFoundError, OSError, CallbackFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        stderr_line(f"error: {e}")
         return 2
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        stderr_line(f"error: {e}")
         return 3
     return 0
 

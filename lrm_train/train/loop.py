@@ -220,6 +220,7 @@ class Trainer:
 
     def fit(self) -> None:
         t = self.cfg.train
+        stopped_together = False  # every rank agreed to stop (a callback failed somewhere, or a signal came)
         try:
             if failure := self.run_hooks("on_start"):
                 raise failure
@@ -229,6 +230,7 @@ class Trainer:
                     failure = self.run_hooks("on_step", step)
                     # Every rank stops at the same step (the checkpoint save that follows is collective).
                     any_failed, signum = self.engine.max_over_ranks([failure is not None, stop_signals.received])
+                    stopped_together = bool(any_failed or (signum and not step.last))
                     if any_failed:
                         raise failure or CallbackFailed(f"a callback failed at step {step.step} on another rank")
                     if signum and not step.last:
@@ -257,7 +259,11 @@ class Trainer:
             self.failed = True
             raise
         finally:
-            if failure := self.run_hooks("on_end"):
+            failure = self.run_hooks("on_end")
+            if stopped_together:
+                # A launcher tears down every rank once one exits: none may exit while another still finishes.
+                self.engine.max_over_ranks([0])
+            if failure:
                 if not self.failed:
                     raise failure
                 log.warning("%s", failure)  # the run's own failure is the one to report
