@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lrm_train.config_compose import compose_schema, help_text
 from lrm_train.data.config import FORMAT, MANIFEST, DataConfig
-from lrm_train.data.sources import Corpus, load_corpus
+from lrm_train.data.sources import load_corpus, source_fingerprint
 from lrm_train.data.tokenizer import batch_encoder, eos_id, load_tokenizer, tokenizer_hash, train_bpe
 from lrm_train.utils import atomic_directory, remove_stale_temporaries, stderr_line
 
@@ -67,11 +67,11 @@ def split_documents(count: int, val_fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def output_key(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None) -> str:
+def output_key(cfg: DataConfig, fingerprint: str, tokenizer: Tokenizer | None) -> str:
     settings = {name: getattr(cfg, name) for name in _OUTPUT_FIELDS}
     if tokenizer is not None:  # the given tokenizer's content, not its path
         settings["tokenizer"] = tokenizer_hash(tokenizer)
-    payload = json.dumps({"settings": settings, "source": corpus.fingerprint, "format": FORMAT}, sort_keys=True)
+    payload = json.dumps({"settings": settings, "source": fingerprint, "format": FORMAT}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -130,12 +130,13 @@ def prepare(cfg: DataConfig) -> Path:
     """Prepare ``cfg``'s corpus (or reuse the finished folder for the same settings); return the folder."""
     for leftover in remove_stale_temporaries(cfg.out_root):
         log.info("removed %s, left by an interrupted prepare", leftover)
-    corpus = load_corpus(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    out = Path(cfg.out_root) / f"{cfg.name}-{output_key(cfg, corpus, tokenizer)}"
+    corpus = None if (fingerprint := source_fingerprint(cfg)) else load_corpus(cfg)
+    out = Path(cfg.out_root) / f"{cfg.name}-{output_key(cfg, fingerprint or corpus.fingerprint, tokenizer)}"
     if (out / MANIFEST).exists():
         log.info("reusing %s", out)
         return out
+    corpus = corpus or load_corpus(cfg)
     train_idx, val_idx = split_documents(len(corpus.documents), cfg.val_fraction, cfg.split_seed)
     if tokenizer is None:
         started = time.perf_counter()

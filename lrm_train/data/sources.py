@@ -202,21 +202,39 @@ def _local(root: Path, cfg: DataConfig, warn_skipped: bool = True) -> Corpus:
     if not root.exists():
         raise FileNotFoundError(f"data.source: {root} does not exist")
     files = _files(root, warn_skipped)
-    fingerprint = hashlib.sha256()
-    for f in files:
-        stat = f.stat()
-        fingerprint.update(
-            f"{f.relative_to(root) if root.is_dir() else f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode()
-        )
+    fingerprint = _files_fingerprint(root, files)
     invalid: dict[str, int] = {}
     texts = [_read_text(f, invalid) for f in files if f.suffix in TEXT_SUFFIXES]
     parts = [datasets.Dataset.from_dict({"text": texts})] if texts else []
     for builder in sorted(set(RECORD_BUILDERS.values())):
         group = [f for f in files if RECORD_BUILDERS.get(f.suffix) == builder]
         if group:
-            parts.append(_records(builder, group, cfg.text_field, fingerprint.hexdigest()))
+            parts.append(_records(builder, group, cfg.text_field, fingerprint))
     documents = datasets.concatenate_datasets(parts)
-    return Corpus(documents, f"local:{root.resolve()} ({len(files)} files)", fingerprint.hexdigest(), invalid)
+    return Corpus(documents, f"local:{root.resolve()} ({len(files)} files)", fingerprint, invalid)
+
+
+def _files_fingerprint(root: Path, files: list[Path]) -> str:
+    """The files' names, sizes and modification times: what changes when their content does, known without reading
+    them."""
+    fingerprint = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        fingerprint.update(
+            f"{f.relative_to(root) if root.is_dir() else f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode()
+        )
+    return fingerprint.hexdigest()
+
+
+def source_fingerprint(cfg: DataConfig) -> str | None:
+    """``load_corpus(cfg).fingerprint`` without reading a document, for a local source (a prepared folder is found
+    before a large corpus is read again); None for a hub dataset, whose fingerprint only loading it gives."""
+    if cfg.source.startswith("hf:"):
+        return None
+    root = default_corpus_dir() if cfg.source == "shakespeare" else Path(cfg.source).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data.source: {root} does not exist")
+    return _files_fingerprint(root, _files(root, warn_skipped=False))
 
 
 def _hub(name: str, cfg: DataConfig) -> Corpus:

@@ -5,7 +5,7 @@ In the training loop: ``callback.DownstreamEval``, which ``configs/train.yaml`` 
 """
 
 from lrm_train.eval.api import evaluate_checkpoint
-from lrm_train.eval.model import LRMHarnessLM, load_for_eval
+from lrm_train.eval.model import LRMHarnessLM
 from lrm_train.eval.scoring import correct_continuation_bpb, run_harness, validation_bpb
 from lrm_train.eval.tasks import DEFAULT_TASKS, OFFLINE_TASKS
 
@@ -15,7 +15,6 @@ __all__ = [
     "LRMHarnessLM",
     "correct_continuation_bpb",
     "evaluate_checkpoint",
-    "load_for_eval",
     "run_harness",
     "validation_bpb",
 ]

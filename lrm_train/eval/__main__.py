@@ -78,11 +78,11 @@ def _check_device(name: str) -> None:
         raise ValueError(f"device={name}: CUDA is not available here")
 
 
-def default_output(path: Path, checkpoint: Path | None) -> Path:
+def default_output(artifact) -> Path:
     """``<run>/eval/<checkpoint>.json`` for the training checkpoint evaluated, else ``eval_<folder>.json`` here."""
-    if checkpoint is not None:  # runs/<name>/checkpoints/step_N
-        return checkpoint.parent.parent / "eval" / f"{checkpoint.name}.json"
-    return Path(f"eval_{path.resolve().name}.json")
+    if artifact.checkpoint is not None:
+        return artifact.run_dir / "eval" / f"{artifact.checkpoint.name}.json"
+    return Path(f"eval_{artifact.path.resolve().name}.json")
 
 
 def check_output(out: Path) -> Path:
@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         path, options = parse(sys.argv[1:] if argv is None else argv)
         given_out = options.pop("out", "")
         out = check_output(Path(given_out)) if given_out else None  # before loading anything
-        from lrm_train.eval.api import evaluate_loaded
-        from lrm_train.eval.model import load_for_eval
+        from lrm_train.eval.api import evaluate_artifact
+        from lrm_train.hf.artifact import open_artifact
 
-        loaded = load_for_eval(path, options.pop("tokenizer", None))
-        out = out or check_output(default_output(path, loaded.checkpoint))
-        results = evaluate_loaded(loaded, path, **options, on_progress=write)
+        artifact = open_artifact(path, options.pop("tokenizer", None))
+        out = out or check_output(default_output(artifact))
+        results = evaluate_artifact(artifact, **options, on_progress=write)
     except (ValueError, OSError) as e:
         stderr_line(f"error: {e}")
         if saved is not None:

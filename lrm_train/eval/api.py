@@ -6,12 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from lrm_train.data import TokenData
-from lrm_train.eval.model import Loaded, LRMHarnessLM, default_device, load_for_eval
+from lrm_train.eval.model import LRMHarnessLM, default_device
 from lrm_train.eval.scoring import run_harness, validation_bpb
 from lrm_train.eval.tasks import DEFAULT_TASKS
+from lrm_train.hf.artifact import Artifact, open_artifact
 from lrm_train.utils import sha256_file
 
 
@@ -29,26 +29,25 @@ def evaluate_checkpoint(
     per byte on the validation windows of the data a checkpoint recorded; None (with ``val_bpb_unavailable`` saying
     why) for a model folder or when that data is gone. ``on_progress``: called with the results so far after the
     validation score and after each task (``tasks_done``, ``tasks_pending``)."""
-    return evaluate_loaded(load_for_eval(path, tokenizer), path, tasks, limit, batch_size, device, on_progress)
+    return evaluate_artifact(open_artifact(path, tokenizer), tasks, limit, batch_size, device, on_progress)
 
 
-def evaluate_loaded(
-    loaded: Loaded,
-    path: str | Path,
+def evaluate_artifact(
+    artifact: Artifact,
     tasks=DEFAULT_TASKS,
     limit: float | None = None,
     batch_size: int = 8,
     device: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """``evaluate_checkpoint`` of a model ``load_for_eval`` loaded from ``path``."""
+    """``evaluate_checkpoint`` of an artifact already open."""
     device = torch.device(device) if device else default_device()
-    model = loaded.model.to(device).eval()
-    lm = LRMHarnessLM(model=model, tokenizer=str(loaded.tokenizer), device=str(device), batch_size=batch_size)
-    val_bpb, unavailable = _validation_bpb(lm, loaded)
+    model = artifact.model.to(device).eval()
+    lm = LRMHarnessLM(model=model, tokenizer=str(artifact.tokenizer), device=str(device), batch_size=batch_size)
+    val_bpb, unavailable = _validation_bpb(lm, artifact)
     results = {
-        "path": str(path),
-        "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
+        "path": str(artifact.path),
+        "checkpoint": str(artifact.checkpoint) if artifact.checkpoint else None,
         "tasks": {},
         "limit": limit,
         "val_bpb": val_bpb,
@@ -67,20 +66,18 @@ def evaluate_loaded(
     return results
 
 
-def _validation_bpb(lm: LRMHarnessLM, loaded: Loaded) -> tuple[float | None, str | None]:
+def _validation_bpb(lm: LRMHarnessLM, artifact: Artifact) -> tuple[float | None, str | None]:
     """(bpb on the validation windows of the data the checkpoint was trained on, None) or (None, why not)."""
-    if loaded.run is None:
+    if artifact.run is None:
         return None, "not a training checkpoint, so no training data is known"
-    data = loaded.run.get("data")
-    if data is None:
-        return None, f"checkpoint {loaded.checkpoint} was written before checkpoints recorded their data folder"
-    folder = Path(data["folder"])
+    if artifact.data_folder is None:
+        return None, f"checkpoint {artifact.checkpoint} was written before checkpoints recorded their data folder"
     try:
-        found = sha256_file(TokenData(folder, verify_checksums=False).tokenizer_path)
+        found = sha256_file(TokenData(artifact.data_folder, verify_checksums=False).tokenizer_path)
     except (OSError, ValueError) as e:
         return None, f"the run's data folder is not readable ({e})"
-    if found != data["tokenizer_sha256"]:
-        return None, f"{folder} holds another tokenizer than the one the checkpoint was trained with"
-    config = OmegaConf.create(loaded.run["config"])
+    if found != artifact.run["data"]["tokenizer_sha256"]:
+        return None, f"{artifact.data_folder} holds another tokenizer than the one the checkpoint was trained with"
+    data = artifact.run_config.data
     with lm.autocast():
-        return validation_bpb(lm.model, folder, config.data.seq_len, config.data.val_windows), None
+        return validation_bpb(lm.model, artifact.data_folder, data.seq_len, data.val_windows), None

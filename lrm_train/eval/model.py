@@ -1,9 +1,7 @@
 """Our model inside lm-evaluation-harness: the ``lrm_train`` model (``--model lrm_train --model_args path=...``).
 
-``path`` is a training checkpoint (``runs/<name>/checkpoints/step_*``, any engine), a run directory (its newest
-checkpoint that verifies), an lrm_train model folder or an exported Hugging Face folder. The tokenizer is the copy a
-checkpoint carries (``tokenizer=PATH`` must be that same file), the one an HF export carries, or ``tokenizer=PATH``
-(a tokenizer.json).
+``path`` is anything ``hf.artifact.open_artifact`` reads (a training checkpoint, a run directory, an lrm_train model
+folder or a Hugging Face folder), with its tokenizer or ``tokenizer=PATH`` (a tokenizer.json).
 
 Scoring follows the harness's ``hf`` model: the same context/continuation split (``TemplateLM``), the same rolling
 windows, the end-of-document token as the prefix of an empty context; so the numbers compare with published ones.
@@ -12,20 +10,17 @@ windows, the end-of-document token as the prefix of an empty context; so the num
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 from torch import nn
 
 from lrm_train.data.tokenizer import eos_id, load_tokenizer
-from lrm_train.hf.tokenizer import checkpoint_tokenizer
+from lrm_train.hf.artifact import open_artifact
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
@@ -40,51 +35,6 @@ def _single_process(items: list) -> list[list]:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class Loaded(NamedTuple):
-    model: nn.Module
-    tokenizer: Path  # its tokenizer.json
-    checkpoint: Path | None  # the training checkpoint it came from (a run directory's newest that verifies), if any
-    run: dict | None  # that checkpoint's ``run`` section: what it was trained as and on what data
-
-
-def load_for_eval(path: str | Path, tokenizer: str | Path | None = None) -> Loaded:
-    """The model at ``path`` (see the module docstring) and its tokenizer."""
-    from lrm_train.hf.convert import import_hf
-    from lrm_train.models.io import load_model
-    from lrm_train.train.checkpoint import model_from_state
-
-    path = Path(path)
-    given = Path(tokenizer) if tokenizer is not None else None
-    if not path.exists():
-        raise ValueError(f"path={path}: no such checkpoint, run directory or model folder")
-    if found := _training_checkpoint(path):
-        checkpoint, model_state, run = found
-        tokenizer_path = checkpoint_tokenizer(checkpoint, run, given)  # settled (or refused) before the model is built
-        return Loaded(model_from_state(model_state, run, checkpoint), tokenizer_path, checkpoint, run)
-    if not (path / "config.json").exists():
-        raise ValueError(f"path={path}: not a checkpoint, run directory, model folder or Hugging Face folder")
-    is_hf = "model_type" in OmegaConf.load(path / "config.json")
-    model = import_hf(path) if is_hf else load_model(path)
-    tokenizer_path = given or (path / "tokenizer.json" if (path / "tokenizer.json").exists() else None)
-    if tokenizer_path is None:
-        raise ValueError(f"path={path}: it carries no tokenizer; pass tokenizer=PATH (a tokenizer.json)")
-    return Loaded(model, tokenizer_path, None, None)
-
-
-def _training_checkpoint(path: Path) -> tuple[Path, dict, dict] | None:
-    """The training checkpoint at ``path`` (for a run directory: its newest that verifies, a newer one that does not
-    skipped with a warning, as ``train.resume=auto`` does), loaded and verified once: (its path, its weights, its
-    ``run`` section); None for a model folder."""
-    from lrm_train.train.checkpoint import MANIFEST, load_resumable, newest_loadable
-
-    if (path / MANIFEST).exists():
-        found = (path, *load_resumable(path))
-    elif not (found := newest_loadable(path)):
-        return None
-    checkpoint, model_state, state = found
-    return checkpoint, model_state, state["run"]
 
 
 @register_model("lrm_train")
@@ -112,7 +62,8 @@ class LRMHarnessLM(TemplateLM):
         if model is None:
             if path is None:
                 raise ValueError("model_args: path=... (a checkpoint, run directory, model or HF folder) is required")
-            model, tokenizer = load_for_eval(path, tokenizer)[:2]
+            artifact = open_artifact(path, tokenizer)
+            model, tokenizer = artifact.model, artifact.tokenizer
         if tokenizer is None:
             raise ValueError("model_args: tokenizer=... (a tokenizer.json) is required")
         self._device = torch.device(device) if device else default_device()

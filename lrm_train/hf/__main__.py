@@ -12,13 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from lrm_train.hf.artifact import ArtifactKind, open_artifact
 from lrm_train.hf.convert import export_hf, import_hf
 from lrm_train.hf.outputs import check_outside_checkpoints
-from lrm_train.hf.tokenizer import checkpoint_tokenizer, tokenizer_argument
-from lrm_train.models.io import check_output_folder, load_model, save_model
+from lrm_train.hf.tokenizer import tokenizer_argument
+from lrm_train.models.io import check_output_folder, save_model
 from lrm_train.nn import INITS, PLACEMENTS, LRMConfig
-from lrm_train.train.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from lrm_train.train.checkpoint import load_resumable, model_from_state
 from lrm_train.utils import stderr_line
 
 
@@ -50,14 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             save_model(import_hf(source, lrm), args.out_dir, args.overwrite, sources=[source])
         else:
             tokenizer = tokenizer_argument(args.tokenizer, "--tokenizer") if args.tokenizer else None
-            if (source / CHECKPOINT_MANIFEST).exists():
-                model_state, state = load_resumable(source)  # verified once
-                # The tokenizer is settled (or refused) before the model is built.
-                tokenizer = checkpoint_tokenizer(source, state["run"], tokenizer)
-                model = model_from_state(model_state, state["run"], source)
-            else:
-                model = load_model(source)
-            export_hf(model, args.out_dir, args.overwrite, sources=[source], tokenizer=tokenizer)
+            artifact = open_artifact(source, tokenizer, need_tokenizer=False)
+            if artifact.kind is ArtifactKind.HF:
+                raise ValueError(f"{source}: already a Hugging Face folder (export reads a checkpoint or model folder)")
+            export_hf(artifact.model, args.out_dir, args.overwrite, sources=[source], tokenizer=artifact.tokenizer)
     except (ValueError, OSError) as e:
         stderr_line(f"error: {e}")
         return 2

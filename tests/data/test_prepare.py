@@ -45,6 +45,23 @@ def test_same_config_reuses_the_folder_and_a_changed_one_writes_a_new_one(small_
     assert other != prepared and (other / "manifest.json").exists()
 
 
+def test_a_prepared_folder_is_found_without_reading_the_corpus_and_a_changed_file_is_noticed(
+    small_cfg, prepared, corpus_dir, monkeypatch
+):
+    import lrm_train.data.prepare as prepare_module
+
+    def unread(cfg):
+        raise AssertionError("the corpus was read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(prepare_module, "load_corpus", unread)
+        assert prepare(small_cfg) == prepared  # from the files' names, sizes and times alone
+    text = next(f for f in corpus_dir.rglob("*.txt"))
+    text.write_text(text.read_text() + " More.")
+    changed = prepare(small_cfg)
+    assert changed != prepared and (changed / "manifest.json").exists()
+
+
 def test_prepare_is_deterministic(small_cfg, prepared, tmp_path):
     small_cfg.out_root = str(tmp_path / "again")
     again = prepare(small_cfg)
