@@ -24,11 +24,12 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from lrm_train.cli import Interrupted, run_command
 from lrm_train.config_compose import compose_schema, help_text
 from lrm_train.data.config import FORMAT, MANIFEST, DataConfig
 from lrm_train.data.sources import load_corpus, source_fingerprint
 from lrm_train.data.tokenizer import batch_encoder, eos_id, load_tokenizer, tokenizer_hash, train_bpe
-from lrm_train.utils import atomic_directory, remove_stale_temporaries, stderr_line
+from lrm_train.utils import atomic_directory, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,11 @@ class PrepareConfig:
 
 def compose(overrides: list[str]) -> DataConfig:
     """The data config of ``configs/prepare.yaml`` with Hydra ``overrides``; a ValueError line for any config error."""
+    # A group of the trainer's (optim=muon): Hydra's own line does not say that prepare has only the data group.
+    if foreign := [
+        arg for arg in overrides if "." not in arg.partition("=")[0] and arg[0] not in "+~" and arg[:5] != "data="
+    ]:
+        raise ValueError(f"{foreign[0]}: prepare takes data settings only (data=NAME, data.KEY=VALUE)")
     return compose_schema("prepare", PrepareConfig, overrides).data
 
 
@@ -209,40 +215,19 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(help_text("prepare", USAGE))
-        return 0
-    if flags := [arg for arg in argv if arg.startswith("-")]:
-        stderr_line(f"error: unknown option {flags[0]!r} (see --help)")
-        return 2
-    # A group of the trainer's (optim=muon): Hydra's own line does not say that prepare has only the data group.
-    if foreign := [
-        arg for arg in argv if "." not in arg.partition("=")[0] and arg[0] not in "+~" and arg[:5] != "data="
-    ]:
-        stderr_line(f"error: config: {foreign[0]}: prepare takes data settings only (data=NAME, data.KEY=VALUE)")
-        return 2
-    try:
-        cfg = compose(argv)
-    except ValueError as e:
-        stderr_line(f"error: config: {e}")
-        return 2
+    return run_command(argv, help_text("prepare", USAGE), compose, _prepare)
+
+
+def _prepare(cfg: DataConfig, _flags: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up as Ctrl-C does
     try:
-        out = prepare(cfg)
-    except (ValueError, OSError) as e:
-        stderr_line(f"error: {e}")
-        return 2
+        print(prepare(cfg))
     except KeyboardInterrupt:
-        stderr_line(
-            f"error: interrupted; nothing of this prepare was kept (finished folders in {cfg.out_root} are untouched)"
-        )
-        return 130
+        kept = f"nothing of this prepare was kept (finished folders in {cfg.out_root} are untouched)"
+        raise Interrupted(f"interrupted; {kept}") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    print(out)
-    return 0
 
 
 if __name__ == "__main__":

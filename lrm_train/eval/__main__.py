@@ -1,13 +1,5 @@
-"""``python -m lrm_train.eval PATH [tasks=a,b,...] [limit=N] [batch_size=8] [device=cpu|cuda] [out=FILE.json]
-[tokenizer=FILE]``
-
-PATH: a training checkpoint, a run directory (its newest checkpoint that verifies), an lrm_train model folder or an
-exported HF folder. tasks: names (default: the offline set; ``mmlu`` for its 57 subjects). limit: the first N items
-per task (a fraction below 1: that share). tokenizer: for a model folder without one, or a checkpoint written before
-checkpoints carried theirs (a checkpoint refuses any other than its own).
-The results JSON goes into the run directory (``<run>/eval/<checkpoint>.json``) or to ``out=`` (never inside a
-checkpoint); it is checked before any scoring and rewritten after each task, saying which tasks are done.
-"""
+"""``python -m lrm_train.eval PATH [key=value ...]``: the commands' convention (``lrm_train.cli``), the keys and their
+defaults in ``EvalCommand`` and ``configs/eval.yaml`` (``--help`` prints them)."""
 
 from __future__ import annotations
 
@@ -15,56 +7,65 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import MISSING
+
+from lrm_train.cli import run_command
+from lrm_train.config_compose import compose_schema, help_text
 from lrm_train.eval.tasks import DEFAULT_TASKS
-from lrm_train.utils import stderr_line
+from lrm_train.utils import atomic_write_text, stderr_line
 
-_KEYS = ("tasks", "limit", "batch_size", "device", "out", "tokenizer")
+USAGE = """usage: python -m lrm_train.eval PATH [tasks=[a,b]] [limit=N] [batch_size=8] [device=cpu|cuda] [out=FILE.json]
+                                [tokenizer=FILE]
+
+Scores a model on lm-evaluation-harness tasks (offline data) and, for a training checkpoint, on the validation windows
+of the data it was trained on (bits per byte).
+"""
 
 
-def parse(argv: list[str]) -> tuple[Path, dict]:
-    """PATH and the options, each checked here (one line naming the key) before anything is loaded."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        sys.exit(0 if argv else 2)
-    path, options = Path(argv[0]), {}
+@dataclass
+class EvalCommand:
+    path: str = MISSING
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    limit: float | None = None
+    batch_size: int = 8
+    device: str | None = None
+    out: str | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        """Every option checked here (one line naming the key) before anything is loaded."""
+        if not Path(self.path).exists():
+            raise ValueError(f"{self.path}: no such checkpoint, run directory or model folder")
+        if self.limit is not None:
+            if not 0 < self.limit < math.inf:  # reached the harness as an empty task or an islice error
+                raise ValueError(f"limit={self.limit:g}: must be > 0 (the first N items per task, or a share below 1)")
+            self.limit = int(self.limit) if self.limit >= 1 else self.limit
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.device is not None:
+            _check_device(self.device)
+        if self.tokenizer is not None:
+            from lrm_train.hf.tokenizer import tokenizer_argument
+
+            tokenizer_argument(self.tokenizer, "tokenizer")
+        if self.tasks:
+            from lrm_train.eval.tasks import task_specs
+
+            task_specs(self.tasks)  # an unknown task name fails here, not after the tasks before it
+
+
+def compose(argv: list[str]) -> EvalCommand:
+    """PATH (the first argument) and Hydra-style overrides; ``tasks=a,b`` (the older spelling) is ``tasks=[a,b]``."""
+    if not argv or "=" in argv[0]:
+        raise ValueError("PATH (a checkpoint, run directory or model folder) must come first; see --help")
+    overrides = [f"path={argv[0]}"]
     for arg in argv[1:]:
-        key, eq, value = arg.partition("=")
-        if not eq or key not in _KEYS:
-            raise ValueError(f"{arg}: expected one of {', '.join(k + '=' for k in _KEYS)}")
-        options[key] = value
-    if not path.exists():
-        raise ValueError(f"{path}: no such checkpoint, run directory or model folder")
-    options["tasks"] = [t for t in options.get("tasks", ",".join(DEFAULT_TASKS)).split(",") if t]
-    if "limit" in options:
-        limit = _number(options, "limit", float)
-        if not 0 < limit < math.inf:  # reached the harness as an empty task or an islice error
-            raise ValueError(f"limit={options['limit']}: must be > 0 (the first N items per task, or a share below 1)")
-        options["limit"] = int(limit) if limit >= 1 else limit
-    if "batch_size" in options:
-        batch_size = _number(options, "batch_size", int)
-        if batch_size < 1:
-            raise ValueError(f"batch_size={options['batch_size']}: must be >= 1")
-        options["batch_size"] = batch_size
-    if "device" in options:
-        _check_device(options["device"])
-    if "tokenizer" in options:
-        from lrm_train.hf.tokenizer import tokenizer_argument
-
-        options["tokenizer"] = tokenizer_argument(options["tokenizer"], "tokenizer")
-    if options["tasks"]:
-        from lrm_train.eval.tasks import task_specs
-
-        task_specs(options["tasks"])  # an unknown task name fails here, not after the tasks before it
-    return path, options
-
-
-def _number(options: dict, key: str, kind: type) -> float:
-    try:
-        return kind(options[key])
-    except ValueError:
-        raise ValueError(f"{key}={options[key]}: not a number") from None
+        key, _, value = arg.partition("=")
+        overrides.append(f"tasks=[{value}]" if key == "tasks" and not value.startswith("[") else arg)
+    return compose_schema("eval", EvalCommand, overrides)
 
 
 def _check_device(name: str) -> None:
@@ -101,30 +102,32 @@ def check_output(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lrm_train.utils import atomic_write_text
+    return run_command(argv, help_text("eval", USAGE), compose, _evaluate)
 
-    out, saved = None, None  # saved: the tasks done as of the last write that succeeded
+
+def _evaluate(cmd: EvalCommand, _flags: list[str]) -> None:
+    out = check_output(Path(cmd.out)) if cmd.out else None  # before loading anything
+    saved = None  # the tasks done as of the last write that succeeded
 
     def write(results: dict) -> None:
         nonlocal saved
         atomic_write_text(out, json.dumps(results, indent=2))
         saved = list(results["tasks_done"])
 
-    try:
-        path, options = parse(sys.argv[1:] if argv is None else argv)
-        given_out = options.pop("out", "")
-        out = check_output(Path(given_out)) if given_out else None  # before loading anything
-        from lrm_train.eval.api import evaluate_artifact
-        from lrm_train.hf.artifact import open_artifact
+    from lrm_train.eval.api import evaluate_artifact
+    from lrm_train.hf.artifact import open_artifact
 
-        artifact = open_artifact(path, options.pop("tokenizer", None))
+    try:
+        artifact = open_artifact(cmd.path, cmd.tokenizer)
         out = out or check_output(default_output(artifact))
+        options = dict(tasks=cmd.tasks, limit=cmd.limit, batch_size=cmd.batch_size, device=cmd.device)
         results = evaluate_artifact(artifact, **options, on_progress=write)
     except (ValueError, OSError) as e:
-        stderr_line(f"error: {e}")
-        if saved is not None:
-            stderr_line(f"note: {out} keeps what was scored before that (tasks done: {', '.join(saved) or 'none'})")
-        return 2
+        if saved is None:
+            raise
+        raise ValueError(
+            f"{e}\nnote: {out} keeps what was scored before that (tasks done: {', '.join(saved) or 'none'})"
+        )
     if results["val_bpb"] is None:
         stderr_line(f"note: no validation bpb: {results['val_bpb_unavailable']}")
     for task, metrics in results["tasks"].items():
@@ -132,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     if results["val_bpb"] is not None:
         print(f"validation bpb {results['val_bpb']:.4f}")
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,35 +6,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from lrm_train.cli import run_command
 from lrm_train.config_compose import compose_schema
-from lrm_train.experiments.runner import exit_status
+from lrm_train.experiments.runner import AGAIN
 from lrm_train.models import width_family
 from lrm_train.train.checkpoint import complete_checkpoints
-from lrm_train.utils import stderr_line
 
 
 def command_main(command: str, schema: type, run: Callable, doc: str, argv: list[str] | None = None) -> int:
     """``python -m lrm_train.experiments.<command> [experiment=<command>_gpu] [key=value ...]``: the settings of
-    ``configs/<command>.yaml``, then ``run(settings)``; returns the exit status. Bad input is one line and exit status
-    2, before any work; so is an OS error on the way (an unwritable out_dir, a full disk), as for the trainer."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        fields = "\n".join(f"  {f.name}" for f in dataclasses.fields(schema))
-        print(f"{doc.strip()}\n\nusage: python -m lrm_train.experiments.{command} [experiment=NAME] [key=value ...]")
-        print(f"settings (defaults in configs/experiment/{command}_cpu.yaml and {schema.__name__}):\n{fields}")
-        return 0
-    flags = [a for a in argv if a.startswith("-")]
-    if flags:  # Hydra would read one as an override and say something about its grammar instead
-        stderr_line(f"error: unknown option {flags[0]!r} (see --help)")
-        return 2
-    return exit_status(lambda: run(compose_schema(command, schema, argv)))
+    ``configs/<command>.yaml``, then ``run(settings)``; returns the exit status (``lrm_train.cli``'s table)."""
+    fields = "\n".join(f"  {f.name}" for f in dataclasses.fields(schema))
+    usage = (
+        f"{doc.strip()}\n\nusage: python -m lrm_train.experiments.{command} [experiment=NAME] [key=value ...]\n"
+        f"settings (defaults in configs/experiment/{command}_cpu.yaml and {schema.__name__}):\n{fields}"
+    )
+    compose = lambda overrides: compose_schema(command, schema, overrides)
+    return run_command(argv, usage, compose, lambda settings, _flags: run(settings), again=AGAIN)
 
 
 def check_width_sweep(widths: list[int], layers: int, head_dim: int, fit: str) -> None:

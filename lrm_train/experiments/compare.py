@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lrm_train.cli import run_command
 from lrm_train.config_compose import compose_schema
 from lrm_train.experiments.report import (
     finite,
@@ -39,12 +40,12 @@ from lrm_train.experiments.report import (
     write_report,
 )
 from lrm_train.experiments.runner import (
+    AGAIN,
     DIVERGED,
     FINISHED,
     RunSpec,
     SlurmConfig,
     create_out_dir,
-    exit_status,
     make_run,
     python_command,
     run_local,
@@ -54,7 +55,7 @@ from lrm_train.experiments.runner import (
 from lrm_train.models import FalconH1LM
 from lrm_train.optim import batch_fraction
 from lrm_train.train.checkpoint import complete_checkpoints
-from lrm_train.utils import atomic_write_text, stderr_line
+from lrm_train.utils import atomic_write_text
 
 LAUNCHERS = ("local", "slurm")
 REPORT_MODES = ("after", "only")
@@ -730,24 +731,12 @@ ASSUMED_MFU = 0.35  # typical of well-tuned bf16 training on H100s (e.g. torchti
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE + "\n" + (__doc__ or ""))
-        return 0
-    flags = [a for a in argv if a.startswith("-")]
-    if flags and flags != ["--estimate"]:
-        stderr_line(f"error: unknown option {next(f for f in flags if f != '--estimate')!r} (see --help)")
-        return 2
-    try:
-        cfg = compose_schema("compare", CompareConfig, arm_overrides([a for a in argv if not a.startswith("-")]))
-        runs = plan(cfg)
-    except ValueError as e:
-        stderr_line(f"error: config: {e}")
-        return 2
-    if flags:
-        print(estimate(cfg, runs, ASSUMED_MFU))
-        return 0
 
-    def work() -> None:
+    def work(planned: tuple[CompareConfig, list[RunSpec]], flags: list[str]) -> None:
+        cfg, runs = planned
+        if flags:  # --estimate
+            print(estimate(cfg, runs, ASSUMED_MFU))
+            return
         if cfg.report == "after":
             create_out_dir(cfg.out_dir)
             if cfg.launcher == "slurm":
@@ -757,7 +746,14 @@ def main(argv: list[str] | None = None) -> int:
             run_local(runs, cfg.nproc)
         print(f"report: {build_report(cfg, runs)}")
 
-    return exit_status(work)
+    return run_command(
+        argv, USAGE + "\n" + (__doc__ or ""), _compose_and_plan, work, flags=("--estimate",), again=AGAIN
+    )
+
+
+def _compose_and_plan(overrides: list[str]) -> tuple[CompareConfig, list[RunSpec]]:
+    cfg = compose_schema("compare", CompareConfig, arm_overrides(overrides))
+    return cfg, plan(cfg)  # a run's config error is a config error too: before any work
 
 
 if __name__ == "__main__":

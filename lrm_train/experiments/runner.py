@@ -21,7 +21,6 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +28,6 @@ import torch
 
 from lrm_train.train import RunConfig, compose, train
 from lrm_train.train.checkpoint import checkpoint_root, complete_checkpoints
-from lrm_train.train.loop import CallbackFailed, Interrupted
-from lrm_train.train.preemption import Stopped
-from lrm_train.utils import stderr_line
 
 FINISHED, DIVERGED, PENDING = "finished", "diverged", "pending"
 SLURM_JOB_FILE = "slurm_job_id"  # in a run directory: the job that trains it
@@ -73,26 +69,7 @@ def create_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
-def exit_status(work: Callable[[], object]) -> int:
-    """Run an experiment's ``work``; return its exit status, with what stopped it as one line: Ctrl-C (130), a stop
-    signal after the run in progress saved its checkpoint (128 + signal), bad input, a failing callback or the OS
-    (2), a run that failed (1). Each says to run the same command again where that goes on."""
-    again = "run the same command again to go on"
-    try:
-        work()
-    except Interrupted as e:
-        stderr_line(f"error: {e}; {again}")
-        return 130
-    except Stopped as e:
-        stderr_line(f"stopped: {e}; {again}")
-        return e.exit_code
-    except (ValueError, OSError, CallbackFailed) as e:
-        stderr_line(f"error: {e}")
-        return 2
-    except RuntimeError as e:
-        stderr_line(f"error: {e}")
-        return 1
-    return 0
+AGAIN = "run the same command again to go on"  # what an interrupted or stopped experiment says: finished runs stay
 
 
 def run_status(run: RunSpec) -> str:

@@ -10,11 +10,10 @@ import sys
 
 from omegaconf import OmegaConf
 
+from lrm_train.cli import run_command
 from lrm_train.config_compose import help_text
-from lrm_train.train.config import compose
-from lrm_train.train.loop import CallbackFailed, Interrupted, train
-from lrm_train.train.preemption import Stopped
-from lrm_train.utils import stderr_line
+from lrm_train.train.config import RunConfig, compose
+from lrm_train.train.loop import Interrupted, train
 
 USAGE = """usage: python -m lrm_train.train [group=option ...] [key=value ...] [--cfg]
        torchrun --nproc_per_node=N -m lrm_train.train dist=ddp|zero1|zero2|zero3 [...]
@@ -31,40 +30,17 @@ Examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text("train", USAGE))
-        return 0
-    flags = [a for a in argv if a.startswith("-")]
-    if flags and flags != ["--cfg"]:
-        stderr_line(f"error: unknown option {next(f for f in flags if f != '--cfg')!r} (see --help)")
-        return 2
-    try:
-        cfg = compose([a for a in argv if not a.startswith("-")])
-    except ValueError as e:
-        stderr_line(f"error: config: {e}")
-        return 2
-    if flags:
+    return run_command(argv, help_text("train", USAGE), compose, _train, flags=("--cfg",))
+
+
+def _train(cfg: RunConfig, flags: list[str]) -> None:
+    if flags:  # --cfg
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        return 0
+        return
     try:
         train(cfg)
-    except Stopped as e:
-        stderr_line(f"stopped: {e}")
-        return e.exit_code
-    except Interrupted as e:
-        stderr_line(f"error: {e}")
-        return 130
-    except KeyboardInterrupt:
-        stderr_line("error: interrupted before training started; no checkpoint was written")
-        return 130
-    except (ValueError, FileNotFoundError, OSError, CallbackFailed) as e:
-        stderr_line(f"error: {e}")
-        return 2
-    except RuntimeError as e:
-        stderr_line(f"error: {e}")
-        return 3
-    return 0
+    except KeyboardInterrupt:  # the loop turns one during training into Interrupted, saying what was kept
+        raise Interrupted("interrupted before training started; no checkpoint was written") from None
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from lrm_train.cli import BAD_INPUT, CommandEnding, Interrupted
 from lrm_train.distributed import Engine, build_engine
 from lrm_train.optim import batch_fraction, format_table, lr_factor, set_learning_rates
 from lrm_train.train.build import Components, build, seed_everything
@@ -43,12 +44,10 @@ class NonFiniteSteps(RuntimeError):
     pass
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGINT from a launcher), with a line saying what was kept."""
-
-
-class CallbackFailed(Exception):
+class CallbackFailed(CommandEnding):
     """A callback raised: the line names it and what was kept."""
+
+    exit_code = BAD_INPUT  # the user's code, not the run, failed: fix it and run the same command
 
 
 @dataclass

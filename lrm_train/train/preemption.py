@@ -12,13 +12,17 @@ from __future__ import annotations
 import signal
 import threading
 
+from lrm_train.cli import CommandEnding
+
 # What a stop request makes the process exit with: 128 + the signal, as a shell reports a process the signal ended,
 # so Slurm and wrappers that requeue on "killed by SIGTERM" (e.g. RequeueExit=143) treat a saved stop the same way.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Stopped(Exception):
-    """The run stopped on a signal after saving a checkpoint; ``exit_code`` is what the process should exit with."""
+class Stopped(CommandEnding):
+    """The run stopped on a signal after saving a checkpoint; it exits with 128 + the signal, as Slurm expects."""
+
+    word = "stopped"
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)

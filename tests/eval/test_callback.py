@@ -125,4 +125,14 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert eval_main([str(tmp_path / "missing")]) == 2
     assert eval_main([str(tmp_path), "limt=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "missing" in err[0] and "limt=3" in err[1]
+    assert err[0] == f"error: config: {tmp_path / 'missing'}: no such checkpoint, run directory or model folder"
+    assert err[1:] == ["error: config: unknown config key 'limt' (check the spelling; --help lists the keys)"]
+
+
+def test_tasks_take_the_list_syntax_of_every_command_and_the_older_comma_spelling(tmp_path):
+    from lrm_train.eval.__main__ import compose
+
+    assert compose([str(tmp_path), "tasks=[arc_easy,piqa]"]).tasks == ["arc_easy", "piqa"]
+    assert compose([str(tmp_path), "tasks=arc_easy,piqa", "limit=0.5"]).tasks == ["arc_easy", "piqa"]
+    assert compose([str(tmp_path), "tasks="]).tasks == []
+    assert compose([str(tmp_path), "limit=3"]).limit == 3 and isinstance(compose([str(tmp_path), "limit=3"]).limit, int)

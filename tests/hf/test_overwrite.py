@@ -98,3 +98,22 @@ def test_export_hf_api_follows_the_same_rules(tmp_path, small_model):
         model.lm_head.weight.zero_()
     export_hf(model, tmp_path / "hf", overwrite=True)
     assert (tmp_path / "theirs" / "data.bin").read_bytes() == b"\1"
+
+
+def test_the_convention_of_every_command_and_the_argparse_spellings_give_the_same_config():
+    from lrm_train.hf.__main__ import HFExport, HFImport, compose, with_old_flags
+
+    new = compose(["import", "a", "b", "placement=symmetry_free", "init=mup", "lm_head_rows=true", "overwrite=true"])
+    old = compose(
+        with_old_flags(
+            ["import", "a", "b", "--placement", "symmetry_free", "--init", "mup", "--lm-head-rows", "--overwrite"]
+        )
+    )
+    assert new == old == HFImport("a", "b", "symmetry_free", "mup", True, True)
+    assert compose(["export", "a", "b"]) == HFExport("a", "b", None, False)
+    with pytest.raises(ValueError, match="unknown config key 'placment'"):
+        compose(["import", "a", "b", "placment=full"])
+    with pytest.raises(ValueError, match=r"placement.*Invalid value 'everywhere'"):
+        compose(["import", "a", "b", "placement=everywhere"])
+    with pytest.raises(ValueError, match="expected import HF_DIR OUT_DIR or export SOURCE OUT_DIR first"):
+        compose(["convert", "a", "b"])

@@ -26,14 +26,26 @@ from lrm_train.eval.__main__ import main as eval_main
 
 # name: (fault, the arguments after the checkpoint (RUN and TMP: the run's and the test's folders), the line)
 CASES = {
-    "E04 limit=0": (nothing, ["tasks=arc_easy", "limit=0"], r"^error: limit=0: must be > 0"),
-    "E05 limit=-1": (nothing, ["tasks=arc_easy", "limit=-1"], r"^error: limit=-1: must be > 0"),
-    "E05b limit=inf": (nothing, ["tasks=arc_easy", "limit=inf"], r"^error: limit=inf: must be > 0"),
-    "E09 batch_size=0": (nothing, ["tasks=arc_easy", "batch_size=0"], r"^error: batch_size=0: must be >= 1$"),
-    "E14 device=cuda without CUDA": (nothing, ["device=cuda"], r"^error: device=cuda: CUDA is not available here$"),
-    "E14b no such device": (nothing, ["device=gpu0"], r"^error: device=gpu0: not a device"),
-    "E15 tokenizer= missing": (nothing, ["tokenizer=TMP/nope.json"], r"^error: tokenizer=\S+/nope.json: no such file$"),
-    "D20 tokenizer= a folder": (nothing, ["tokenizer=TMP"], r"^error: tokenizer=\S+: a folder, not a tokenizer.json"),
+    "E04 limit=0": (nothing, ["tasks=arc_easy", "limit=0"], r"^error: config: limit=0: must be > 0"),
+    "E05 limit=-1": (nothing, ["tasks=arc_easy", "limit=-1"], r"^error: config: limit=-1: must be > 0"),
+    "E05b limit=inf": (nothing, ["tasks=arc_easy", "limit=inf"], r"^error: config: limit=inf: must be > 0"),
+    "E09 batch_size=0": (nothing, ["tasks=arc_easy", "batch_size=0"], r"^error: config: batch_size=0: must be >= 1$"),
+    "E14 device=cuda without CUDA": (
+        nothing,
+        ["device=cuda"],
+        r"^error: config: device=cuda: CUDA is not available here$",
+    ),
+    "E14b no such device": (nothing, ["device=gpu0"], r"^error: config: device=gpu0: not a device"),
+    "E15 tokenizer= missing": (
+        nothing,
+        ["tokenizer=TMP/nope.json"],
+        r"^error: config: tokenizer=\S+/nope.json: no such file$",
+    ),
+    "D20 tokenizer= a folder": (
+        nothing,
+        ["tokenizer=TMP"],
+        r"^error: config: tokenizer=\S+: a folder, not a tokenizer.json",
+    ),
     "E06 out= under a file": (
         nothing,
         ["tasks=", "out=TMP/a_file/sub/x.json"],

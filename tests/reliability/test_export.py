@@ -62,12 +62,12 @@ CASES = {
     "--tokenizer a folder": (
         nothing,
         ["export", f"RUN/{STEP_4}", "TMP/hf", "--tokenizer", "TMP"],
-        r"^error: --tokenizer=\S+: a folder, not a tokenizer.json file$",
+        r"^error: config: tokenizer=\S+: a folder, not a tokenizer.json file$",
     ),
     "--tokenizer missing": (
         nothing,
         ["export", f"RUN/{STEP_4}", "TMP/hf", "--tokenizer", "TMP/nope.json"],
-        r"^error: --tokenizer=\S+/nope.json: no such file$",
+        r"^error: config: tokenizer=\S+/nope.json: no such file$",
     ),
     "N36b a tokenizer that is not the checkpoint's": (
         nothing,
