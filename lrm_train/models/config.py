@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 SSD_BACKENDS = ("torch", "triton", "auto")
+LM_LOSS_BACKENDS = ("torch", "triton", "auto")
 # Fields that choose how a model runs on this machine, not the function it computes: model folders, Hugging Face
 # exports and checkpoints' run records leave them out, so a model saved on a GPU loads anywhere.
-RUNTIME_FIELDS = ("ssd_backend",)
+RUNTIME_FIELDS = ("ssd_backend", "lm_loss_backend")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class FalconH1Config:
     mlp_multipliers: list[float] = field(default_factory=lambda: [1.0, 1.0])  # gate, down
     # How the Mamba2 scan runs, not what it computes (see RUNTIME_FIELDS): torch, triton, or auto (Triton on CUDA).
     ssd_backend: str = "auto"
+    # How the LM head's cross-entropy runs (see RUNTIME_FIELDS): torch, triton (one fused kernel), or auto (Triton on
+    # CUDA).
+    lm_loss_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +114,10 @@ class FalconH1Config:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be positive")
         if self.ssd_backend not in SSD_BACKENDS:
             raise ValueError(f"model.ssd_backend={self.ssd_backend!r} must be one of {', '.join(SSD_BACKENDS)}")
+        if self.lm_loss_backend not in LM_LOSS_BACKENDS:
+            raise ValueError(
+                f"model.lm_loss_backend={self.lm_loss_backend!r} must be one of {', '.join(LM_LOSS_BACKENDS)}"
+            )
 
     def forward_multipliers(self) -> dict[str, float]:
         """The 14 muP forward multipliers by name."""

@@ -258,7 +258,9 @@ class FalconH1LM(nn.Module):
         self.rotary = RotaryTables(cfg.attention_head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.lrm) for _ in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, **_multipliers(cfg, self.lrm, "lm_head"))
+        self.lm_head = LMHead(
+            cfg.hidden_size, cfg.vocab_size, cfg.lm_loss_backend, **_multipliers(cfg, self.lrm, "lm_head")
+        )
 
     def forward(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, z_loss_weight: float = 0.0

@@ -6,10 +6,18 @@ Two ways to it, with the same value and gradients:
   chunk of tokens and never holds the [tokens, vocab] float32 logits: each chunk's gradient is computed right away
   (in the forward pass, while its logits exist) and the logits are dropped. At the 0.5B model's vocabulary, seq 4096
   and batch 8 the full logits and their gradient are ~9 GB; a chunk is the size of the hidden states.
+
+A chunk's log-partition and logits' gradient come from ``torch_chunk_loss`` (float32 passes in PyTorch: the CPU path
+and the reference) or, on CUDA, from the fused kernel of ``nn.cross_entropy_triton`` (one read and one read+write pass
+over the logits in the matmul's dtype), as ``model.lm_loss_backend`` picks when the head is built
+(``lm_loss_function``).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -45,12 +53,80 @@ def lm_loss(
 
 
 def chunk_tokens(tokens: int, hidden_size: int, vocab_size: int) -> int:
-    return max(1, max(MIN_CHUNK_ELEMENTS, tokens * hidden_size) // vocab_size)
+    """A power of two (as liger-kernel's chunks, so the matmuls get whole tiles): the one nearest the hidden states'
+    size, but not below the floor's."""
+    nearest = 1 << max(0, round(math.log2(tokens * hidden_size / vocab_size)))
+    floor = 1 << max(0, math.ceil(math.log2(MIN_CHUNK_ELEMENTS / vocab_size)))
+    return max(nearest, floor)
 
 
 def _matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """What a matmul runs in here: autocast's dtype when it is on, as ``F.linear`` would."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+
+
+# One chunk's (log_z, target_logits, grad_logits or None) from its logits [rows, vocab] in the matmul dtype, the
+# targets (clamped to >= 0), each token's share of the mean, the z-loss weight and need_grad; the gradient of
+# sum(share * (log Z - logit[target] + w log Z^2)) in the logits' dtype. It may overwrite the logits.
+ChunkLoss = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+def torch_chunk_loss(
+    logits: torch.Tensor, targets: torch.Tensor, share: torch.Tensor, z_loss_weight: float, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The ``ChunkLoss`` in PyTorch: the CPU path and the reference of ``nn.cross_entropy_triton``."""
+    matmul_dtype = logits.dtype
+    logits = logits.float()
+    target_index = targets[:, None]
+    target_logits = logits.gather(-1, target_index).squeeze(-1)
+    # logsumexp by hand, so that its exponentials (made in place in the logits' buffer) are reused for the softmax of
+    # the gradient instead of computed twice.
+    row_max = logits.amax(dim=-1, keepdim=True)
+    exps = logits.sub_(row_max).exp_()
+    partition = exps.sum(dim=-1)
+    log_z = partition.log() + row_max.squeeze(-1)
+    if not need_grad:
+        return log_z, target_logits, None
+    # d(log Z - logit[t] + w log Z^2)/d logits = softmax * (1 + 2 w log Z) - onehot(t), times the token's share of
+    # the mean.
+    grad_logits = exps.mul_(((1 + 2 * z_loss_weight * log_z) * share / partition)[:, None])
+    grad_logits.scatter_add_(-1, target_index, -share[:, None])
+    return log_z, target_logits, grad_logits.to(matmul_dtype)
+
+
+def lm_loss_function(backend: str) -> ChunkLoss:
+    """The ``ChunkLoss`` ``model.lm_loss_backend`` names: ``torch`` (``torch_chunk_loss``), ``triton``
+    (``nn.cross_entropy_triton``: one read and one read+write pass over the logits, in their dtype), or ``auto``:
+    Triton on CUDA tensors when triton imports, ``torch_chunk_loss`` on any other device.
+
+    As ``models.ssd.ssd_scan_function``: heads are built on the CPU and moved afterwards, so where CUDA and triton
+    exist ``auto`` returns a function that picks by the logits' device.
+    """
+    if backend == "torch":
+        return torch_chunk_loss
+    if backend == "triton":
+        try:
+            return _triton_chunk_loss()
+        except ImportError as e:
+            raise ValueError(f"model.lm_loss_backend=triton: the Triton cross-entropy does not import ({e})") from None
+    if backend != "auto":
+        raise ValueError(f"model.lm_loss_backend={backend!r} must be torch, triton or auto")
+    if not torch.cuda.is_available():
+        return torch_chunk_loss
+    try:
+        return functools.partial(_chunk_loss_by_device, _triton_chunk_loss())
+    except ImportError:
+        return torch_chunk_loss
+
+
+def _triton_chunk_loss() -> ChunkLoss:
+    from lrm_train.nn.cross_entropy_triton import cross_entropy_chunk_
+
+    return cross_entropy_chunk_
+
+
+def _chunk_loss_by_device(triton_chunk_loss: ChunkLoss, logits: torch.Tensor, *args):
+    return (triton_chunk_loss if logits.device.type == "cuda" else torch_chunk_loss)(logits, *args)
 
 
 class _LinearLMLoss(torch.autograd.Function):
@@ -61,7 +137,7 @@ class _LinearLMLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, z_loss_weight, ignore_index, need_grad):
+    def forward(ctx, hidden, weight, targets, z_loss_weight, ignore_index, need_grad, chunk_loss):
         tokens = hidden.shape[0]
         matmul_dtype = _matmul_dtype(hidden.device, hidden.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -71,7 +147,7 @@ class _LinearLMLoss(torch.autograd.Function):
             count = valid.sum().clamp(min=1)
             # 1/count per valid token, 0 for the ignored ones: each token's share of the mean.
             share = valid / count
-            target_index = targets.clamp(min=0)[:, None]
+            target_index = targets.clamp(min=0)  # any in-range index: an ignored position's share is 0
             cross_entropy = hidden.new_zeros((), dtype=torch.float32)
             z_loss = hidden.new_zeros((), dtype=torch.float32)
             grad_hidden = torch.empty_like(hidden) if need_grad else None
@@ -80,25 +156,14 @@ class _LinearLMLoss(torch.autograd.Function):
             for start in range(0, tokens, step):
                 rows = slice(start, start + step)
                 hidden_mm = hidden[rows].to(matmul_dtype)
-                logits = (hidden_mm @ weight_mm.T).float()
-                target_logits = logits.gather(-1, target_index[rows]).squeeze(-1)
-                # logsumexp by hand, so that its exponentials (made in place in the logits' buffer) are reused for
-                # the softmax of the gradient instead of computed twice.
-                row_max = logits.amax(dim=-1, keepdim=True)
-                exps = logits.sub_(row_max).exp_()
-                partition = exps.sum(dim=-1)
-                log_z = partition.log() + row_max.squeeze(-1)
+                log_z, target_logits, grad_logits = chunk_loss(
+                    hidden_mm @ weight_mm.T, target_index[rows], share[rows], z_loss_weight, need_grad
+                )
                 cross_entropy += ((log_z - target_logits) * share[rows]).sum()
                 z_loss += (log_z.square() * share[rows]).sum()
-                if not need_grad:
-                    continue
-                # d(log Z - logit[t] + w log Z^2)/d logits = softmax * (1 + 2 w log Z) - onehot(t), times the token's
-                # share of the mean.
-                grad_logits = exps.mul_(((1 + 2 * z_loss_weight * log_z) * share[rows] / partition)[:, None])
-                grad_logits.scatter_add_(-1, target_index[rows], -share[rows][:, None])
-                grad_logits = grad_logits.to(matmul_dtype)
-                grad_hidden[rows] = grad_logits @ weight_mm
-                grad_weight += grad_logits.T @ hidden_mm
+                if need_grad:
+                    grad_hidden[rows] = grad_logits @ weight_mm
+                    grad_weight += grad_logits.T @ hidden_mm
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(cross_entropy, z_loss)
@@ -107,7 +172,7 @@ class _LinearLMLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_cross_entropy, _grad_z_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None, None
 
 
 def linear_lm_loss(
@@ -116,15 +181,17 @@ def linear_lm_loss(
     targets: torch.Tensor,
     z_loss_weight: float = 0.0,
     ignore_index: int = -100,
+    chunk_loss: ChunkLoss = torch_chunk_loss,
 ) -> LMLoss:
     """``lm_loss(hidden @ weight^T, targets, ...)`` without the full logits; ``hidden`` [..., d], ``weight`` [vocab, d].
 
     Under autocast the matmuls run in its dtype, as ``F.linear`` would; the softmax and the sums in float32.
+    ``chunk_loss`` computes each chunk's loss and logits' gradient (``lm_loss_function``).
     """
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return LMLoss(
         *_LinearLMLoss.apply(
-            hidden.flatten(0, -2), weight, targets.flatten(), float(z_loss_weight), ignore_index, need_grad
+            hidden.flatten(0, -2), weight, targets.flatten(), float(z_loss_weight), ignore_index, need_grad, chunk_loss
         )
     )
 
@@ -134,8 +201,12 @@ class LMHead(MultipliedLinear):
     from the hidden states (``linear_lm_loss`` over the effective weight, so every multiplier gets its gradient).
 
     The loss is computed inside this module's forward so that engines which gather a module's parameters when its
-    forward runs (DeepSpeed ZeRO-3) gather the LM head's for it.
+    forward runs (DeepSpeed ZeRO-3) gather the LM head's for it. ``loss_backend`` is ``lm_loss_function``'s choice.
     """
+
+    def __init__(self, in_features: int, out_features: int, loss_backend: str = "auto", **kwargs) -> None:
+        super().__init__(in_features, out_features, **kwargs)
+        self.chunk_loss = lm_loss_function(loss_backend)
 
     def forward(
         self,
@@ -146,4 +217,4 @@ class LMHead(MultipliedLinear):
     ) -> torch.Tensor | LMLoss:
         if targets is None:
             return super().forward(hidden)
-        return linear_lm_loss(hidden, self.effective_weight(), targets, z_loss_weight, ignore_index)
+        return linear_lm_loss(hidden, self.effective_weight(), targets, z_loss_weight, ignore_index, self.chunk_loss)

@@ -165,6 +165,10 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.model.ssd_backend == "triton" and not _cuda_device(cfg.dist.device):
         raise ValueError("model.ssd_backend=triton needs a CUDA device (use model.ssd_backend=auto or torch on CPU)")
+    if cfg.model.lm_loss_backend == "triton" and not _cuda_device(cfg.dist.device):
+        raise ValueError(
+            "model.lm_loss_backend=triton needs a CUDA device (use model.lm_loss_backend=auto or torch on CPU)"
+        )
     if t.grad_clip < 0:
         raise ValueError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     if cfg.schedule.warmup_steps < 0:

@@ -12,7 +12,8 @@ VOCAB, HIDDEN = 50, 16
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """No floor on the chunk size: the 30 tokens below go in chunks of 30 x 16 / 50 = 9 (the last one short)."""
+    """No floor on the chunk size: the 30 tokens below go in chunks of 8, the power of two nearest 30 x 16 / 50 = 9.6
+    (the last one short)."""
     monkeypatch.setattr(loss_module, "MIN_CHUNK_ELEMENTS", 1)
 
 
@@ -27,12 +28,24 @@ def inputs(seed=0):
 
 
 def test_a_chunk_of_logits_is_the_size_of_the_hidden_states_or_of_the_floor(small_chunks):
-    assert loss_module.chunk_tokens(30, HIDDEN, VOCAB) == 9
-    assert loss_module.chunk_tokens(32768, 1024, 32784) == 1023  # the 0.5B model at batch 8 x 4096
+    assert loss_module.chunk_tokens(30, HIDDEN, VOCAB) == 8
+    assert loss_module.chunk_tokens(32768, 1024, 32784) == 1024  # the 0.5B model at batch 8 x 4096 (1023.5 tokens)
 
 
 def test_small_batches_have_a_floor_of_32_mb_per_chunk():
     assert loss_module.chunk_tokens(2048, 128, 8192) == 1024  # the tiny model at batch 8 x 256
+    assert loss_module.chunk_tokens(2048, 128, 32784) == 256  # 8M / 32784 = 255.9 tokens, rounded up to the floor
+
+
+@pytest.mark.parametrize(
+    "tokens, hidden, vocab", [(32768, 1024, 32784), (4096, 1024, 131072), (65536, 2048, 65537), (7, 3, 50), (1, 1, 9)]
+)
+def test_chunks_are_powers_of_two_within_a_factor_sqrt2_of_the_target_and_never_below_the_floor(tokens, hidden, vocab):
+    chunk = loss_module.chunk_tokens(tokens, hidden, vocab)
+    elements, floor = chunk * vocab, loss_module.MIN_CHUNK_ELEMENTS
+    assert chunk >= 1 and chunk & (chunk - 1) == 0
+    assert elements >= floor and elements >= tokens * hidden / 2**0.5
+    assert elements <= tokens * hidden * 2**0.5 or elements < 2 * floor  # the nearest, or the floor's power of two
 
 
 @pytest.mark.parametrize("z_loss_weight", [0.0, 0.1])
