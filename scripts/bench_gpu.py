@@ -7,8 +7,9 @@ FalconH1 at the same shape as the outside reference - all in one run, printed as
     python scripts/bench_gpu.py --variants base,lrm=none  # a subset
 
 The reference configuration (``base``) is lrm=full, AdamW, compiled decoder layers, the SSD scan backend ``auto``
-(Triton on CUDA). Every other variant changes one thing: ``lrm=none``, ``muon``, ``eager`` (no torch.compile),
-``torch scan`` (the plain-PyTorch SSD scan), ``transformers`` (FalconH1ForCausalLM with torch's fused AdamW, same
+and LM-head loss backends ``auto`` (Triton on CUDA). Every other variant changes one thing: ``lrm=none``, ``muon``,
+``eager`` (no torch.compile), ``torch scan`` (the plain-PyTorch SSD scan), ``torch LM loss`` (the chunked PyTorch
+cross-entropy instead of the fused kernel), ``transformers`` (FalconH1ForCausalLM with torch's fused AdamW, same
 shape, same precision: bf16 autocast on CUDA, float32 on CPU).
 
 Each variant runs in its own process (so its peak memory is its own and nothing is left compiled or cached), on the
@@ -40,13 +41,14 @@ OUT_OF_MEMORY = re.compile(r"out of memory|OutOfMemoryError", re.IGNORECASE)
 # Dense bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
-BASE = ["lrm=full", "optim=adamw", "train.compile=true", "model.ssd_backend=auto"]
+BASE = ["lrm=full", "optim=adamw", "train.compile=true", "model.ssd_backend=auto", "model.lm_loss_backend=auto"]
 VARIANTS = {
     "base": [],
     "lrm=none": ["lrm=none"],
     "muon": ["optim=muon"],
     "eager": ["train.compile=false"],
     "torch scan": ["model.ssd_backend=torch"],
+    "torch LM loss": ["model.lm_loss_backend=torch"],
     "transformers": None,  # the outside reference
 }
 # (numerator, denominator, what it measures, target as "at most this ratio of step times")
@@ -55,6 +57,7 @@ RATIOS = [
     ("muon", "base", "Muon / AdamW", 1.10),
     ("base", "eager", "compiled / eager", None),
     ("base", "torch scan", "Triton scan / torch scan (whole step)", None),
+    ("base", "torch LM loss", "fused Triton LM loss / PyTorch chunked loss (whole step)", None),
     ("base", "transformers", "ours / transformers", 1.0),
 ]
 

@@ -1,8 +1,8 @@
 """Downstream tasks in the training loop: the first ``limit`` items of each task every ``every`` steps (and at the
 end), scored by lm-evaluation-harness, logged as ``eval/<task>/<metric>``.
 
-``configs/train.yaml`` attaches it to every run as ``callbacks.downstream``, its arguments taken from the ``eval.*``
-keys; with ``eval.tasks`` empty (the default) it does nothing.
+``train.callbacks.build_callbacks`` attaches it as ``callbacks.downstream`` when ``eval.tasks`` is set, its arguments
+taken from the ``eval.*`` keys; a run without tasks does not import this module (nor the harness).
 
 Every rank takes part: each scores its share of the requests and all receive every result, so all ranks report the
 same numbers.

@@ -73,8 +73,9 @@ class ExperimentConfig:
 
 @dataclass
 class EvalConfig:
-    """Downstream tasks scored in the loop (lm-evaluation-harness; none by default). These are the arguments of the
-    ``callbacks.downstream`` entry of ``configs/train.yaml``, which attaches the evaluation callback."""
+    """Downstream tasks scored in the loop (lm-evaluation-harness; none by default). With tasks, ``build_callbacks``
+    attaches the evaluation callback (``callbacks.downstream``) with these arguments; without, nothing of the harness
+    is imported."""
 
     tasks: list[str] = field(default_factory=list)  # harness task names, e.g. [arc_easy, piqa]
     limit: int = 100  # the first N items of each task: the same fixed subset at every evaluation

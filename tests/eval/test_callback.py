@@ -1,7 +1,10 @@
-"""The in-loop downstream evaluation (DownstreamEval, attached by configs/train.yaml) and ``python -m lrm_train.eval``
+"""The in-loop downstream evaluation (DownstreamEval, attached when eval.tasks is set) and ``python -m lrm_train.eval``
 on its checkpoint."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,19 @@ def test_the_eval_keys_configure_the_callback_the_config_attaches():
     downstream = [c for c in callbacks if isinstance(c, DownstreamEval)]
     assert len(downstream) == 1 and downstream[0].name == "downstream"
     assert (downstream[0].tasks, downstream[0].limit, downstream[0].every) == (["arc_easy", "piqa"], 7, 5)
+
+
+def test_a_run_without_tasks_attaches_no_evaluation_and_never_imports_the_harness(data_root, tmp_path):
+    assert not any(c.name == "downstream" for c in build_callbacks(compose([])))
+    script = (
+        "import sys; from runs import run_config; from lrm_train.train import train; "
+        f"train(run_config({str(data_root)!r}, {str(tmp_path)!r}, **{{'train.max_steps': 2}})); "
+        "assert not [m for m in sys.modules if m.startswith('lm_eval')], 'the harness was imported'"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
 
 
 def test_a_bad_eval_key_fails_while_composing():

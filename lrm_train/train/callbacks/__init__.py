@@ -10,7 +10,8 @@ The loop (``train/loop.py``) calls, in list order:
 A callback with state gives ``state_dict()``/``load_state_dict()``: it is saved in every checkpoint under the
 callback's ``name``. Add your own from the config without editing the loop:
 ``+callbacks.<name>._target_=your.module.YourCallback`` (extra keys are passed to its constructor).
-``configs/train.yaml`` attaches the downstream evaluation (``callbacks.downstream``) the same way.
+The downstream evaluation (``callbacks.downstream``, ``eval/callback.py``) is attached the same way, by its name,
+when ``eval.tasks`` is set: ``eval`` sits above ``train``, and a run without tasks never imports the harness.
 """
 
 from __future__ import annotations
@@ -38,12 +39,22 @@ __all__ = [
 ]
 
 
+DOWNSTREAM = "lrm_train.eval.callback.DownstreamEval"
+
+
 def build_callbacks(cfg: RunConfig) -> list[Callback]:
-    """The run's callbacks in calling order: reporters first, then the user's, then the sinks that write what they
-    reported, and the checkpointer last (so a checkpoint never holds a step whose metrics were not written)."""
+    """The run's callbacks in calling order: reporters first, then the downstream evaluation (with ``eval.tasks``) and
+    the user's, then the sinks that write what they reported, and the checkpointer last (so a checkpoint never holds a
+    step whose metrics were not written)."""
     t = cfg.train
+    attached = {}
+    if cfg.eval.tasks:
+        e = cfg.eval
+        attached["downstream"] = dict(
+            _target_=DOWNSTREAM, tasks=e.tasks, limit=e.limit, every=e.every, batch_size=e.batch_size
+        )
     user = []
-    for name, spec in cfg.callbacks.items():
+    for name, spec in {**attached, **cfg.callbacks}.items():
         try:
             callback = instantiate(spec, _convert_="all")
         except Exception as e:  # noqa: BLE001 - an import error, a wrong argument: the user's config either way
