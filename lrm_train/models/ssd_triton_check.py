@@ -27,7 +27,11 @@ from lrm_train.models import ssd_triton
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 227 * 1024
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-_INPUTS = ("x_ptr", "B_ptr", "C_ptr", "dy_ptr", "dx_ptr", "y_ptr", "dB_ptr", "dC_ptr", "u_ptr", "v_ptr")
+# The pointers to tensors in the inputs' dtype; every other one is float32.
+_INPUTS = (
+    ("x_ptr", "B_ptr", "C_ptr", "dy_ptr", "dx_ptr", "y_ptr", "u_ptr", "v_ptr")
+    + ("states_ptr", "grads_ptr", "leaving_grads_ptr")  # the passed states and their gradients
+)
 
 
 def kernel_launches(shape: ssd_triton._Shape) -> list[tuple[str, dict, int]]:
@@ -35,13 +39,14 @@ def kernel_launches(shape: ssd_triton._Shape) -> list[tuple[str, dict, int]]:
     tiles = dict(DOT_DTYPE=shape.dot_dtype, BLOCK_M=shape.block_m, BLOCK_N=shape.block_n)
     grad_rows_tiles = tiles | dict(DOT_DTYPE=ssd_triton.GRAD_ROWS_DOT_DTYPE)  # the backward's GRAD_ROWS pass
     chunk = dict(DOT_DTYPE=shape.dot_dtype, BLOCK_L=shape.block_l, BLOCK_P=ssd_triton._block(shape.head_dim, cap=64))
-    state_block = dict(BLOCK=min(1024, triton.next_power_of_2(shape.head_dim * shape.d_state)))
+    state_block = dict(BLOCK=shape.state_block)
     warps = ssd_triton.SCAN_WARPS
     return [
         ("_chunk_outer_sum_kernel", dict(FROM_END=True, BLOCK_N=shape.block_n, **chunk), shape.chunk_warps),
         ("_chunk_outer_sum_kernel", dict(FROM_END=False, BLOCK_N=shape.block_n, **chunk), shape.chunk_warps),
         ("_state_passing_kernel", state_block, 4),
         ("_state_passing_backward_kernel", state_block, 4),
+        ("_group_scores_kernel", dict(DOT_DTYPE=shape.dot_dtype, BLOCK_M=shape.block_m, BLOCK_N=shape.block_n), warps),
         ("_chunk_scan_kernel", dict(GRAD_ROWS=False, BLOCK_P=chunk["BLOCK_P"], **tiles), warps),
         ("_chunk_scan_kernel", dict(GRAD_ROWS=True, BLOCK_P=shape.block_p, **grad_rows_tiles), warps),
         ("_chunk_scan_backward_x_kernel", dict(BLOCK_P=shape.block_p, **tiles), warps),
