@@ -28,22 +28,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from lrm_train.experiments.analysis import command_main, power_law_fit
-from lrm_train.experiments.report import markdown_table, read_metrics, save_figure, write_report
+from lrm_train.experiments.analysis import power_law_fit
+from lrm_train.experiments.experiment import Experiment, ExperimentFailed, ExperimentSettings
+from lrm_train.experiments.report import markdown_table, save_figure, write_report
+from lrm_train.experiments.results import read_metrics
 from lrm_train.experiments.runner import create_out_dir
 from lrm_train.models import FalconH1Config, FalconH1LM, preset
-from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, OptimizerName, build_optimizer, classify_parameters, set_learning_rates
-from lrm_train.train import register_configs
-from lrm_train.train.metrics import AdamBrownianMotion
-from lrm_train.utils import stderr_line
+from lrm_train.train.metrics import ABM_KEY, MULTIPLIER_KEY, NORM_KEY, AdamBrownianMotion
 
 SLOPE_RANGE = (0.45, 0.55)
 _TRAJECTORY_POINTS = 200  # points kept per trajectory for the plot
 
 
 @dataclass
-class ABMSettings:
+class ABMSettings(ExperimentSettings):
     out_dir: str = "experiments/abm"
     # The shapes and parameter groups the optimizer is built for: an option of the trainer's model group.
     model: FalconH1Config = field(default_factory=lambda: preset("tiny"))
@@ -58,6 +57,7 @@ class ABMSettings:
     run: str | None = None  # a finished run directory to overlay on its ABM prediction
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # Checked before any work: the sweep takes square roots and logs of these values and divides by them.
         if not self.optimizers:
             raise ValueError(f"optimizers=[] must name at least one of {', '.join(OptimizerName)}")
@@ -82,8 +82,8 @@ class ABMSettings:
 def simulate(model: FalconH1LM, optimizer_name: str, lr: float, wd: float, timescales: float, seed: int) -> dict:
     """ABM of every shadow the trainer would keep for this model under (lr, wd): trajectories and equilibria."""
     cfg = OptimConfig(name=OptimizerName(optimizer_name), lr=lr, weight_decay=wd)
-    optimizer = build_optimizer(model, classify_parameters(model), cfg, LRMConfig(placement="none"))
-    set_learning_rates(optimizer, lr, 1.0)
+    optimizer = build_optimizer(model, classify_parameters(model), cfg)
+    set_learning_rates(optimizer, lr)
     shapes = {name: p.shape for name, p in model.named_parameters()}
     abm = AdamBrownianMotion(optimizer, cfg, shapes, model.cfg.init_std, seed)
     steps = math.ceil(timescales / (lr * wd))
@@ -176,7 +176,7 @@ def overlay_records(run_dir: Path) -> list[dict]:
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.is_file():
         raise ValueError(f"run={run_dir}: no metrics.jsonl there (is it a run directory?)")
-    records = [r for r in read_metrics(run_dir) if any(k.startswith("abm/") for k in r)]
+    records = [r for r in read_metrics(run_dir) if any(k.startswith(ABM_KEY) for k in r)]
     if not records:
         raise ValueError(f"run={run_dir}: metrics.jsonl has no abm/ values (run with logging.trajectories=true)")
     return records
@@ -187,11 +187,11 @@ def run_overlay(run_dir: Path, records: list[dict], out_dir: Path) -> dict:
     steps = [r["step"] for r in records]
     last = records[-1]
     fig, ax = plt.subplots(figsize=(7, 5))
-    for key in sorted(k for k in last if k.startswith("norm/")):
+    for key in sorted(k for k in last if k.startswith(NORM_KEY)):
         ax.semilogy(steps, [r.get(key) for r in records], color="0.6", lw=0.6)
-    for key in sorted(k for k in last if k.startswith("lrm/") and k.endswith("/mean")):
+    for key in sorted(k for k in last if k.startswith(MULTIPLIER_KEY) and k.endswith("/mean")):
         ax.semilogy(steps, [abs(r.get(key)) for r in records], color="C1", lw=0.6, alpha=0.6)
-    for i, key in enumerate(sorted(k for k in last if k.startswith("abm/"))):
+    for i, key in enumerate(sorted(k for k in last if k.startswith(ABM_KEY))):
         ax.semilogy(steps, [r.get(key) for r in records], color=f"C{i + 2}", lw=2, ls="--", label=key)
     ax.plot([], [], color="0.6", label="norm/<matrix> (grey)")
     ax.plot([], [], color="C1", label="|lrm/<multiplier>/mean| (orange)")
@@ -201,27 +201,34 @@ def run_overlay(run_dir: Path, records: list[dict], out_dir: Path) -> dict:
     ax.legend(fontsize=7)
     figure = save_figure(fig, out_dir / "abm_run_overlay.png")
     ratios = {}
-    for key in (k for k in last if k.startswith("norm/")):
-        matrix_abm = [v for k, v in last.items() if k.startswith("abm/")]
+    for key in (k for k in last if k.startswith(NORM_KEY)):
+        matrix_abm = [v for k, v in last.items() if k.startswith(ABM_KEY)]
         ratios[key] = last[key] / (sum(matrix_abm) / len(matrix_abm))
     return dict(run_dir=str(run_dir), step=last["step"], figure=figure, norm_over_abm_mean=ratios)
 
 
-def run(settings: ABMSettings) -> None:
+def plan(settings: ABMSettings) -> list:
+    """No training runs: the sweep simulates the optimizers' updates on the model's shapes in the report. A run to
+    overlay is read here, so that a bad run directory fails before any work."""
+    if settings.run:
+        overlay_records(Path(settings.run))
+    return []
+
+
+def report(settings: ABMSettings, _runs: list) -> Path:
     torch.set_num_threads(1)  # 64x64 steps: threads only contend (x20 slower on 2 shared cores)
-    records = overlay_records(Path(settings.run)) if settings.run else None  # a bad run dir fails before any work
+    records = overlay_records(Path(settings.run)) if settings.run else None
     out_dir = create_out_dir(settings.out_dir)
     overlay = run_overlay(Path(settings.run), records, out_dir) if records else None
     points = sweep(settings)
     fits = slopes(points)
     figures = [plot_equilibria(points, out_dir), plot_adamw_trajectories(points, out_dir)]
-    report = write_report(
+    path = write_report(
         out_dir,
         "Adam Brownian motion",
         _markdown(settings, points, fits, figures, overlay),
         _data(settings, points, fits, overlay),
     )
-    print(f"report: {report}")
     failed = [f for f in fits if not f["within_range"]]
     for f in fits:
         print(
@@ -229,8 +236,8 @@ def run(settings: ABMSettings) -> None:
         )
     if failed:
         names = ", ".join(f"{f['optimizer']} {f['shadow']} {f['exponent']:.3f}" for f in failed)
-        stderr_line(f"FAIL: ABM slope outside {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}: {names}")
-        sys.exit(1)
+        raise ExperimentFailed(f"ABM slope outside {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}: {names} (see {path})")
+    return path
 
 
 def _data(settings, points, fits, overlay) -> dict:
@@ -303,9 +310,8 @@ Expected 0.5, i.e. ||W|| ∝ sqrt(lr/wd); accepted {SLOPE_RANGE[0]}-{SLOPE_RANGE
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    register_configs()  # the trainer's model presets are the options of the model group in configs/abm.yaml
-    return command_main("abm", ABMSettings, run, __doc__, argv)
+ABM = Experiment("abm", ABMSettings, plan, report, __doc__)
+run, main = ABM.run, ABM.main
 
 
 if __name__ == "__main__":

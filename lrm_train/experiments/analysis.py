@@ -1,34 +1,17 @@
-"""What the paper's analyses (abm, norm_sweep, width_scaling, coord_check) share beyond the experiments' runner,
-config path and report helpers: the command wrapper, the power-law fit with its confidence interval, the width
-family's model keys and the width sweeps' checks of them, and a finished run's weights."""
+"""What the paper's analyses (abm, norm_sweep, width_scaling, coord_check) share beyond the experiments' shape
+(``experiment.py``) and report helpers: the power-law fit with its confidence interval, the width family's model keys
+and the width sweeps' checks of them, and a finished run's weights."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from lrm_train.cli import run_command
-from lrm_train.config_compose import compose_schema
-from lrm_train.experiments.runner import AGAIN
 from lrm_train.models import width_family
 from lrm_train.train.checkpoint import complete_checkpoints
-
-
-def command_main(command: str, schema: type, run: Callable, doc: str, argv: list[str] | None = None) -> int:
-    """``python -m lrm_train.experiments.<command> [experiment=<command>_gpu] [key=value ...]``: the settings of
-    ``configs/<command>.yaml``, then ``run(settings)``; returns the exit status (``lrm_train.cli``'s table)."""
-    fields = "\n".join(f"  {f.name}" for f in dataclasses.fields(schema))
-    usage = (
-        f"{doc.strip()}\n\nusage: python -m lrm_train.experiments.{command} [experiment=NAME] [key=value ...]\n"
-        f"settings (defaults in configs/experiment/{command}_cpu.yaml and {schema.__name__}):\n{fields}"
-    )
-    compose = lambda overrides: compose_schema(command, schema, overrides)
-    return run_command(argv, usage, compose, lambda settings, _flags: run(settings), again=AGAIN)
 
 
 def check_width_sweep(widths: list[int], layers: int, head_dim: int, fit: str) -> None:

@@ -4,6 +4,9 @@
     python -m lrm_train.experiments.compare experiment=compare_0p5b  # the paper's scale (GPUs)
     python -m lrm_train.experiments.compare report=only              # rebuild the report from the finished runs
     python -m lrm_train.experiments.compare launcher=slurm slurm.sbatch_args=[--partition=gpu]
+    python -m lrm_train.experiments.compare 'arms.lrm_one=["lrm=full","lrm.init=one"]' --estimate
+
+``arms.NAME=[overrides]`` adds the arm NAME, or replaces it if the experiment has one (quote it for the shell).
 
 Every run goes through the trainer, in its own run directory ``<out_dir>/runs/<arm>-<optimizer>-lr<lr>-s<seed>``.
 Arms differ only in their ``lrm`` overrides: every run of a comparison has the same model, data order (per seed),
@@ -25,40 +28,35 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from lrm_train.cli import run_command
-from lrm_train.config_compose import compose_schema
-from lrm_train.experiments.report import (
+from lrm_train.experiments.compare_plots import (
+    plot_gap,
+    plot_lr_sensitivity,
+    plot_multipliers,
+    plot_norms,
+    plot_val_curves,
+)
+from lrm_train.experiments.experiment import Experiment, ExperimentSettings
+from lrm_train.experiments.report import markdown_table, write_report
+from lrm_train.experiments.results import (
+    RunResult,
+    at_or_before,
+    best_lrs,
+    collect,
     finite,
-    markdown_table,
+    gap_curve,
+    lr_table,
     mean_std,
-    new_figure,
-    read_metrics,
-    save_figure,
-    series,
-    write_report,
+    tokens_at_step,
 )
 from lrm_train.experiments.runner import (
-    AGAIN,
     DIVERGED,
     FINISHED,
     RunSpec,
-    SlurmConfig,
-    create_out_dir,
     make_run,
-    python_command,
-    run_local,
-    run_status,
-    submit_slurm,
 )
-from lrm_train.models import FalconH1LM
-from lrm_train.optim import batch_fraction
+from lrm_train.optim import decay_start
 from lrm_train.train.checkpoint import complete_checkpoints
 from lrm_train.utils import atomic_write_text
-
-LAUNCHERS = ("local", "slurm")
-REPORT_MODES = ("after", "only")
 
 
 @dataclass
@@ -78,11 +76,11 @@ class DownstreamConfig:
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(ExperimentSettings):
     """Settings of a comparison (``configs/experiment/compare_*.yaml`` fill them in; see ``configs/compare.yaml``)."""
 
-    name: str = "compare"
     out_dir: str = "runs/${name}"  # gitignored, beside the trainer's own runs
+    name: str = "compare"
     # arm -> its trainer overrides (lrm=...); on the command line arms.NAME=[...] adds or replaces one (arm_overrides)
     arms: dict[str, list[str]] = field(default_factory=dict)
     baseline: str = "mup"  # the arm the others are compared with
@@ -92,13 +90,10 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     train: list[str] = field(default_factory=list)  # trainer overrides every run shares: model, data, budget, schedule
     train_extra: list[str] = field(default_factory=list)  # more of them, from the command line (e.g. data.source)
-    launcher: str = "local"  # local: one run after another here; slurm: one sbatch job per run
-    nproc: int = 0  # local: processes per run (0: one per visible GPU; torchrun + DDP when more than one)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    report: str = "after"  # after: train, then report; only: rebuild the report from the finished runs
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.baseline not in self.arms:
             raise ValueError(f"baseline={self.baseline!r} is not one of the arms ({', '.join(self.arms) or 'none'})")
         missing = [o for o in self.optimizers if o not in self.lr_center]
@@ -111,12 +106,6 @@ class CompareConfig:
             raise ValueError(f"lr_points={self.lr_points} must be >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={list(self.seeds)} must be distinct and at least one")
-        if self.nproc < 0:
-            raise ValueError(f"nproc={self.nproc} must be >= 0 (0: one process per visible GPU)")
-        if self.launcher not in LAUNCHERS:
-            raise ValueError(f"launcher={self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
-        if self.report not in REPORT_MODES:
-            raise ValueError(f"report={self.report!r} is not one of {', '.join(REPORT_MODES)}")
 
 
 def arm_overrides(overrides: list[str]) -> list[str]:
@@ -185,97 +174,6 @@ def check_same_budget(runs: list[RunSpec]) -> None:
 # The report.
 
 
-@dataclass
-class RunResult:
-    run: RunSpec
-    status: str
-    final: float | None  # validation loss at the final step; None if the run diverged
-    tokens: list[int]  # at each validation
-    val: list[float | None]
-    records: list[dict]
-
-    @property
-    def label(self) -> tuple[str, str]:
-        return self.run.labels["arm"], self.run.labels["optimizer"]
-
-
-def collect(runs: list[RunSpec]) -> list[RunResult]:
-    results = []
-    for run in runs:
-        status = run_status(run)
-        if status not in (FINISHED, DIVERGED):
-            continue
-        records = read_metrics(run.run_dir)
-        with_val = [r for r in records if "val_loss" in r]
-        final = with_val[-1]["val_loss"] if status == FINISHED and with_val else None
-        tokens = [r["tokens_seen"] for r in with_val]
-        results.append(RunResult(run, status, final, tokens, [r["val_loss"] for r in with_val], records))
-    return results
-
-
-def lr_table(results: list[RunResult]) -> dict:
-    """(arm, optimizer) -> lr -> {seed: result}."""
-    table: dict = {}
-    for r in results:
-        table.setdefault(r.label, {}).setdefault(r.run.labels["lr"], {})[r.run.labels["seed"]] = r
-    return table
-
-
-def best_lrs(table: dict) -> dict:
-    """(arm, optimizer) -> the LR with the lowest mean final loss over its finished seeds (diverged LRs excluded)."""
-    best = {}
-    for label, by_lr in table.items():
-        means = {
-            lr: mean_std([r.final for r in seeds.values()])[0]
-            for lr, seeds in by_lr.items()
-            if all(finite(r.final) for r in seeds.values())
-        }
-        if means:
-            best[label] = min(means, key=means.get)
-    return best
-
-
-def decay_start_step(run: RunSpec) -> int:
-    """Where a constant-then-decay schedule starts its decay (the end of the run for the others)."""
-    s, t = run.cfg.schedule, run.cfg.train
-    decays = s.name in ("constant_exp_decay", "wsd")
-    return t.max_steps - round(s.decay_fraction * t.max_steps) if decays else t.max_steps
-
-
-def gap_curve(arm_runs: dict, base_runs: dict) -> dict | None:
-    """The loss gap arm - baseline at each common validation step, paired by seed: mean and std over seeds."""
-    seeds = sorted(set(arm_runs) & set(base_runs))
-    if not seeds:
-        return None
-    per_seed = []
-    for seed in seeds:
-        a, b = arm_runs[seed], base_runs[seed]
-        base_by_tokens = dict(zip(b.tokens, b.val))
-        per_seed.append(
-            {t: v - base_by_tokens[t] for t, v in zip(a.tokens, a.val) if finite(v) and t in base_by_tokens}
-        )
-    tokens = sorted(set.intersection(*(set(p) for p in per_seed)))
-    stats = [mean_std([p[t] for p in per_seed]) for t in tokens]
-    return dict(seeds=seeds, tokens=tokens, mean=[m for m, _ in stats], std=[s for _, s in stats])
-
-
-def tokens_at_step(records: list[dict], step: int) -> float | None:
-    """Tokens seen after ``step`` steps, interpolated between the logged records around it (exact without a batch
-    ramp); None past the last record."""
-    logged = [(r["step"], r["tokens_seen"]) for r in records if "tokens_seen" in r]
-    before = [(s, t) for s, t in logged if s <= step] or [(0, 0)]
-    after = [(s, t) for s, t in logged if s >= step]
-    if not after:
-        return None
-    (s0, t0), (s1, t1) = before[-1], after[0]
-    return t0 if s1 == s0 else t0 + (t1 - t0) * (step - s0) / (s1 - s0)
-
-
-def at_or_before(curve: dict, tokens: float) -> float | None:
-    earlier = [m for t, m in zip(curve["tokens"], curve["mean"]) if t <= tokens]
-    return earlier[-1] if earlier else None
-
-
 def summarize(cfg: CompareConfig, results: list[RunResult]) -> dict:
     """Every number the report shows."""
     table = lr_table(results)
@@ -316,7 +214,8 @@ def summarize(cfg: CompareConfig, results: list[RunResult]) -> dict:
         spreads = [s for s in (row["final_std"], base["final_std"]) if s is not None]
         spread = max(spreads) if len(spreads) == 2 else None
         first = next(iter(arm_runs.values())).run
-        decay_tokens = tokens_at_step(base_runs[curve["seeds"][0]].records, decay_start_step(first))
+        decay_step = decay_start(first.cfg.schedule, first.cfg.train.max_steps)
+        decay_tokens = tokens_at_step(base_runs[curve["seeds"][0]].records, decay_step)
         row["gap"] = dict(
             final=gap,
             final_std=gap_std,
@@ -418,154 +317,6 @@ def _gap_words(row: dict, baseline: str) -> str:
         f"- **{row['arm']} vs {baseline}, {row['optimizer']}**: final gap {g['final']:+.4f} ({row['arm']} "
         f"{sign}){decay}; {verdict}."
     )
-
-
-def legend(ax) -> None:
-    if ax.get_legend_handles_labels()[0]:  # a panel may have nothing to label (no gap without a baseline)
-        ax.legend()
-
-
-def plot_val_curves(out: Path, cfg: CompareConfig, table: dict, summary: dict) -> str:
-    fig, axes = new_figure(len(cfg.optimizers), "validation loss at each arm's best LR (mean over seeds, ± std)")
-    for ax, optimizer in zip(axes, cfg.optimizers):
-        for row in summary["rows"]:
-            if row["optimizer"] != optimizer or row["best_lr"] is None:
-                continue
-            seeds = table[(row["arm"], optimizer)][row["best_lr"]]
-            common = sorted(set.intersection(*(set(r.tokens) for r in seeds.values())))
-            stats = [mean_std([dict(zip(r.tokens, r.val))[t] for r in seeds.values()]) for t in common]
-            mean = [m for m, _ in stats]
-            ax.plot(common, mean, label=f"{row['arm']} (lr {row['best_lr']:.3g})")
-            if len(seeds) > 1:
-                std = [s for _, s in stats]
-                ax.fill_between(
-                    common, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25
-                )
-        ax.set(title=optimizer, xlabel="tokens", ylabel="validation loss")
-        legend(ax)
-    return save_figure(fig, out / "val_loss.png")
-
-
-def plot_gap(out: Path, cfg: CompareConfig, summary: dict) -> str:
-    fig, axes = new_figure(len(cfg.optimizers), f"loss gap: arm minus {cfg.baseline} (below 0: the arm is better)")
-    for ax, optimizer in zip(axes, cfg.optimizers):
-        ax.axhline(0, color="black", lw=0.8)
-        for row in summary["rows"]:
-            if row["optimizer"] != optimizer or "gap" not in row:
-                continue
-            c = row["gap"]["curve"]
-            (line,) = ax.plot(c["tokens"], c["mean"], label=f"{row['arm']} - {cfg.baseline}")
-            if len(c["seeds"]) > 1:
-                ax.fill_between(
-                    c["tokens"],
-                    [m - s for m, s in zip(c["mean"], c["std"])],
-                    [m + s for m, s in zip(c["mean"], c["std"])],
-                    color=line.get_color(),
-                    alpha=0.25,
-                )
-            if row["gap"]["decay_start_tokens"] is not None:
-                ax.axvline(row["gap"]["decay_start_tokens"], color="grey", ls=":", lw=1)
-        ax.set(title=f"{optimizer} (dotted: LR decay starts)", xlabel="tokens", ylabel="validation loss gap")
-        legend(ax)
-    return save_figure(fig, out / "gap.png")
-
-
-def plot_lr_sensitivity(out: Path, cfg: CompareConfig, summary: dict) -> str:
-    fig, axes = new_figure(len(cfg.optimizers), "final validation loss against LR (x: diverged)")
-    for ax, optimizer in zip(axes, cfg.optimizers):
-        for row in summary["rows"]:
-            if row["optimizer"] != optimizer:
-                continue
-            points = [p for p in row["lr_curve"] if p["mean"] is not None]
-            errors = [p["std"] or 0.0 for p in points]
-            bars = ax.errorbar(
-                [p["lr"] for p in points],
-                [p["mean"] for p in points],
-                yerr=errors,
-                marker="o",
-                capsize=3,
-                label=row["arm"],
-            )
-            diverged = [p["lr"] for p in row["lr_curve"] if p["diverged"]]
-            if diverged and points:
-                top = max(p["mean"] for p in points)
-                ax.plot(diverged, [top] * len(diverged), "x", color=bars[0].get_color(), ms=10)
-        ax.set_xscale("log", base=2)
-        grid = sorted({p["lr"] for row in summary["rows"] if row["optimizer"] == optimizer for p in row["lr_curve"]})
-        ax.set_xticks(grid, [f"{lr:.3g}" for lr in grid])
-        ax.minorticks_off()
-        ax.set(title=optimizer, xlabel="base LR", ylabel="final validation loss")
-        legend(ax)
-    return save_figure(fig, out / "lr_sensitivity.png")
-
-
-def _best_run(table: dict, row: dict) -> RunResult:
-    seeds = table[(row["arm"], row["optimizer"])][row["best_lr"]]
-    return seeds[min(seeds)]
-
-
-MOVERS_SHOWN = 5
-
-
-def plot_multipliers(out: Path, table: dict, summary: dict) -> str | None:
-    """Scalar multipliers and the mean of row/column multipliers against step, for each LRM arm at its best LR."""
-    rows = [r for r in summary["rows"] if r["best_lr"] is not None and r["arm"] != summary["baseline"]]
-    panels = []
-    for row in rows:
-        records = _best_run(table, row).records
-        keys = sorted(
-            {k for rec in records for k in rec if k.startswith("lrm/") and (k.endswith((".lrm_scalar", "/mean")))}
-        )
-        if keys:
-            panels.append((row, records, keys))
-    if not panels:
-        return None
-    fig, axes = new_figure(
-        len(panels),
-        "multipliers at the best LR, relative to their first logged value (scalars; means of row/column vectors)",
-    )
-    for ax, (row, records, keys) in zip(axes, panels):
-        ratios = {}
-        for key in keys:
-            steps, values = series(records, key)
-            ratios[key] = (steps, [v / values[0] if finite(v) and values[0] else None for v in values])
-        # The multipliers that moved most (by final |log ratio|) are named in the legend and in report.json.
-        moved = {k: abs(math.log(r[-1])) for k, (_, r) in ratios.items() if finite(r[-1]) and r[-1] > 0}
-        movers = sorted(moved, key=moved.get, reverse=True)[:MOVERS_SHOWN]
-        row["multipliers_moved_most"] = {k.removeprefix("lrm/"): ratios[k][1][-1] for k in movers}
-        for key, (steps, ratio) in ratios.items():
-            label = key.removeprefix("lrm/") if key in movers else None
-            ax.plot(steps, ratio, lw=1.4 if label else 0.6, alpha=1.0 if label else 0.5, label=label)
-        ax.set_yscale("log")
-        title = f"{row['arm']}, {row['optimizer']}, lr {row['best_lr']:.3g}"
-        ax.set(title=title, xlabel="step", ylabel="value / first logged value")
-        ax.legend(fontsize=7, title="moved most")
-    return save_figure(fig, out / "multipliers.png")
-
-
-def plot_norms(out: Path, table: dict, summary: dict) -> str | None:
-    """Matrix norms (RMS of W) against the ABM prediction of noise and weight decay alone, per arm at its best LR."""
-    rows = [r for r in summary["rows"] if r["best_lr"] is not None]
-    if not rows:
-        return None
-    fig, axes = new_figure(len(rows), "matrix norms ||W|| (solid) against the ABM prediction (dashed)")
-    for ax, row in zip(axes, rows):
-        records = _best_run(table, row).records
-        keys = sorted({k for rec in records for k in rec if k.startswith(("norm/", "abm/"))})
-        for key in keys:
-            steps, values = series(records, key)
-            abm = key.startswith("abm/")
-            ax.plot(
-                steps,
-                values,
-                lw=1.8 if abm else 0.6,
-                ls="--" if abm else "-",
-                color="black" if abm else None,
-                alpha=1.0 if abm else 0.6,
-            )
-        ax.set_yscale("log")
-        ax.set(title=f"{row['arm']}, {row['optimizer']}, lr {row['best_lr']:.3g}", xlabel="step", ylabel="RMS")
-    return save_figure(fig, out / "norms_abm.png")
 
 
 def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
@@ -690,70 +441,8 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
     return path
 
 
-def tokens_per_run(run: RunSpec, world_size: int) -> int:
-    """Training tokens of one run, batch ramp included (the trainer's ``batch_fraction``, in whole micro-batches)."""
-    t = run.cfg.train
-    micro_batches = sum(
-        max(1, math.ceil(t.grad_accum * batch_fraction(run.cfg.schedule, step))) for step in range(t.max_steps)
-    )
-    return micro_batches * t.micro_batch_size * world_size * run.cfg.data.seq_len
-
-
-def estimate(cfg: CompareConfig, runs: list[RunSpec], mfu: float) -> str:
-    """GPU hours of the comparison from the model's training FLOPs per token at an assumed MFU."""
-    world = cfg.nproc or 1
-    run = runs[0]
-    with torch.device("meta"):  # the FLOPs need the shapes only
-        model = FalconH1LM(run.cfg.model, run.cfg.lrm)
-    flops_per_token = model.flops_per_token(run.cfg.data.seq_len)
-    tokens = tokens_per_run(run, world)
-    peak = run.cfg.logging.peak_tflops * 1e12
-    hours = flops_per_token * tokens / (mfu * peak) / 3600
-    return (
-        f"{len(runs)} runs x {tokens / 1e9:.3g} GT at {flops_per_token:.3g} training FLOPs/token "
-        f"({world} processes per run): {hours:,.0f} GPU hours per run, {hours * len(runs):,.0f} in all, "
-        f"assuming {mfu:.0%} MFU of {run.cfg.logging.peak_tflops:g} TFLOP/s per GPU (logging.peak_tflops)"
-    )
-
-
-USAGE = """usage: python -m lrm_train.experiments.compare [experiment=NAME] [key=value ...] [--estimate]
-
-keys (configs/compare.yaml, configs/experiment/*.yaml): name, out_dir, arms.<arm>=[overrides], baseline,
-optimizers, lr_center.<optimizer>, lr_points, seeds, train=[trainer overrides], train_extra=[more of them],
-launcher (local|slurm), nproc, slurm.script, slurm.nodes, slurm.sbatch_args, report (after|only),
-downstream.tasks, downstream.limit, downstream.batch_size
-arms.<arm>=[overrides] adds that arm, or replaces it if the experiment has one; quote it for the shell:
-  python -m lrm_train.experiments.compare 'arms.lrm_one=["lrm=full","lrm.init=one"]' --estimate
---estimate prints the GPU hours the comparison would take at an assumed 35% MFU, and exits
-"""
-ASSUMED_MFU = 0.35  # typical of well-tuned bf16 training on H100s (e.g. torchtitan's 33-39%); not measured here
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-
-    def work(planned: tuple[CompareConfig, list[RunSpec]], flags: list[str]) -> None:
-        cfg, runs = planned
-        if flags:  # --estimate
-            print(estimate(cfg, runs, ASSUMED_MFU))
-            return
-        if cfg.report == "after":
-            create_out_dir(cfg.out_dir)
-            if cfg.launcher == "slurm":
-                report = python_command("lrm_train.experiments.compare", [*argv, "report=only", "launcher=local"])
-                submit_slurm(runs, cfg.slurm, report)
-                return
-            run_local(runs, cfg.nproc)
-        print(f"report: {build_report(cfg, runs)}")
-
-    return run_command(
-        argv, USAGE + "\n" + (__doc__ or ""), _compose_and_plan, work, flags=("--estimate",), again=AGAIN
-    )
-
-
-def _compose_and_plan(overrides: list[str]) -> tuple[CompareConfig, list[RunSpec]]:
-    cfg = compose_schema("compare", CompareConfig, arm_overrides(overrides))
-    return cfg, plan(cfg)  # a run's config error is a config error too: before any work
+COMPARE = Experiment("compare", CompareConfig, plan, build_report, __doc__, overrides=arm_overrides)
+main = COMPARE.main
 
 
 if __name__ == "__main__":

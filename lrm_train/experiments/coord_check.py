@@ -11,6 +11,7 @@ scale drifts with width, so the small model's tuning does not carry to the large
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -19,9 +20,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from lrm_train.experiments.analysis import check_width_sweep, command_main, power_law_fit, width_overrides
+from lrm_train.experiments.analysis import check_width_sweep, power_law_fit, width_overrides
+from lrm_train.experiments.experiment import Experiment, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, save_figure, write_report
-from lrm_train.experiments.runner import create_out_dir, make_run, run_local
+from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
 from lrm_train.train import compose
 from lrm_train.train.callbacks import Callback
 from lrm_train.utils import atomic_write_text
@@ -30,7 +32,7 @@ QUANTITIES = ("embedding", "mamba", "attention", "mlp", "residual", "logits")
 
 
 @dataclass
-class CoordCheckSettings:
+class CoordCheckSettings(ExperimentSettings):
     out_dir: str = "experiments/coord_check"
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     layers: int = 2
@@ -51,6 +53,7 @@ class CoordCheckSettings:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_width_sweep(self.widths, self.layers, self.head_dim, "the slope")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
@@ -108,9 +111,9 @@ class ActivationRMS(Callback):
         self.steps = json.loads(state["steps"])
 
 
-def make_runs(settings: CoordCheckSettings, out_dir: Path) -> dict:
-    """Every run composed before any trains (a bad key fails first), by ``<arm>/<width>``."""
-    runs = {}
+def plan(settings: CoordCheckSettings) -> list[RunSpec]:
+    """Every run composed before any trains (a bad key fails first), labelled by arm and width."""
+    runs = []
     for arm in settings.arms:
         for width in settings.widths:
             overrides = [
@@ -127,7 +130,8 @@ def make_runs(settings: CoordCheckSettings, out_dir: Path) -> dict:
             ]
             if settings.break_multiplier:
                 overrides.append(_broken_override(settings, overrides, width))
-            runs[f"{arm}/{width}"] = make_run(f"coord_{arm}_w{width}", out_dir / "runs" / f"{arm}_w{width}", overrides)
+            run_dir = Path(settings.out_dir) / "runs" / f"{arm}_w{width}"
+            runs.append(make_run(f"coord_{arm}_w{width}", run_dir, overrides, arm=arm, width=width))
     return runs
 
 
@@ -139,11 +143,9 @@ def _broken_override(settings: CoordCheckSettings, overrides: list[str], width: 
     return f"model.{name}={getattr(base, name) * width / settings.widths[0]}"
 
 
-def measure(settings: CoordCheckSettings, out_dir: Path) -> dict:
-    runs = make_runs(settings, out_dir)
-    create_out_dir(out_dir)
-    run_local(list(runs.values()))
-    return {key: json.loads((run.run_dir / RESULT_FILE).read_text()) for key, run in runs.items()}
+def measured(runs: list[RunSpec]) -> dict:
+    """What ``ActivationRMS`` wrote in each finished run, by ``<arm>/<width>``."""
+    return {f"{r.labels['arm']}/{r.labels['width']}": json.loads((r.run_dir / RESULT_FILE).read_text()) for r in runs}
 
 
 def slopes(settings: CoordCheckSettings, results: dict) -> list[dict]:
@@ -174,9 +176,9 @@ def plot(settings: CoordCheckSettings, results: dict, arm: str, out_dir: Path) -
     return save_figure(fig, out_dir / f"coord_check_{arm}.png")
 
 
-def run(settings: CoordCheckSettings) -> None:
-    out_dir = Path(settings.out_dir)
-    results = measure(settings, out_dir)
+def report(settings: CoordCheckSettings, runs: list[RunSpec]) -> Path:
+    out_dir = create_out_dir(settings.out_dir)
+    results = measured(finished(runs))
     rows = slopes(settings, results)
     figures = {arm: plot(settings, results, arm, out_dir) for arm in settings.arms}
     flagged = sorted({(r["arm"], r["quantity"]) for r in rows if r["flagged"]})
@@ -204,12 +206,12 @@ Flagged (arm, quantity): {", ".join(f"{a}/{q}" for a, q in flagged) or "none"}
         ]
         text += markdown_table(["step", "quantity", "slope vs width", "95% CI", ""], table) + "\n\n"
     data = dict(
-        settings=vars(settings),
+        settings=dataclasses.asdict(settings),
         flagged=[f"{a}/{q}" for a, q in flagged],
         slopes=rows,
         rms={key: value["rms"] for key, value in results.items()},
     )
-    print(f"report: {write_report(out_dir, 'Coordinate check', text, data)}")
+    path = write_report(out_dir, "Coordinate check", text, data)
     for arm, quantity in flagged:
         worst = max(
             (r for r in rows if r["arm"] == arm and r["quantity"] == quantity), key=lambda r: abs(r["exponent"])
@@ -220,6 +222,7 @@ Flagged (arm, quantity): {", ".join(f"{a}/{q}" for a, q in flagged) or "none"}
         )
     if not flagged:
         print("coord_check: every quantity is flat in width")
+    return path
 
 
 def _broken(settings: CoordCheckSettings) -> str:
@@ -228,8 +231,8 @@ def _broken(settings: CoordCheckSettings) -> str:
     return f", and model.{settings.break_multiplier} deliberately scaled by width/{settings.widths[0]}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    return command_main("coord_check", CoordCheckSettings, run, __doc__, argv)
+COORD_CHECK = Experiment("coord_check", CoordCheckSettings, plan, report, __doc__)
+run, main = COORD_CHECK.run, COORD_CHECK.main
 
 
 if __name__ == "__main__":

@@ -13,19 +13,22 @@ multipliers. The paper: the frozen arm degrades at extreme S, the multiplier arm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrm_train.experiments.analysis import command_main
-from lrm_train.experiments.report import markdown_table, new_figure, read_metrics, save_figure, write_report
-from lrm_train.experiments.runner import create_out_dir, make_run, run_local
+from lrm_train.experiments.experiment import Experiment, ExperimentSettings, finished
+from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
+from lrm_train.experiments.results import read_metrics
+from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
 from lrm_train.train import compose
+from lrm_train.train.metrics import MULTIPLIER_KEY, NORM_EFF_KEY, NORM_KEY
 
 
 @dataclass
-class NormSweepSettings:
+class NormSweepSettings(ExperimentSettings):
     out_dir: str = "experiments/norm_sweep"
     scales: list[float] = field(default_factory=lambda: [1 / 64, 1 / 8, 1.0, 8.0, 64.0])  # S = sqrt(lr/wd): 8^-2..8^2
     # sqrt(lr*wd) of the head: 1/effective_lr^2 steps is the head's equilibration time, which the runs must exceed.
@@ -40,6 +43,7 @@ class NormSweepSettings:
     trainer: list[str] = field(default_factory=list)  # the model, data and length of every run
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # S and effective_lr set the head's lr and wd as their product and quotient, and S is plotted on logs.
         if not self.scales:
             raise ValueError("scales=[] must hold at least one S")
@@ -54,15 +58,15 @@ def head_overrides(settings: NormSweepSettings, scale: float, base_lr: float, ba
     return [f"optim.lm_head.lr_mult={lr / base_lr}", f"optim.lm_head.wd_mult={wd / base_wd}"]
 
 
-def make_runs(settings: NormSweepSettings, out_dir: Path) -> dict:
-    """Every run composed before any trains (a bad key fails first), by (arm, S)."""
+def plan(settings: NormSweepSettings) -> list[RunSpec]:
+    """Every run composed before any trains (a bad key fails first), labelled by arm and S."""
     base = compose(list(settings.trainer)).optim  # the base LR and WD that the class multipliers scale
     if base.weight_decay <= 0:
         raise ValueError(
             f"trainer: optim.weight_decay={base.weight_decay} must be > 0 here (the LM head's weight decay is set as "
             "a multiple of it)"
         )
-    runs = {}
+    runs = []
     for arm, arm_overrides in settings.arms.items():
         for scale in settings.scales:
             name = f"{arm}_S{scale:g}"
@@ -71,7 +75,8 @@ def make_runs(settings: NormSweepSettings, out_dir: Path) -> dict:
                 *arm_overrides,
                 *head_overrides(settings, scale, base.lr, base.weight_decay),
             ]
-            runs[(arm, scale)] = make_run(f"norm_sweep_{name}", out_dir / "runs" / name, overrides)
+            run_dir = Path(settings.out_dir) / "runs" / name
+            runs.append(make_run(f"norm_sweep_{name}", run_dir, overrides, arm=arm, S=scale))
     return runs
 
 
@@ -81,17 +86,15 @@ def final_values(run_dir: Path) -> dict:
     last = {}
     for record in records:
         last.update({k: v for k, v in record.items() if v is not None})
-    values = dict(val_loss=last["val_loss"], norm=last["norm/lm_head"], norm_eff=last["norm_eff/lm_head"])
-    if "lrm/lm_head.lrm_scalar" in last:
-        values["head_scalar"] = last["lrm/lm_head.lrm_scalar"]
+    values = dict(val_loss=last["val_loss"], norm=last[f"{NORM_KEY}lm_head"], norm_eff=last[f"{NORM_EFF_KEY}lm_head"])
+    if f"{MULTIPLIER_KEY}lm_head.lrm_scalar" in last:
+        values["head_scalar"] = last[f"{MULTIPLIER_KEY}lm_head.lrm_scalar"]
     return values
 
 
-def run(settings: NormSweepSettings) -> None:
-    runs = make_runs(settings, Path(settings.out_dir))
+def report(settings: NormSweepSettings, runs: list[RunSpec]) -> Path:
     out_dir = create_out_dir(settings.out_dir)
-    run_local(list(runs.values()))
-    results = {key: final_values(run.run_dir) for key, run in runs.items()}
+    results = {(run.labels["arm"], run.labels["S"]): final_values(run.run_dir) for run in finished(runs)}
     spreads = {}
     for arm in settings.arms:
         losses = [results[(arm, s)]["val_loss"] for s in settings.scales]
@@ -129,17 +132,18 @@ The paper: the frozen arm degrades at extreme S, the multiplier arms stay flat.
 {markdown_table(["arm", "S", "final val loss", "‖W‖ head", "‖W_eff‖ head", "head scalar"], rows)}
 """
     data = dict(
-        settings=dict(vars(settings)),
+        settings=dataclasses.asdict(settings),
         spread=spreads,
         runs=[dict(arm=arm, S=scale, **values) for (arm, scale), values in results.items()],
     )
-    print(f"report: {write_report(out_dir, 'Norm sweep (LM head)', text, data)}")
+    path = write_report(out_dir, "Norm sweep (LM head)", text, data)
     for arm, v in spreads.items():
         print(f"norm_sweep: {arm}: final loss {v['min']:.3f}..{v['max']:.3f} across S (spread {v['spread']:.3f})")
+    return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    return command_main("norm_sweep", NormSweepSettings, run, __doc__, argv)
+NORM_SWEEP = Experiment("norm_sweep", NormSweepSettings, plan, report, __doc__)
+run, main = NORM_SWEEP.run, NORM_SWEEP.main
 
 
 if __name__ == "__main__":

@@ -69,9 +69,6 @@ def create_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
-AGAIN = "run the same command again to go on"  # what an interrupted or stopped experiment says: finished runs stay
-
-
 def run_status(run: RunSpec) -> str:
     if any(p.name.startswith("emergency_step_") for p in _children(checkpoint_root(run.run_dir))):
         return DIVERGED

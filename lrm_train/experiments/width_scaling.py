@@ -15,6 +15,7 @@ slower than muP predicts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -24,19 +25,19 @@ import torch
 
 from lrm_train.experiments.analysis import (
     check_width_sweep,
-    command_main,
     final_weights,
     power_law_fit,
     width_overrides,
 )
+from lrm_train.experiments.experiment import Experiment, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
-from lrm_train.experiments.runner import create_out_dir, make_run, run_local
+from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
 
 PAPER_EXPONENTS = {"lm_head_scalar": -1.0, "ssm_dt": -1.0, "qk_product": -2.0}
 
 
 @dataclass
-class WidthScalingSettings:
+class WidthScalingSettings(ExperimentSettings):
     out_dir: str = "experiments/width_scaling"
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     layers: int = 2
@@ -44,6 +45,7 @@ class WidthScalingSettings:
     trainer: list[str] = field(default_factory=list)  # lr, wd, data and length: the same for every width
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_width_sweep(self.widths, self.layers, self.head_dim, "the exponent fit")
 
 
@@ -73,8 +75,8 @@ def learned_multipliers(weights: dict[str, torch.Tensor], head_dim: int, heads_p
     )
 
 
-def make_runs(settings: WidthScalingSettings, out_dir: Path) -> dict:
-    runs = {}
+def plan(settings: WidthScalingSettings) -> list[RunSpec]:
+    runs = []
     for width in settings.widths:
         overrides = [
             "lrm=full",
@@ -83,16 +85,16 @@ def make_runs(settings: WidthScalingSettings, out_dir: Path) -> dict:
             *width_overrides(width, settings.layers, settings.head_dim),
             *settings.trainer,
         ]
-        runs[width] = make_run(f"width_{width}", out_dir / "runs" / f"w{width}", overrides)
+        run_dir = Path(settings.out_dir) / "runs" / f"w{width}"
+        runs.append(make_run(f"width_{width}", run_dir, overrides, width=width))
     return runs
 
 
-def run(settings: WidthScalingSettings) -> None:
-    runs = make_runs(settings, Path(settings.out_dir))
+def report(settings: WidthScalingSettings, runs: list[RunSpec]) -> Path:
     out_dir = create_out_dir(settings.out_dir)
-    run_local(list(runs.values()))
     values = {}
-    for width, spec in runs.items():
+    for spec in finished(runs):
+        width = spec.labels["width"]
         heads_per_kv = spec.cfg.model.num_attention_heads // spec.cfg.model.num_key_value_heads
         values[width] = learned_multipliers(final_weights(spec.run_dir), settings.head_dim, heads_per_kv)
     fits = {q: power_law_fit(settings.widths, [values[w][q] for w in settings.widths]) for q in PAPER_EXPONENTS}
@@ -140,21 +142,22 @@ norm weights, the same lr and wd at every width; trainer overrides {settings.tra
 {markdown_table(["width", *PAPER_EXPONENTS], value_rows)}
 """
     data = dict(
-        settings=vars(settings),
+        settings=dataclasses.asdict(settings),
         fits=fits,
         paper_exponents=PAPER_EXPONENTS,
         values={str(w): v for w, v in values.items()},
     )
-    print(f"report: {write_report(out_dir, 'Width scaling of the learned multipliers', text, data)}")
+    path = write_report(out_dir, "Width scaling of the learned multipliers", text, data)
     for q, f in fits.items():
         print(
             f"width_scaling: {q}: d^{f['exponent']:.2f} (95% CI {f['ci95'][0]:.2f}..{f['ci95'][1]:.2f}); "
             f"paper d^{PAPER_EXPONENTS[q]:g}"
         )
+    return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    return command_main("width_scaling", WidthScalingSettings, run, __doc__, argv)
+WIDTH_SCALING = Experiment("width_scaling", WidthScalingSettings, plan, report, __doc__)
+run, main = WIDTH_SCALING.run, WIDTH_SCALING.main
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from torch import nn
 from lrm_train.nn import MultipliedMatrix
 from lrm_train.optim import OptimConfig, ParamClass, adjusted_lr, make_optimizer
 
+# The key prefixes above, for whatever reads metrics.jsonl (the experiments' reports) without spelling them again.
+MULTIPLIER_KEY, NORM_KEY, NORM_EFF_KEY, ABM_KEY = "lrm/", "norm/", "norm_eff/", "abm/"
 ABM_CLASSES = (ParamClass.MATRIX, ParamClass.EMBEDDING, ParamClass.LM_HEAD)
 ABM_MAX_SIDE = 128  # the longest side a shadow is simulated at (see simulated_shape)
 
@@ -34,13 +36,13 @@ def trajectory_metrics(model: nn.Module, abm: AdamBrownianMotion | None = None) 
     for name, matrix in model.named_modules():
         if not isinstance(matrix, MultipliedMatrix):
             continue
-        names += [f"norm/{name}", f"norm_eff/{name}"]
+        names += [f"{NORM_KEY}{name}", f"{NORM_EFF_KEY}{name}"]
         values += [matrix.weight.float().pow(2).mean().sqrt(), matrix.effective_weight().float().pow(2).mean().sqrt()]
         for kind in ("lrm_scalar", "lrm_row", "lrm_col"):
             p = getattr(matrix, kind)
             if p is None:
                 continue
-            key = f"lrm/{name}.{kind}"
+            key = f"{MULTIPLIER_KEY}{name}.{kind}"
             if kind == "lrm_scalar":
                 names.append(key)
                 values.append(p[0].float())
@@ -49,7 +51,7 @@ def trajectory_metrics(model: nn.Module, abm: AdamBrownianMotion | None = None) 
                 values += [p.mean(), p.std(correction=0), p.min(), p.max()]
     if abm is not None:
         for key, norm in abm.norms().items():
-            names.append(f"abm/{key}")
+            names.append(f"{ABM_KEY}{key}")
             values.append(norm)
     if not values:
         return {}

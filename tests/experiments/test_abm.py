@@ -44,12 +44,13 @@ def test_muon_slope_is_one_half(tmp_path):
     assert all(f["exponent"] == pytest.approx(0.5, abs=0.05) for f in fits)
 
 
-def test_a_slope_outside_the_range_fails_the_command(tmp_path, monkeypatch):
+def test_a_slope_outside_the_range_fails_the_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("lrm_train.experiments.abm.SLOPE_RANGE", (0.6, 0.7))
-    with pytest.raises(SystemExit) as stopped:
-        run(ABMSettings(out_dir=str(tmp_path), optimizers=["adamw"], ratios=[1e-2, 1.0], products=[4e-2, 8e-2]))
-    assert stopped.value.code == 1
+    args = [f"out_dir={tmp_path}", "optimizers=[adamw]", "ratios=[1e-2,1.0]", "products=[4e-2,8e-2]"]
+    assert main(args) == 1
     assert (tmp_path / "report.md").is_file()  # the report says what failed
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ABM slope outside 0.6-0.7: adamw ") and line.endswith(f"(see {tmp_path}/report.md)")
 
 
 def test_bad_input_is_one_line_before_any_work(tmp_path, capsys):

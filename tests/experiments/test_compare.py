@@ -10,9 +10,11 @@ import pytest
 from runs import overrides
 
 from lrm_train.config_compose import compose_schema
-from lrm_train.experiments.compare import CompareConfig, RunResult, lr_grid, main, plan, summarize, tokens_per_run
-from lrm_train.experiments.report import read_metrics
+from lrm_train.experiments.compare import CompareConfig, lr_grid, main, plan, summarize
+from lrm_train.experiments.experiment import tokens_per_run
+from lrm_train.experiments.results import RunResult, read_metrics
 from lrm_train.experiments.runner import FINISHED, PENDING, RunSpec, make_run, run_status
+from lrm_train.optim.schedule import ScheduleName
 
 STEPS = 8
 
@@ -180,7 +182,7 @@ class _FakeRun:
     """The parts of a RunConfig the summary reads."""
 
     class schedule:
-        name, decay_fraction = "constant_exp_decay", 0.5
+        name, decay_fraction = ScheduleName.constant_exp_decay, 0.5
 
     class train:
         max_steps, run_dir = 100, "nowhere"
@@ -247,6 +249,7 @@ def test_estimate_counts_the_tokens_of_the_batch_ramp(data_root, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.multiprocess
 def test_nproc_runs_each_run_under_torchrun_with_ddp(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"

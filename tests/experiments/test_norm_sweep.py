@@ -6,7 +6,7 @@ import yaml
 
 from lrm_train.config_compose import compose_schema
 from lrm_train.experiments.analysis import final_weights
-from lrm_train.experiments.norm_sweep import NormSweepSettings, final_values, make_runs, run
+from lrm_train.experiments.norm_sweep import NormSweepSettings, final_values, plan, run
 from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
 
 SCALES = [0.125, 8.0]
@@ -61,5 +61,5 @@ def test_a_bad_arm_override_fails_before_any_run(data_root, tmp_path):
 
 
 def test_the_gpu_sweep_compiles_its_decoder_layers(tmp_path):
-    settings = compose_schema("norm_sweep", NormSweepSettings, ["experiment=norm_sweep_gpu"])
-    assert all(run.cfg.train.compile for run in make_runs(settings, tmp_path).values())
+    settings = compose_schema("norm_sweep", NormSweepSettings, ["experiment=norm_sweep_gpu", f"out_dir={tmp_path}"])
+    assert all(run.cfg.train.compile for run in plan(settings))

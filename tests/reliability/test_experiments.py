@@ -46,7 +46,7 @@ REFUSED = [
     case("X04", "compare", ["baseline=nope"], r"baseline='nope' is not one of the arms"),
     case("X05", "compare", ["lr_points=0"], r"lr_points=0 must be >= 1"),
     case("X07", "compare", ["seeds=[0,0]"], r"seeds=\[0, 0\] must be distinct"),
-    case("X08", "compare", ["launcher=bogus"], r"launcher='bogus' is not one of local, slurm"),
+    case("X08", "compare", ["launcher=bogus"], r"launcher: Invalid value 'bogus', expected one of \[local, slurm\]"),
     case("X09", "compare", ["optimizers=[sgd]"], r"lr_center has no LR for optimizer 'sgd'"),
     case("X11", "compare", ["--foo"], r"unknown option '--foo'"),
     case("X12", "compare", [*SMALL, '+arms.x=["train.max_steps=30"]'], r"run x-.* another train config"),
