@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 import torch.distributed as dist
@@ -29,13 +30,37 @@ from torch import nn
 
 from lrm_train.optim import ParamClass, class_table, is_clipped
 
-ENGINES = ("single", "ddp", "zero1", "zero2", "zero3")
+
+class EngineName(StrEnum):
+    """``dist.name``: the engine a run trains with (see the module docstring)."""
+
+    single = "single"
+    ddp = "ddp"
+    zero1 = "zero1"
+    zero2 = "zero2"
+    zero3 = "zero3"
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage of a ``zero*`` engine; None for the others."""
+        return _ZERO_STAGES.get(self)
+
+
+_ZERO_STAGES = {EngineName.zero1: 1, EngineName.zero2: 2, EngineName.zero3: 3}
+
+
+class ProcessBackend(StrEnum):
+    """``dist.backend``: the ``torch.distributed`` backend of a launched run."""
+
+    auto = "auto"  # nccl on CUDA, gloo on CPU
+    gloo = "gloo"
+    nccl = "nccl"
 
 
 @dataclass
 class DistConfig:
-    name: str = "single"
-    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    name: EngineName = EngineName.single
+    backend: ProcessBackend = ProcessBackend.auto
     device: str = "auto"  # auto: cuda when available, else cpu
     timeout_minutes: int = 30
     zero3_persistence_threshold: int = 100_000  # ZeRO-3 keeps parameters smaller than this whole on every rank
@@ -43,14 +68,16 @@ class DistConfig:
     bf16_params: bool = False
 
     def __post_init__(self) -> None:
-        if self.name not in ENGINES:
-            raise ValueError(f"dist.name={self.name!r} is not one of {', '.join(ENGINES)}")
-        if self.bf16_params and not self.name.startswith("zero"):
+        # Built from plain strings too (DistConfig(name="ddp")): keep the enums.
+        for key, choices in (("name", EngineName), ("backend", ProcessBackend)):
+            value = getattr(self, key)
+            if value not in set(choices):
+                raise ValueError(f"dist.{key}={value!r} is not one of {', '.join(choices)}")
+            setattr(self, key, choices(value))
+        if self.bf16_params and self.name.zero_stage is None:
             raise ValueError(
                 f"dist.bf16_params=true needs a ZeRO engine (dist.name=zero1|zero2|zero3), not {self.name}"
             )
-        if self.backend not in ("auto", "gloo", "nccl"):
-            raise ValueError(f"dist.backend={self.backend!r} is not one of auto, gloo, nccl")
 
 
 def launched_world_size() -> int:
@@ -91,7 +118,9 @@ class LaunchedProcessGroup:
     """The ranks a launcher (torchrun, deepspeed) started, joined through ``torch.distributed``."""
 
     def __init__(self, cfg: DistConfig, device: torch.device) -> None:
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        backend = cfg.backend
+        if backend is ProcessBackend.auto:
+            backend = ProcessBackend.nccl if device.type == "cuda" else ProcessBackend.gloo
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -258,11 +287,11 @@ class DDPEngine(Engine):
 
 def build_engine(cfg: DistConfig) -> Engine:
     launched = launched_world_size()
-    if cfg.name == "single":
+    if cfg.name is EngineName.single:
         if launched > 1:
             raise ValueError(f"the launcher started {launched} processes but dist=single: use dist=ddp")
         return Engine(cfg)
-    if cfg.name == "ddp":
+    if cfg.name is EngineName.ddp:
         return DDPEngine(cfg)
     from lrm_train.distributed.zero import ZeroEngine  # imports DeepSpeed, which takes seconds: only when asked for
 

@@ -43,8 +43,6 @@ from lrm_train.optim import (
 )
 from lrm_train.optim.muon import exchange_updates, share_of_matrices
 
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
-
 
 @dataclass
 class ShardLayout:
@@ -188,7 +186,7 @@ class ZeroEngine(Engine):
         # The shared-memory all-reduce op is only used for inference and would be compiled on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         super().__init__(cfg, *launched_process_group(cfg))
-        self.stage = ZERO_STAGES[cfg.name]
+        self.stage = cfg.name.zero_stage
         self.ds = None
 
     def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):

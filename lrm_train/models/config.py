@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
-SSD_BACKENDS = ("torch", "triton", "auto")
-LM_LOSS_BACKENDS = ("torch", "triton", "auto")
+
+class KernelBackend(StrEnum):
+    """How a kernel of the model runs (``model.ssd_backend``, ``model.lm_loss_backend``), not what it computes."""
+
+    torch = "torch"  # the PyTorch code, any device
+    triton = "triton"  # the Triton kernel, CUDA only
+    auto = "auto"  # Triton on CUDA tensors when triton imports, PyTorch elsewhere
+
+
 # Fields that choose how a model runs on this machine, not the function it computes: model folders, Hugging Face
 # exports and checkpoints' run records leave them out, so a model saved on a GPU loads anywhere.
 RUNTIME_FIELDS = ("ssd_backend", "lm_loss_backend")
@@ -45,11 +53,10 @@ class FalconH1Config:
     ssm_out_multiplier: float = 1.0
     ssm_multipliers: list[float] = field(default_factory=lambda: [1.0] * 5)  # z, x, B, C, dt
     mlp_multipliers: list[float] = field(default_factory=lambda: [1.0, 1.0])  # gate, down
-    # How the Mamba2 scan runs, not what it computes (see RUNTIME_FIELDS): torch, triton, or auto (Triton on CUDA).
-    ssd_backend: str = "auto"
-    # How the LM head's cross-entropy runs (see RUNTIME_FIELDS): torch, triton (one fused kernel), or auto (Triton on
-    # CUDA).
-    lm_loss_backend: str = "auto"
+    # How the Mamba2 scan runs (see RUNTIME_FIELDS).
+    ssd_backend: KernelBackend = KernelBackend.auto
+    # How the LM head's cross-entropy runs (see RUNTIME_FIELDS); triton: one fused kernel.
+    lm_loss_backend: KernelBackend = KernelBackend.auto
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,12 +119,11 @@ class FalconH1Config:
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be positive")
-        if self.ssd_backend not in SSD_BACKENDS:
-            raise ValueError(f"model.ssd_backend={self.ssd_backend!r} must be one of {', '.join(SSD_BACKENDS)}")
-        if self.lm_loss_backend not in LM_LOSS_BACKENDS:
-            raise ValueError(
-                f"model.lm_loss_backend={self.lm_loss_backend!r} must be one of {', '.join(LM_LOSS_BACKENDS)}"
-            )
+        for name in ("ssd_backend", "lm_loss_backend"):  # plain strings too (dataclasses.replace): keep the enum
+            value = getattr(self, name)
+            if value not in set(KernelBackend):
+                raise ValueError(f"model.{name}={value!r} must be one of {', '.join(KernelBackend)}")
+            setattr(self, name, KernelBackend(value))
 
     def forward_multipliers(self) -> dict[str, float]:
         """The 14 muP forward multipliers by name."""

@@ -41,6 +41,7 @@ from lrm_train.nn import (
     MultipliedMatrix,
     ParamClass,
     ParamRole,
+    Placement,
     RMSNorm,
     fused_linear,
     merge_multipliers_,
@@ -83,13 +84,13 @@ def learnable(lrm: LRMConfig, role: str) -> Learnable:
     """
     if role not in _SYMMETRY_FREE:
         raise KeyError(f"unknown matrix role {role!r}; known roles: {', '.join(MATRIX_ROLES)}")
-    if lrm.placement == "none":
+    if lrm.placement is Placement.none:
         return _NONE
     if role == "lm_head":
-        return Learnable(scalar=lrm.placement in ("scalar", "full"), row=lrm.lm_head_rows)
-    if lrm.placement == "scalar":
+        return Learnable(scalar=lrm.placement in (Placement.scalar, Placement.full), row=lrm.lm_head_rows)
+    if lrm.placement is Placement.scalar:
         return Learnable(scalar=True)
-    if lrm.placement == "full":
+    if lrm.placement is Placement.full:
         return _ROW_COL
     return _SYMMETRY_FREE[role]
 

@@ -125,7 +125,7 @@ def load_model(model_dir: str | Path) -> FalconH1LM:
             f"{model_dir / 'config.json'}: not an lrm_train model folder (format={config.get('format')!r})"
         )
     try:
-        model = FalconH1LM(FalconH1Config(**config["model"]), LRMConfig(**config["lrm"]))
+        model = FalconH1LM(FalconH1Config(**config["model"]), LRMConfig.from_record(config["lrm"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{model_dir / 'config.json'}: not a model this version builds ({e})") from None
     load_state_strict(model, read_safetensors(model_dir / "model.safetensors"), model_dir / "model.safetensors")

@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lrm_train.models.config import KernelBackend
+
 ScanFunction = Callable[..., torch.Tensor]  # (x, dt, A, B, C, D, chunk_size) -> y, as ssd_chunked_scan
 
 
@@ -95,22 +97,21 @@ def ssd_chunked_scan(
         return (y + skip).to(dtype)
 
 
-def ssd_scan_function(backend: str) -> ScanFunction:
+def ssd_scan_function(backend: KernelBackend) -> ScanFunction:
     """The scan ``model.ssd_backend`` names: ``torch`` (this module), ``triton`` (``models.ssd_triton``), or ``auto``:
     Triton on CUDA tensors when triton imports, this module's scan on any other device.
 
     Models are built on the CPU and moved afterwards, so ``auto`` cannot know their device here: where CUDA and
     triton exist it returns a scan that picks by the inputs' device type (a check torch.compile resolves once).
     """
-    if backend == "torch":
+    backend = KernelBackend(backend)  # a plain string too: an unknown one fails here, not as ``auto``
+    if backend is KernelBackend.torch:
         return ssd_chunked_scan
-    if backend == "triton":
+    if backend is KernelBackend.triton:
         try:
             return _triton_scan()
         except ImportError as e:
             raise ValueError(f"model.ssd_backend=triton: the Triton scan does not import ({e})") from None
-    if backend != "auto":
-        raise ValueError(f"model.ssd_backend={backend!r} must be torch, triton or auto")
     if not torch.cuda.is_available():
         return ssd_chunked_scan
     try:

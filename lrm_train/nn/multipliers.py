@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import NamedTuple
 
 import torch
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Placement(str, Enum):
+class Placement(StrEnum):
     """Where the learnable multipliers go (see ``LRMConfig``); the values are the config strings."""
 
     none = "none"
@@ -42,18 +42,12 @@ class Placement(str, Enum):
     full = "full"
     symmetry_free = "symmetry_free"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Init(str, Enum):
+class Init(StrEnum):
     """Where a layer's muP value lives at step 0 (see the module docstring)."""
 
     one = "one"
     mup = "mup"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 PLACEMENTS = tuple(p.value for p in Placement)
@@ -85,13 +79,12 @@ class LRMConfig:
       with the paper's exception for the LM head).
     init: ``one`` or ``mup`` (see the module docstring).
     lm_head_rows: opt in to row multipliers on the LM head (any placement but ``none``).
-    weight_decay: decoupled weight decay on the multipliers; it pins the symmetries down (the paper: 2e-3).
+    The multipliers' weight decay is the optimizer's (``optim.multiplier_weight_decay``).
     """
 
     placement: Placement = Placement.full
     init: Init = Init.one
     lm_head_rows: bool = False
-    weight_decay: float = 2e-3
 
     def __post_init__(self) -> None:
         # Built from plain strings too (model folders' config.json, LRMConfig("full")): keep the enums.
@@ -100,8 +93,12 @@ class LRMConfig:
         if self.init not in INITS:
             raise ValueError(f"lrm.init={self.init!r} is not one of {', '.join(INITS)}")
         self.placement, self.init = Placement(self.placement), Init(self.init)
-        if self.weight_decay < 0:
-            raise ValueError(f"lrm.weight_decay={self.weight_decay} must be >= 0")
+
+    @classmethod
+    def from_record(cls, record: dict) -> LRMConfig:
+        """The ``lrm`` section of a model folder or checkpoint. Those written while the multipliers' weight decay was
+        ``lrm.weight_decay`` still carry it; it shapes no model, so it is dropped."""
+        return cls(**{key: value for key, value in record.items() if key != "weight_decay"})
 
 
 class _RowColScale(torch.autograd.Function):
@@ -140,21 +137,19 @@ class MultipliedMatrix(nn.Module):
         cols: int,
         multiplier: float = 1.0,
         learnable: Learnable = _NONE,
-        init: str = "one",
+        init: Init = Init.one,
         init_std: float = 0.02,
         role: str | None = None,
     ) -> None:
         super().__init__()
         self.role = role  # what the matrix is in its model (a model's own vocabulary: export, logging, param groups)
-        if init not in INITS:
-            raise ValueError(f"lrm init={init!r} is not one of {', '.join(INITS)}")
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(rows, cols))
         self.lrm_scalar = nn.Parameter(torch.empty(1, dtype=torch.float32)) if learnable.scalar else None
         self.lrm_row = nn.Parameter(torch.empty(rows, dtype=torch.float32)) if learnable.row else None
         self.lrm_col = nn.Parameter(torch.empty(cols, dtype=torch.float32)) if learnable.col else None
         # With init="mup", the muP value starts in the first learnable multiplier instead of the fixed one.
-        absorbing = init == "mup" and any(learnable)
+        absorbing = Init(init) is Init.mup and any(learnable)  # a plain string too: an unknown one fails here
         self.mup_multiplier = float(multiplier)  # what a plain muP layer of this role applies
         self.forward_multiplier = 1.0 if absorbing else float(multiplier)
         self._absorbed = float(multiplier) if absorbing else 1.0

@@ -6,6 +6,7 @@ from lrm_train.optim.builder import (
     CombinedOptimizer,
     OptimConfig,
     OptimizerName,
+    ParamGroup,
     RoleHyper,
     build_optimizer,
     class_table,
@@ -32,7 +33,7 @@ from lrm_train.optim.param_classes import (
     is_clipped,
     parameter_roles,
 )
-from lrm_train.optim.schedule import ScheduleConfig, batch_fraction, lr_factor
+from lrm_train.optim.schedule import ScheduleConfig, ScheduleName, batch_fraction, decay_start, lr_factor, micro_batches
 
 __all__ = [
     "AdamW",
@@ -44,21 +45,25 @@ __all__ = [
     "OptimConfig",
     "OptimizerName",
     "ParamClass",
+    "ParamGroup",
     "ParamRole",
     "ParamRoleModel",
     "RoleHyper",
     "ScheduleConfig",
+    "ScheduleName",
     "adamw_update_",
     "adjusted_lr",
     "batch_fraction",
     "build_optimizer",
     "class_table",
     "classify_parameters",
+    "decay_start",
     "decoupled_step_",
     "format_table",
     "is_clipped",
     "lr_factor",
     "make_optimizer",
+    "micro_batches",
     "muon_direction_",
     "newton_schulz",
     "ns_dtype",

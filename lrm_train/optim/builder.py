@@ -5,9 +5,11 @@ pattern), each with its LR and WD.
 - Muon (``optim.name=muon``): the ``matrix`` class under Muon, every other class under AdamW: the standard split,
   since embeddings, LM head, norms, SSM vectors and multipliers are not matrices Muon should orthogonalize.
 
-A group's learning rate is ``schedule(step) * optim.lr * optim.<class>.lr_mult`` (set by ``set_learning_rates``);
+A group's learning rate is ``schedule(step) * optim.lr * optim.<class>.lr_mult``: groups carry their ``lr_mult``, and
+the trainer sets every step's LR (``set_learning_rates``, the one writer of a group's ``lr``);
 its weight decay is ``optim.weight_decay * optim.<class>.wd_mult``, except the multipliers, whose base is the
-absolute ``lrm.weight_decay`` (the paper's 2e-3): ``lrm.weight_decay * optim.multiplier.wd_mult``.
+absolute ``optim.multiplier_weight_decay`` (the paper's 2e-3): ``optim.multiplier_weight_decay *
+optim.multiplier.wd_mult``.
 
 ``optim.roles`` refines this per matrix role (Falcon-H1 tunes its LR multipliers per role): each entry's glob
 ``pattern`` selects roles (``attn.q``, ``ssm.*``, ``embedding``, ``lm_head``; the model's ``MATRIX_ROLES``) and its
@@ -19,24 +21,34 @@ nothing, or a parameter matched by two patterns, is an error.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from fnmatch import fnmatchcase
+from typing import TypedDict
 
 import torch
 from torch import nn
 
-from lrm_train.nn import LRMConfig
 from lrm_train.optim.adamw import AdamW
 from lrm_train.optim.muon import AdjustLR, Muon, NSDtype
 from lrm_train.optim.param_classes import ParamClass, parameter_roles
 
 
-class OptimizerName(str, Enum):
+class OptimizerName(StrEnum):
     adamw = "adamw"
     muon = "muon"  # Muon on the matrix class, AdamW on every other class
 
-    def __str__(self) -> str:
-        return self.value
+
+class ParamGroup(TypedDict):
+    """A parameter group as ``parameter_groups`` makes it, read by the engines, the clipping and the ABM. The optimizer
+    adds its settings, and ``set_learning_rates`` the group's ``lr``."""
+
+    params: list[nn.Parameter]
+    names: list[str]  # the parameters' names, in the order of params
+    name: str  # the class, or "<class>/<role pattern>"
+    param_class: str  # a ParamClass value
+    lr_mult: float
+    weight_decay: float
+    use_muon: bool
 
 
 @dataclass
@@ -64,13 +76,15 @@ class OptimConfig:
     name: OptimizerName = OptimizerName.adamw
     lr: float = 3e-3
     weight_decay: float = 0.1
+    # The multipliers' base decay, in place of weight_decay: it pins the symmetries down (the paper: 2e-3).
+    multiplier_weight_decay: float = 2e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     # Per parameter class (muP style): LR and WD multipliers.
     matrix: ClassHyper = field(default_factory=ClassHyper)
     embedding: ClassHyper = field(default_factory=ClassHyper)
     lm_head: ClassHyper = field(default_factory=ClassHyper)
-    multiplier: ClassHyper = field(default_factory=ClassHyper)  # wd: lrm.weight_decay * multiplier.wd_mult
+    multiplier: ClassHyper = field(default_factory=ClassHyper)  # wd: multiplier_weight_decay * multiplier.wd_mult
     norm: ClassHyper = field(default_factory=lambda: ClassHyper(wd_mult=0.0))
     ssm_vector: ClassHyper = field(default_factory=lambda: ClassHyper(wd_mult=0.0))
     # Per matrix role, on top of the class's multipliers (see the module docstring).
@@ -90,6 +104,11 @@ class OptimConfig:
         checks = {
             "optim.lr": (self.lr, self.lr > 0, "must be > 0"),
             "optim.weight_decay": (self.weight_decay, self.weight_decay >= 0, "must be >= 0"),
+            "optim.multiplier_weight_decay": (
+                self.multiplier_weight_decay,
+                self.multiplier_weight_decay >= 0,
+                "must be >= 0",
+            ),
             "optim.eps": (self.eps, self.eps >= 0, "must be >= 0"),
             "optim.muon_momentum": (self.muon_momentum, 0 <= self.muon_momentum < 1, "must be in [0, 1)"),
             "optim.muon_ns_steps": (self.muon_ns_steps, self.muon_ns_steps >= 1, "must be >= 1"),
@@ -118,7 +137,7 @@ class CombinedOptimizer:
         self.optimizers = optimizers
 
     @property
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[ParamGroup]:
         return [g for opt in self.optimizers for g in opt.param_groups]
 
     @property
@@ -166,7 +185,7 @@ def _role_entry(cfg: OptimConfig, cls: ParamClass, role: str | None, name: str) 
     return matches[0] if matches else None
 
 
-def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: OptimConfig, lrm: LRMConfig) -> list[dict]:
+def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: OptimConfig) -> list[ParamGroup]:
     """One group per class, and per class and ``optim.roles`` entry for the parameters an entry matches."""
     params = dict(model.named_parameters())
     roles = {name: role.role for name, role in parameter_roles(model).items()}
@@ -180,7 +199,7 @@ def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: Opti
                 f"optim.roles[{i}].pattern={entry.pattern!r} matches no {entry.param_class} of this model "
                 f"(roles: {', '.join(known)})"
             )
-    groups = []
+    groups: list[ParamGroup] = []
     for cls in ParamClass:
         for index in [None, *range(len(cfg.roles))]:
             names = members.get((cls, index))
@@ -188,19 +207,17 @@ def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: Opti
                 continue
             hyper = cfg.hyper(cls)
             entry = cfg.roles[index] if index is not None else RoleHyper(pattern="")
-            base_decay = lrm.weight_decay if cls is ParamClass.MULTIPLIER else cfg.weight_decay
-            lr_mult = hyper.lr_mult * entry.lr_mult
+            base_decay = cfg.multiplier_weight_decay if cls is ParamClass.MULTIPLIER else cfg.weight_decay
             groups.append(
-                {
-                    "params": [params[n] for n in names],
-                    "names": names,
-                    "name": cls.value if index is None else f"{cls.value}/{entry.pattern}",
-                    "param_class": cls.value,
-                    "lr": cfg.lr * lr_mult,
-                    "lr_mult": lr_mult,
-                    "weight_decay": base_decay * hyper.wd_mult * entry.wd_mult,
-                    "use_muon": cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX,
-                }
+                ParamGroup(
+                    params=[params[n] for n in names],
+                    names=names,
+                    name=cls.value if index is None else f"{cls.value}/{entry.pattern}",
+                    param_class=cls.value,
+                    lr_mult=hyper.lr_mult * entry.lr_mult,
+                    weight_decay=base_decay * hyper.wd_mult * entry.wd_mult,
+                    use_muon=cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX,
+                )
             )
     return groups
 
@@ -208,7 +225,8 @@ def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: Opti
 def make_optimizer(
     groups: list[dict], use_muon: bool, cfg: OptimConfig, share_across_ranks: bool = True
 ) -> torch.optim.Optimizer:
-    """The optimizer of these groups: Muon or AdamW with the run's settings (groups carry their own lr and wd).
+    """The optimizer of these groups: Muon or AdamW with the run's settings (groups carry their own wd; their lr is
+    ``set_learning_rates``'s to write, before each step).
 
     ``share_across_ranks=False`` for parameters that are not the model's (the ABM's shadows, on each rank's CPU):
     Muon then never splits its work across ranks, which would be a collective.
@@ -216,7 +234,6 @@ def make_optimizer(
     if use_muon:
         return Muon(
             groups,
-            lr=cfg.lr,
             momentum=cfg.muon_momentum,
             nesterov=cfg.muon_nesterov,
             ns_steps=cfg.muon_ns_steps,
@@ -224,11 +241,11 @@ def make_optimizer(
             adjust_lr=cfg.muon_adjust_lr,
             share_across_ranks=share_across_ranks,
         )
-    return AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return AdamW(groups, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def build_optimizer(model: nn.Module, classes: dict[str, ParamClass], cfg: OptimConfig, lrm: LRMConfig):
-    groups = parameter_groups(model, classes, cfg, lrm)
+def build_optimizer(model: nn.Module, classes: dict[str, ParamClass], cfg: OptimConfig):
+    groups = parameter_groups(model, classes, cfg)
     optimizers = [make_optimizer([g for g in groups if not g["use_muon"]], use_muon=False, cfg=cfg)]
     muon_groups = [g for g in groups if g["use_muon"]]
     if muon_groups:
@@ -236,9 +253,10 @@ def build_optimizer(model: nn.Module, classes: dict[str, ParamClass], cfg: Optim
     return CombinedOptimizer(optimizers)
 
 
-def set_learning_rates(optimizer, base_lr: float, factor: float) -> None:
+def set_learning_rates(optimizer, lr: float) -> None:
+    """Each group's LR: ``lr`` (``optim.lr`` times the schedule's factor at this step) times the group's ``lr_mult``."""
     for group in optimizer.param_groups:
-        group["lr"] = base_lr * factor * group["lr_mult"]
+        group["lr"] = lr * group["lr_mult"]
 
 
 def class_table(optimizer) -> list[dict]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from enum import Enum
+from enum import StrEnum
 
 import torch
 import torch.distributed as dist
@@ -25,25 +25,19 @@ from torch.optim import Optimizer
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-class AdjustLR(str, Enum):
+class AdjustLR(StrEnum):
     """How a matrix's shape scales Muon's learning rate."""
 
     match_rms_adamw = "match_rms_adamw"  # Moonlight: update RMS about 0.2*lr, like AdamW's
     original = "original"  # Keller Jordan's sqrt(max(1, rows/cols))
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class NSDtype(str, Enum):
+class NSDtype(StrEnum):
     """The dtype Newton-Schulz runs in."""
 
     auto = "auto"  # bf16 on CUDA, float32 on CPU (where bf16 matmuls are ~20x slower)
     float32 = "float32"
     bfloat16 = "bfloat16"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def ns_dtype(setting: str, device: torch.device) -> torch.dtype:

@@ -15,13 +15,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
-SCHEDULES = ("constant_exp_decay", "cosine", "wsd", "constant")
+
+class ScheduleName(StrEnum):
+    """``schedule.name`` (see the module docstring)."""
+
+    constant_exp_decay = "constant_exp_decay"
+    cosine = "cosine"
+    wsd = "wsd"
+    constant = "constant"
+
+    @property
+    def decays(self) -> bool:
+        """Whether it holds the LR, then decays it over the final ``decay_fraction`` of training."""
+        return self in (ScheduleName.constant_exp_decay, ScheduleName.wsd)
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant_exp_decay"
+    name: ScheduleName = ScheduleName.constant_exp_decay
     warmup_steps: int = 20
     decay_fraction: float = 1 / 6
     decay_factor: float = 8.0
@@ -30,8 +43,10 @@ class ScheduleConfig:
     batch_ramp_start: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise ValueError(f"schedule.name={self.name!r} is not one of {', '.join(SCHEDULES)}")
+        # Built from plain strings too (ScheduleConfig(name="wsd")): keep the enum.
+        if self.name not in set(ScheduleName):
+            raise ValueError(f"schedule.name={self.name!r} is not one of {', '.join(ScheduleName)}")
+        self.name = ScheduleName(self.name)
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"schedule.decay_fraction={self.decay_fraction} must be in [0, 1]")
         if not 0 < self.batch_ramp_start <= 1:
@@ -47,20 +62,32 @@ def batch_fraction(cfg: ScheduleConfig, step: int) -> float:
     return cfg.batch_ramp_start + (1 - cfg.batch_ramp_start) * step / cfg.batch_ramp_steps
 
 
+def micro_batches(cfg: ScheduleConfig, grad_accum: int, step: int) -> int:
+    """Micro-batches accumulated at ``step``: the ramp's share of ``grad_accum``, rounded up, at least one."""
+    return max(1, math.ceil(grad_accum * batch_fraction(cfg, step)))
+
+
+def decay_start(cfg: ScheduleConfig, total_steps: int) -> int:
+    """The step where a constant-then-decay schedule starts to decay; ``total_steps`` for one that never holds."""
+    if cfg.name.decays:
+        return total_steps - round(cfg.decay_fraction * total_steps)
+    return total_steps
+
+
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, used_batch_fraction: float = 1.0) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``."""
     if step < cfg.warmup_steps:
         factor = (step + 1) / cfg.warmup_steps
     else:
-        decay_start = total_steps - round(cfg.decay_fraction * total_steps)
-        if cfg.name == "cosine":
+        if cfg.name is ScheduleName.cosine:
             progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
             factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        elif cfg.name == "constant" or step < decay_start:
+        elif cfg.name is ScheduleName.constant or step < decay_start(cfg, total_steps):
             factor = 1.0
         else:
-            progress = (step - decay_start + 1) / max(1, total_steps - decay_start)
-            if cfg.name == "constant_exp_decay":
+            start = decay_start(cfg, total_steps)
+            progress = (step - start + 1) / max(1, total_steps - start)
+            if cfg.name is ScheduleName.constant_exp_decay:
                 factor = cfg.decay_factor ** (-progress)
             else:
                 factor = 1 - (1 - cfg.min_lr_ratio) * progress

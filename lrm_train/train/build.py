@@ -90,9 +90,7 @@ def build(cfg: RunConfig, engine: Engine) -> Components:
     num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     wrap_layers(model.layers, cfg.train.compile, cfg.train.activation_checkpointing)
     classes = classify_parameters(model)
-    optimizer = engine.setup(
-        model, build_optimizer(model, classes, cfg.optim, cfg.lrm), classes, cfg.train.clip_multipliers
-    )
+    optimizer = engine.setup(model, build_optimizer(model, classes, cfg.optim), classes, cfg.train.clip_multipliers)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * engine.world_size
     loader = BatchLoader(
         data.splits["train"],

@@ -186,7 +186,20 @@ def run_section(cfg, global_batch: int, data_folder: Path, tokenizer: Path) -> d
 def load_resumable(path: Path) -> tuple[dict, dict]:
     model_state, state = load_checkpoint(path)
     check_format(state, path)
+    _move_multiplier_decay(state["run"])
     return model_state, state
+
+
+def _move_multiplier_decay(run: dict) -> None:
+    """Checkpoints written while the multipliers' weight decay was ``lrm.weight_decay`` record it in ``run.lrm`` and
+    the config; it is ``optim.multiplier_weight_decay`` now, an optimizer setting that a resume may change."""
+    decay = run.get("lrm", {}).pop("weight_decay", None)
+    if decay is None:
+        return
+    config = OmegaConf.create(run["config"])
+    config.lrm.pop("weight_decay")
+    config.optim.multiplier_weight_decay = decay
+    run["config"] = OmegaConf.to_yaml(config)
 
 
 def newest_loadable(run_dir: str | Path) -> tuple[Path, dict, dict] | None:

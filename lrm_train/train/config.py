@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -18,12 +19,26 @@ from hydra.core.config_store import ConfigStore
 
 from lrm_train.config_compose import compose_schema
 from lrm_train.data import DataConfig
-from lrm_train.distributed import DistConfig
-from lrm_train.models import PRESETS, FalconH1Config
-from lrm_train.nn import LRMConfig
+from lrm_train.distributed import DistConfig, EngineName
+from lrm_train.models import PRESETS, FalconH1Config, KernelBackend
+from lrm_train.nn import LRMConfig, Placement
 from lrm_train.optim import OptimConfig, ScheduleConfig
 
-PRECISIONS = ("auto", "float32", "bf16")
+
+class Precision(StrEnum):
+    """``train.precision``: what the forward and backward compute in (the weights stay float32)."""
+
+    auto = "auto"  # bf16 autocast on CUDA, float32 on CPU
+    float32 = "float32"
+    bf16 = "bf16"
+
+
+class WandbMode(StrEnum):
+    """``logging.wandb.mode``."""
+
+    offline = "offline"  # no network, no account: ``wandb sync`` later
+    online = "online"
+    disabled = "disabled"
 
 
 @dataclass
@@ -36,7 +51,7 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept
     resume: str = "auto"  # auto (newest complete checkpoint of the run dir, if any), none, or a checkpoint path
     run_dir: str = "runs/${experiment.name}"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    precision: Precision = Precision.auto
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     clip_multipliers: bool = False  # the paper leaves multipliers out of the clipped global norm
     z_loss: float = 1e-4
@@ -51,7 +66,7 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline (no network, no account), online, disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "lrm_train"
     entity: str | None = None
     group: str | None = None  # runs of one experiment (e.g. a comparison) share a group
@@ -155,18 +170,14 @@ def validate(cfg: RunConfig) -> None:
     ):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
-    if t.precision not in PRECISIONS:
-        raise ValueError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"logging.wandb.mode={cfg.logging.wandb.mode!r} is not one of offline, online, disabled")
-    if cfg.logging.wandb.mode == "online" and not _wandb_key_available():
+    if cfg.logging.wandb.mode is WandbMode.online and not _wandb_key_available():
         raise ValueError(
             "logging.wandb.mode=online but no W&B API key was found: set WANDB_API_KEY or run `wandb login` "
             "(or keep logging.wandb.mode=offline and `wandb sync` later)"
         )
-    if cfg.model.ssd_backend == "triton" and not _cuda_device(cfg.dist.device):
+    if cfg.model.ssd_backend is KernelBackend.triton and not _cuda_device(cfg.dist.device):
         raise ValueError("model.ssd_backend=triton needs a CUDA device (use model.ssd_backend=auto or torch on CPU)")
-    if cfg.model.lm_loss_backend == "triton" and not _cuda_device(cfg.dist.device):
+    if cfg.model.lm_loss_backend is KernelBackend.triton and not _cuda_device(cfg.dist.device):
         raise ValueError(
             "model.lm_loss_backend=triton needs a CUDA device (use model.lm_loss_backend=auto or torch on CPU)"
         )
@@ -180,11 +191,11 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(
             "schedule.batch_ramp_steps needs train.grad_accum >= 2: the ramp grows the batch in micro-batches"
         )
-    if cfg.lrm.placement == "none" and cfg.lrm.lm_head_rows:
+    if cfg.lrm.placement is Placement.none and cfg.lrm.lm_head_rows:
         raise ValueError("lrm.lm_head_rows=true needs a placement other than lrm.placement=none")
     if cfg.data.seq_len < 2:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
-    if t.compile and cfg.dist.name == "zero3":
+    if t.compile and cfg.dist.name is EngineName.zero3:
         raise ValueError(
             "train.compile=true does not work with dist=zero3 (ZeRO-3 gathers the parameters inside the compiled "
             "layers); use dist=zero1, zero2 or ddp, or train.compile=false"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import signal
 import time
@@ -25,11 +24,12 @@ from omegaconf import OmegaConf
 
 from lrm_train.cli import BAD_INPUT, CommandEnding, Interrupted
 from lrm_train.distributed import Engine, build_engine
-from lrm_train.optim import batch_fraction, format_table, lr_factor, set_learning_rates
+from lrm_train.optim import format_table, lr_factor, set_learning_rates
+from lrm_train.optim import micro_batches as count_micro_batches
 from lrm_train.train.build import Components, build, seed_everything
 from lrm_train.train.callbacks import Callback, Checkpointer, Evaluator, MetricSinks, StepResult, build_callbacks
 from lrm_train.train.checkpoint import FORMAT, check_resumable, load_weights, run_section
-from lrm_train.train.config import RunConfig, validate
+from lrm_train.train.config import Precision, RunConfig, validate
 from lrm_train.train.preemption import Stopped, StopSignals
 from lrm_train.train.run_dir import RunDirectory
 from lrm_train.utils import first_line
@@ -107,13 +107,15 @@ class Trainer:
         self.state = TrainState()
         self.unsettled: list[tuple[int, torch.Tensor]] = []  # (step, applied flag on the device) not yet read
         self.failed = False
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and engine.device.type == "cuda")
+        precision = cfg.train.precision
+        bf16 = precision is Precision.bf16 or (precision is Precision.auto and engine.device.type == "cuda")
         self.autocast = (
             (lambda: torch.autocast(engine.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         )
         for callback in callbacks:
             callback.setup(self)
         self.checkpointer.resume(self, cfg.train.resume)
+        self.set_learning_rate()  # from the start, so that the class table logged there shows the LRs of the next step
 
     def config_dict(self) -> dict:
         return OmegaConf.to_container(OmegaConf.structured(self.cfg))
@@ -163,9 +165,8 @@ class Trainer:
         cfg, engine, c = self.cfg, self.engine, self.components
         started = time.perf_counter()
         accum = cfg.train.grad_accum
-        micro_batches = max(1, math.ceil(accum * batch_fraction(cfg.schedule, self.state.step)))
-        lr_scale = lr_factor(cfg.schedule, self.state.step, cfg.train.max_steps, micro_batches / accum)
-        set_learning_rates(self.optimizer, cfg.optim.lr, lr_scale)
+        micro_batches = count_micro_batches(cfg.schedule, accum, self.state.step)
+        lr = self.set_learning_rate()
         inputs, targets = next(c.loader)
         loss_sum = torch.zeros((), device=engine.device)
         micro = cfg.train.micro_batch_size
@@ -188,7 +189,16 @@ class Trainer:
         if s.step % cfg.train.log_every == 0 or last:
             self.settle_skipped_steps()  # the interval's one wait for the device, counted in this step's time
         seconds = time.perf_counter() - started
-        return StepResult(s.step, loss, grad_norm, applied, cfg.optim.lr * lr_scale, tokens, seconds, last)
+        return StepResult(s.step, loss, grad_norm, applied, lr, tokens, seconds, last)
+
+    def set_learning_rate(self) -> float:
+        """Set every group's LR for step ``state.step`` and return the base of them: ``optim.lr`` times the schedule's
+        factor at the batch share the ramp uses then. The only writer of the optimizer's LRs."""
+        cfg, step, accum = self.cfg, self.state.step, self.cfg.train.grad_accum
+        used = count_micro_batches(cfg.schedule, accum, step) / accum
+        lr = cfg.optim.lr * lr_factor(cfg.schedule, step, cfg.train.max_steps, used)
+        set_learning_rates(self.optimizer, lr)
+        return lr
 
     def settle_skipped_steps(self) -> None:
         """Read whether the steps since the last call were applied (one host sync for all of them) and account for the

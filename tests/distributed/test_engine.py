@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lrm_train.distributed import DDPEngine, DistConfig, Engine, build_engine
+from lrm_train.distributed import DDPEngine, DistConfig, Engine, EngineName, ProcessBackend, build_engine
 from lrm_train.optim import AdamW, ParamClass
 
 
@@ -151,3 +151,17 @@ def test_bf16_parameters_are_a_zero_option():
     assert DistConfig(name="zero2", bf16_params=True).bf16_params
     with pytest.raises(ValueError, match=r"dist.bf16_params=true needs a ZeRO engine .* not ddp"):
         DistConfig(name="ddp", bf16_params=True)
+
+
+def test_engine_names_know_their_zero_stage_and_plain_strings_become_the_enums():
+    assert {name: name.zero_stage for name in EngineName} == {
+        "single": None,
+        "ddp": None,
+        "zero1": 1,
+        "zero2": 2,
+        "zero3": 3,
+    }
+    cfg = DistConfig(name="zero3", backend="gloo")
+    assert cfg.name is EngineName.zero3 and cfg.backend is ProcessBackend.gloo
+    with pytest.raises(ValueError, match=r"^dist.name='zero4' is not one of single, ddp, zero1, zero2, zero3$"):
+        DistConfig(name="zero4")

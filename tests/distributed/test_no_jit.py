@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from runs import as_args, cli, losses, overrides
 
+pytestmark = pytest.mark.multiprocess
+
 GUARD = Path(__file__).parent / "jit_guard"
 
 TORCH_BUILD = "from torch.utils.cpp_extension import load_inline; load_inline(name='probe', cpp_sources='')"

@@ -55,6 +55,7 @@ def assert_same_trajectory(got, expected):
         assert abs(got[step] - loss) / abs(loss) < 1e-5, step
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
 def test_zero_matches_the_single_process_trainer(data_root, tmp_path, jit_dir, reference, stage, optim):
@@ -85,6 +86,7 @@ PER_GROUP = {
 }
 
 
+@pytest.mark.multiprocess
 def test_zero3_keeps_per_class_and_per_role_learning_rates(data_root, tmp_path, jit_dir, reference):
     expected = losses(train(run_config(data_root, tmp_path / "one", **ONE_PROCESS, **PER_GROUP)).run_dir)
     assert expected[10] != reference["muon"][10]  # the groups change the run, so the comparison means something
@@ -95,6 +97,7 @@ def test_zero3_keeps_per_class_and_per_role_learning_rates(data_root, tmp_path, 
     assert any(line.split()[:4] == ["matrix/attn.*", "8", "6,144", "muon"] for line in table.splitlines()), table
 
 
+@pytest.mark.multiprocess
 def test_zero2_with_gradient_accumulation_matches_the_single_process_trainer(data_root, tmp_path, jit_dir, reference):
     # 2 ranks x 2 micro-batches of 1 sequence: the global batch of 4 again, accumulated inside DeepSpeed's engine.
     got = zero(
@@ -103,6 +106,7 @@ def test_zero2_with_gradient_accumulation_matches_the_single_process_trainer(dat
     assert_same_trajectory(got, reference["adamw"])
 
 
+@pytest.mark.multiprocess
 def test_zero_resume_is_exact_and_crosses_world_sizes(data_root, tmp_path, jit_dir, reference):
     # Same world size: 5 steps (started with the deepspeed launcher script), a stop, 5 resumed steps.
     first = overrides(data_root, tmp_path / "same", **{**TWO_RANKS, "optim.name": "muon", "train.stop_at_step": 5})
@@ -130,6 +134,7 @@ def test_zero_resume_is_exact_and_crosses_world_sizes(data_root, tmp_path, jit_d
     assert_same_trajectory(grown, reference["adamw"])
 
 
+@pytest.mark.multiprocess
 def test_a_zero3_checkpoint_exports_to_transformers_and_resumes_in_one_process(data_root, tmp_path, jit_dir, reference):
     from transformers import FalconH1ForCausalLM
 
@@ -154,7 +159,7 @@ def test_a_zero3_checkpoint_exports_to_transformers_and_resumes_in_one_process(d
 def test_the_engine_refuses_groups_deepspeed_would_have_merged():
     model = FalconH1LM(preset("tiny"), LRMConfig("full"))
     classes = classify_parameters(model)
-    optimizer = build_optimizer(model, classes, OptimConfig(name="muon"), LRMConfig("full"))
+    optimizer = build_optimizer(model, classes, OptimConfig(name="muon"))
     engine = object.__new__(ZeroEngine)
     engine.cfg, engine.stage = DistConfig(name="zero2"), 2
     engine.names = {id(p): n for n, p in model.named_parameters()}
@@ -166,6 +171,7 @@ def test_the_engine_refuses_groups_deepspeed_would_have_merged():
         engine._verify_and_map([g["name"] for g in optimizer.param_groups])
 
 
+@pytest.mark.multiprocess
 def test_bf16_parameters_follow_the_autocast_run(data_root, tmp_path, jit_dir, reference):
     # The same run in one process under bf16 autocast (float32 weights), and on 2 ranks with bf16 parameters and
     # float32 master weights: bf16 rounding apart, the same losses.

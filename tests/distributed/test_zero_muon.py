@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 from lrm_train.distributed.zero import ShardedAdamWMuon, ShardLayout
 from lrm_train.optim import Muon
 
+pytestmark = pytest.mark.multiprocess
+
 # Shapes shared by several matrices (their chunks), a lone one, and a flat group whose shard boundary cuts a matrix.
 SHAPES = [(8, 12), (12, 8), (8, 12), (6, 6), (8, 12)]
 HYPER = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True, ns_steps=5, eps=1e-7)

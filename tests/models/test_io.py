@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -51,3 +53,16 @@ def test_save_model_overwrites_only_a_folder_lrm_train_wrote(tmp_path, monkeypat
     with pytest.raises(FileExistsError, match="current directory"):
         save_model(model, ".", overwrite=True)
     assert load_model(tmp_path / "empty").lrm.placement == "full"
+
+
+def test_a_model_folder_written_while_lrm_carried_the_weight_decay_still_loads(tmp_path):
+    model = FalconH1LM(preset("tiny"), LRMConfig("scalar"))
+    save_model(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "weight_decay" not in config["lrm"]
+    config["lrm"]["weight_decay"] = 2e-3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    loaded = load_model(tmp_path / "m")
+    assert loaded.lrm == model.lrm
+    ids = torch.randint(0, 8192, (1, 5))
+    torch.testing.assert_close(loaded(ids), model(ids))

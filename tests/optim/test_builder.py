@@ -20,9 +20,11 @@ from lrm_train.optim import (
 
 
 def build(name, **kwargs):
-    model = FalconH1LM(preset("tiny"), LRMConfig("full", weight_decay=2e-3))
-    cfg = OptimConfig(name=name, lr=1e-3, weight_decay=0.1, **kwargs)
-    return model, build_optimizer(model, classify_parameters(model), cfg, LRMConfig("full", weight_decay=2e-3))
+    model = FalconH1LM(preset("tiny"), LRMConfig("full"))
+    cfg = OptimConfig(name=name, lr=1e-3, weight_decay=0.1, multiplier_weight_decay=2e-3, **kwargs)
+    optimizer = build_optimizer(model, classify_parameters(model), cfg)
+    set_learning_rates(optimizer, cfg.lr)  # as the trainer does before a step where the schedule's factor is 1
+    return model, optimizer
 
 
 def test_each_class_gets_its_lr_and_wd_and_multipliers_their_own_decay():
@@ -31,7 +33,7 @@ def test_each_class_gets_its_lr_and_wd_and_multipliers_their_own_decay():
     assert rows["embedding"]["lr"] == 2e-3 and rows["embedding"]["wd"] == 0.05
     assert rows["multiplier"]["wd"] == 2e-3 and rows["norm"]["wd"] == 0.0 and rows["ssm_vector"]["wd"] == 0.0
     assert {r["optimizer"] for r in rows.values()} == {"adamw"}
-    set_learning_rates(opt, 1e-3, 0.5)
+    set_learning_rates(opt, 1e-3 * 0.5)
     assert {r["group"]: r["lr"] for r in class_table(opt)}["embedding"] == 1e-3
 
 
@@ -111,12 +113,12 @@ def test_roles_get_their_own_lr_and_wd_on_top_of_their_class():
     dt = groups["multiplier/ssm.dt"]
     assert dt["lr"] == pytest.approx(3e-3) and dt["weight_decay"] == pytest.approx(2e-3 * 0.5 * 2.0)
     assert all(".in_proj.dt.lrm_" in n for n in dt["names"]) and not dt["use_muon"]
-    assert groups["multiplier"]["weight_decay"] == pytest.approx(1e-3)  # lrm.weight_decay x multiplier.wd_mult
+    assert groups["multiplier"]["weight_decay"] == pytest.approx(1e-3)  # multiplier_weight_decay x multiplier.wd_mult
     assert groups["embedding/embedding"]["lr"] == pytest.approx(1e-3 * 2.0 * 1.5)
     assert "embedding" not in groups  # its only parameter moved to the role group
     held = [n for g in opt.param_groups for n in g["names"]]
     assert sorted(held) == sorted(n for n, _ in model.named_parameters())  # each parameter in exactly one group
-    set_learning_rates(opt, 1e-3, 0.5)
+    set_learning_rates(opt, 1e-3 * 0.5)
     assert groups_of(opt)["matrix/attn.*"]["lr"] == pytest.approx(1e-3 * 0.5 * 0.5)
     table = format_table(class_table(opt))
     assert any(line.split()[:2] == ["matrix/attn.*", "16"] for line in table.splitlines())  # 4 layers x q k v o
@@ -131,13 +133,11 @@ def test_roles_get_their_own_lr_and_wd_on_top_of_their_class():
     ],
 )
 def test_a_role_pattern_that_matches_nothing_or_twice_is_an_error(roles, message):
-    if "no multiplier" in message:
-        model = FalconH1LM(preset("tiny"), LRMConfig("symmetry_free"))  # mlp.up carries no multiplier there
-        lrm = LRMConfig("symmetry_free")
-    else:
-        model, lrm = FalconH1LM(preset("tiny"), LRMConfig("full")), LRMConfig("full")
+    # mlp.up carries no multiplier under symmetry_free
+    placement = "symmetry_free" if "no multiplier" in message else "full"
+    model = FalconH1LM(preset("tiny"), LRMConfig(placement))
     with pytest.raises(ValueError, match=message):
-        build_optimizer(model, classify_parameters(model), OptimConfig(roles=roles), lrm)
+        build_optimizer(model, classify_parameters(model), OptimConfig(roles=roles))
 
 
 @pytest.mark.parametrize(
@@ -148,6 +148,7 @@ def test_a_role_pattern_that_matches_nothing_or_twice_is_an_error(roles, message
         (dict(betas=[-0.1, 0.9]), r"optim.betas\[0\]"),
         (dict(eps=-1e-8), "optim.eps"),
         (dict(weight_decay=-0.1), "optim.weight_decay"),
+        (dict(multiplier_weight_decay=-1.0), "optim.multiplier_weight_decay=-1.0 must be >= 0"),
         (dict(embedding=ClassHyper(lr_mult=-1.0)), "optim.embedding.lr_mult"),
         (dict(roles=[RoleHyper(pattern="attn.q", wd_mult=-1.0)]), r"optim.roles\[0\].wd_mult"),
     ],
@@ -156,5 +157,3 @@ def test_impossible_optimizer_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key) as info:
         OptimConfig(**kwargs)
     assert "\n" not in str(info.value)
-    with pytest.raises(ValueError, match="lrm.weight_decay=-1"):
-        LRMConfig(weight_decay=-1)

@@ -83,6 +83,7 @@ def _sharded_worker(rank, world, folder, weights, grads):
     dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_ranks_orthogonalize_their_share_and_match_one_process(tmp_path):
     shapes = SHAPES + SHAPES[:3]  # 7 matrices: shared shapes are gathered together, odd counts padded
     weights = [torch.randn(s) for s in shapes]

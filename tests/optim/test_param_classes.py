@@ -67,7 +67,7 @@ def test_a_model_family_declares_its_own_roles_and_each_parameter_is_checked_onc
         "proj.lrm_row": ParamRole(ParamClass.MULTIPLIER, "proj"),
         "gain": ParamRole(ParamClass.NORM),
     }
-    opt = build_optimizer(model, classify_parameters(model), OptimConfig(), LRMConfig())
+    opt = build_optimizer(model, classify_parameters(model), OptimConfig())
     assert {g["param_class"]: g["names"] for g in opt.param_groups} == {
         "matrix": ["proj.weight"],
         "multiplier": ["proj.lrm_row"],

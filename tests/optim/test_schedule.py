@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lrm_train.optim import ScheduleConfig, batch_fraction, lr_factor
+from lrm_train.optim import ScheduleConfig, ScheduleName, batch_fraction, decay_start, lr_factor
 
 
 def factors(cfg, total):
@@ -39,3 +39,10 @@ def test_batch_ramp_scales_lr_by_sqrt_of_the_batch_share():
 def test_bad_schedule_names_the_key():
     with pytest.raises(ValueError, match="schedule.name='linear'"):
         ScheduleConfig(name="linear")
+
+
+def test_only_the_constant_then_decay_schedules_have_a_decay_start():
+    assert [name for name in ScheduleName if name.decays] == [ScheduleName.constant_exp_decay, ScheduleName.wsd]
+    for name in ScheduleName:
+        cfg = ScheduleConfig(name=str(name), decay_fraction=0.25)  # plain strings become the enum
+        assert cfg.name is name and decay_start(cfg, 100) == (75 if name.decays else 100)

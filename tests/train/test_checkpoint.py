@@ -6,11 +6,13 @@ import pickle
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from runs import run_config
 from safetensors.torch import load_file, save
 
+from lrm_train.hf.artifact import open_artifact
 from lrm_train.train import train
-from lrm_train.train.checkpoint import join_tensors, load_checkpoint, save_checkpoint, split_tensors
+from lrm_train.train.checkpoint import join_tensors, load_checkpoint, load_resumable, save_checkpoint, split_tensors
 
 
 def test_tensors_and_plain_data_round_trip(tmp_path):
@@ -73,6 +75,30 @@ def test_resume_from_an_explicit_path_and_config_mismatch(data_root, tmp_path, c
         train(cfg)
     with pytest.raises(ValueError, match="no such checkpoint folder"):
         train(run_config(data_root, tmp_path / "other", **{"train.resume": str(tmp_path / "nope")}))
+
+
+def test_a_checkpoint_with_lrm_weight_decay_loads_and_a_resume_may_change_the_multipliers_decay(
+    data_root, tmp_path, checkpoint
+):
+    # As written while the multipliers' decay was lrm.weight_decay: in run.lrm and in the recorded config.
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    config = OmegaConf.create(state["run"]["config"])
+    config.optim.pop("multiplier_weight_decay")
+    config.lrm.weight_decay = 5e-3
+    state["run"]["config"] = OmegaConf.to_yaml(config)
+    state["run"]["lrm"]["weight_decay"] = 5e-3
+    _rewrite(checkpoint, "state.pt", _torch_bytes(state))
+
+    run = load_resumable(checkpoint)[1]["run"]
+    assert "weight_decay" not in run["lrm"]
+    assert OmegaConf.create(run["config"]).optim.multiplier_weight_decay == 5e-3
+    artifact = open_artifact(checkpoint)  # the reader of eval and export: the run config through today's schema
+    assert artifact.run_config.optim.multiplier_weight_decay == 5e-3 and artifact.model.lrm.placement == "full"
+    overrides = {"train.resume": str(checkpoint), "train.max_steps": 6, "optim.multiplier_weight_decay": 1e-2}
+    result = train(run_config(data_root, tmp_path / "other", **overrides))
+    assert result.step == 6
+    resumed = OmegaConf.create(load_resumable(result.last_checkpoint)[1]["run"]["config"])
+    assert resumed.optim.multiplier_weight_decay == 1e-2
 
 
 def test_a_training_checkpoint_exports_to_transformers(checkpoint, tmp_path):

@@ -1,7 +1,14 @@
+import pytest
+import torch
 from omegaconf import OmegaConf
 
+from lrm_train.distributed import EngineName
+from lrm_train.models import KernelBackend
+from lrm_train.optim import ScheduleName
 from lrm_train.train import TrainConfig, compose
 from lrm_train.train.__main__ import main
+from lrm_train.train.checkpoint import run_section
+from lrm_train.train.config import Precision
 
 
 def test_compose_with_no_overrides_is_what_the_cli_runs(capsys):
@@ -26,3 +33,33 @@ def test_help_says_what_the_program_does_and_lists_the_groups(capsys):
 def test_an_unknown_flag_is_one_line(capsys):
     assert main(["--frobnicate"]) == 2
     assert capsys.readouterr().err == "error: unknown option '--frobnicate' (see --help)\n"
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("dist.name", "zero4"),
+        ("dist.backend", "mpi"),
+        ("schedule.name", "linear"),
+        ("model.ssd_backend", "cuda"),
+        ("model.lm_loss_backend", "cuda"),
+        ("train.precision", "fp8"),
+        ("logging.wandb.mode", "off"),
+    ],
+)
+def test_a_choice_outside_its_enum_is_one_line_naming_the_key(key, value, capsys):
+    assert main([f"{key}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config: {key}: Invalid value '{value}', expected one of [") and err.count("\n") == 1
+
+
+def test_choices_compose_as_enums_and_are_recorded_as_plain_strings(tmp_path):
+    cfg = compose(["dist=zero3", "schedule=wsd", "model.ssd_backend=torch", "train.precision=bf16"])
+    assert cfg.dist.name is EngineName.zero3 and cfg.dist.name.zero_stage == 3
+    assert cfg.schedule.name is ScheduleName.wsd and cfg.schedule.name.decays
+    assert cfg.model.ssd_backend is KernelBackend.torch and cfg.train.precision is Precision.bf16
+    (tmp_path / "tokenizer.json").write_text("{}")
+    run = run_section(cfg, 8, tmp_path, tmp_path / "tokenizer.json")
+    torch.save(run, tmp_path / "run.pt")  # a checkpoint's state.pt is read back with weights_only=True
+    loaded = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert type(loaded["lrm"]["placement"]) is str and "name: zero3" in loaded["config"]

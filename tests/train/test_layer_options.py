@@ -4,25 +4,17 @@ import functools
 
 import pytest
 import torch
-from runs import run_config
+from runs import GROUPED_HEADS, micro_config, run_config
 
-from lrm_train.models import FalconH1Config, FalconH1LM
+from lrm_train.models import FalconH1LM
 from lrm_train.nn import LRMConfig
 from lrm_train.train import compose, open_trainer
 from lrm_train.train.build import wrap_layers
 
-# fmt: off
-SMALL = dict(
-    vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
-    num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
-    mamba_chunk_size=4,
-)
-# fmt: on
-
 
 def loss_and_grads(compile: bool, activation_checkpointing: bool):
     torch.manual_seed(0)
-    model = FalconH1LM(FalconH1Config(**SMALL), LRMConfig("full"))
+    model = FalconH1LM(micro_config(**GROUPED_HEADS), LRMConfig("full"))
     # aot_eager: the graphs and their autograd as torch.compile builds them, without inductor's slow C++ build.
     wrap_layers(model.layers, compile, activation_checkpointing, compile_backend="aot_eager")
     mlp_calls = []
@@ -47,6 +39,7 @@ def test_activation_checkpointing_recomputes_each_layer_and_gives_the_same_gradi
         assert torch.equal(grad, plain[1][name]), name
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
 def test_compiled_layers_give_the_same_loss_and_gradients(plain, activation_checkpointing):
     torch._dynamo.reset()

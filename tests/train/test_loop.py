@@ -108,6 +108,7 @@ def test_config_errors_fail_before_training_with_one_line(args, message, capsys,
     assert err.count("\n") == 1 and err.startswith("error: config: ") and message in err
 
 
+@pytest.mark.multiprocess
 def test_cli_config_error_and_missing_launcher(data_root, tmp_path):
     typo = cli(["train.max_stepz=3", f"train.run_dir={tmp_path / 'typo'}"])
     assert typo.returncode == 2 and typo.stderr.strip().splitlines()[-1].startswith("error: config:")
@@ -122,6 +123,8 @@ def test_the_parameter_class_table_is_logged(data_root, tmp_path):
     assert "parameter classes (what the optimizer holds)" in log_text
     assert any(line.startswith("matrix") and "muon" in line for line in log_text.splitlines())
     assert any(line.startswith("multiplier") and "adamw" in line and "0.002" in line for line in log_text.splitlines())
+    # The LRs the schedule gives the first step: optim.lr 3e-3 x warmup 1/2, not optim.lr itself.
+    assert any(line.startswith("matrix") and " 0.0015 " in line for line in log_text.splitlines())
 
 
 def _strict_records(path) -> list[dict]:
@@ -216,6 +219,7 @@ def test_the_batch_ramp_grows_the_batch_and_the_learning_rate_inside_the_loop(da
         assert record["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.schedule, step, 6, used / 4))
 
 
+@pytest.mark.multiprocess
 def test_zero3_counts_parameters_and_flops_of_the_whole_model(data_root, tmp_path):
     def model_line(run_dir) -> str:
         return next(line for line in (run_dir / "train_rank0.log").read_text().splitlines() if "FLOPs/token" in line)

@@ -69,7 +69,7 @@ def test_muon_shadow_of_a_scaled_down_shape_predicts_the_full_shape(monkeypatch,
 def test_one_shadow_per_group_and_shape_with_the_runs_optimizer():
     model = FalconH1LM(preset("tiny"), LRMConfig("full"))
     cfg = OptimConfig(name="muon")
-    optimizer = build_optimizer(model, classify_parameters(model), cfg, LRMConfig("full"))
+    optimizer = build_optimizer(model, classify_parameters(model), cfg)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     abm = AdamBrownianMotion(optimizer, cfg, shapes, 0.02, seed=1)
     matrix_shapes = {tuple(m.weight.shape) for n, m in model.matrices().items() if n not in ("embed_tokens", "lm_head")}

@@ -23,6 +23,7 @@ def test_single_process_resume_is_bitwise_exact(data_root, tmp_path, optim):
     assert resumed.final_val_loss == whole.final_val_loss
 
 
+@pytest.mark.multiprocess
 def test_ddp_two_ranks_resume_is_bitwise_exact(data_root, tmp_path):
     base = overrides(
         data_root,
@@ -62,6 +63,7 @@ def test_keep_last_prunes_old_checkpoints(data_root, tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000006", "step_00000008"]
 
 
+@pytest.mark.multiprocess
 def test_resume_on_another_world_size(data_root, tmp_path):
     """Same global batch (micro 4 x accum 2 x 1 rank = micro 4 x accum 1 x 2 ranks): 1 -> 2 and 2 -> 1 ranks."""
     one_rank = {"train.micro_batch_size": 4, "train.grad_accum": 2, "optim.name": "muon"}

@@ -14,8 +14,8 @@ from lrm_train.train.callbacks.base import Callback, StepResult, due
 class Evaluator(Callback):
     name = "evaluator"
 
-    def __init__(self, every: int, batch_size: int) -> None:
-        self.every, self.batch_size = every, batch_size
+    def __init__(self, every: int, batch_size: int, seq_len: int, windows: int) -> None:
+        self.every, self.batch_size, self.seq_len, self.windows = every, batch_size, seq_len, windows
         self.last_loss: float | None = None  # of this process: a resumed run evaluates again at its end
 
     def on_step(self, trainer, step: StepResult) -> None:
@@ -28,12 +28,12 @@ class Evaluator(Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer) -> float:
-        cfg, engine = trainer.cfg, trainer.engine
+        engine = trainer.engine
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)
         batches = validation_batches(
             trainer.components.data.splits["val"],
-            cfg.data.seq_len,
-            cfg.data.val_windows,
+            self.seq_len,
+            self.windows,
             self.batch_size,
             engine.rank,
             engine.world_size,

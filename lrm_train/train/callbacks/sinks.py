@@ -16,7 +16,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lrm_train.train.callbacks.base import Callback, StepResult
-from lrm_train.train.config import LoggingConfig
+from lrm_train.train.config import LoggingConfig, WandbMode
+from lrm_train.utils import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -38,16 +39,14 @@ def _keep_records_up_to(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if _written_up_to(line, step)]
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
 
 
 class MetricSinks(Callback):
     name = "sinks"
 
-    def __init__(self, cfg: LoggingConfig, run_name: str) -> None:
-        self.cfg, self.run_name = cfg, run_name
+    def __init__(self, cfg: LoggingConfig, run_name: str, max_steps: int) -> None:
+        self.cfg, self.run_name, self.max_steps = cfg, run_name, max_steps
         self.jsonl = self.wandb_run = self.progress = None
 
     @property
@@ -60,7 +59,7 @@ class MetricSinks(Callback):
         run_dir = trainer.run_dir
         _keep_records_up_to(run_dir / METRICS_FILE, trainer.state.step)
         self.jsonl = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 - appended to for the whole run
-        if self.cfg.wandb.mode != "disabled":
+        if self.cfg.wandb.mode is not WandbMode.disabled:
             import wandb
 
             # One W&B run per run directory: a resumed run appends to it.
@@ -80,9 +79,7 @@ class MetricSinks(Callback):
                 config=trainer.config_dict(),
             )
         if self.cfg.progress:
-            self.progress = tqdm(
-                total=trainer.cfg.train.max_steps, initial=trainer.state.step, desc="train", dynamic_ncols=True
-            )
+            self.progress = tqdm(total=self.max_steps, initial=trainer.state.step, desc="train", dynamic_ncols=True)
 
     def on_step(self, trainer, step: StepResult) -> None:
         if not trainer.engine.is_main:

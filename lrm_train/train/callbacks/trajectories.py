@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lrm_train.optim import OptimConfig
 from lrm_train.train.callbacks.base import Callback, StepResult, due
 from lrm_train.train.metrics import AdamBrownianMotion, trajectory_metrics
 
@@ -20,15 +21,15 @@ _ABM_SEED_OFFSET = 1
 class Trajectories(Callback):
     name = "trajectories"
 
-    def __init__(self, every: int, enabled: bool, init_std: float, seed: int) -> None:
-        self.every, self.enabled, self.init_std, self.seed = every, enabled, init_std, seed
+    def __init__(self, every: int, enabled: bool, optim: OptimConfig, init_std: float, seed: int) -> None:
+        self.every, self.enabled, self.optim, self.init_std, self.seed = every, enabled, optim, init_std, seed
         self.abm: AdamBrownianMotion | None = None
         self.pending: list[tuple[torch.Tensor, list]] = []  # (applied flag, LR and WD) of the steps not simulated yet
 
     def setup(self, trainer) -> None:
         shapes = trainer.engine.parameter_shapes()
         self.abm = AdamBrownianMotion(
-            trainer.optimizer, trainer.cfg.optim, shapes, self.init_std, seed=self.seed + _ABM_SEED_OFFSET
+            trainer.optimizer, self.optim, shapes, self.init_std, seed=self.seed + _ABM_SEED_OFFSET
         )
 
     def on_step(self, trainer, step: StepResult) -> None:
