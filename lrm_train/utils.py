@@ -48,6 +48,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             yield tmp
+            _usual_permissions(tmp)
             _flush_tree(tmp)
             if path.exists():
                 shutil.rmtree(path)
@@ -59,15 +60,20 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to the file ``path`` as ``atomic_directory`` writes a folder: into a temporary sibling, flushed,
+    """``atomic_write_bytes`` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to the file ``path`` as ``atomic_directory`` writes a folder: into a temporary sibling, flushed,
     renamed over ``path``, the parent flushed; a reader (or a crash) finds the previous file or the new one, never
     half of one. Any failure is one ``OSError`` line naming ``path`` (its ``errno`` kept) and leaves no temporary."""
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -77,6 +83,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Give everything under ``folder`` (and itself) the modes a plain ``open``/``mkdir`` would under the umask:
+    safetensors writes its files 0600, which other users of a shared cluster (and a group's jobs) could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _flush(path: Path) -> None:

@@ -24,6 +24,18 @@ def pytest_configure(config):
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The fixtures that hand a test a Triton kernel module, interpreted in this suite (it hides any GPU).
+INTERPRETER_FIXTURES = {"ssd_triton", "interpreted"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    # By fixture rather than by file: the tests of those files that run no kernel stay in `make test-fast`.
+    for item in items:
+        if INTERPRETER_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.interpreter)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,10 +1,11 @@
-"""Helpers for the trainer tests: a micro model run, in process or through the CLI."""
+"""Helpers for the tests: the micro model (as a config, or a run in process or through the CLI)."""
 
 import json
 import os
 import subprocess
 import sys
 
+from lrm_train.models import FalconH1Config
 from lrm_train.train import RunConfig, compose
 
 # fmt: off
@@ -13,7 +14,19 @@ MICRO_MODEL = dict(
     num_key_value_heads=1, head_dim=16, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16, mamba_d_state=8,
     mamba_chunk_size=16,
 )
+# The micro model as the model tests change it: every sharing the forward has (4 query heads on 2 KV heads, 4 SSM heads
+# in 2 groups), chunks of 4 (shorter than the sequences those tests feed it) and a vocabulary of 64 (their token ids).
+GROUPED_HEADS = dict(
+    vocab_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=None, mamba_n_heads=4,
+    mamba_d_head=8, mamba_n_groups=2, mamba_chunk_size=4,
+)
 # fmt: on
+
+
+def micro_config(**changes) -> FalconH1Config:
+    """The micro model as a config, for tests that build it in process; ``changes`` (the sizes a test depends on, say)
+    replace fields."""
+    return FalconH1Config(**{**MICRO_MODEL, **changes})
 
 
 def overrides(data_root, run_dir, **extra) -> dict:

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.multiprocess
 def test_the_gpu_check_writes_every_figure_on_cpu(tmp_path):
     # Its own data root: the benchmark prepares the corpus at the tiny preset's vocabulary, which the trainer tests'
     # shared data_root must not hold (they pick its one prepared folder).

@@ -1,7 +1,11 @@
 """Each package imports only the packages below it (docs/architecture.md), checked on every import statement."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import lrm_train
 
@@ -77,3 +81,21 @@ def test_an_upward_import_is_caught_even_inside_a_function(tmp_path):
         "lrm_train/models/deep.py:1 (models) imports lrm_train.train.loop",
         "lrm_train/train/callbacks/late.py:2 (train) imports lrm_train.eval.api",
     ]
+
+
+@pytest.mark.multiprocess
+def test_a_run_built_without_extras_imports_nothing_above_train():
+    """What the import statements cannot show: configs and ``build_callbacks`` attach callbacks by name
+    (``_target_``), and the downstream evaluation (eval/, above train/) is attached only when ``eval.tasks`` is set."""
+    above = [name for layer in LAYERS[LAYERS.index(["train"]) + 1 :] for name in layer]
+    script = (
+        "import sys; from lrm_train.train import compose; from lrm_train.train.callbacks import build_callbacks; "
+        "build_callbacks(compose([])); "
+        f"print(sorted({{m.split('.')[1] for m in sys.modules if m.startswith('lrm_train.')}} & {set(above)!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    with_tasks = script.replace("compose([])", "compose(['eval.tasks=[arc_easy]'])")
+    done = subprocess.run([sys.executable, "-c", with_tasks], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "['eval', 'hf']", done.stderr[-2000:]  # the check itself sees an upward import

@@ -7,8 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from lrm_train.utils import atomic_directory, remove_stale_temporaries, stderr_line
+from lrm_train.utils import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_stale_temporaries,
+    stderr_line,
+)
 
 
 def write_two_files(folder: Path) -> None:
@@ -113,6 +120,35 @@ def test_a_file_where_a_folder_should_be_is_named(tmp_path):
     assert (tmp_path / "run").read_text() == "not a folder"
 
 
+def test_a_file_is_flushed_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(Path(os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd)
+    )
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append("replace") or real_replace(src, dst))
+    atomic_write_bytes(tmp_path / "figure.png", b"\x89PNG\x00")
+    temporary = events[0]
+    assert temporary.parent == tmp_path.resolve() and temporary.name.startswith(".tmp-figure.png@")
+    assert events == [temporary, "replace", tmp_path.resolve()]
+    assert (tmp_path / "figure.png").read_bytes() == b"\x89PNG\x00"
+    atomic_write_text(tmp_path / "report.md", "µP")
+    assert (tmp_path / "report.md").read_bytes() == "µP".encode()  # UTF-8 whatever the locale
+
+
+def test_a_failed_file_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    destination = tmp_path / "report.json"
+    atomic_write_text(destination, "previous")
+
+    def io_error(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", io_error)
+    with refused(destination, "Input/output error"):
+        atomic_write_bytes(destination, b"new")
+    assert destination.read_text() == "previous" and os.listdir(tmp_path) == ["report.json"]
+
+
 def dead_pid() -> int:
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
 
@@ -149,3 +185,20 @@ def test_a_line_reaches_stderr_in_one_write_so_ranks_sharing_the_stream_cannot_i
     monkeypatch.setattr(sys, "stderr", type("Recorder", (), {"write": lambda self, text: writes.append(text)})())
     stderr_line("error: one")
     assert writes == ["error: one\n"]
+
+
+def test_what_a_folder_holds_gets_the_usual_permissions_even_from_a_writer_that_restricts_them(tmp_path):
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "checkpoint") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors writes 0600
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "state.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    modes = {
+        p.name: oct(p.stat().st_mode & 0o777) for p in [tmp_path / "checkpoint", *(tmp_path / "checkpoint").rglob("*")]
+    }
+    assert modes == {"checkpoint": "0o755", "model.safetensors": "0o644", "sub": "0o755", "state.json": "0o644"}

@@ -154,6 +154,7 @@ def test_hub_dataset_offline_fails_at_once(tmp_path, monkeypatch):
         prepare(DataConfig(source="hf:no-such/dataset", out_root=str(tmp_path)))
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_one_line_and_exits_non_zero(tmp_path):
     run = subprocess.run(
         [

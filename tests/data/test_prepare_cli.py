@@ -98,6 +98,7 @@ def test_leftover_temporaries_of_dead_prepares_are_removed_at_the_next_start(tmp
     assert len(list(out_root.glob("local-*/manifest.json"))) == 1
 
 
+@pytest.mark.multiprocess
 def test_the_module_runs_as_a_program(tmp_path, corpus_dir):
     run = subprocess.run(
         [sys.executable, "-m", "lrm_train.data.prepare", *small_run(corpus_dir, tmp_path / "out")],

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.multiprocess
+
 # Runs the prepare CLI with workers that stall on their first batch, so the test can interrupt or kill it mid-way.
 STALLED_PREPARE = textwrap.dedent(
     """

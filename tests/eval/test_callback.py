@@ -35,6 +35,7 @@ def test_the_eval_keys_configure_the_callback_the_config_attaches():
     assert (downstream[0].tasks, downstream[0].limit, downstream[0].every) == (["arc_easy", "piqa"], 7, 5)
 
 
+@pytest.mark.multiprocess
 def test_a_run_without_tasks_attaches_no_evaluation_and_never_imports_the_harness(data_root, tmp_path):
     assert not any(c.name == "downstream" for c in build_callbacks(compose([])))
     script = (
@@ -101,6 +102,7 @@ def test_the_cli_scores_the_checkpoint_as_the_loop_did(run, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_share_the_items_and_log_what_one_process_scores(data_root, tmp_path):
     scores_dir = tmp_path / "scores"
     scores_dir.mkdir()

@@ -60,7 +60,9 @@ def test_what_is_not_an_artifact_is_one_line_naming_it(run, tmp_path):
     with pytest.raises(ValueError, match=r"nothing: no such checkpoint, run directory or model folder$"):
         open_artifact(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"empty: not a checkpoint, run directory, model folder or Hugging Face folder$"):
+    with pytest.raises(
+        ValueError, match=r"empty: not a checkpoint, run directory, model folder or Hugging Face folder$"
+    ):
         open_artifact(tmp_path / "empty")
     copy = tmp_path / "copy"
     shutil.copytree(run / "checkpoints" / "step_00000002", copy)

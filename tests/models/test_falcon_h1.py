@@ -2,23 +2,19 @@ import dataclasses
 
 import pytest
 import torch
+from runs import GROUPED_HEADS, micro_config
 
 from lrm_train.models import MATRIX_ROLES, FalconH1Config, FalconH1LM, falcon_h1, preset
 from lrm_train.models.falcon_h1 import learnable, rotary_cos_sin
 from lrm_train.models.io import load_model, save_model
 from lrm_train.nn import PLACEMENTS, Learnable, LRMConfig
 
-# fmt: off
-SMALL = dict(
-    vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
-    num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
-    mamba_chunk_size=4, key_multiplier=0.5, ssm_multipliers=[0.5, 0.7, 0.9, 1.1, 0.3], mlp_multipliers=[0.8, 0.6],
-)
-# fmt: on
+# Multipliers away from 1, so a forward or a merge that drops one is seen.
+MULTIPLIERS = dict(key_multiplier=0.5, ssm_multipliers=[0.5, 0.7, 0.9, 1.1, 0.3], mlp_multipliers=[0.8, 0.6])
 
 
 def small(**overrides):
-    return FalconH1Config(**{**SMALL, **overrides})
+    return micro_config(**{**GROUPED_HEADS, **MULTIPLIERS, **overrides})
 
 
 def test_forward_returns_logits():

@@ -17,22 +17,17 @@ import dataclasses
 
 import pytest
 import torch
+from runs import GROUPED_HEADS, micro_config
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lrm_train.models import FalconH1Config, FalconH1LM, preset
+from lrm_train.models import FalconH1LM, preset
 from lrm_train.nn import LRMConfig
 
-# fmt: off
 # Small enough for vocabulary and MLP not to dominate: attention, every term of the scan and the convolution each
 # weigh 0.9% or more of the total, above the tolerance below.
-SCAN_HEAVY = dict(
-    vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
-    num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=32,
-    mamba_chunk_size=16, mamba_rms_norm=True,
-)
-# fmt: on
+SCAN_HEAVY = {**GROUPED_HEADS, "mamba_d_state": 32, "mamba_chunk_size": 16, "mamba_rms_norm": True}
 
 
 def counted_flops_per_token(model: FalconH1LM, batch: int, seq_len: int) -> float:
@@ -59,7 +54,7 @@ def counted_flops_per_token(model: FalconH1LM, batch: int, seq_len: int) -> floa
 def test_flops_per_token_matches_flop_counter(shape, batch, seq_len, rel):
     lrm = LRMConfig("none")
     if shape == "scan_heavy":
-        model = FalconH1LM(FalconH1Config(**SCAN_HEAVY), lrm)
+        model = FalconH1LM(micro_config(**SCAN_HEAVY), lrm)
         counted = counted_flops_per_token(model, batch, seq_len)
     elif shape == "tiny":
         model = FalconH1LM(preset("tiny"), lrm)
