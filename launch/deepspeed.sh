@@ -5,13 +5,14 @@
 # A hostfile has one "hostname slots=<processes>" line per node; the launcher reaches them with pdsh/ssh, and
 # train.run_dir must be on storage they all see. --no_local_rank: we read LOCAL_RANK from the environment.
 set -euo pipefail
-launcher=(${DEEPSPEED:-deepspeed})
+source "$(dirname "$0")/env.sh"
+launcher=($DEEPSPEED)
 if [[ -n "${HOSTFILE:-}" ]]; then
   exec "${launcher[@]}" --hostfile="$HOSTFILE" --master_port="${MASTER_PORT:-29500}" \
     --no_local_rank --module lrm_train.train "$@"
 fi
 if [[ -z "${NUM_GPUS:-}" ]]; then
-  NUM_GPUS=$(python3 -c "import torch; print(torch.cuda.device_count() or 1)" 2>/dev/null || echo 1)
+  NUM_GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count() or 1)" 2>/dev/null || echo 1)
 fi
 exec "${launcher[@]}" --num_gpus="$NUM_GPUS" --master_port="${MASTER_PORT:-29500}" \
   --no_local_rank --module lrm_train.train "$@"
