@@ -9,7 +9,8 @@ FalconH1 at the same shape as the outside reference - all in one run, printed as
 The reference configuration (``base``) is lrm=full, AdamW, compiled decoder layers, the SSD scan backend ``auto``
 and LM-head loss backends ``auto`` (Triton on CUDA). Every other variant changes one thing: ``lrm=none``, ``muon``,
 ``eager`` (no torch.compile), ``torch scan`` (the plain-PyTorch SSD scan), ``torch LM loss`` (the chunked PyTorch
-cross-entropy instead of the fused kernel), ``transformers`` (FalconH1ForCausalLM with torch's fused AdamW, same
+cross-entropy instead of the fused kernel), ``chunk 256`` (the SSD scan in chunks of 256: the same result, half the
+chunk states), ``transformers`` (FalconH1ForCausalLM with torch's fused AdamW, same
 shape, same precision: bf16 autocast on CUDA, float32 on CPU).
 
 Each variant runs in its own process (so its peak memory is its own and nothing is left compiled or cached), on the
@@ -49,6 +50,7 @@ VARIANTS = {
     "eager": ["train.compile=false"],
     "torch scan": ["model.ssd_backend=torch"],
     "torch LM loss": ["model.lm_loss_backend=torch"],
+    "chunk 256": ["model.mamba_chunk_size=256"],
     "transformers": None,  # the outside reference
 }
 # (numerator, denominator, what it measures, target as "at most this ratio of step times")
@@ -58,6 +60,7 @@ RATIOS = [
     ("base", "eager", "compiled / eager", None),
     ("base", "torch scan", "Triton scan / torch scan (whole step)", None),
     ("base", "torch LM loss", "fused Triton LM loss / PyTorch chunked loss (whole step)", None),
+    ("chunk 256", "base", "SSD chunk 256 / chunk 128 (whole step)", None),
     ("base", "transformers", "ours / transformers", 1.0),
 ]
 
