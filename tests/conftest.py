@@ -6,6 +6,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import importlib
 import re
 
 import pytest
@@ -24,8 +25,28 @@ def pytest_configure(config):
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def interpreted(module_name: str):
+    """A module of Triton kernels, checked to run in the interpreter here (on CUDA, tests/gpu runs them compiled)."""
+    module = importlib.import_module(module_name)
+    if not module.INTERPRETED:
+        if torch.cuda.is_available():
+            pytest.skip("interpreter tests; on CUDA, tests/gpu runs the compiled kernels")
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it)")
+    return module
+
+
+@pytest.fixture(scope="module")
+def ssd_triton():
+    return interpreted("lrm_train.models.ssd_triton")
+
+
+@pytest.fixture
+def cross_entropy_triton():
+    return interpreted("lrm_train.nn.cross_entropy_triton")
+
+
 # The fixtures that hand a test a Triton kernel module, interpreted in this suite (it hides any GPU).
-INTERPRETER_FIXTURES = {"ssd_triton", "interpreted"}
+INTERPRETER_FIXTURES = {"ssd_triton", "cross_entropy_triton"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 
-
-class KernelBackend(StrEnum):
-    """How a kernel of the model runs (``model.ssd_backend``, ``model.lm_loss_backend``), not what it computes."""
-
-    torch = "torch"  # the PyTorch code, any device
-    triton = "triton"  # the Triton kernel, CUDA only
-    auto = "auto"  # Triton on CUDA tensors when triton imports, PyTorch elsewhere
-
+from lrm_train.nn.kernels import KernelBackend
 
 # Fields that choose how a model runs on this machine, not the function it computes: model folders, Hugging Face
 # exports and checkpoints' run records leave them out, so a model saved on a GPU loads anywhere.

@@ -19,13 +19,12 @@ that ``model.ssd_backend`` names.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from lrm_train.models.config import KernelBackend
+from lrm_train.nn.kernels import KernelBackend, kernel_function
 
 ScanFunction = Callable[..., torch.Tensor]  # (x, dt, A, B, C, D, chunk_size) -> y, as ssd_chunked_scan
 
@@ -97,34 +96,12 @@ def ssd_chunked_scan(
         return (y + skip).to(dtype)
 
 
-def ssd_scan_function(backend: KernelBackend) -> ScanFunction:
-    """The scan ``model.ssd_backend`` names: ``torch`` (this module), ``triton`` (``models.ssd_triton``), or ``auto``:
-    Triton on CUDA tensors when triton imports, this module's scan on any other device.
-
-    Models are built on the CPU and moved afterwards, so ``auto`` cannot know their device here: where CUDA and
-    triton exist it returns a scan that picks by the inputs' device type (a check torch.compile resolves once).
-    """
-    backend = KernelBackend(backend)  # a plain string too: an unknown one fails here, not as ``auto``
-    if backend is KernelBackend.torch:
-        return ssd_chunked_scan
-    if backend is KernelBackend.triton:
-        try:
-            return _triton_scan()
-        except ImportError as e:
-            raise ValueError(f"model.ssd_backend=triton: the Triton scan does not import ({e})") from None
-    if not torch.cuda.is_available():
-        return ssd_chunked_scan
-    try:
-        return functools.partial(_scan_by_device, _triton_scan())
-    except ImportError:
-        return ssd_chunked_scan
+def ssd_scan_function(backend: KernelBackend | str) -> ScanFunction:
+    """The scan ``model.ssd_backend`` names (``nn.kernels``): this module's, or ``models.ssd_triton``'s on CUDA."""
+    return kernel_function(backend, "model.ssd_backend", ssd_chunked_scan, _triton_scan, "the Triton scan")
 
 
 def _triton_scan() -> ScanFunction:
     from lrm_train.models.ssd_triton import ssd_scan
 
     return ssd_scan
-
-
-def _scan_by_device(triton_scan: ScanFunction, x: torch.Tensor, *args) -> torch.Tensor:
-    return (triton_scan if x.device.type == "cuda" else ssd_chunked_scan)(x, *args)

@@ -15,13 +15,13 @@ over the logits in the matmul's dtype), as ``model.lm_loss_backend`` picks when 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from lrm_train.nn.kernels import KernelBackend, kernel_function
 from lrm_train.nn.multipliers import MultipliedLinear
 
 # A chunk's logits hold about as many numbers as the hidden states of the whole batch (liger-kernel's choice: the
@@ -94,39 +94,18 @@ def torch_chunk_loss(
     return log_z, target_logits, grad_logits.to(matmul_dtype)
 
 
-def lm_loss_function(backend: str) -> ChunkLoss:
-    """The ``ChunkLoss`` ``model.lm_loss_backend`` names: ``torch`` (``torch_chunk_loss``), ``triton``
-    (``nn.cross_entropy_triton``: one read and one read+write pass over the logits, in their dtype), or ``auto``:
-    Triton on CUDA tensors when triton imports, ``torch_chunk_loss`` on any other device.
-
-    As ``models.ssd.ssd_scan_function``: heads are built on the CPU and moved afterwards, so where CUDA and triton
-    exist ``auto`` returns a function that picks by the logits' device.
-    """
-    if backend == "torch":
-        return torch_chunk_loss
-    if backend == "triton":
-        try:
-            return _triton_chunk_loss()
-        except ImportError as e:
-            raise ValueError(f"model.lm_loss_backend=triton: the Triton cross-entropy does not import ({e})") from None
-    if backend != "auto":
-        raise ValueError(f"model.lm_loss_backend={backend!r} must be torch, triton or auto")
-    if not torch.cuda.is_available():
-        return torch_chunk_loss
-    try:
-        return functools.partial(_chunk_loss_by_device, _triton_chunk_loss())
-    except ImportError:
-        return torch_chunk_loss
+def lm_loss_function(backend: KernelBackend | str) -> ChunkLoss:
+    """The ``ChunkLoss`` ``model.lm_loss_backend`` names (``nn.kernels``): ``torch_chunk_loss``, or the fused kernel
+    of ``nn.cross_entropy_triton`` (one read and one read+write pass over the logits, in their dtype)."""
+    return kernel_function(
+        backend, "model.lm_loss_backend", torch_chunk_loss, _triton_chunk_loss, "the Triton cross-entropy"
+    )
 
 
 def _triton_chunk_loss() -> ChunkLoss:
     from lrm_train.nn.cross_entropy_triton import cross_entropy_chunk_
 
     return cross_entropy_chunk_
-
-
-def _chunk_loss_by_device(triton_chunk_loss: ChunkLoss, logits: torch.Tensor, *args):
-    return (triton_chunk_loss if logits.device.type == "cuda" else torch_chunk_loss)(logits, *args)
 
 
 class _LinearLMLoss(torch.autograd.Function):

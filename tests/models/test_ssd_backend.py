@@ -22,7 +22,7 @@ def tiny(**overrides):
 def test_an_unknown_backend_is_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"^model.ssd_backend='cuda' must be one of torch, triton, auto$"):
         tiny(ssd_backend="cuda")
-    with pytest.raises(ValueError, match=r"'cuda' is not a valid KernelBackend"):
+    with pytest.raises(ValueError, match=r"^model.ssd_backend='cuda' must be one of torch, triton, auto$"):
         ssd_scan_function("cuda")
 
 
@@ -44,7 +44,7 @@ def test_auto_with_cuda_runs_triton_on_cuda_tensors_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ssd, "_triton_scan", lambda: fake_triton_scan)
     scan = ssd_scan_function("auto")
-    assert scan.args == (fake_triton_scan,)  # what it runs on CUDA tensors
+    assert scan.args == (fake_triton_scan, ssd_chunked_scan)  # what it runs on CUDA tensors, and elsewhere
     x, dt = torch.randn(1, 5, 2, 4), torch.rand(1, 5, 2)
     A, B, C, D = -torch.ones(2), torch.randn(1, 5, 1, 3), torch.randn(1, 5, 1, 3), torch.ones(2)
     torch.testing.assert_close(scan(x, dt, A, B, C, D, 4), ssd_chunked_scan(x, dt, A, B, C, D, 4))

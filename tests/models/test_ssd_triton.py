@@ -5,7 +5,6 @@ CUDA); the fixture checks that the kernels really are interpreted.
 """
 
 import dataclasses
-import importlib
 
 import pytest
 import torch
@@ -15,16 +14,6 @@ from bf16_interpreter import emulate_gpu_bf16
 from lrm_train.models import FalconH1LM, preset
 from lrm_train.models.ssd import ssd_chunked_scan, ssd_scan_function
 from lrm_train.nn import LRMConfig
-
-
-@pytest.fixture(scope="module")
-def ssd_triton():
-    module = importlib.import_module("lrm_train.models.ssd_triton")
-    if not module.INTERPRETED:
-        if torch.cuda.is_available():
-            pytest.skip("interpreter tests; on CUDA, tests/gpu/test_gpu_ssd.py runs the compiled kernels")
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it)")
-    return module
 
 
 def scan_inputs(batch, length, heads, head_dim, groups, d_state, dtype=torch.float32, max_decay=4.0):

@@ -2,7 +2,7 @@
 ``model.lm_loss_backend``, which chooses between them.
 
 ``TRITON_INTERPRET=1`` must be set before triton is first imported (tests/conftest.py sets it on machines without
-CUDA); the fixture checks that the kernel really is interpreted.
+CUDA); its fixture checks that the kernel really is interpreted.
 """
 
 import dataclasses
@@ -38,21 +38,11 @@ def _load_bf16_interpreter():
 
 
 @pytest.fixture
-def interpreted():
-    module = importlib.import_module("lrm_train.nn.cross_entropy_triton")
-    if not module.INTERPRETED:
-        if torch.cuda.is_available():
-            pytest.skip("interpreter tests")
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it)")
-    return module
-
-
-@pytest.fixture
-def kernel(interpreted, monkeypatch):
+def kernel(cross_entropy_triton, monkeypatch):
     """Small blocks and chunks, so that the tests' rows span several blocks and their tokens several chunks."""
-    monkeypatch.setattr(interpreted, "MAX_BLOCK_V", BLOCK_V)
+    monkeypatch.setattr(cross_entropy_triton, "MAX_BLOCK_V", BLOCK_V)
     monkeypatch.setattr(loss_module, "MIN_CHUNK_ELEMENTS", 1)  # 30 tokens in chunks of 8
-    return interpreted
+    return cross_entropy_triton
 
 
 @pytest.fixture
@@ -92,7 +82,7 @@ def test_the_kernel_gives_log_z_the_target_logit_and_the_gradient_in_place(kerne
     torch.testing.assert_close(got[2].sum(-1), share * 2 * z_loss_weight * got[0], rtol=1e-4, atol=1e-6)
 
 
-def test_at_the_05b_vocabulary_with_the_default_blocks(interpreted):
+def test_at_the_05b_vocabulary_with_the_default_blocks(cross_entropy_triton):
     """32784 = 4 x 8192 + 16 columns: the last block is nearly all mask."""
     vocab = 32784
     generator = torch.Generator().manual_seed(0)
@@ -102,7 +92,7 @@ def test_at_the_05b_vocabulary_with_the_default_blocks(interpreted):
     targets[0] = vocab - 1
     share = torch.full((8,), 1 / 8)
     expected = torch_chunk_loss(logits.clone(), targets, share, 1e-4, True)
-    got = interpreted.cross_entropy_chunk_(logits, targets, share, 1e-4, True)
+    got = cross_entropy_triton.cross_entropy_chunk_(logits, targets, share, 1e-4, True)
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-7)
 
@@ -216,7 +206,7 @@ def test_the_kernel_refuses_cpu_tensors_when_compiled(kernel, monkeypatch):
 def test_an_unknown_backend_is_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"^model.lm_loss_backend='cuda' must be one of torch, triton, auto$"):
         dataclasses.replace(preset("tiny"), lm_loss_backend="cuda")
-    with pytest.raises(ValueError, match=r"^model.lm_loss_backend='cuda' must be torch, triton or auto$"):
+    with pytest.raises(ValueError, match=r"^model.lm_loss_backend='cuda' must be one of torch, triton, auto$"):
         lm_loss_function("cuda")
 
 
@@ -235,7 +225,7 @@ def test_auto_with_cuda_runs_triton_on_cuda_tensors_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(loss_module, "_triton_chunk_loss", lambda: cuda_only)
     chunk_loss = lm_loss_function("auto")
-    assert chunk_loss.args == (cuda_only,)  # what it runs on CUDA tensors
+    assert chunk_loss.args == (cuda_only, torch_chunk_loss)  # what it runs on CUDA tensors, and elsewhere
     logits, targets, share = chunk_inputs(torch.float32)
     expected = torch_chunk_loss(logits.clone(), targets, share, 0.1, True)
     for value, reference in zip(chunk_loss(logits, targets, share, 0.1, True), expected):
