@@ -16,6 +16,7 @@ It sits beside the packages (like ``utils``), so every package's command uses it
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -82,6 +83,7 @@ def run_command(
     try:
         config = compose([a for a in argv if not a.startswith("-")])
     except ValueError as e:
-        stderr_line(f"error: config: {e}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank composes the same config: one line a job
+            stderr_line(f"error: config: {e}")
         return BAD_INPUT
     return exit_status(lambda: work(config, given), again)

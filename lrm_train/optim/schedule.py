@@ -75,9 +75,11 @@ def decay_start(cfg: ScheduleConfig, total_steps: int) -> int:
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, used_batch_fraction: float = 1.0) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``."""
-    if step < cfg.warmup_steps:
-        factor = (step + 1) / cfg.warmup_steps
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``. A warmup longer than the run
+    takes the whole run (a short test run keeps the default warmup)."""
+    warmup = min(cfg.warmup_steps, total_steps)
+    if step < warmup:
+        factor = (step + 1) / warmup
     else:
         if cfg.name is ScheduleName.cosine:
             progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)

@@ -141,9 +141,23 @@ def check_format(state, path: Path) -> None:
         raise ValueError(f"checkpoint {path}: state.pt lacks {', '.join(missing) or 'a valid run/trainer entry'}")
 
 
+# What every refusal to resume says: the usual cause is a variation launched into the run directory of another run.
+OTHER_RUN = (
+    "; to train this config give it its own run (experiment.name=NAME or train.run_dir=PATH), "
+    "or start this one over with train.resume=none (the old run is moved aside)"
+)
+
+
 def check_resumable(saved: dict, this: dict, path: Path) -> None:
     """Refuse to resume a checkpoint whose model, placement, optimizer or global batch differ from this run's
-    (``saved`` and ``this`` are ``run_section``s)."""
+    (``saved`` and ``this`` are ``run_section``s), saying how to run the new config instead."""
+    try:
+        _check_same_run(saved, this, path)
+    except ValueError as e:
+        raise ValueError(f"{e}{OTHER_RUN}") from None
+
+
+def _check_same_run(saved: dict, this: dict, path: Path) -> None:
     for key, value in this["model_config"].items():
         if saved["model_config"].get(key) != value:
             raise ValueError(

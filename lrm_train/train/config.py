@@ -185,8 +185,6 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     if cfg.schedule.warmup_steps < 0:
         raise ValueError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")
-    if cfg.schedule.warmup_steps > t.max_steps:
-        raise ValueError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds train.max_steps={t.max_steps}")
     if cfg.schedule.batch_ramp_steps and t.grad_accum < 2:
         raise ValueError(
             "schedule.batch_ramp_steps needs train.grad_accum >= 2: the ramp grows the batch in micro-batches"

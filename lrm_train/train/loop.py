@@ -315,7 +315,13 @@ class Trainer:
         )
 
     def log_start(self) -> None:
-        c = self.components
+        c, warmup, steps = self.components, self.cfg.schedule.warmup_steps, self.cfg.train.max_steps
+        if warmup > steps:
+            log.warning(
+                "schedule.warmup_steps=%d is longer than train.max_steps=%d: the warmup takes the whole run",
+                warmup,
+                steps,
+            )
         log.info("parameter classes (what the optimizer holds):\n%s", format_table(self.engine.class_rows()))
         log.info(
             "model: %s parameters, %.3g FLOPs/token; global batch %d x %d tokens; world size %d",
@@ -354,6 +360,17 @@ def open_trainer(cfg: RunConfig):
 
 def train(cfg: RunConfig) -> TrainResult:
     with open_trainer(cfg) as trainer:
+        if trainer.state.step >= cfg.train.max_steps:  # resumed at its end: a second `make train`, say
+            if trainer.engine.is_main:
+                log.info(
+                    "%s already finished at step %d (train.max_steps=%d); nothing to do. To train longer, raise "
+                    "train.max_steps: the run resumes from %s",
+                    trainer.run_dir,
+                    trainer.state.step,
+                    cfg.train.max_steps,
+                    trainer.checkpointer.last,
+                )
+            return trainer.result()
         trainer.fit()
         result = trainer.result()
         if trainer.engine.is_main:

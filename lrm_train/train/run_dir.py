@@ -96,7 +96,9 @@ class RunDirectory:
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file_handler)
         if self.engine.is_main:
-            log.addHandler(logging.StreamHandler())
+            console = logging.StreamHandler()
+            console.addFilter(lambda record: getattr(record, "console", True))  # lines for the log file only
+            log.addHandler(console)
 
     @staticmethod
     def _close_handlers() -> None:

@@ -73,7 +73,10 @@ CASES = {
     "K07 another optimizer": (
         nothing,
         {"optim": "muon"},
-        r"step_00000004: trained with optim=adamw, this run has optim=muon",
+        (
+            r"step_00000004: trained with optim=adamw, this run has optim=muon .*; to train this config give it its "
+            r"own run \(experiment.name=NAME or train.run_dir=PATH\), or start this one over with train.resume=none"
+        ),
     ),
     "K11 another global batch": (
         nothing,

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from omegaconf import OmegaConf
+from runs import cli
 
 from lrm_train.distributed import EngineName
 from lrm_train.models import KernelBackend
@@ -63,3 +64,11 @@ def test_choices_compose_as_enums_and_are_recorded_as_plain_strings(tmp_path):
     torch.save(run, tmp_path / "run.pt")  # a checkpoint's state.pt is read back with weights_only=True
     loaded = torch.load(tmp_path / "run.pt", weights_only=True)
     assert type(loaded["lrm"]["placement"]) is str and "name: zero3" in loaded["config"]
+
+
+@pytest.mark.multiprocess
+def test_a_config_error_under_torchrun_is_one_line_for_the_job(tmp_path):
+    done = cli(["train.max_stepz=1", f"train.run_dir={tmp_path}"], nproc=2, timeout=120)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: config: unknown config key 'train.max_stepz' (check the spelling; --help lists the keys)"]

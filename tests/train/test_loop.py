@@ -85,7 +85,6 @@ def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(d
         (["train.max_stepz=3"], "unknown config key 'train.max_stepz' (check the spelling; --help lists the keys)"),
         (["train.max_steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
         (["optim=adagrad"], "Could not find 'optim/adagrad'"),
-        (["schedule.warmup_steps=500", "train.max_steps=100"], "schedule.warmup_steps=500 exceeds train.max_steps=100"),
         (["model.num_attention_heads=3"], "model.num_key_value_heads=2 does not divide model.num_attention_heads=3"),
         (
             ["lrm=none", "lrm.lm_head_rows=true"],
@@ -232,3 +231,23 @@ def test_zero3_counts_parameters_and_flops_of_the_whole_model(data_root, tmp_pat
     line = model_line(tmp_path / "zero3").split("INFO ", 1)[1]
     assert line == model_line(tmp_path / "single").split("INFO ", 1)[1]
     assert line.startswith("model: 61,329 parameters")
+
+
+def test_a_run_shorter_than_its_warmup_trains_and_says_the_warmup_takes_the_whole_run(data_root, tmp_path):
+    cfg = run_config(data_root, tmp_path, **{"train.max_steps": 4, "schedule.warmup_steps": 20, "schedule": "constant"})
+    assert train(cfg).step == 4
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([cfg.optim.lr * k / 4 for k in (1, 2, 3, 4)])  # up to the full LR at the last step
+    assert "schedule.warmup_steps=20 is longer than train.max_steps=4" in (tmp_path / "train_rank0.log").read_text()
+
+
+def test_a_finished_run_started_again_says_so_and_trains_nothing(data_root, tmp_path):
+    cfg = run_config(data_root, tmp_path, **{"train.max_steps": 2, "logging.wandb.mode": "offline"})
+    train(cfg)
+    metrics, wandb_runs = (tmp_path / "metrics.jsonl").read_bytes(), sorted((tmp_path / "wandb").iterdir())
+    result = train(cfg)
+    assert result.step == 2 and result.last_checkpoint == tmp_path / "checkpoints" / "step_00000002"
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics and sorted((tmp_path / "wandb").iterdir()) == wandb_runs
+    log = (tmp_path / "train_rank0.log").read_text()
+    assert f"{tmp_path} already finished at step 2 (train.max_steps=2); nothing to do. To train longer" in log
+    assert log.count("done at step 2") == 1

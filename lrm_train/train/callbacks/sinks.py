@@ -1,18 +1,27 @@
-"""Where metrics go (rank 0 only): ``metrics.jsonl`` in the run dir, Weights & Biases, and a progress bar.
+"""Where metrics go (rank 0 only): ``metrics.jsonl`` in the run dir, Weights & Biases, and the console.
 
-``metrics.jsonl`` is strict JSON (a non-finite number is written as null) with one record per step: a resumed run
-first drops the records of steps after its checkpoint, which the interrupted process wrote and the resumed one will
-write again.
+``metrics.jsonl`` is strict JSON (a non-finite number is written as null) with one record per step, stamped with the
+wall-clock time: a resumed run first drops the records of steps after its checkpoint, which the interrupted process
+wrote and the resumed one will write again.
+
+Every ``train.log_every`` steps one plain line (step, loss, lr, grad norm, tokens/s, MFU, memory, ETA) goes to
+``train_rank0.log`` and, when the console is not a terminal (Slurm, CI, a redirect), to the console too; on a terminal
+the console gets a progress bar instead (``logging.progress``), which a file would only fill with carriage returns.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import resource
+import sys
+import time
 import uuid
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from lrm_train.train.callbacks.base import Callback, StepResult
@@ -20,6 +29,7 @@ from lrm_train.train.config import LoggingConfig, WandbMode
 from lrm_train.utils import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("lrm_train")
 
 
 def _finite_or_none(value):
@@ -48,6 +58,7 @@ class MetricSinks(Callback):
     def __init__(self, cfg: LoggingConfig, run_name: str, max_steps: int) -> None:
         self.cfg, self.run_name, self.max_steps = cfg, run_name, max_steps
         self.jsonl = self.wandb_run = self.progress = None
+        self.started, self.first_step = 0.0, 0  # this process's clock and step, for the ETA
 
     @property
     def wandb_dir(self) -> str | None:
@@ -78,18 +89,23 @@ class MetricSinks(Callback):
                 resume="allow",
                 config=trainer.config_dict(),
             )
-        if self.cfg.progress:
+        if self.cfg.progress and sys.stderr.isatty():
             self.progress = tqdm(total=self.max_steps, initial=trainer.state.step, desc="train", dynamic_ncols=True)
+        self.started, self.first_step = time.monotonic(), trainer.state.step
 
     def on_step(self, trainer, step: StepResult) -> None:
         if not trainer.engine.is_main:
             return
         if step.metrics:
             record = {k: _finite_or_none(v) for k, v in step.metrics.items()}
+            record["time"] = round(time.time(), 3)
             self.jsonl.write(json.dumps({"step": step.step, **record}, allow_nan=False) + "\n")
             self.jsonl.flush()
             if self.wandb_run is not None:
                 self.wandb_run.log(step.metrics, step=step.step)
+        if "loss" in step.metrics:
+            # The bar has the console; the line then goes to the log file only.
+            log.info("%s", self.step_line(trainer, step), extra={"console": self.progress is None})
         if self.progress is not None:
             if "loss" in step.metrics:
                 tokens_per_s = step.metrics["tokens_per_s"]
@@ -98,9 +114,32 @@ class MetricSinks(Callback):
                 )
             self.progress.update(1)
 
+    def step_line(self, trainer, step: StepResult) -> str:
+        m = step.metrics
+        done = step.step - self.first_step
+        eta = (time.monotonic() - self.started) / max(done, 1) * (self.max_steps - step.step)
+        return (
+            f"step {step.step}/{self.max_steps} loss {m['loss']:.4f} lr {m['lr']:.3g} grad_norm {m['grad_norm']:.3g} "
+            f"tokens/s {m['tokens_per_s']:,.0f} mfu {m['mfu']:.1%} memory {_peak_memory_gb(trainer.engine.device):.2f} GB "
+            f"eta {_duration(eta)}"
+        )
+
     def on_end(self, trainer) -> None:
         for closeable in (self.jsonl, self.progress):
             if closeable is not None:
                 closeable.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated CUDA memory on a GPU; the process's peak resident set elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
