@@ -30,6 +30,9 @@ Examples:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--cfg" in argv and argv[argv.index("--cfg") + 1 : argv.index("--cfg") + 2] == ["job"]:
+        argv.pop(argv.index("--cfg") + 1)  # Hydra's own spelling, `--cfg job`: the same composed config
     return run_command(argv, help_text("train", USAGE), compose, _train, flags=("--cfg",))
 
 

@@ -72,3 +72,10 @@ def test_a_config_error_under_torchrun_is_one_line_for_the_job(tmp_path):
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: config: unknown config key 'train.max_stepz' (check the spelling; --help lists the keys)"]
+
+
+def test_cfg_prints_the_composed_config_also_in_hydras_spelling(capsys):
+    assert main(["optim=muon", "--cfg"]) == 0
+    printed = capsys.readouterr().out
+    assert main(["--cfg", "job", "optim=muon"]) == 0
+    assert capsys.readouterr().out == printed and "name: muon" in printed

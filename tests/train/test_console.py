@@ -34,3 +34,23 @@ def test_every_log_step_is_a_plain_line_unless_a_terminal_shows_the_bar(
     assert (
         [r["step"] for r in records] == [2, 4, 6, 8] and times == sorted(times) and times[0] > 1.7e9
     )  # wall-clock seconds
+
+
+def test_the_experiments_name_and_tags_reach_wandb(data_root, tmp_path, monkeypatch):
+    import wandb
+
+    opened = {}
+
+    class Run:
+        dir = str(tmp_path / "wandb" / "run" / "files")
+
+        def log(self, *args, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: opened.update(kwargs) or Run())
+    extra = {"logging.wandb.mode": "offline", "experiment.name": "mine", "experiment.tags": "[lrm,ablation]"}
+    train(run_config(data_root, tmp_path, **{"train.max_steps": 2, **extra}))
+    assert (opened["name"], opened["tags"], opened["mode"]) == ("mine", ["lrm", "ablation"], "offline")

@@ -251,3 +251,18 @@ def test_a_finished_run_started_again_says_so_and_trains_nothing(data_root, tmp_
     log = (tmp_path / "train_rank0.log").read_text()
     assert f"{tmp_path} already finished at step 2 (train.max_steps=2); nothing to do. To train longer" in log
     assert log.count("done at step 2") == 1
+
+
+def test_the_readmes_callback_example_runs_as_written_and_logs_at_log_steps(data_root, tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("# mycallbacks.py (anywhere on PYTHONPATH)\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mycallbacks.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extra = {
+        "train.log_every": 2,
+        "+callbacks.spikes._target_": "mycallbacks.LossSpikeAlarm",
+        "+callbacks.spikes.factor": 1.5,
+    }
+    train(run_config(data_root, tmp_path / "run", **extra))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["spike"]) for r in records] == [(2, 0.0), (4, 0.0), (6, 0.0), (8, 0.0)]

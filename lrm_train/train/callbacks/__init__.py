@@ -74,6 +74,6 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         Trajectories(t.log_every, cfg.logging.trajectories, cfg.optim, cfg.model.init_std, seed=t.seed),
         Evaluator(t.eval_every, t.eval_batch_size, cfg.data.seq_len, cfg.data.val_windows),
         *user,
-        MetricSinks(cfg.logging, cfg.experiment.name, t.max_steps),
+        MetricSinks(cfg.logging, cfg.experiment.name, t.max_steps, cfg.experiment.tags),
         Checkpointer(t.ckpt_every, t.keep_last),
     ]

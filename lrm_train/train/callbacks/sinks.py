@@ -55,8 +55,8 @@ def _keep_records_up_to(path: Path, step: int) -> None:
 class MetricSinks(Callback):
     name = "sinks"
 
-    def __init__(self, cfg: LoggingConfig, run_name: str, max_steps: int) -> None:
-        self.cfg, self.run_name, self.max_steps = cfg, run_name, max_steps
+    def __init__(self, cfg: LoggingConfig, run_name: str, max_steps: int, tags: list[str] = ()) -> None:
+        self.cfg, self.run_name, self.max_steps, self.tags = cfg, run_name, max_steps, list(tags)
         self.jsonl = self.wandb_run = self.progress = None
         self.started, self.first_step = 0.0, 0  # this process's clock and step, for the ETA
 
@@ -85,6 +85,7 @@ class MetricSinks(Callback):
                 mode=self.cfg.wandb.mode,
                 dir=str(run_dir),
                 name=self.run_name,
+                tags=self.tags,
                 id=id_file.read_text().strip(),
                 resume="allow",
                 config=trainer.config_dict(),
