@@ -33,8 +33,8 @@ test: $(STAMP)
 
 # For iteration; CI runs `make test`. The same suite less its slow kinds of test (markers in pyproject.toml): those that
 # start other processes to train, prepare data or run an experiment (torchrun, spawned ranks, the CLIs; multiprocess),
-# run Triton kernels in Triton's interpreter (interpreter) or run torch.compile (compile). On the 2-core machine: 639 of
-# the 706 tests of `make test` in 4.3 minutes (4.1 CPU-minutes) while other jobs held its load average at 1.4 to 3.
+# run Triton kernels in Triton's interpreter (interpreter) or run torch.compile (compile). On the 2-core machine: 649 of
+# the ~720 tests of `make test` in 3.9 minutes (3.9 CPU-minutes) at load 0.9-1.1.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

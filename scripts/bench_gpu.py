@@ -108,6 +108,7 @@ def trainer_overrides(args, variant: str, run_dir: str) -> list[str]:
         "train.resume=none",
         "logging.progress=false",
         "logging.wandb.mode=disabled",
+        *(["train.compile=false"] if args.eager else []),
     ]
 
 
@@ -261,6 +262,9 @@ def main() -> int:
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS)
     )
     parser.add_argument("--data-root", default="data", help="where the default corpus is prepared (reused)")
+    parser.add_argument(
+        "--eager", action="store_true", help="no torch.compile in any variant (a quick functional run, e.g. on CPU)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s")
     parser.add_argument("--json", default=None, help="also write every figure to this file (scripts/gpu_check.py)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON

@@ -11,7 +11,7 @@
 4. ``OUT/report.json`` (every figure) and ``OUT/report.md`` (the same as tables), which the README links.
 
 Without CUDA it runs a reduced form (the GPU suite reported as not run, the benchmark on the tiny preset with two
-variants and one step) so that the script is exercised by the CPU suite and cannot rot.
+variants, uncompiled, and one step) so that the script is exercised by the CPU suite and cannot rot.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def gpu_suite() -> dict:
 def benchmark(bench_args: list[str], quick: bool) -> dict:
     """bench_gpu.py's figures (at its default size: the largest micro-batch of 8, 4, 2, 1 that fits in memory)."""
     if quick:
-        bench_args = ["--variants", "base,lrm=none", "--steps", "1", "--warmup", "0", "--seq-len", "64", *bench_args]
+        bench_args = ["--variants", "base,lrm=none", "--steps", "1", "--warmup", "0", "--seq-len", "64", "--eager",
+                      *bench_args]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), *bench_args, "--json", f"{tmp}/bench.json"]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
