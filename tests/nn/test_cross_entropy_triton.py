@@ -24,8 +24,8 @@ from lrm_train.nn import LRMConfig, lm_loss
 from lrm_train.nn import loss as loss_module
 from lrm_train.nn.loss import LMHead, linear_lm_loss, lm_loss_function, torch_chunk_loss
 from lrm_train.train.config import RunConfig, validate
+from tests.nn.test_loss import HIDDEN, VOCAB, inputs  # the PyTorch path's own test inputs
 
-VOCAB, HIDDEN = 50, 16
 BLOCK_V = 16  # vocabulary blocks of the tests: 50 columns are 3 full blocks and a partial one
 
 
@@ -115,16 +115,6 @@ def test_in_bf16_the_kernel_writes_the_torch_paths_gradient_to_a_rounding(kernel
     torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
     # Both round float32 values that differ by float32 rounding: at most one bf16 step apart.
     torch.testing.assert_close(got[2], expected[2], rtol=2**-7, atol=1e-6)
-
-
-def inputs(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(3, 10, HIDDEN, generator=generator, requires_grad=True)
-    weight = torch.randn(VOCAB, HIDDEN, generator=generator).mul_(0.5).requires_grad_()
-    targets = torch.randint(0, VOCAB, (3, 10), generator=generator)
-    targets[0, :4] = -100
-    targets[2, 9] = -100
-    return hidden, weight, targets
 
 
 def both_paths(hidden, weight, targets, z_loss_weight, **kwargs):
