@@ -33,12 +33,13 @@ test: $(STAMP)
 
 # For iteration; CI runs `make test`. The same suite less its slow kinds of test (markers in pyproject.toml): those that
 # start other processes to train, prepare data or run an experiment (torchrun, spawned ranks, the CLIs; multiprocess),
-# run Triton kernels in Triton's interpreter (interpreter) or run torch.compile (compile). On the 2-core machine: 649 of
-# the ~720 tests of `make test` in 3.9 minutes (3.9 CPU-minutes) at load 0.9-1.1.
+# run Triton kernels in Triton's interpreter (interpreter) or run torch.compile (compile). Spread over every core
+# (pytest-xdist; the tests left in share no state between them). On the 2-core machine: 654 of the ~730 tests of
+# `make test` in 2.4 minutes (4.4 CPU-minutes) at load 1.5-2.2; one process takes 3.5 minutes.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -m 'not gpu and not multiprocess and not interpreter and not compile' tests
+	$(PY) -m pytest -q -n auto -m 'not gpu and not multiprocess and not interpreter and not compile' tests
 
 # The GPU suite (tests/gpu, marker gpu; `make test` leaves it out): bf16 training for every placement and optimizer,
 # exact resume on CUDA, DDP and ZeRO-1/2/3 on one GPU, Muon's bf16 Newton-Schulz, HF parity in bf16. A few minutes on

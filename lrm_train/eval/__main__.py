@@ -115,7 +115,7 @@ def _evaluate(cmd: EvalCommand, _flags: list[str]) -> None:
         saved = list(results["tasks_done"])
 
     from lrm_train.eval.api import evaluate_artifact
-    from lrm_train.hf.artifact import open_artifact
+    from lrm_train.train.artifact import open_artifact
 
     try:
         artifact = open_artifact(cmd.path, cmd.tokenizer)

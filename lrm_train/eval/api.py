@@ -11,7 +11,7 @@ from lrm_train.data import TokenData
 from lrm_train.eval.model import LRMHarnessLM, default_device
 from lrm_train.eval.scoring import run_harness, validation_bpb
 from lrm_train.eval.tasks import DEFAULT_TASKS
-from lrm_train.hf.artifact import Artifact, open_artifact
+from lrm_train.train.artifact import Artifact, open_artifact
 from lrm_train.utils import sha256_file
 
 

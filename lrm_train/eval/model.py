@@ -1,6 +1,6 @@
 """Our model inside lm-evaluation-harness: the ``lrm_train`` model (``--model lrm_train --model_args path=...``).
 
-``path`` is anything ``hf.artifact.open_artifact`` reads (a training checkpoint, a run directory, an lrm_train model
+``path`` is anything ``train.artifact.open_artifact`` reads (a training checkpoint, a run directory, an lrm_train model
 folder or a Hugging Face folder), with its tokenizer or ``tokenizer=PATH`` (a tokenizer.json).
 
 Scoring follows the harness's ``hf`` model: the same context/continuation split (``TemplateLM``), the same rolling
@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lrm_train.data.tokenizer import eos_id, load_tokenizer
-from lrm_train.hf.artifact import open_artifact
+from lrm_train.train.artifact import open_artifact
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256

@@ -12,13 +12,14 @@ from omegaconf import MISSING
 
 from lrm_train.cli import run_command
 from lrm_train.config_compose import compose_schema, help_text
-from lrm_train.hf.artifact import ArtifactKind, open_artifact
-from lrm_train.hf.convert import export_hf, import_hf
+from lrm_train.hf.convert import export_hf
 from lrm_train.hf.outputs import check_outside_checkpoints
 from lrm_train.hf.tokenizer import tokenizer_argument
+from lrm_train.models.hf_folder import import_hf
 from lrm_train.models.io import check_output_folder, save_model
 from lrm_train.nn import LRMConfig
 from lrm_train.nn.multipliers import Init, Placement
+from lrm_train.train.artifact import ArtifactKind, open_artifact
 
 USAGE = """usage: python -m lrm_train.hf import HF_DIR OUT_DIR [placement=full] [init=one] [lm_head_rows=false]
                                        [overwrite=false]

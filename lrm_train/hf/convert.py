@@ -1,7 +1,7 @@
-"""Folders in Hugging Face's format (config.json + safetensors) for any model family of ``models.hf_mapping``.
+"""Writing folders in Hugging Face's format (config.json + safetensors) for any model family of ``models.hf_mapping``.
 
-What a family's config fields and tensors are called there is the family's mapping; this module reads and writes the
-folders, picks the mapping (by the model's class, or config.json's ``model_type``) and checks what it reads.
+What a family's config fields and tensors are called there is the family's mapping. Reading such folders is
+``models.hf_folder``'s (the trainer's ``train.init_from`` reads them too, and it sits below this package).
 """
 
 from __future__ import annotations
@@ -9,37 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lrm_train.hf.tokenizer import hf_tokenizer_files
-from lrm_train.models import hf_mapping
-from lrm_train.models.hf_mapping import HFMapping
-from lrm_train.models.io import check_tensors, load_state_strict, read_json, read_safetensors, write_weights_folder
-from lrm_train.nn import MULTIPLIER_NAMES, LRMConfig
-
-
-def _mapping_of_model(model: nn.Module) -> HFMapping:
-    for mapping in hf_mapping.HF_MAPPINGS:
-        if isinstance(model, mapping.MODEL_CLASS):
-            return mapping
-    raise ValueError(f"no Hugging Face mapping for {type(model).__name__} (see models/hf_mapping.py)")
-
-
-def _mapping_of_config(config: dict, source: Path) -> HFMapping:
-    if "model_type" not in config:
-        raise ValueError(f"{source}: model_type is missing")
-    known = {mapping.MODEL_TYPE: mapping for mapping in hf_mapping.HF_MAPPINGS}
-    mapping = known.get(config["model_type"])
-    if mapping is None:
-        raise ValueError(
-            f"{source}: model_type={config['model_type']!r} is not one lrm_train imports ({', '.join(known)})"
-        )
-    # Same model type, other head (e.g. the base model without its LM head): other tensors.
-    architectures = config.get("architectures") or [mapping.ARCHITECTURE]
-    if architectures != [mapping.ARCHITECTURE]:
-        raise ValueError(f"{source}: architectures={architectures!r}, expected [{mapping.ARCHITECTURE!r}]")
-    return mapping
+from lrm_train.models.hf_folder import mapping_of_model
+from lrm_train.models.io import write_weights_folder
 
 
 def export_hf(
@@ -55,44 +29,9 @@ def export_hf(
     ``overwrite`` replaces only a folder lrm_train wrote; ``sources`` (folders the model was read from) never.
     """
     tokenizer_files = hf_tokenizer_files(tokenizer) if tokenizer is not None else None
-    mapping = _mapping_of_model(model)
+    mapping = mapping_of_model(model)
     config = {"architectures": [mapping.ARCHITECTURE], "model_type": mapping.MODEL_TYPE}
     config.update(mapping.to_hf_config(model.cfg))
     # transformers refuses safetensors files whose "format" is not a framework it knows.
     state = mapping.to_hf_state(model)
     return write_weights_folder(out_dir, config, state, {"format": "pt"}, overwrite, sources, tokenizer_files)
-
-
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if not index.exists():
-        return read_safetensors(path / "model.safetensors")
-    files = read_json(index).get("weight_map")
-    if isinstance(files, dict):
-        return {k: v for file in sorted(set(files.values())) for k, v in read_safetensors(path / file).items()}
-    raise ValueError(f"{index}: no weight_map")
-
-
-def import_hf(path: str | Path, lrm: LRMConfig | str | None = None) -> nn.Module:
-    """Build our model from a Hugging Face folder, with any LRM placement, computing the same logits.
-
-    ``lrm``: an ``LRMConfig`` or a placement name. A folder that does not hold exactly the tensors of its config
-    (or of another architecture) is refused with one ValueError line naming it and the first culprit.
-    """
-    path = Path(path)
-    lrm = LRMConfig(placement=lrm) if isinstance(lrm, str) else lrm
-    config_path = path / "config.json"
-    config = read_json(config_path)
-    mapping = _mapping_of_config(config, config_path)
-    cfg = mapping.from_hf_config(config, config_path)
-    tensors = _read_hf_weights(path)
-    with torch.device("meta"):  # names and shapes only: costs no memory
-        check_tensors(tensors, mapping.to_hf_state(mapping.MODEL_CLASS(cfg, LRMConfig("none"))), path)
-    model = mapping.MODEL_CLASS(cfg, lrm)
-    state = mapping.from_hf_state({k: v.float() for k, v in tensors.items()}, model)
-    # The learnable multipliers are not in the file: they keep the values they were initialized with.
-    for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[-1] in MULTIPLIER_NAMES:
-            state[name] = tensor
-    load_state_strict(model, state, path)
-    return model

@@ -1,4 +1,4 @@
-"""The tokenizer files an export carries, and the tokenizer a training checkpoint was trained with."""
+"""The tokenizer files an export carries, and a tokenizer.json given on a command line."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 from lrm_train.data.tokenizer import EOS_CANDIDATES, load_tokenizer
-from lrm_train.train.checkpoint import TOKENIZER
-from lrm_train.utils import sha256_file
 
 
 def tokenizer_argument(path: str | Path, key: str) -> Path:
@@ -18,29 +16,6 @@ def tokenizer_argument(path: str | Path, key: str) -> Path:
     if not path.is_file():
         raise ValueError(f"{key}={path}: no such file")
     return path
-
-
-def checkpoint_tokenizer(checkpoint: Path, run: dict, given: Path | None = None) -> Path:
-    """The tokenizer.json ``checkpoint`` (its ``run`` section) was trained with: the copy the checkpoint carries.
-
-    Never looked up from the corpus: a corpus changed since, or prepared again, gives another tokenizer, and a model
-    paired with it decodes wrongly. ``given`` must be the same file (its sha256 is the one the run recorded); a
-    checkpoint written before checkpoints carried their tokenizer has no record, so there ``given`` is required.
-    """
-    recorded = (run.get("data") or {}).get("tokenizer_sha256")
-    if recorded is None:
-        if given is None:
-            raise ValueError(
-                f"checkpoint {checkpoint}: written before checkpoints carried their tokenizer; "
-                "pass the tokenizer.json it was trained with"
-            )
-        return given
-    if given is not None and sha256_file(given) != recorded:
-        raise ValueError(
-            f"{given} is not the tokenizer checkpoint {checkpoint} was trained with "
-            f"({checkpoint / TOKENIZER}, sha256 {recorded[:12]}...); refusing to pair them"
-        )
-    return checkpoint / TOKENIZER
 
 
 def hf_tokenizer_files(tokenizer_json: str | Path) -> dict[str, str]:

@@ -3,9 +3,12 @@ loader. One function, so the trainer, the benchmarks and the experiments assembl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,8 +20,14 @@ from lrm_train.data.loader import validation_windows
 from lrm_train.data.prepare import prepare
 from lrm_train.distributed import Engine
 from lrm_train.models import FalconH1LM
+from lrm_train.models.config import RUNTIME_FIELDS
+from lrm_train.models.hf_folder import transfer_function
 from lrm_train.optim import ParamClass, build_optimizer, classify_parameters
+from lrm_train.train.artifact import open_artifact
 from lrm_train.train.config import RunConfig
+from lrm_train.utils import sha256_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +70,37 @@ def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
     return data
 
 
+def start_from(model: FalconH1LM, path: str, tokenizer: Path) -> None:
+    """``train.init_from``: give ``model`` (built with this run's config) the function of the model at ``path``.
+
+    The source must have this run's model config (the fields that define the function; the placement and init of
+    the LRM multipliers may differ: this run's multipliers start at their init values and the weights carry the rest)
+    and, when it records one, this run's tokenizer: a model paired with another tokenizer reads other tokens.
+    """
+    with torch.random.fork_rng(devices=[]):  # building the source must not move this run's random stream
+        artifact = open_artifact(path, need_tokenizer=False)
+    source, this = (
+        {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+        for config in (artifact.model.cfg, model.cfg)
+    )
+    for key, value in this.items():
+        if source.get(key) != value:
+            raise ValueError(
+                f"train.init_from={path}: its model has model.{key}={source.get(key)!r}, this run has {value!r}"
+            )
+    if artifact.tokenizer is None:
+        log.warning(
+            "train.init_from=%s records no tokenizer: make sure data.tokenizer is the one it was trained with", path
+        )
+    elif sha256_file(artifact.tokenizer) != sha256_file(tokenizer):
+        raise ValueError(
+            f"train.init_from={path} was trained with the tokenizer {artifact.tokenizer}, this run's data uses "
+            f"{tokenizer}: set data.tokenizer={artifact.tokenizer} (and a data.out_root for it)"
+        )
+    transfer_function(artifact.model, model, Path(path))
+    log.info("started from the weights of %s (%s)", path, artifact.kind)
+
+
 def wrap_layers(
     layers: nn.ModuleList, compile: bool, activation_checkpointing: bool, compile_backend: str = "inductor"
 ) -> None:
@@ -82,11 +122,17 @@ def wrap_layers(
         layer.forward = forward
 
 
-def build(cfg: RunConfig, engine: Engine) -> Components:
-    """Seed, then data -> model -> parameter classes -> optimizer -> engine -> loader (this order fixes the RNG use)."""
+def build(cfg: RunConfig, engine: Engine, fresh_start: bool = True) -> Components:
+    """Seed, then data -> model -> parameter classes -> optimizer -> engine -> loader (this order fixes the RNG use).
+
+    ``fresh_start``: the run will not resume from a checkpoint, so ``train.init_from`` (if set) gives the weights.
+    """
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg, engine)
-    model = FalconH1LM(cfg.model, cfg.lrm).to(engine.device)
+    model = FalconH1LM(cfg.model, cfg.lrm)
+    if cfg.train.init_from is not None and fresh_start:
+        start_from(model, cfg.train.init_from, data.tokenizer_path)
+    model = model.to(engine.device)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     wrap_layers(model.layers, cfg.train.compile, cfg.train.activation_checkpointing)
     classes = classify_parameters(model)

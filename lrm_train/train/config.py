@@ -50,6 +50,9 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 3  # complete checkpoints kept
     resume: str = "auto"  # auto (newest complete checkpoint of the run dir, if any), none, or a checkpoint path
+    # Weights to start from (a fresh optimizer; read only when the run does not resume): a checkpoint, a run directory,
+    # an lrm_train model folder or a Hugging Face Falcon-H1 folder of this run's model.* shape, any LRM placement.
+    init_from: str | None = None
     run_dir: str = "runs/${experiment.name}"
     precision: Precision = Precision.auto
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
@@ -181,6 +184,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(
             "model.lm_loss_backend=triton needs a CUDA device (use model.lm_loss_backend=auto or torch on CPU)"
         )
+    if t.init_from is not None and not os.path.exists(t.init_from):
+        raise ValueError(f"train.init_from={t.init_from}: no such checkpoint, run directory or model folder")
     if t.grad_clip < 0:
         raise ValueError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     if cfg.schedule.warmup_steps < 0:

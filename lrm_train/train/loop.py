@@ -28,7 +28,7 @@ from lrm_train.optim import format_table, lr_factor, set_learning_rates
 from lrm_train.optim import micro_batches as count_micro_batches
 from lrm_train.train.build import Components, build, seed_everything
 from lrm_train.train.callbacks import Callback, Checkpointer, Evaluator, MetricSinks, StepResult, build_callbacks
-from lrm_train.train.checkpoint import FORMAT, check_resumable, load_weights, run_section
+from lrm_train.train.checkpoint import FORMAT, check_resumable, complete_checkpoints, load_weights, run_section
 from lrm_train.train.config import Precision, RunConfig, validate
 from lrm_train.train.preemption import Stopped, StopSignals
 from lrm_train.train.run_dir import RunDirectory
@@ -347,7 +347,9 @@ def open_trainer(cfg: RunConfig):
     run_dir = None
     try:
         run_dir = RunDirectory(cfg.train.run_dir, engine, cfg.train.resume)
-        trainer = Trainer(cfg, engine, run_dir.path, build(cfg, engine), build_callbacks(cfg))
+        resuming = cfg.train.resume != "none" and (cfg.train.resume != "auto" or complete_checkpoints(run_dir.path))
+        components = build(cfg, engine, fresh_start=not resuming)
+        trainer = Trainer(cfg, engine, run_dir.path, components, build_callbacks(cfg))
         if engine.is_main:  # only now: a refused resume must not replace the run's config
             (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(trainer.config_dict()))
             trainer.log_start()

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from runs import run_config
 from safetensors.torch import load_file, save
 
-from lrm_train.hf.artifact import open_artifact
 from lrm_train.train import train
+from lrm_train.train.artifact import open_artifact
 from lrm_train.train.checkpoint import join_tensors, load_checkpoint, load_resumable, save_checkpoint, split_tensors
 
 

@@ -18,13 +18,12 @@ from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
-from lrm_train.hf.convert import import_hf
-from lrm_train.hf.tokenizer import checkpoint_tokenizer
 from lrm_train.models import FalconH1LM
+from lrm_train.models.hf_folder import import_hf
 from lrm_train.models.io import load_model
-from lrm_train.train.checkpoint import MANIFEST, load_resumable, model_from_state, newest_loadable
+from lrm_train.train.checkpoint import MANIFEST, TOKENIZER, load_resumable, model_from_state, newest_loadable
 from lrm_train.train.config import RunConfig
-from lrm_train.utils import first_line
+from lrm_train.utils import first_line, sha256_file
 
 
 class ArtifactKind(StrEnum):
@@ -82,6 +81,29 @@ def open_artifact(path: str | Path, tokenizer: str | Path | None = None, need_to
         raise ValueError(f"{path}: it carries no tokenizer; pass tokenizer=PATH (a tokenizer.json)")
     model = import_hf(path) if kind is ArtifactKind.HF else load_model(path)
     return Artifact(path, kind, model, tokenizer_path)
+
+
+def checkpoint_tokenizer(checkpoint: Path, run: dict, given: Path | None = None) -> Path:
+    """The tokenizer.json ``checkpoint`` (its ``run`` section) was trained with: the copy the checkpoint carries.
+
+    Never looked up from the corpus: a corpus changed since, or prepared again, gives another tokenizer, and a model
+    paired with it decodes wrongly. ``given`` must be the same file (its sha256 is the one the run recorded); a
+    checkpoint written before checkpoints carried their tokenizer has no record, so there ``given`` is required.
+    """
+    recorded = (run.get("data") or {}).get("tokenizer_sha256")
+    if recorded is None:
+        if given is None:
+            raise ValueError(
+                f"checkpoint {checkpoint}: written before checkpoints carried their tokenizer; "
+                "pass the tokenizer.json it was trained with"
+            )
+        return given
+    if given is not None and sha256_file(given) != recorded:
+        raise ValueError(
+            f"{given} is not the tokenizer checkpoint {checkpoint} was trained with "
+            f"({checkpoint / TOKENIZER}, sha256 {recorded[:12]}...); refusing to pair them"
+        )
+    return checkpoint / TOKENIZER
 
 
 def _run_config(checkpoint: Path, run: dict) -> RunConfig:

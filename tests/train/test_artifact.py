@@ -8,9 +8,9 @@ from runs import run_config
 
 import lrm_train.train.checkpoint as checkpoint_module
 from lrm_train.hf import export_hf
-from lrm_train.hf.artifact import ArtifactKind, open_artifact
 from lrm_train.models.io import save_model
 from lrm_train.train import RunConfig, train
+from lrm_train.train.artifact import ArtifactKind, open_artifact
 
 
 @pytest.fixture(scope="module")
