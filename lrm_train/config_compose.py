@@ -19,6 +19,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -40,6 +41,38 @@ def compose_schema(config_name: str, schema: type, overrides: list[str] | tuple[
     try:
         return OmegaConf.to_object(composed)
     except Exception as e:  # noqa: BLE001 - a wrong type, or a dataclass's own check
+        raise ValueError(one_line(e)) from None
+
+
+def compose_saved(path: Path, schema: type, overrides: list[str] | tuple[str, ...] = ()):
+    """A config a command saved (a run's ``config.yaml``), read through today's ``schema``, with ``key=value``
+    overrides in Hydra's syntax; every error one ``ValueError`` line, like ``compose_schema``'s.
+
+    Group options (``optim=muon``) pick defaults for a fresh config; a saved config has its values already, so they are
+    refused with the keys to set instead.
+    """
+    try:
+        saved = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - YAML and OmegaConf raise many types
+        raise ValueError(f"{path}: not a YAML config ({one_line(e)})") from None
+    unknown = unknown_keys(OmegaConf.to_container(saved, resolve=False), schema)
+    if unknown:
+        raise ValueError(f"{path}: {_unknown_key(unknown[0])}")
+    hints = typing.get_type_hints(schema)
+    try:
+        config = OmegaConf.merge(OmegaConf.structured(schema), saved)
+        for override in OverridesParser.create().parse_overrides(list(overrides)):
+            key = override.key_or_group
+            if dataclasses.is_dataclass(hints.get(key)):
+                raise ValueError(
+                    f"{override.input_line}: a group option picks a fresh config's defaults; to change the saved "
+                    f"run's, set its keys ({key}.<field>=...)"
+                )
+            OmegaConf.update(config, key, override.value(), merge=True)
+        return OmegaConf.to_object(config)
+    except Exception as e:  # noqa: BLE001 - as in compose_schema
         raise ValueError(one_line(e)) from None
 
 

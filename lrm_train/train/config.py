@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
 
-from lrm_train.config_compose import compose_schema
+from lrm_train.config_compose import compose_saved, compose_schema
 from lrm_train.data import DataConfig
 from lrm_train.distributed import DistConfig, EngineName
 from lrm_train.models import PRESETS, FalconH1Config, KernelBackend
@@ -129,13 +130,14 @@ def register_configs() -> None:
         store.store(group="model", name=name, node=make())
 
 
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """The run config of ``configs/train.yaml`` with Hydra ``overrides``, checked and validated.
+def compose(overrides: list[str] | tuple[str, ...] = (), saved: Path | None = None) -> RunConfig:
+    """The run config of ``configs/train.yaml`` with Hydra ``overrides``, checked and validated; or, given ``saved``
+    (a run's ``config.yaml``), that config with the ``key=value`` overrides: how a run is relaunched as it was.
 
     Raises ``ValueError`` with one line naming the culprit for every config error.
     """
     register_configs()
-    cfg = compose_schema("train", RunConfig, overrides)
+    cfg = compose_schema("train", RunConfig, overrides) if saved is None else compose_saved(saved, RunConfig, overrides)
     validate(cfg)
     return cfg
 

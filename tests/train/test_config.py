@@ -1,7 +1,9 @@
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
-from runs import cli
+from runs import as_args, cli, losses, overrides
 
 from lrm_train.distributed import EngineName
 from lrm_train.models import KernelBackend
@@ -79,3 +81,35 @@ def test_cfg_prints_the_composed_config_also_in_hydras_spelling(capsys):
     printed = capsys.readouterr().out
     assert main(["--cfg", "job", "optim=muon"]) == 0
     assert capsys.readouterr().out == printed and "name: muon" in printed
+
+
+def test_a_run_relaunches_from_its_saved_config_without_its_overrides(data_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(as_args(overrides(data_root, run_dir, **{"train.max_steps": 2, "lrm.placement": "scalar"}))) == 0
+    capsys.readouterr()
+    assert main(["--config-dir", str(run_dir), "--cfg", "job"]) == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert (printed.model.hidden_size, printed.lrm.placement, printed.train.max_steps) == (32, "scalar", 2)
+    # Only the new value is typed; everything else (the micro model, its data, its run dir) comes from config.yaml.
+    assert main([f"--config-dir={run_dir}", "train.max_steps=4"]) == 0
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+    assert "resumed from" in capsys.readouterr().err
+    assert OmegaConf.load(run_dir / "config.yaml").train.max_steps == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--config-dir", "nothing"], r"nothing/config.yaml: no such file"),
+        (["--config-dir", "{run}", "optim=muon"], r"optim=muon: a group option .* set its keys \(optim.<field>=...\)"),
+        (["--config-dir", "{run}", "train.max_stepz=3"], r"unknown config key 'train.max_stepz'"),
+        (["--config-dir", "{run}", "train.max_steps=many"], r"train.max_steps: Value .many. .* Integer"),
+    ],
+)
+def test_a_bad_relaunch_is_one_line(tmp_path, capsys, monkeypatch, args, error):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(compose([]))))
+    assert main([a.format(run=tmp_path / "run") for a in args]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and re.search(error, lines[0]), lines
