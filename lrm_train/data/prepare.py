@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # Characters of text per task sent to a tokenizer worker: tens of milliseconds of work, so the workers share a few
 # long documents evenly and many short ones cost little in messages.
 _BATCH_CHARS = 1 << 16
+_LOG_SECONDS = 60  # off a terminal, a progress line this often
 
 # The settings that change the output (the read-side ones do not).
 _OUTPUT_FIELDS = (
@@ -152,8 +153,14 @@ def prepare(cfg: DataConfig) -> Path:
     with (
         atomic_directory(out, overwrite=True) as tmp,
         batch_encoder(tokenizer, dtype, cfg.num_proc) as encode,
-        tqdm(total=len(corpus.documents), desc=f"tokenize (num_proc={cfg.num_proc})", unit="doc") as progress,
+        tqdm(
+            total=len(corpus.documents),
+            desc=f"tokenize (num_proc={cfg.num_proc})",
+            unit="doc",
+            disable=not sys.stderr.isatty(),  # a log file gets plain lines instead of a bar redrawn with \r
+        ) as progress,
     ):
+        last_line = started
         tokenizer.save(str(tmp / "tokenizer.json"))
         splits = {}
         for split, indices in (("train", train_idx), ("val", val_idx)):
@@ -161,6 +168,9 @@ def prepare(cfg: DataConfig) -> Path:
             for documents in encode(_text_batches(corpus.documents.select(indices), _BATCH_CHARS)):
                 writer.write(np.concatenate([part for ids in documents for part in (ids, end_of_document)]))
                 progress.update(len(documents))
+                if progress.disable and time.perf_counter() - last_line > _LOG_SECONDS:
+                    last_line = time.perf_counter()
+                    log.info("tokenized %d of %d documents", progress.n, progress.total)
             writer.close()
             tokens = sum(s["tokens"] for s in writer.shards)
             splits[split] = {"documents": len(indices), "tokens": tokens, "shards": writer.shards}

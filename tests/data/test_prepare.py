@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+import lrm_train.data.prepare as prepare_module
 from lrm_train.data import DataConfig, TokenData
 from lrm_train.data.prepare import prepare, split_documents
 from lrm_train.data.sources import load_corpus
@@ -177,3 +178,13 @@ def test_cli_reports_one_line_and_exits_non_zero(tmp_path):
         timeout=120,
     )
     assert typo.returncode != 0 and "vocab_sise" in typo.stderr
+
+
+def test_off_a_terminal_prepare_writes_plain_lines_and_no_bars(small_cfg, tmp_path, capfd, caplog, monkeypatch):
+    monkeypatch.setattr(prepare_module, "_LOG_SECONDS", 0)  # a progress line after every batch
+    small_cfg.out_root = str(tmp_path / "log")
+    with caplog.at_level(logging.INFO):
+        prepare(small_cfg)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "Filter" not in err and "tokenize (" not in err
+    assert any(r.getMessage().endswith("of 13 documents") for r in caplog.records)
