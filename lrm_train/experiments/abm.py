@@ -35,7 +35,7 @@ from lrm_train.experiments.results import read_metrics
 from lrm_train.experiments.runner import create_out_dir
 from lrm_train.models import FalconH1Config, FalconH1LM, preset
 from lrm_train.optim import OptimConfig, OptimizerName, build_optimizer, classify_parameters, set_learning_rates
-from lrm_train.train.metrics import ABM_KEY, MULTIPLIER_KEY, NORM_KEY, AdamBrownianMotion
+from lrm_train.train.metrics import ABM_KEY, MULTIPLIER_KEY, NORM_KEY, AdamBrownianMotion, matrix_init_stds
 
 SLOPE_RANGE = (0.45, 0.55)
 _TRAJECTORY_POINTS = 200  # points kept per trajectory for the plot
@@ -85,7 +85,9 @@ def simulate(model: FalconH1LM, optimizer_name: str, lr: float, wd: float, times
     optimizer = build_optimizer(model, classify_parameters(model), cfg)
     set_learning_rates(optimizer, lr)
     shapes = {name: p.shape for name, p in model.named_parameters()}
-    abm = AdamBrownianMotion(optimizer, cfg, shapes, model.cfg.init_std, seed)
+    abm = AdamBrownianMotion(optimizer, cfg, shapes, matrix_init_stds(model), seed)
+    # A shadow follows its group, whose LR and WD a muP parametrization scales (their product stays lr * wd).
+    group_lr_wd = dict(zip(abm.shadows, abm.hyperparameters()))
     steps = math.ceil(timescales / (lr * wd))
     every = max(1, steps // _TRAJECTORY_POINTS)
     window_start = steps - math.ceil(steps / timescales)
@@ -102,7 +104,15 @@ def simulate(model: FalconH1LM, optimizer_name: str, lr: float, wd: float, times
             if step > window_start:
                 squares[name] = squares.get(name, 0.0) + value**2
     equilibrium = {name: math.sqrt(total / (steps - window_start)) for name, total in squares.items()}
-    return dict(steps=steps, every=every, trajectories=trajectories, equilibrium=equilibrium)
+    closed_form = {name: math.sqrt(lr / (2 * wd)) for name, (lr, wd) in group_lr_wd.items()}
+    return dict(
+        steps=steps,
+        every=every,
+        trajectories=trajectories,
+        equilibrium=equilibrium,
+        group_lr_wd=group_lr_wd,
+        closed_form=closed_form,
+    )
 
 
 def sweep(settings: ABMSettings) -> list[dict]:
@@ -142,11 +152,11 @@ def plot_equilibria(points: list[dict], out_dir: Path) -> str:
     for name in dict.fromkeys(p["optimizer"] for p in points):
         mine = [p for p in points if p["optimizer"] == name]
         for shadow in mine[0]["equilibrium"]:
-            s = [math.sqrt(p["lr"] / p["wd"]) for p in mine]
+            s = [math.sqrt(lr / wd) for p in mine for lr, wd in [p["group_lr_wd"][shadow]]]
             ax.loglog(s, [p["equilibrium"][shadow] for p in mine], "o", label=f"{name} {shadow}", alpha=0.7)
-    s = sorted({math.sqrt(p["lr"] / p["wd"]) for p in points})
+    s = sorted({math.sqrt(lr / wd) for p in points for lr, wd in p["group_lr_wd"].values()})
     ax.loglog(s, [v / math.sqrt(2) for v in s], "k--", label="sqrt(lr/(2 wd)) (AdamW closed form)")
-    ax.set_xlabel("sqrt(lr / wd)")
+    ax.set_xlabel("sqrt(lr / wd) of the shadow's group")
     ax.set_ylabel("equilibrium ||W|| (RMS)")
     ax.set_title("ABM equilibrium norm")
     ax.legend(fontsize=7)
@@ -159,11 +169,11 @@ def plot_adamw_trajectories(points: list[dict], out_dir: Path) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for i, p in enumerate(adamw):
-        shadow = next(iter(p["trajectories"]))  # every shadow of an AdamW sweep point shares lr and wd
+        shadow = next(iter(p["trajectories"]))
         norms = p["trajectories"][shadow]
         time = [(k + 1) * p["every"] * p["lr"] * p["wd"] for k in range(len(norms))]
         line = ax.semilogy(time, norms, color=f"C{i % 10}", label=f"lr={p['lr']:g} wd={p['wd']:g}")[0]
-        ax.axhline(math.sqrt(p["lr"] / (2 * p["wd"])), color=line.get_color(), ls="--", lw=0.8)
+        ax.axhline(p["closed_form"][shadow], color=line.get_color(), ls="--", lw=0.8)
     ax.set_xlabel("step x lr x wd (equilibration times)")
     ax.set_ylabel(f"||W|| of the {shadow} shadow (RMS)")
     ax.set_title("AdamW ABM trajectories; dashed: sqrt(lr / (2 wd))")
@@ -248,7 +258,7 @@ def _data(settings, points, fits, overlay) -> dict:
             wd=p["wd"],
             steps=p["steps"],
             equilibrium=p["equilibrium"],
-            closed_form_adamw=math.sqrt(p["lr"] / (2 * p["wd"])),
+            closed_form_adamw=p["closed_form"],  # per shadow, from its group's LR and WD
         )
         for p in points
     ]
@@ -270,8 +280,8 @@ def _markdown(settings, points, fits, figures, overlay) -> str:
     ]
     point_rows = []
     for p in points:
-        closed = math.sqrt(p["lr"] / (2 * p["wd"]))
         for shadow, value in p["equilibrium"].items():
+            closed = p["closed_form"][shadow]
             point_rows.append(
                 [
                     p["optimizer"],

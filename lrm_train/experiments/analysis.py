@@ -52,13 +52,19 @@ def power_law_fit(x: list[float], y: list[float]) -> dict:
     return dict(exponent=slope, ci95=[slope - t * stderr, slope + t * stderr], prefactor=math.exp(intercept), n=n)
 
 
+# The CPU sweeps' d_state: fixed across widths (as the width family requires), and small, so the scan stays cheap.
+SWEEP_D_STATE = 16
+
+
 def width_overrides(width: int, layers: int, head_dim: int) -> list[str]:
-    """Trainer overrides for the model shape of ``models.width_family(width, layers, head_dim=head_dim)``; the muP
-    forward multipliers stay the model group's (the 0.5B values in the ``tiny`` preset)."""
-    shape = width_family(width, layers, head_dim=head_dim)
+    """Trainer overrides for the model of ``models.width_family(width, layers, head_dim=head_dim)``: its shape and its
+    muP parametrization (the model group's multipliers, the 0.5B values in the ``tiny`` preset, read at width 1024)."""
+    shape = width_family(width, layers, head_dim=head_dim, d_state=SWEEP_D_STATE)
     keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_d_state")  # fmt: skip
-    return [f"model.{key}={getattr(shape, key)}" for key in keys]
+            "head_dim", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_n_groups",
+            "parametrization", "base_width")  # fmt: skip
+    values = [f"model.{key}={getattr(shape, key)}" for key in keys]
+    return [*values, f"model.mamba_a_init_range=[{','.join(map(str, shape.mamba_a_init_range))}]"]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

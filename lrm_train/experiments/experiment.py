@@ -41,6 +41,7 @@ from lrm_train.experiments.runner import (
 )
 from lrm_train.models import FalconH1LM
 from lrm_train.optim import micro_batches
+from lrm_train.train.config import register_configs
 
 AGAIN = "run the same command again to go on"  # what an interrupted or stopped experiment says: finished runs stay
 # Typical of well-tuned bf16 training on H100s (e.g. torchtitan's 33-39%); not measured here.
@@ -96,6 +97,7 @@ class Experiment:
         return self.report(settings, runs)
 
     def compose(self, argv: list[str]) -> tuple[ExperimentSettings, list[RunSpec]]:
+        register_configs()  # an experiment's config may pick a model preset (abm's model=tiny), as the trainer's does
         settings = compose_schema(self.name, self.settings, self.overrides(argv))
         return settings, self.plan(settings)  # a run's config error is a config error too: before any work
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from lrm_train.nn.kernels import KernelBackend
+from lrm_train.nn.parametrization import Parametrization, WidthClass, init_std_scale, multiplier_scale
+
+# How each matrix role's shape grows with the width (nn.parametrization): every role not named here is hidden.
+WIDTH_CLASSES = {"embedding": WidthClass.input, "lm_head": WidthClass.readout}
+WIDTH_CLASSES.update({"ssm.B": WidthClass.readout, "ssm.C": WidthClass.readout})  # fan-out n_groups x d_state
 
 # Fields that choose how a model runs on this machine, not the function it computes: model folders, Hugging Face
 # exports and checkpoints' run records leave them out, so a model saved on a GPU loads anywhere.
 RUNTIME_FIELDS = ("ssd_backend", "lm_loss_backend")
+# Fields that shape how a model starts or how its scales follow the width, not what it computes with given weights.
+INIT_FIELDS = ("init_std", "mamba_a_init_range", "parametrization", "base_width")
 
 
 @dataclass
@@ -32,10 +39,17 @@ class FalconH1Config:
     mamba_chunk_size: int = 64
     mamba_rms_norm: bool = False
     mamba_norm_before_gate: bool = True
+    # The heads' initial decay rates A: None for 1..heads (Falcon-H1's; the range grows with the head count), or
+    # [low, high] covered log-evenly by the heads, the same at every width (the width family's).
+    mamba_a_init_range: list[float] | None = None
     rope_theta: float = 1e4
     rms_norm_eps: float = 1e-5
     init_std: float = 0.02
-    # The 14 muP forward multipliers of the Hugging Face config.
+    # How the scales below follow the width (nn.parametrization): standard applies them as given; the muP forms take
+    # them as tuned at base_width and scale them (and the optimizer's LR/WD) to hidden_size.
+    parametrization: Parametrization = Parametrization.standard
+    base_width: int = 1024
+    # The 14 muP forward multipliers of the Hugging Face config (at base_width under a muP parametrization).
     embedding_multiplier: float = 1.0
     lm_head_multiplier: float = 1.0
     key_multiplier: float = 1.0
@@ -73,6 +87,7 @@ class FalconH1Config:
             "mamba_d_state",
             "mamba_d_conv",
             "mamba_chunk_size",
+            "base_width",
         ]
         for name in positive:
             value = getattr(self, name)
@@ -108,14 +123,27 @@ class FalconH1Config:
         for name, value in self.forward_multipliers().items():
             if not math.isfinite(value) or value == 0:
                 raise ValueError(f"model.{name}={value!r} must be finite and non-zero")
+        spread = self.mamba_a_init_range
+        if spread is not None and (len(spread) != 2 or not 0 < spread[0] <= spread[1]):
+            raise ValueError(f"model.mamba_a_init_range={list(spread)} must be [low, high] with 0 < low <= high")
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be positive")
-        for name in ("ssd_backend", "lm_loss_backend"):  # plain strings too (dataclasses.replace): keep the enum
+        # Plain strings too (dataclasses.replace, model folders' config.json): keep the enums.
+        for name, choices in (
+            ("ssd_backend", KernelBackend),
+            ("lm_loss_backend", KernelBackend),
+            ("parametrization", Parametrization),
+        ):
             value = getattr(self, name)
-            if value not in set(KernelBackend):
-                raise ValueError(f"model.{name}={value!r} must be one of {', '.join(KernelBackend)}")
-            setattr(self, name, KernelBackend(value))
+            if value not in set(choices):
+                raise ValueError(f"model.{name}={value!r} must be one of {', '.join(choices)}")
+            setattr(self, name, choices(value))
+
+    @property
+    def width_ratio(self) -> float:
+        """r = hidden_size / base_width, by which a muP parametrization scales (1 under standard)."""
+        return 1.0 if self.parametrization is Parametrization.standard else self.hidden_size / self.base_width
 
     def forward_multipliers(self) -> dict[str, float]:
         """The 14 muP forward multipliers by name."""
@@ -126,7 +154,42 @@ class FalconH1Config:
         return out
 
     def matrix_multiplier(self, role: str) -> float:
-        """The fixed muP factor the Hugging Face forward applies to the matrix of this role (see nn.MATRIX_ROLES)."""
+        """The fixed forward multiplier of the matrix of this role (see nn.MATRIX_ROLES) at this width."""
+        scale = multiplier_scale(self.parametrization, WIDTH_CLASSES.get(role, WidthClass.hidden), self.width_ratio)
+        return self._base_multiplier(role) * scale
+
+    def matrix_init_std(self, role: str) -> float:
+        """The init std of the matrix of this role at this width."""
+        scale = init_std_scale(self.parametrization, WIDTH_CLASSES.get(role, WidthClass.hidden), self.width_ratio)
+        return self.init_std * scale
+
+    def hf_multipliers(self) -> dict:
+        """The Hugging Face config's multiplier fields computing this model's forward at this width (the standard
+        parametrization's): each field its matrices' multiplier; up's, which Hugging Face lacks, folded into down's."""
+        m = self.matrix_multiplier
+        attention_in = m("attn.q")
+        ssm_in = self.ssm_in_multiplier
+        return {
+            "embedding_multiplier": m("embedding"),
+            "lm_head_multiplier": m("lm_head"),
+            "key_multiplier": m("attn.k") / attention_in,
+            "attention_in_multiplier": attention_in,
+            "attention_out_multiplier": m("attn.o"),
+            "ssm_in_multiplier": ssm_in,
+            "ssm_out_multiplier": m("ssm.out_after_norm" if self.mamba_rms_norm else "ssm.out"),
+            "ssm_multipliers": [m(f"ssm.{s}") / ssm_in for s in ("z", "x", "B", "C", "dt")],
+            "mlp_multipliers": [m("mlp.gate"), m("mlp.down") * m("mlp.up")],
+        }
+
+    def function_definition(self) -> dict:
+        """What the model computes from given weights: its shape and, at this width, its matrices' multipliers (as
+        ``hf_multipliers``); not how it is initialized, nor how its scales would follow another width."""
+        multipliers = self.hf_multipliers()
+        skipped = {*RUNTIME_FIELDS, *INIT_FIELDS, *multipliers}
+        shape = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+        return {**shape, **multipliers}
+
+    def _base_multiplier(self, role: str) -> float:
         ssm = dict(zip(("z", "x", "B", "C", "dt"), self.ssm_multipliers))
         if role == "embedding":
             return self.embedding_multiplier
@@ -164,33 +227,48 @@ FALCON_H1_0P5B = dict(
     mlp_multipliers=[0.883883, 0.5859375],
 )
 
-# Trains on 2 CPU cores: 4 layers at width 128, with the 0.5B model's multipliers so the muP path is exercised.
+# Trains on 2 CPU cores: 4 layers at width 128, a muP transfer of the 0.5B model (its multipliers, init and LRs as
+# tuned at width 1024, scaled to 128 by the mup parametrization: e.g. an LM-head multiplier of 0.3125).
 TINY = dict(
     vocab_size=8192, hidden_size=128, num_hidden_layers=4, intermediate_size=256,
     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
     mamba_d_ssm=192, mamba_n_heads=6, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16,
-    mamba_d_conv=4, mamba_chunk_size=64, rope_theta=1e4,
+    mamba_d_conv=4, mamba_chunk_size=64, rope_theta=1e4, parametrization="mup", base_width=1024,
     **{k: v for k, v in FALCON_H1_0P5B.items() if "multiplier" in k},
 )
 # fmt: on
 
 
 def width_family(
-    hidden_size: int, num_hidden_layers: int = 12, vocab_size: int = 8192, head_dim: int = 64
+    hidden_size: int,
+    num_hidden_layers: int = 12,
+    vocab_size: int = 8192,
+    head_dim: int = 64,
+    queries_per_kv: int = 1,
+    d_state: int = 128,
+    parametrization: Parametrization = Parametrization.mup,
 ) -> FalconH1Config:
-    """The 0.5B model's proportions at another width, with its muP multipliers.
+    """The 0.5B model's proportions at another width: a muP transfer of it (its multipliers and init as tuned at
+    width 1024, scaled by ``parametrization``).
 
-    Heads of ``head_dim`` everywhere (the 0.5B model's 64; smaller heads give CPU sweeps widths below 128); attention
-    width = hidden/2 with 4 query heads per KV head; MLP 2x; SSM 1.5x.
-
-    For width-scaling studies (the paper sweeps widths 2^7..2^13 at fixed depth): head dims stay fixed and the number
-    of heads grows with the width, so learned multipliers can be compared across widths.
+    Everything a width-consistent parametrization needs fixed stays fixed: the head dims (``head_dim``; the 0.5B
+    model's 64, smaller for CPU sweeps), the GQA ratio (``queries_per_kv``; 1 by default, because at width 128 heads of
+    64 leave one attention head, so the 0.5B model's 4 cannot hold across the family), d_state and the number of SSM
+    groups (B.C contracts over d_state as q.k over the head dim), and the range of the heads' initial decay rates
+    (A in [1, 16], Mamba2's, whatever the head count). The head counts grow with the width: attention width = hidden/2,
+    MLP 2x, SSM 1.5x. Where this differs from Falcon-H1's released shapes: the GQA ratio (the 0.5B model's is 4), A's
+    init range (theirs is 1..heads) and, at other widths than 1024, any d_state they chose per size.
     """
     if hidden_size % (2 * head_dim):
         raise ValueError(
             f"width {hidden_size} is not a multiple of 2 x head_dim={head_dim} (model.hidden_size in the width family)"
         )
     heads = hidden_size // (2 * head_dim)
+    if heads % queries_per_kv:
+        raise ValueError(
+            f"width {hidden_size} has {heads} attention heads of {head_dim}: not a multiple of "
+            f"queries_per_kv={queries_per_kv} (a smaller head_dim or queries_per_kv)"
+        )
     base = FalconH1Config(**FALCON_H1_0P5B)
     return replace(
         base,
@@ -199,12 +277,15 @@ def width_family(
         num_hidden_layers=num_hidden_layers,
         intermediate_size=2 * hidden_size,
         num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
+        num_key_value_heads=heads // queries_per_kv,
         head_dim=head_dim,
         mamba_d_ssm=3 * hidden_size // 2,
         mamba_n_heads=3 * hidden_size // (2 * head_dim),
         mamba_d_head=head_dim,
-        mamba_d_state=min(128, hidden_size // 2),
+        mamba_d_state=d_state,
+        mamba_a_init_range=[1.0, 16.0],
+        parametrization=parametrization,
+        base_width=base.hidden_size,
     )
 
 

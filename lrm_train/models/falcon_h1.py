@@ -15,8 +15,10 @@ is the Hugging Face one, while the learnable multipliers of ``lrm`` sit on top o
 Initialization (Falcon-H1 as in Hugging Face, muP style): every matrix and the embedding draw from N(0, init_std^2)
 with one std for all widths, because the width dependence lives in the forward multipliers and, once training runs,
 a matrix's norm is set by its weight-decay/noise equilibrium sqrt(lr/wd) rather than by its init (the paper's point).
-RMSNorm weights start at 1; in the Mamba mixer A_log = log(1..heads) (decay rates spread over heads), D = 1,
-dt_bias = 1, and the depthwise convolution keeps PyTorch's default init, as in Mamba2.
+Under a muP parametrization (``cfg.parametrization``) the init std and the fixed multipliers of each matrix follow
+the width (``FalconH1Config.matrix_init_std`` / ``matrix_multiplier``). RMSNorm weights start at 1; in the Mamba
+mixer A_log = log(1..heads) (decay rates spread over heads; or over a fixed range, ``mamba_a_init_range``, the same
+at every width), D = 1, dt_bias = 1, and the depthwise convolution keeps PyTorch's default init, as in Mamba2.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrm_train.models.config import FalconH1Config
+from lrm_train.models.config import WIDTH_CLASSES, FalconH1Config
 from lrm_train.models.ssd import ssd_scan_function
 from lrm_train.nn import (
     MULTIPLIER_NAMES,
@@ -47,6 +49,7 @@ from lrm_train.nn import (
     merge_multipliers_,
 )
 from lrm_train.nn.loss import LMHead, LMLoss
+from lrm_train.nn.parametrization import Parametrization, WidthClass
 
 _ROW_COL = Learnable(row=True, col=True)
 _ROW = Learnable(row=True)
@@ -100,7 +103,7 @@ def _multipliers(cfg: FalconH1Config, lrm: LRMConfig, role: str) -> dict:
         multiplier=cfg.matrix_multiplier(role),
         learnable=learnable(lrm, role),
         init=lrm.init,
-        init_std=cfg.init_std,
+        init_std=cfg.matrix_init_std(role),
         role=role,
     )
 
@@ -168,6 +171,15 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
+def _decay_rates(n_heads: int, spread: list[float] | None) -> torch.Tensor:
+    """The heads' initial decay rates A: 1..n_heads (Falcon-H1's), or ``spread`` = [low, high] covered log-evenly,
+    the same range at every width."""
+    if spread is None:
+        return torch.arange(1, n_heads + 1, dtype=torch.float32)
+    low, high = spread
+    return torch.logspace(math.log10(low), math.log10(high), n_heads) if n_heads > 1 else torch.tensor([low])
+
+
 class Mamba2Mixer(nn.Module):
     """Mamba2: in_proj -> causal depthwise conv + SiLU over [x|B|C] -> SSD scan -> gate by z -> out_proj."""
 
@@ -186,7 +198,7 @@ class Mamba2Mixer(nn.Module):
         conv_dim = d_ssm + 2 * d_bc
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.mamba_d_conv, groups=conv_dim, padding=cfg.mamba_d_conv - 1)
         self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
+        self.A_log = nn.Parameter(torch.log(_decay_rates(self.n_heads, cfg.mamba_a_init_range)))
         self.D = nn.Parameter(torch.ones(self.n_heads))
         self.norm = (
             GatedRMSNorm(d_ssm, cfg.mamba_n_groups, cfg.rms_norm_eps, cfg.mamba_norm_before_gate)
@@ -289,7 +301,9 @@ class FalconH1LM(nn.Module):
         for name, module in self.named_modules():
             prefix = f"{name}." if name else ""
             if isinstance(module, MultipliedMatrix):
-                yield f"{prefix}weight", ParamRole(_WEIGHT_CLASSES.get(module.role, ParamClass.MATRIX), module.role)
+                weight_class = _WEIGHT_CLASSES.get(module.role, ParamClass.MATRIX)
+                width = WIDTH_CLASSES.get(module.role, WidthClass.hidden)
+                yield f"{prefix}weight", ParamRole(weight_class, module.role, width)
                 for multiplier in MULTIPLIER_NAMES:
                     if getattr(module, multiplier) is not None:
                         yield f"{prefix}{multiplier}", ParamRole(ParamClass.MULTIPLIER, module.role)
@@ -298,6 +312,9 @@ class FalconH1LM(nn.Module):
             elif isinstance(module, Mamba2Mixer):
                 for vector in Mamba2Mixer.SSM_VECTORS:
                     yield f"{prefix}{vector}", ParamRole(ParamClass.SSM_VECTOR)
+
+    def width_scaling(self) -> tuple[Parametrization, float]:
+        return self.cfg.parametrization, self.cfg.width_ratio
 
     def zero3_leaf_modules(self) -> list[type[nn.Module]]:
         """These blocks apply their children's weights in one fused matmul (q/k/v, gate/up, in_proj), so ZeRO-3

@@ -28,7 +28,16 @@ MODEL_CLASS = FalconH1LM
 _SHARED_FIELDS = [
     f.name
     for f in dataclasses.fields(FalconH1Config)
-    if f.name not in ("head_dim", "rope_theta", "init_std", *RUNTIME_FIELDS)
+    if f.name
+    not in (
+        "head_dim",
+        "rope_theta",
+        "init_std",
+        "parametrization",
+        "base_width",
+        "mamba_a_init_range",
+        *RUNTIME_FIELDS,
+    )
 ]
 # Hugging Face options our model does not implement, with the only value we accept.
 _REQUIRED = {
@@ -52,6 +61,7 @@ def _hf_name(name: str) -> str:
 
 def to_hf_config(cfg: FalconH1Config) -> dict:
     config = {name: getattr(cfg, name) for name in _SHARED_FIELDS}
+    config.update(cfg.hf_multipliers())  # the forward at this width, whatever the parametrization
     config.update(_REQUIRED)
     config.update(
         head_dim=cfg.attention_head_dim,

@@ -17,6 +17,7 @@ from lrm_train.nn.multipliers import (
     merge_multipliers_,
 )
 from lrm_train.nn.norms import GatedRMSNorm, RMSNorm
+from lrm_train.nn.parametrization import Parametrization, WidthClass
 from lrm_train.nn.params import ParamClass, ParamRole, ParamRoleModel
 
 __all__ = [
@@ -34,8 +35,10 @@ __all__ = [
     "ParamClass",
     "ParamRole",
     "ParamRoleModel",
+    "Parametrization",
     "Placement",
     "RMSNorm",
+    "WidthClass",
     "fused_linear",
     "lm_loss",
     "merge_multipliers_",

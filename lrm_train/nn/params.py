@@ -12,6 +12,8 @@ from typing import NamedTuple, Protocol
 
 from torch import nn
 
+from lrm_train.nn.parametrization import Parametrization, WidthClass
+
 
 class ParamClass(str, Enum):
     MATRIX = "matrix"  # attention, SSM and MLP matrices
@@ -30,6 +32,7 @@ class ParamRole(NamedTuple):
 
     param_class: ParamClass
     role: str | None = None  # e.g. "attn.q" for q_proj.weight and q_proj.lrm_row; None for norms and SSM vectors
+    width: WidthClass | None = None  # how a matrix weight's shape grows with the width; None for every vector
 
 
 class ParamRoleModel(Protocol):
@@ -37,6 +40,9 @@ class ParamRoleModel(Protocol):
 
     def parameter_roles(self) -> Iterator[tuple[str, ParamRole]]:
         """(parameter name, role) for every parameter, named as ``named_parameters()`` names them."""
+
+    def width_scaling(self) -> tuple[Parametrization, float]:
+        """The model's parametrization and its width ratio d / d0 (the optimizer scales LR and WD by them)."""
 
     def zero3_leaf_modules(self) -> list[type[nn.Module]]:
         """Module types whose forward uses their children's weights directly (gathered whole under ZeRO-3)."""

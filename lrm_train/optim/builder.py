@@ -28,6 +28,7 @@ from typing import TypedDict
 import torch
 from torch import nn
 
+from lrm_train.nn.parametrization import Parametrization, WidthClass
 from lrm_train.optim.adamw import AdamW
 from lrm_train.optim.muon import AdjustLR, Muon, NSDtype
 from lrm_train.optim.param_classes import ParamClass, parameter_roles
@@ -185,41 +186,62 @@ def _role_entry(cfg: OptimConfig, cls: ParamClass, role: str | None, name: str) 
     return matches[0] if matches else None
 
 
+def width_lr_exponent(parametrization: Parametrization, width: WidthClass | None, use_muon: bool) -> float:
+    """The exponent p of the LR factor r^p (r = d / d0) of a parameter; its weight decay gets r^-p, so lr x wd (the
+    decay per step) stays width-independent.
+
+    Only standard muP (``mup``) moves LRs, and only hidden matrices' (``nn.parametrization``): an Adam update's entries
+    are the LR's size whatever the gradient, and d of them align in a product, so the LR falls as 1/d; Muon's
+    RMS-matched update (0.2 sqrt(max(rows, cols)) x an orthogonal matrix) already grows as sqrt(d), so its LR falls as
+    1/sqrt(d). Readouts carry their 1/d in the forward multiplier; embeddings and vectors keep their LR.
+    """
+    if parametrization is not Parametrization.mup or width is not WidthClass.hidden:
+        return 0.0
+    return -0.5 if use_muon else -1.0
+
+
 def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: OptimConfig) -> list[ParamGroup]:
-    """One group per class, and per class and ``optim.roles`` entry for the parameters an entry matches."""
+    """One group per class, and per class and ``optim.roles`` entry for the parameters an entry matches; under a
+    parametrization that scales LRs with width, per width class too (``<group>@hidden``)."""
     params = dict(model.named_parameters())
-    roles = {name: role.role for name, role in parameter_roles(model).items()}
-    members: dict[tuple[ParamClass, int | None], list[str]] = {}
+    parametrization, ratio = model.width_scaling()
+    all_roles = parameter_roles(model)
+    roles = {name: role.role for name, role in all_roles.items()}
+    members: dict[tuple[ParamClass, int | None, float], list[str]] = {}
     for name, cls in classes.items():
-        members.setdefault((cls, _role_entry(cfg, cls, roles[name], name)), []).append(name)
+        use_muon = cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX
+        exponent = width_lr_exponent(parametrization, all_roles[name].width, use_muon)
+        members.setdefault((cls, _role_entry(cfg, cls, roles[name], name), exponent), []).append(name)
     for i, entry in enumerate(cfg.roles):
-        if not any(index == i for _, index in members):
+        if not any(index == i for _, index, _ in members):
             known = sorted({r for r in roles.values() if r is not None})
             raise ValueError(
                 f"optim.roles[{i}].pattern={entry.pattern!r} matches no {entry.param_class} of this model "
                 f"(roles: {', '.join(known)})"
             )
     groups: list[ParamGroup] = []
-    for cls in ParamClass:
-        for index in [None, *range(len(cfg.roles))]:
-            names = members.get((cls, index))
-            if not names:
-                continue
-            hyper = cfg.hyper(cls)
-            entry = cfg.roles[index] if index is not None else RoleHyper(pattern="")
-            base_decay = cfg.multiplier_weight_decay if cls is ParamClass.MULTIPLIER else cfg.weight_decay
-            groups.append(
-                ParamGroup(
-                    params=[params[n] for n in names],
-                    names=names,
-                    name=cls.value if index is None else f"{cls.value}/{entry.pattern}",
-                    param_class=cls.value,
-                    lr_mult=hyper.lr_mult * entry.lr_mult,
-                    weight_decay=base_decay * hyper.wd_mult * entry.wd_mult,
-                    use_muon=cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX,
-                )
+    for (cls, index, exponent), names in sorted(members.items(), key=lambda item: _group_order(*item[0])):
+        hyper = cfg.hyper(cls)
+        entry = cfg.roles[index] if index is not None else RoleHyper(pattern="")
+        base_decay = cfg.multiplier_weight_decay if cls is ParamClass.MULTIPLIER else cfg.weight_decay
+        name = cls.value if index is None else f"{cls.value}/{entry.pattern}"
+        groups.append(
+            ParamGroup(
+                params=[params[n] for n in names],
+                names=names,
+                name=name if exponent == 0 else f"{name}@{WidthClass.hidden}",
+                param_class=cls.value,
+                lr_mult=hyper.lr_mult * entry.lr_mult * ratio**exponent,
+                weight_decay=base_decay * hyper.wd_mult * entry.wd_mult * ratio**-exponent,
+                use_muon=cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX,
             )
+        )
     return groups
+
+
+def _group_order(cls: ParamClass, index: int | None, exponent: float) -> tuple:
+    """Classes in ParamClass order; within one, the class's own group, then its role entries; width-scaled last."""
+    return list(ParamClass).index(cls), -1 if index is None else index, exponent != 0
 
 
 def make_optimizer(

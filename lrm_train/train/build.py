@@ -3,9 +3,9 @@ loader. One function, so the trainer, the benchmarks and the experiments assembl
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,6 @@ from lrm_train.data.loader import validation_windows
 from lrm_train.data.prepare import prepare
 from lrm_train.distributed import Engine
 from lrm_train.models import FalconH1LM
-from lrm_train.models.config import RUNTIME_FIELDS
 from lrm_train.models.hf_folder import transfer_function
 from lrm_train.optim import ParamClass, build_optimizer, classify_parameters
 from lrm_train.train.artifact import open_artifact
@@ -73,18 +72,16 @@ def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
 def start_from(model: FalconH1LM, path: str, tokenizer: Path) -> None:
     """``train.init_from``: give ``model`` (built with this run's config) the function of the model at ``path``.
 
-    The source must have this run's model config (the fields that define the function; the placement and init of
-    the LRM multipliers may differ: this run's multipliers start at their init values and the weights carry the rest)
+    The source must compute what this run's model config defines (its shape and its multipliers at this width; how
+    either was initialized may differ, and so may the LRM placement and init: this run's learnable multipliers start
+    at their init values and the weights carry the rest)
     and, when it records one, this run's tokenizer: a model paired with another tokenizer reads other tokens.
     """
     with torch.random.fork_rng(devices=[]):  # building the source must not move this run's random stream
         artifact = open_artifact(path, need_tokenizer=False)
-    source, this = (
-        {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
-        for config in (artifact.model.cfg, model.cfg)
-    )
+    source, this = artifact.model.cfg.function_definition(), model.cfg.function_definition()
     for key, value in this.items():
-        if source.get(key) != value:
+        if not _same(source.get(key), value):
             raise ValueError(
                 f"train.init_from={path}: its model has model.{key}={source.get(key)!r}, this run has {value!r}"
             )
@@ -99,6 +96,16 @@ def start_from(model: FalconH1LM, path: str, tokenizer: Path) -> None:
         )
     transfer_function(artifact.model, model, Path(path))
     log.info("started from the weights of %s (%s)", path, artifact.kind)
+
+
+def _same(a, b) -> bool:
+    """Equal, floats (and lists of them) up to rounding: a multiplier read back from a Hugging Face config was divided
+    and multiplied on the way."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, int | float) and isinstance(b, int | float) and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
 
 
 def wrap_layers(

@@ -158,10 +158,14 @@ def check_resumable(saved: dict, this: dict, path: Path) -> None:
 
 
 def _check_same_run(saved: dict, this: dict, path: Path) -> None:
+    try:  # a field added since the checkpoint was written had its default then
+        trained = _plain(FalconH1Config(**saved["model_config"]))
+    except (TypeError, ValueError):  # not a model this version builds: compared as recorded
+        trained = saved["model_config"]
     for key, value in this["model_config"].items():
-        if saved["model_config"].get(key) != value:
+        if trained.get(key) != value:
             raise ValueError(
-                f"checkpoint {path}: trained with model.{key}={saved['model_config'].get(key)!r}, this run has {value!r}"
+                f"checkpoint {path}: trained with model.{key}={trained.get(key)!r}, this run has {value!r}"
             )
     if saved["lrm"] != this["lrm"]:
         raise ValueError(f"checkpoint {path}: trained with lrm={saved['lrm']}, this run has {this['lrm']}")
@@ -177,6 +181,10 @@ def _check_same_run(saved: dict, this: dict, path: Path) -> None:
         )
 
 
+def _plain(node) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True)
+
+
 def run_section(cfg, global_batch: int, data_folder: Path, tokenizer: Path) -> dict:
     """The ``run`` entry: what the checkpoint was trained as (checked on resume, used to rebuild the model) and on
     what data (the prepared folder, for validation scores; the tokenizer's sha256, which an export checks).
@@ -184,13 +192,10 @@ def run_section(cfg, global_batch: int, data_folder: Path, tokenizer: Path) -> d
     Plain data only (enums as their strings): ``state.pt`` is read with ``weights_only=True``.
     """
 
-    def plain(node) -> dict:
-        return OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True)
-
     return {
-        "model_config": {k: v for k, v in plain(cfg.model).items() if k not in RUNTIME_FIELDS},
-        "lrm": plain(cfg.lrm),
-        "optimizer": plain(cfg.optim)["name"],
+        "model_config": {k: v for k, v in _plain(cfg.model).items() if k not in RUNTIME_FIELDS},
+        "lrm": _plain(cfg.lrm),
+        "optimizer": _plain(cfg.optim)["name"],
         "global_batch": global_batch,
         "config": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
         "data": {"folder": str(Path(data_folder).resolve()), "tokenizer_sha256": sha256_file(tokenizer)},

@@ -188,6 +188,12 @@ def validate(cfg: RunConfig) -> None:
         )
     if t.init_from is not None and not os.path.exists(t.init_from):
         raise ValueError(f"train.init_from={t.init_from}: no such checkpoint, run directory or model folder")
+    form = cfg.model.parametrization
+    if form.value.startswith("mup_multiplier_") and form.value != f"mup_multiplier_{cfg.optim.name}":
+        raise ValueError(
+            f"model.parametrization={form} carries the width scaling of another optimizer's update than "
+            f"optim={cfg.optim.name}: use model.parametrization=mup_multiplier_{cfg.optim.name} or mup"
+        )
     if t.grad_clip < 0:
         raise ValueError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     if cfg.schedule.warmup_steps < 0:

@@ -83,6 +83,11 @@ def size_correction(shape: tuple[int, int], simulated: tuple[int, int], muon_rul
     return update_rms(shape) / update_rms(simulated)
 
 
+def matrix_init_stds(model) -> dict[str, float]:
+    """Each matrix weight's init std by parameter name (what the ABM's shadows start from)."""
+    return {f"{name}.weight": matrix.init_std for name, matrix in model.matrices().items()}
+
+
 class _Shadow(NamedTuple):
     param: nn.Parameter
     optimizer: torch.optim.Optimizer
@@ -95,18 +100,28 @@ class AdamBrownianMotion:
 
     Each shadow's optimizer comes from the run's own construction code (``optim.make_optimizer`` with the run's
     ``OptimConfig``); its LR and WD follow its group every step. ``shapes``: every parameter's full shape by name
-    (``engine.parameter_shapes()``, which ZeRO-3's partitioning does not hide).
+    (``engine.parameter_shapes()``, which ZeRO-3's partitioning does not hide); ``init_stds``: each matrix weight's
+    init std by name (``matrix_init_stds``; a muP parametrization scales it per width class).
     """
 
     def __init__(
-        self, optimizer, optim_cfg: OptimConfig, shapes: dict[str, torch.Size], init_std: float, seed: int
+        self,
+        optimizer,
+        optim_cfg: OptimConfig,
+        shapes: dict[str, torch.Size],
+        init_stds: dict[str, float],
+        seed: int,
     ) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self.shadows: dict[str, _Shadow] = {}
         for group in optimizer.param_groups:
             if group["param_class"] not in {c.value for c in ABM_CLASSES}:
                 continue
-            for shape in dict.fromkeys(tuple(shapes[name]) for name in group["names"]):
+            first_of_shape: dict[tuple, str] = {}
+            for name in group["names"]:
+                first_of_shape.setdefault(tuple(shapes[name]), name)
+            for shape, name in first_of_shape.items():
+                init_std = init_stds[name]
                 simulated = simulated_shape(shape)
                 rule = str(optim_cfg.muon_adjust_lr) if group["use_muon"] else None
                 correction = size_correction(shape, simulated, rule)

@@ -3,6 +3,8 @@ launcher=slurm and the exit statuses are the comparison's for each analysis too.
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -76,3 +78,17 @@ def test_an_analysis_submits_its_runs_and_its_report_to_slurm(data_root, tmp_pat
     ]
     assert report.startswith("--parsable --dependency=afterany:101:102 --job-name=report")
     assert "-m lrm_train.experiments.norm_sweep" in report and "report=only launcher=local" in report
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda e: e.name)
+def test_every_experiment_composes_in_a_fresh_process(experiment, tmp_path):
+    # In a fresh interpreter nothing else has registered the model presets that an experiment's config may pick.
+    done = subprocess.run(
+        [sys.executable, "-m", f"lrm_train.experiments.{experiment.name}", f"out_dir={tmp_path}", "--estimate"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

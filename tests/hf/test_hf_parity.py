@@ -9,6 +9,7 @@ from transformers import FalconH1ForCausalLM
 
 from lrm_train.hf import export_hf, import_hf
 from lrm_train.hf.__main__ import main as hf_cli
+from lrm_train.models import FalconH1Config, FalconH1LM
 from lrm_train.models.io import load_model
 from lrm_train.nn import PLACEMENTS, LRMConfig
 
@@ -127,3 +128,23 @@ def test_import_refuses_unsupported_features_and_broken_folders(tmp_path, capsys
     assert not (tmp_path / "ours").exists()
     assert hf_cli(["import", str(tmp_path / "missing"), str(tmp_path / "ours")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parametrization", ["mup", "mup_multiplier_adamw", "mup_multiplier_muon"])
+def test_a_width_scaled_model_exports_its_forward_at_its_width(tmp_path, parametrization):
+    # Width 48 of a model tuned at 192: every multiplier is scaled, up's (which Hugging Face lacks) folded into down's.
+    # fmt: off
+    cfg = FalconH1Config(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, head_dim=12, num_attention_heads=4,
+        num_key_value_heads=2, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=8,
+        parametrization=parametrization, base_width=192, **NON_DEFAULT_MULTIPLIERS,
+    )
+    # fmt: on
+    model = FalconH1LM(cfg, LRMConfig("full", init="mup"))
+    assert cfg.matrix_multiplier("lm_head") == pytest.approx(4 * 0.3)
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        export_hf(model, tmp_path / "out")
+        reloaded = FalconH1ForCausalLM.from_pretrained(tmp_path / "out").eval()
+        assert rel_error(reloaded(ids).logits, model(ids)) < 1e-4
+        assert rel_error(import_hf(tmp_path / "out")(ids), model(ids)) < 1e-4

@@ -5,7 +5,7 @@ import torch
 from transformers import FalconH1Config as HFConfig
 from transformers import FalconH1ForCausalLM
 
-from lrm_train.models import PRESETS, FalconH1LM, preset
+from lrm_train.models import PRESETS, FalconH1LM, preset, width_family
 from lrm_train.nn import LRMConfig
 
 # Falcon-H1-0.5B as released (/work/shared/spec/falcon_h1.md: the Hugging Face config of the paper's model).
@@ -69,21 +69,35 @@ def test_every_preset_has_the_parameters_transformers_gives_its_shape(name):
 
 
 @pytest.mark.parametrize("width", [2**k for k in range(7, 14)])
-def test_width_family_keeps_the_0p5b_proportions(width):
-    """As documented: heads of 64, attention width d/2 with 4 query heads per KV head, MLP 2d, SSM 1.5d, 12 layers."""
+def test_width_family_keeps_the_0p5b_proportions_and_fixes_what_muP_needs_fixed(width):
+    """As documented: heads of 64, attention width d/2, MLP 2d, SSM 1.5d, 12 layers; the GQA ratio, d_state, the SSM
+    groups and the decay rates' range the same at every width; the 0.5B model's multipliers, read at width 1024."""
     cfg, released = preset(f"width_{width}"), preset("falcon_h1_0p5b")
     heads = width // 128
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (width, 12, 8192)
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim) == (heads, max(1, heads // 4), 64)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim) == (heads, heads, 64)
     assert (cfg.intermediate_size, cfg.mamba_d_ssm, cfg.mamba_d_head) == (2 * width, 3 * width // 2, 64)
     assert cfg.mamba_n_heads * cfg.mamba_d_head == cfg.mamba_d_ssm
-    assert cfg.mamba_d_state == min(128, width // 2)
+    assert (cfg.mamba_d_state, cfg.mamba_n_groups, cfg.mamba_a_init_range) == (128, 1, [1.0, 16.0])
+    assert (cfg.parametrization, cfg.base_width) == ("mup", 1024)
     assert cfg.forward_multipliers() == released.forward_multipliers()
+    with torch.device("meta"):
+        decay = FalconH1LM(cfg, LRMConfig("none")).layers[0].mamba.A_log
+    assert decay.shape == (cfg.mamba_n_heads,)
+    a = FalconH1LM(width_family(256, 1, head_dim=32), LRMConfig("none")).layers[0].mamba.A_log.exp()
+    assert (a.min().item(), a.max().item()) == pytest.approx((1.0, 16.0))  # the range, whatever the head count
 
 
-def test_tiny_is_small_and_keeps_the_0p5b_multipliers():
+def test_width_family_refuses_a_gqa_ratio_its_heads_cannot_hold():
+    with pytest.raises(ValueError, match="width 256 has 2 attention heads of 64: not a multiple of queries_per_kv=4"):
+        width_family(256, queries_per_kv=4)
+
+
+def test_tiny_is_small_and_a_mup_transfer_of_the_0p5b_model():
     cfg = preset("tiny")
-    assert cfg.forward_multipliers() == preset("falcon_h1_0p5b").forward_multipliers()
+    assert cfg.forward_multipliers() == preset("falcon_h1_0p5b").forward_multipliers()  # read at width 1024 ...
+    assert (cfg.parametrization, cfg.base_width) == ("mup", 1024)
+    assert cfg.matrix_multiplier("lm_head") == 0.3125  # ... and applied at 128: the LM head's x 1024/128
     assert FalconH1LM(cfg, LRMConfig("none")).num_params() == 3_007_048  # "3M parameters, trains on 2 CPU cores"
 
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -20,7 +22,8 @@ from lrm_train.optim import (
 
 
 def build(name, **kwargs):
-    model = FalconH1LM(preset("tiny"), LRMConfig("full"))
+    # The class and role logic at one width: LRs scaled by width (tiny's muP) are tests/nn/test_parametrization.py's.
+    model = FalconH1LM(dataclasses.replace(preset("tiny"), parametrization="standard"), LRMConfig("full"))
     cfg = OptimConfig(name=name, lr=1e-3, weight_decay=0.1, multiplier_weight_decay=2e-3, **kwargs)
     optimizer = build_optimizer(model, classify_parameters(model), cfg)
     set_learning_rates(optimizer, cfg.lr)  # as the trainer does before a step where the schedule's factor is 1

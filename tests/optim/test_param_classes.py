@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lrm_train.models import MATRIX_ROLES, PRESETS, FalconH1LM, preset
-from lrm_train.nn import PLACEMENTS, Learnable, LRMConfig, MultipliedLinear
+from lrm_train.nn import PLACEMENTS, Learnable, LRMConfig, MultipliedLinear, Parametrization, WidthClass
 from lrm_train.optim import OptimConfig, ParamClass, ParamRole, build_optimizer, classify_parameters, parameter_roles
 
 
@@ -56,6 +56,9 @@ class TwoLayerFamily(torch.nn.Module):
         if self.duplicate:
             yield "gain", ParamRole(ParamClass.SSM_VECTOR)
 
+    def width_scaling(self):
+        return Parametrization.standard, 1.0
+
     def zero3_leaf_modules(self):
         return []
 
@@ -80,11 +83,13 @@ def test_a_model_family_declares_its_own_roles_and_each_parameter_is_checked_onc
 def test_falcon_h1_roles_name_the_matrix_of_every_weight_and_multiplier():
     model = FalconH1LM(preset("tiny"), LRMConfig("full"))
     roles = parameter_roles(model)
-    assert roles["layers.0.self_attn.q_proj.weight"] == ParamRole(ParamClass.MATRIX, "attn.q")
+    assert roles["layers.0.self_attn.q_proj.weight"] == ParamRole(ParamClass.MATRIX, "attn.q", WidthClass.hidden)
+    assert roles["layers.0.mamba.in_proj.B.weight"] == ParamRole(ParamClass.MATRIX, "ssm.B", WidthClass.readout)
+    assert roles["lm_head.weight"] == ParamRole(ParamClass.LM_HEAD, "lm_head", WidthClass.readout)
     assert roles["layers.0.self_attn.q_proj.lrm_row"] == ParamRole(ParamClass.MULTIPLIER, "attn.q")
     assert roles["layers.1.mamba.in_proj.dt.lrm_col"] == ParamRole(ParamClass.MULTIPLIER, "ssm.dt")
     assert roles["lm_head.lrm_scalar"] == ParamRole(ParamClass.MULTIPLIER, "lm_head")
-    assert roles["embed_tokens.weight"] == ParamRole(ParamClass.EMBEDDING, "embedding")
+    assert roles["embed_tokens.weight"] == ParamRole(ParamClass.EMBEDDING, "embedding", WidthClass.input)
     assert roles["layers.0.mamba.conv1d.bias"] == ParamRole(ParamClass.SSM_VECTOR)
     assert roles["final_layernorm.weight"] == ParamRole(ParamClass.NORM)
     assert {r.role for r in roles.values() if r.param_class is ParamClass.MATRIX} == set(MATRIX_ROLES) - {

@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import io
 import json
@@ -10,9 +11,17 @@ from omegaconf import OmegaConf
 from runs import run_config
 from safetensors.torch import load_file, save
 
-from lrm_train.train import train
+from lrm_train.train import compose, train
 from lrm_train.train.artifact import open_artifact
-from lrm_train.train.checkpoint import join_tensors, load_checkpoint, load_resumable, save_checkpoint, split_tensors
+from lrm_train.train.checkpoint import (
+    check_resumable,
+    join_tensors,
+    load_checkpoint,
+    load_resumable,
+    run_section,
+    save_checkpoint,
+    split_tensors,
+)
 
 
 def test_tensors_and_plain_data_round_trip(tmp_path):
@@ -75,6 +84,20 @@ def test_resume_from_an_explicit_path_and_config_mismatch(data_root, tmp_path, c
         train(cfg)
     with pytest.raises(ValueError, match="no such checkpoint folder"):
         train(run_config(data_root, tmp_path / "other", **{"train.resume": str(tmp_path / "nope")}))
+
+
+def test_a_checkpoint_from_before_a_model_field_existed_resumes_when_the_field_has_its_default(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    this = run_section(compose(["model.parametrization=standard"]), 8, tmp_path, tmp_path / "tokenizer.json")
+    saved = copy.deepcopy(this)
+    for field in ("parametrization", "base_width", "mamba_a_init_range"):  # written before these existed
+        del saved["model_config"][field]
+    check_resumable(saved, this, tmp_path)
+    mup = run_section(
+        compose([]), 8, tmp_path, tmp_path / "tokenizer.json"
+    )  # tiny is now a muP transfer: another model
+    with pytest.raises(ValueError, match="trained with model.parametrization='standard', this run has 'mup'"):
+        check_resumable(saved, mup, tmp_path)
 
 
 def test_a_checkpoint_with_lrm_weight_decay_loads_and_a_resume_may_change_the_multipliers_decay(

@@ -113,3 +113,12 @@ def test_a_bad_relaunch_is_one_line(tmp_path, capsys, monkeypatch, args, error):
     assert main([a.format(run=tmp_path / "run") for a in args]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and re.search(error, lines[0]), lines
+
+
+def test_a_through_multiplier_parametrization_must_match_the_optimizer():
+    assert (
+        compose(["optim=muon", "model.parametrization=mup_multiplier_muon"]).model.parametrization
+        == "mup_multiplier_muon"
+    )
+    with pytest.raises(ValueError, match=r"mup_multiplier_adamw carries .* optim=muon: use model.parametrization="):
+        compose(["optim=muon", "model.parametrization=mup_multiplier_adamw"])

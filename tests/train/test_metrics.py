@@ -11,7 +11,7 @@ from lrm_train.models import FalconH1LM, preset
 from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, build_optimizer, classify_parameters, make_optimizer
 from lrm_train.train import metrics
-from lrm_train.train.metrics import AdamBrownianMotion, trajectory_metrics
+from lrm_train.train.metrics import AdamBrownianMotion, matrix_init_stds, trajectory_metrics
 
 
 def one_group(shapes: dict, use_muon: bool, lr: float, wd: float, name: str = "matrix"):
@@ -36,7 +36,7 @@ def mean_square_norm(abm, key: str, steps: int, burn_in: int, reference=None) ->
 
 def test_adamw_shadow_settles_at_the_weight_decay_equilibrium():
     lr, wd, beta1 = 1e-2, 1.0, 0.9
-    abm = AdamBrownianMotion(one_group({"w": (32, 32)}, False, lr, wd), OptimConfig(), {"w": (32, 32)}, 0.02, 0)
+    abm = AdamBrownianMotion(one_group({"w": (32, 32)}, False, lr, wd), OptimConfig(), {"w": (32, 32)}, {"w": 0.02}, 0)
     rms, _ = mean_square_norm(abm, "matrix/32x32", steps=1000, burn_in=300)
     # Adam's update with N(0, 1) gradients is lr times an EMA(beta1) of unit noise; with W *= 1 - lr*wd each step, W is
     # that noise through two first-order filters, whose stationary variance is known in closed form:
@@ -50,7 +50,7 @@ def test_adamw_shadow_settles_at_the_weight_decay_equilibrium():
 def test_muon_shadow_of_a_scaled_down_shape_predicts_the_full_shape(monkeypatch, rule, shape):
     monkeypatch.setattr(metrics, "ABM_MAX_SIDE", 64)  # simulate 256x64 at 64x16
     cfg, lr, wd = OptimConfig(name="muon", muon_adjust_lr=rule), 0.02, 1.0
-    abm = AdamBrownianMotion(one_group({"w": shape}, True, lr, wd), cfg, {"w": shape}, 0.02, 0)
+    abm = AdamBrownianMotion(one_group({"w": shape}, True, lr, wd), cfg, {"w": shape}, {"w": 0.02}, 0)
     key = f"matrix/{shape[0]}x{shape[1]}"
     assert tuple(abm.shadows[key].param.shape) == (shape[0] // 4, shape[1] // 4)
     generator = torch.Generator().manual_seed(1)
@@ -71,25 +71,30 @@ def test_one_shadow_per_group_and_shape_with_the_runs_optimizer():
     cfg = OptimConfig(name="muon")
     optimizer = build_optimizer(model, classify_parameters(model), cfg)
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    abm = AdamBrownianMotion(optimizer, cfg, shapes, 0.02, seed=1)
-    matrix_shapes = {tuple(m.weight.shape) for n, m in model.matrices().items() if n not in ("embed_tokens", "lm_head")}
-    assert set(abm.shadows) == {f"matrix/{r}x{c}" for r, c in matrix_shapes} | {
-        "embedding/8192x128", "lm_head/8192x128"}  # fmt: skip
-    assert type(abm.shadows["matrix/128x128"].optimizer).__name__ == "Muon"
+    abm = AdamBrownianMotion(optimizer, cfg, shapes, matrix_init_stds(model), seed=1)
+    # tiny is a muP transfer: its hidden matrices have a group of their own (their LR is scaled), B and C do not.
+    matrix_groups = {
+        f"{'matrix' if m.role in ('ssm.B', 'ssm.C') else 'matrix@hidden'}/{m.weight.shape[0]}x{m.weight.shape[1]}"
+        for n, m in model.matrices().items()
+        if n not in ("embed_tokens", "lm_head")
+    }
+    assert set(abm.shadows) == matrix_groups | {"embedding/8192x128", "lm_head/8192x128"}
+    assert "matrix/16x128" in matrix_groups  # B and C: d_state x width
+    assert type(abm.shadows["matrix@hidden/128x128"].optimizer).__name__ == "Muon"
     assert type(abm.shadows["embedding/8192x128"].optimizer).__name__ == "AdamW"
     assert tuple(abm.shadows["embedding/8192x128"].param.shape) == (128, 2)  # capped: AdamW is elementwise
     # Resume: the state dict brings the generator, the shadows and their optimizers back exactly.
     for _ in range(3):
         abm.step()
-    restored = AdamBrownianMotion(optimizer, cfg, shapes, 0.02, seed=99)
+    restored = AdamBrownianMotion(optimizer, cfg, shapes, matrix_init_stds(model), seed=99)
     restored.load_state_dict(copy.deepcopy(abm.state_dict()))
     abm.step()
     restored.step()
     assert {k: float(v) for k, v in restored.norms().items()} == {k: float(v) for k, v in abm.norms().items()}
     with pytest.raises(ValueError, match="ABM shadows"):
-        AdamBrownianMotion(one_group({"w": (3, 3)}, False, 0.1, 0.1), cfg, {"w": (3, 3)}, 0.02, 0).load_state_dict(
-            abm.state_dict()
-        )
+        AdamBrownianMotion(
+            one_group({"w": (3, 3)}, False, 0.1, 0.1), cfg, {"w": (3, 3)}, {"w": 0.02}, 0
+        ).load_state_dict(abm.state_dict())
 
 
 def rms(t: torch.Tensor) -> float:

@@ -71,7 +71,7 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         user.append(callback)
     return [
         SpeedMonitor(t.log_every, cfg.logging.peak_tflops),
-        Trajectories(t.log_every, cfg.logging.trajectories, cfg.optim, cfg.model.init_std, seed=t.seed),
+        Trajectories(t.log_every, cfg.logging.trajectories, cfg.optim, seed=t.seed),
         Evaluator(t.eval_every, t.eval_batch_size, cfg.data.seq_len, cfg.data.val_windows),
         *user,
         MetricSinks(cfg.logging, cfg.experiment.name, t.max_steps, cfg.experiment.tags),

@@ -12,7 +12,7 @@ import torch
 
 from lrm_train.optim import OptimConfig
 from lrm_train.train.callbacks.base import Callback, StepResult, due
-from lrm_train.train.metrics import AdamBrownianMotion, trajectory_metrics
+from lrm_train.train.metrics import AdamBrownianMotion, matrix_init_stds, trajectory_metrics
 
 # The ABM draws its noise from a generator of its own; seed + 1 keeps it apart from the run's data and init streams.
 _ABM_SEED_OFFSET = 1
@@ -21,15 +21,16 @@ _ABM_SEED_OFFSET = 1
 class Trajectories(Callback):
     name = "trajectories"
 
-    def __init__(self, every: int, enabled: bool, optim: OptimConfig, init_std: float, seed: int) -> None:
-        self.every, self.enabled, self.optim, self.init_std, self.seed = every, enabled, optim, init_std, seed
+    def __init__(self, every: int, enabled: bool, optim: OptimConfig, seed: int) -> None:
+        self.every, self.enabled, self.optim, self.seed = every, enabled, optim, seed
         self.abm: AdamBrownianMotion | None = None
         self.pending: list[tuple[torch.Tensor, list]] = []  # (applied flag, LR and WD) of the steps not simulated yet
 
     def setup(self, trainer) -> None:
         shapes = trainer.engine.parameter_shapes()
+        init_stds = matrix_init_stds(trainer.components.model)
         self.abm = AdamBrownianMotion(
-            trainer.optimizer, self.optim, shapes, self.init_std, seed=self.seed + _ABM_SEED_OFFSET
+            trainer.optimizer, self.optim, shapes, init_stds, seed=self.seed + _ABM_SEED_OFFSET
         )
 
     def on_step(self, trainer, step: StepResult) -> None:

@@ -1,0 +1,58 @@
+"""How a model's scales follow its width: the parametrization, a model's choice, read by the model and the optimizer.
+
+A model is tuned at a base width ``d0``; at width ``d`` (``r = d / d0``) each matrix scales by the class of its shape:
+
+- ``hidden``: fan-in and fan-out grow with the width (attention, MLP, most of the Mamba mixer);
+- ``readout``: fan-in grows, fan-out does not (the LM head; Mamba's B and C, whose fan-out is groups x d_state);
+- ``input``: fan-in does not grow (the embedding).
+
+Norm weights, SSM vectors and the learnable multipliers are vectors: nothing about them scales. The model applies the
+init std and fixed forward multiplier exponents below; the optimizer applies its own LR and weight-decay exponents
+(``optim.builder``), because AdamW's and Muon's updates grow differently with width.
+
+``standard``: every scale as given, at every width (what the model config states is what runs). The two muP forms of
+the paper's Table 1, which train the same way (Adam's and Muon's reparametrization symmetries map one onto the other):
+
+- ``mup``: the init std of hidden matrices falls as r^-1/2 and readouts carry a forward multiplier r^-1; the optimizer
+  scales the hidden LR (AdamW r^-1, Muon r^-1/2) and the weight decay inversely, so that lr x wd is constant.
+- ``mup_multiplier_adamw`` / ``mup_multiplier_muon`` (Falcon-H1's form): LR and weight decay constant at every width;
+  every matrix with a growing fan-in carries a forward multiplier (hidden r^-1 under AdamW, r^-1/2 under Muon;
+  readouts r^-1), and the hidden init std grows as r^+1/2 under AdamW (constant under Muon) so outputs start at the
+  same scale. The forward multipliers are derived for one optimizer's update, hence one name per optimizer.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class WidthClass(StrEnum):
+    hidden = "hidden"
+    readout = "readout"
+    input = "input"
+
+
+class Parametrization(StrEnum):
+    standard = "standard"
+    mup = "mup"
+    mup_multiplier_adamw = "mup_multiplier_adamw"
+    mup_multiplier_muon = "mup_multiplier_muon"
+
+
+# (init std exponent, forward multiplier exponent) by parametrization and class; a missing class is (0, 0).
+_MODEL_EXPONENTS: dict[Parametrization, dict[WidthClass, tuple[float, float]]] = {
+    Parametrization.standard: {},
+    Parametrization.mup: {WidthClass.hidden: (-0.5, 0.0), WidthClass.readout: (0.0, -1.0)},
+    Parametrization.mup_multiplier_adamw: {WidthClass.hidden: (0.5, -1.0), WidthClass.readout: (0.0, -1.0)},
+    Parametrization.mup_multiplier_muon: {WidthClass.hidden: (0.0, -0.5), WidthClass.readout: (0.0, -1.0)},
+}
+
+
+def init_std_scale(parametrization: Parametrization, width_class: WidthClass, ratio: float) -> float:
+    """The factor on the base init std of a matrix of ``width_class`` at width ratio ``ratio`` = d / d0."""
+    return ratio ** _MODEL_EXPONENTS[parametrization].get(width_class, (0.0, 0.0))[0]
+
+
+def multiplier_scale(parametrization: Parametrization, width_class: WidthClass, ratio: float) -> float:
+    """The factor on the base forward multiplier of a matrix of ``width_class`` at width ratio ``ratio``."""
+    return ratio ** _MODEL_EXPONENTS[parametrization].get(width_class, (0.0, 0.0))[1]
