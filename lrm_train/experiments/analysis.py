@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lrm_train.models import width_family
+from lrm_train.nn import Parametrization
 from lrm_train.train.checkpoint import complete_checkpoints
 
 
@@ -56,10 +57,11 @@ def power_law_fit(x: list[float], y: list[float]) -> dict:
 SWEEP_D_STATE = 16
 
 
-def width_overrides(width: int, layers: int, head_dim: int) -> list[str]:
-    """Trainer overrides for the model of ``models.width_family(width, layers, head_dim=head_dim)``: its shape and its
-    muP parametrization (the model group's multipliers, the 0.5B values in the ``tiny`` preset, read at width 1024)."""
-    shape = width_family(width, layers, head_dim=head_dim, d_state=SWEEP_D_STATE)
+def width_overrides(width: int, layers: int, head_dim: int, parametrization: Parametrization) -> list[str]:
+    """Trainer overrides for the model of ``models.width_family(width, layers, head_dim=head_dim)`` under
+    ``parametrization`` (the model group's multipliers, the 0.5B values in the ``tiny`` preset, read at width 1024).
+    A ``mup_multiplier`` form is the caller's to match to its run's optimizer."""
+    shape = width_family(width, layers, head_dim=head_dim, d_state=SWEEP_D_STATE, parametrization=parametrization)
     keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
             "head_dim", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_n_groups",
             "parametrization", "base_width")  # fmt: skip

@@ -32,6 +32,7 @@ from lrm_train.experiments.analysis import (
 from lrm_train.experiments.experiment import Experiment, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
 from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
+from lrm_train.nn import Parametrization
 
 PAPER_EXPONENTS = {"lm_head_scalar": -1.0, "ssm_dt": -1.0, "qk_product": -2.0}
 
@@ -82,7 +83,9 @@ def plan(settings: WidthScalingSettings) -> list[RunSpec]:
             "lrm=full",
             "lrm.init=one",
             "optim.norm.lr_mult=0",
-            *width_overrides(width, settings.layers, settings.head_dim),
+            # The paper's setup: the fixed multipliers stay the same at every width, so that the learnable ones have
+            # the width scaling to find themselves.
+            *width_overrides(width, settings.layers, settings.head_dim, Parametrization.standard),
             *settings.trainer,
         ]
         run_dir = Path(settings.out_dir) / "runs" / f"w{width}"
