@@ -405,7 +405,8 @@ def _quiet_deepspeed():
     def keep(record: logging.LogRecord) -> bool:
         return "untested optimizer" not in record.getMessage()
 
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
+    # (all_gather_into_tensor, reduce_scatter_tensor, ... as torch renames its collectives)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logger.addFilter(keep)
     try:
         yield

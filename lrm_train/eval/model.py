@@ -9,6 +9,7 @@ windows, the end-of-document token as the prefix of an empty context; so the num
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -31,6 +32,9 @@ Gather = Callable[[list], list[list]]
 
 def _single_process(items: list) -> list[list]:
     return [items]
+
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -67,6 +71,10 @@ class LRMHarnessLM(TemplateLM):
         if tokenizer is None:
             raise ValueError("model_args: tokenizer=... (a tokenizer.json) is required")
         self._device = torch.device(device) if device else default_device()
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            # lm-eval's own CLI passes device=cuda:0 unless told otherwise, also on a machine without a GPU.
+            log.warning("device=%s: CUDA is not available here; scoring on the CPU (pass --device cpu)", device)
+            self._device = torch.device("cpu")
         # A model handed in (the trainer's) stays where it is and in its mode; one loaded here goes to the device.
         self.model = model.to(self._device).eval() if path is not None else model
         if autocast is None:

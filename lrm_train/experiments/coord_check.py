@@ -1,12 +1,19 @@
 """Coordinate check (as microsoft/mup's): is muP really active in this config?
 
-    python -m lrm_train.experiments.coord_check [experiment=coord_check_gpu] [key=value ...] ['trainer=[optim.lr=1e-2]']
+    python -m lrm_train.experiments.coord_check [experiment=coord_check_gpu] [key=value ...] ['trainer=[data.seq_len=64]']
 
-Trains a few steps at each width through the trainer, for ``lrm=none`` and ``lrm=full``, and records the RMS of the
-embedding output, each layer's Mamba, attention and MLP outputs, the residual stream after each layer and the logits
-on every training forward. One panel per step, log-log against width, layers averaged. Under muP these curves are
-flat: a quantity whose log-log slope against width exceeds ``max_slope`` in magnitude at some step is flagged - its
-scale drifts with width, so the small model's tuning does not carry to the large one.
+Trains a few steps at each width through the trainer, for each optimizer, each LR factor (the base ``lr`` and a
+multiple of it) and each LRM placement, under one ``parametrization`` (``mup_multiplier``: the through-multiplier form
+of each run's optimizer). A fixed probe batch goes through the model at initialization and after every step; the
+callback records the RMS of the embedding output, each layer's Mamba, attention and MLP outputs, the residual stream
+after each layer and the logits (layers averaged), and the RMS of each one's change since initialization, h_t - h_0:
+the quantity muP keeps width-independent (h_t itself is partly its initial value for the first steps).
+
+Each quantity's log-log slope against width is fitted at every step. The check is over steps 2..T: every change since
+initialization, and every output but the logits (under muP the readout's 1/width multiplier makes the initial logits
+shrink as width^-1/2 by design; they are reported, not checked). The command ends with one line per optimizer,
+``coord check (<optimizer>, <parametrization>): max |slope| X over N quantities, steps 2..T (bar B)``, and exits 1
+when a slope is above the bar: the small model's tuning would not carry to the large one.
 """
 
 from __future__ import annotations
@@ -21,14 +28,20 @@ import matplotlib.pyplot as plt
 import torch
 
 from lrm_train.experiments.analysis import check_width_sweep, power_law_fit, width_overrides
-from lrm_train.experiments.experiment import Experiment, ExperimentSettings, finished
+from lrm_train.experiments.experiment import Experiment, ExperimentFailed, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, save_figure, write_report
 from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
+from lrm_train.nn import Parametrization
+from lrm_train.optim import OptimizerName
 from lrm_train.train import compose
 from lrm_train.train.callbacks import Callback
 from lrm_train.utils import atomic_write_text
 
 QUANTITIES = ("embedding", "mamba", "attention", "mlp", "residual", "logits")
+KINDS = ("rms", "delta")  # the output's RMS; the RMS of its change since initialization
+UNCHECKED = {("logits", "rms")}  # shrinks at init under muP by design (see the module docstring)
+THROUGH_MULTIPLIER = "mup_multiplier"  # the parametrization setting that means mup_multiplier_<the run's optimizer>
+PROBE_SEQUENCES = 2
 
 
 @dataclass
@@ -37,16 +50,19 @@ class CoordCheckSettings(ExperimentSettings):
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     layers: int = 2
     head_dim: int = 32
-    steps: int = 4
+    steps: int = 10
+    optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
+    parametrization: str = "mup"  # standard | mup | mup_multiplier (each run's optimizer's form)
+    lr: float = 3e-3  # the base LR (optim.lr: at the base width under muP)
+    lr_factors: list[float] = field(default_factory=lambda: [1.0, 4.0])
     arms: list[str] = field(default_factory=lambda: ["none", "full"])  # lrm placements
-    max_slope: float = 0.25  # |log-log slope| against width above which a quantity is flagged
+    max_slope: float = 0.15  # the bar on |log-log slope| against width, steps 2..T
     # A deliberately broken muP multiplier, for testing the check: this model field is multiplied by width / widths[0].
     break_multiplier: str | None = None
     trainer: list[str] = field(
         default_factory=lambda: [
             "data.seq_len=64",
             "train.micro_batch_size=8",
-            "optim.lr=3e-3",
             "schedule=constant",
             "schedule.warmup_steps=1",
         ]
@@ -55,24 +71,44 @@ class CoordCheckSettings(ExperimentSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_width_sweep(self.widths, self.layers, self.head_dim, "the slope")
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
-        if not self.arms:
-            raise ValueError("arms=[] must name at least one lrm placement (e.g. none, full)")
+        if self.steps < 2:
+            raise ValueError(f"steps={self.steps} must be >= 2 (the check is over steps 2..steps)")
+        for name in ("optimizers", "arms", "lr_factors"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}=[] must name at least one")
+        for optimizer in self.optimizers:
+            if optimizer not in set(OptimizerName):
+                raise ValueError(f"optimizers: {optimizer!r} is not one of {', '.join(OptimizerName)}")
+        forms = [p.value for p in Parametrization if not p.value.startswith(THROUGH_MULTIPLIER)] + [THROUGH_MULTIPLIER]
+        if self.parametrization not in forms:
+            raise ValueError(f"parametrization={self.parametrization!r} is not one of {', '.join(forms)}")
+        if self.lr <= 0 or any(f <= 0 for f in self.lr_factors):
+            raise ValueError(f"lr={self.lr} and lr_factors={self.lr_factors} must be > 0")
         if self.max_slope < 0:
             raise ValueError(f"max_slope={self.max_slope} must be >= 0")
+
+    def parametrization_of(self, optimizer: str) -> Parametrization:
+        if self.parametrization == THROUGH_MULTIPLIER:
+            return Parametrization(f"{THROUGH_MULTIPLIER}_{optimizer}")
+        return Parametrization(self.parametrization)
 
 
 RESULT_FILE = "activation_rms.json"
 
 
 class ActivationRMS(Callback):
-    """Forward hooks that record each watched module's output RMS on every training forward (not evaluation);
-    written to ``activation_rms.json`` in the run directory when the run ends (the trainer's callback, so the
-    runs go through the experiments' runner like any other)."""
+    """Forward hooks on the watched modules; a fixed probe batch (the first training batch's first sequences, read
+    without moving the loader) goes through the model at initialization and after every step, and each watched
+    output's RMS and the RMS of its change since initialization are recorded (step 0: initialization). Written to
+    ``activation_rms.json`` in the run directory when the run ends."""
+
+    name = "activation_rms"
 
     def __init__(self) -> None:
-        self.steps: list[dict[str, list[float]]] = []
+        self.steps: list[dict[str, dict[str, float]]] = []
+        self.initial: dict[str, list[torch.Tensor]] = {}  # each watched output at initialization, for the change
+        self.current: dict[str, list[torch.Tensor]] = {}
+        self.recording = False
 
     def setup(self, trainer) -> None:
         model = trainer.components.model
@@ -80,58 +116,94 @@ class ActivationRMS(Callback):
         watched["mamba"] = [layer.mamba for layer in model.layers]
         watched["attention"] = [layer.self_attn for layer in model.layers]
         watched["mlp"] = [layer.feed_forward for layer in model.layers]
-        model.embed_tokens.register_forward_pre_hook(self._new_forward)
         for quantity, modules in watched.items():
             for module in modules:
                 module.register_forward_hook(self._recorder(quantity))
+        self.probe = trainer.components.loader.batch(0)[0][:PROBE_SEQUENCES]
+        self.model = model
+        if not self.steps:  # a resumed run keeps the initial outputs it saved
+            self.initial = self._forward()
+            self._record()
 
-    def _new_forward(self, module, args) -> None:
-        if torch.is_grad_enabled():
-            self.steps.append({q: [] for q in QUANTITIES})
+    def _forward(self) -> dict[str, list[torch.Tensor]]:
+        self.current = {q: [] for q in QUANTITIES}
+        self.recording = True
+        try:
+            with torch.no_grad():
+                self.model(self.probe.to(next(self.model.parameters()).device))
+        finally:
+            self.recording = False
+        return self.current
 
     def _recorder(self, quantity: str):
         def record(module, args, output) -> None:
-            if torch.is_grad_enabled():
-                if quantity == "logits":  # in training the LM head returns the loss, not the logits: form them here
-                    with torch.no_grad():
-                        output = module(args[0])
-                self.steps[-1][quantity].append(float(output.detach().float().pow(2).mean().sqrt()))
+            if self.recording:
+                if quantity == "logits":  # the LM head returns the logits here: no targets were given
+                    output = output.float()
+                self.current[quantity].append(output.detach().float().cpu())
 
         return record
 
+    def _record(self) -> None:
+        outputs = self.current
+        self.steps.append(
+            {
+                q: {
+                    "rms": _mean([o.pow(2).mean().sqrt().item() for o in outputs[q]]),
+                    "delta": _mean([(o - i).pow(2).mean().sqrt().item() for o, i in zip(outputs[q], self.initial[q])]),
+                }
+                for q in QUANTITIES
+            }
+        )
+
+    def on_step(self, trainer, step) -> None:
+        self._forward()
+        self._record()
+
     def on_end(self, trainer) -> None:
         if trainer.engine.is_main and not trainer.failed:
-            rms = [{q: sum(v) / len(v) for q, v in step.items()} for step in self.steps]
-            atomic_write_text(trainer.run_dir / RESULT_FILE, json.dumps(dict(rms=rms, per_layer=self.steps)))
+            atomic_write_text(trainer.run_dir / RESULT_FILE, json.dumps(dict(steps=self.steps)))
 
     def state_dict(self) -> dict:
-        return {"steps": json.dumps(self.steps)}
+        return {"steps": json.dumps(self.steps), "initial": {q: torch.stack(v) for q, v in self.initial.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = json.loads(state["steps"])
+        self.initial = {q: list(v) for q, v in state["initial"].items()}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def plan(settings: CoordCheckSettings) -> list[RunSpec]:
-    """Every run composed before any trains (a bad key fails first), labelled by arm and width."""
+    """Every run composed before any trains (a bad key fails first), labelled by optimizer, LR factor, arm, width."""
     runs = []
-    for arm in settings.arms:
-        for width in settings.widths:
-            overrides = [
-                f"lrm={arm}",
-                *width_overrides(width, settings.layers, settings.head_dim),
-                f"train.max_steps={settings.steps}",
-                f"train.eval_every={settings.steps}",
-                f"train.ckpt_every={settings.steps}",
-                "train.log_every=1",
-                "logging.progress=false",
-                "logging.wandb.mode=disabled",
-                f"+callbacks.activation_rms._target_={ActivationRMS.__module__}.ActivationRMS",
-                *settings.trainer,
-            ]
-            if settings.break_multiplier:
-                overrides.append(_broken_override(settings, overrides, width))
-            run_dir = Path(settings.out_dir) / "runs" / f"{arm}_w{width}"
-            runs.append(make_run(f"coord_{arm}_w{width}", run_dir, overrides, arm=arm, width=width))
+    for optimizer in settings.optimizers:
+        parametrization = settings.parametrization_of(optimizer)
+        for factor in settings.lr_factors:
+            for arm in settings.arms:
+                for width in settings.widths:
+                    overrides = [
+                        f"optim={optimizer}",
+                        f"optim.lr={settings.lr * factor}",
+                        f"lrm={arm}",
+                        *width_overrides(width, settings.layers, settings.head_dim, parametrization),
+                        f"train.max_steps={settings.steps}",
+                        f"train.eval_every={settings.steps}",
+                        f"train.ckpt_every={settings.steps}",
+                        "train.log_every=1",
+                        "logging.progress=false",
+                        "logging.wandb.mode=disabled",
+                        f"+callbacks.activation_rms._target_={ActivationRMS.__module__}.ActivationRMS",
+                        *settings.trainer,
+                    ]
+                    if settings.break_multiplier:
+                        overrides.append(_broken_override(settings, overrides, width))
+                    label = f"{optimizer}_lr{factor:g}_{arm}_w{width}"
+                    run_dir = Path(settings.out_dir) / "runs" / label
+                    labels = dict(optimizer=optimizer, lr_factor=factor, arm=arm, width=width)
+                    runs.append(make_run(f"coord_{label}", run_dir, overrides, **labels))
     return runs
 
 
@@ -143,85 +215,125 @@ def _broken_override(settings: CoordCheckSettings, overrides: list[str], width: 
     return f"model.{name}={getattr(base, name) * width / settings.widths[0]}"
 
 
+def _series(optimizer: str, factor: float, arm: str) -> str:
+    return f"{optimizer}/lr{factor:g}/{arm}"
+
+
 def measured(runs: list[RunSpec]) -> dict:
-    """What ``ActivationRMS`` wrote in each finished run, by ``<arm>/<width>``."""
-    return {f"{r.labels['arm']}/{r.labels['width']}": json.loads((r.run_dir / RESULT_FILE).read_text()) for r in runs}
+    """What ``ActivationRMS`` wrote in each finished run, by ``<optimizer>/lr<factor>/<arm>`` and width."""
+    results: dict = {}
+    for r in runs:
+        key = _series(r.labels["optimizer"], r.labels["lr_factor"], r.labels["arm"])
+        results.setdefault(key, {})[r.labels["width"]] = json.loads((r.run_dir / RESULT_FILE).read_text())["steps"]
+    return results
 
 
 def slopes(settings: CoordCheckSettings, results: dict) -> list[dict]:
+    """Every (series, step, quantity, kind)'s slope against width; ``checked`` says whether the bar applies."""
     rows = []
-    for arm in settings.arms:
-        for step in range(settings.steps):
+    for series, by_width in results.items():
+        for step in range(settings.steps + 1):
             for quantity in QUANTITIES:
-                values = [results[f"{arm}/{w}"]["rms"][step][quantity] for w in settings.widths]
-                fit = power_law_fit(settings.widths, values)
-                flagged = abs(fit["exponent"]) > settings.max_slope
-                rows.append(dict(arm=arm, step=step + 1, quantity=quantity, **fit, flagged=flagged))
+                for kind in KINDS:
+                    if kind == "delta" and step == 0:
+                        continue  # zero by definition
+                    values = [by_width[w][step][quantity][kind] for w in settings.widths]
+                    fit = power_law_fit(settings.widths, values)
+                    checked = step >= 2 and (quantity, kind) not in UNCHECKED
+                    flagged = checked and abs(fit["exponent"]) > settings.max_slope
+                    rows.append(dict(series=series, step=step, quantity=quantity, kind=kind, **fit, checked=checked,
+                                     flagged=flagged))  # fmt: skip
     return rows
 
 
-def plot(settings: CoordCheckSettings, results: dict, arm: str, out_dir: Path) -> str:
-    fig, axes = plt.subplots(1, settings.steps, figsize=(3.2 * settings.steps, 3.4), sharey=True, squeeze=False)
-    for step, ax in enumerate(axes[0]):
-        for i, quantity in enumerate(QUANTITIES):
-            values = [results[f"{arm}/{w}"]["rms"][step][quantity] for w in settings.widths]
-            ax.loglog(settings.widths, values, "o-", color=f"C{i}", label=quantity)
-        ax.set_title(f"step {step + 1}")
-        ax.set_xlabel("width")
-        ax.set_xticks(settings.widths, [str(w) for w in settings.widths], minor=False)
-        ax.minorticks_off()
-    axes[0][0].set_ylabel("RMS of the output")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"coordinate check, lrm={arm} (flat = width-independent)")
-    return save_figure(fig, out_dir / f"coord_check_{arm}.png")
+def verdicts(settings: CoordCheckSettings, rows: list[dict]) -> list[tuple[str, bool]]:
+    """One line per optimizer (see the module docstring) and whether it passes."""
+    lines = []
+    for optimizer in settings.optimizers:
+        mine = [r for r in rows if r["checked"] and r["series"].startswith(f"{optimizer}/")]
+        worst = max(mine, key=lambda r: abs(r["exponent"]))
+        line = (
+            f"coord check ({optimizer}, {settings.parametrization_of(optimizer)}): max |slope| "
+            f"{abs(worst['exponent']):.3f} over {len(mine)} quantities, steps 2..{settings.steps} "
+            f"(bar {settings.max_slope:g}); worst {worst['series']} {worst['quantity']} {worst['kind']} at step "
+            f"{worst['step']}"
+        )
+        lines.append((line, abs(worst["exponent"]) <= settings.max_slope))
+    return lines
+
+
+def plot(settings: CoordCheckSettings, results: dict, optimizer: str, out_dir: Path) -> str:
+    """Rows: LR factor x arm; columns: steps 0 (init), 1, 2, the middle and the last; solid: RMS, dashed: change."""
+    series = [key for key in results if key.startswith(f"{optimizer}/")]
+    shown = sorted({0, 1, 2, settings.steps // 2, settings.steps})
+    fig, axes = plt.subplots(len(series), len(shown), figsize=(3 * len(shown), 2.8 * len(series)), squeeze=False)
+    for row, key in enumerate(series):
+        for col, step in enumerate(shown):
+            ax = axes[row][col]
+            for i, quantity in enumerate(QUANTITIES):
+                for kind, style in (("rms", "o-"), ("delta", "x--")):
+                    if kind == "delta" and step == 0:
+                        continue
+                    values = [results[key][w][step][quantity][kind] for w in settings.widths]
+                    label = f"{quantity} {kind}" if row == 0 and col == len(shown) - 1 else None
+                    ax.loglog(settings.widths, values, style, color=f"C{i}", label=label, ms=3)
+            ax.set_title(f"{key}, step {step}", fontsize=8)
+            ax.set_xticks(settings.widths, [str(w) for w in settings.widths], minor=False)
+            ax.minorticks_off()
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(f"coordinate check, {optimizer}, {settings.parametrization_of(optimizer)} (flat = width-independent)")
+    return save_figure(fig, out_dir / f"coord_check_{optimizer}.png")
 
 
 def report(settings: CoordCheckSettings, runs: list[RunSpec]) -> Path:
     out_dir = create_out_dir(settings.out_dir)
     results = measured(finished(runs))
     rows = slopes(settings, results)
-    figures = {arm: plot(settings, results, arm, out_dir) for arm in settings.arms}
-    flagged = sorted({(r["arm"], r["quantity"]) for r in rows if r["flagged"]})
+    figures = {optimizer: plot(settings, results, optimizer, out_dir) for optimizer in settings.optimizers}
+    lines = verdicts(settings, rows)
+    flagged = sorted({(r["series"], r["quantity"], r["kind"]) for r in rows if r["flagged"]})
     text = f"""
-Widths {settings.widths}, {settings.layers} layers, heads of {settings.head_dim}; {settings.steps} training steps with
-the trainer overrides {settings.trainer}{_broken(settings)}. RMS of each output on every training forward (per-layer
-quantities averaged over layers). A quantity is flagged when |log-log slope against width| > {settings.max_slope}
-at some step.
+Widths {settings.widths}, {settings.layers} layers, heads of {settings.head_dim}; parametrization
+{settings.parametrization}; {settings.steps} training steps at lr {settings.lr:g} x {settings.lr_factors} with the
+trainer overrides {settings.trainer}{_broken(settings)}. A probe batch's outputs at initialization (step 0) and after
+each step: their RMS (rms) and the RMS of their change since initialization (delta), per-layer quantities averaged
+over layers. Checked: steps 2..{settings.steps}, every quantity but the logits' rms; bar |slope| <= {settings.max_slope}.
 
-Flagged (arm, quantity): {", ".join(f"{a}/{q}" for a, q in flagged) or "none"}
+{chr(10).join(f"- {line}" for line, _ in lines)}
+
+Flagged (series, quantity, kind): {", ".join("/".join(f) for f in flagged) or "none"}
 
 """
-    for arm in settings.arms:
-        text += f"## lrm={arm}\n\n![coordinate check]({figures[arm]})\n\n"
+    for optimizer in settings.optimizers:
+        text += f"## {optimizer}\n\n![coordinate check]({figures[optimizer]})\n\n"
+        worst = {}
+        for r in rows:
+            if r["series"].startswith(f"{optimizer}/") and r["step"] >= 1:
+                key = (r["series"], r["quantity"], r["kind"])
+                if key not in worst or abs(r["exponent"]) > abs(worst[key]["exponent"]):
+                    worst[key] = r
         table = [
-            [
-                r["step"],
-                r["quantity"],
-                r["exponent"],
-                f"{r['ci95'][0]:.3f}..{r['ci95'][1]:.3f}",
-                "FLAG" if r["flagged"] else "",
-            ]
-            for r in rows
-            if r["arm"] == arm
-        ]
-        text += markdown_table(["step", "quantity", "slope vs width", "95% CI", ""], table) + "\n\n"
+            [*key, r["step"], r["exponent"], f"{r['ci95'][0]:.3f}..{r['ci95'][1]:.3f}",
+             "FLAG" if r["flagged"] else ("" if r["checked"] else "not checked")]
+            for key, r in worst.items()
+        ]  # fmt: skip
+        text += (
+            "The largest |slope| of each series and quantity over steps 1..T:\n\n"
+            + markdown_table(["series", "quantity", "kind", "step", "slope vs width", "95% CI", ""], table)
+            + "\n\n"
+        )
     data = dict(
         settings=dataclasses.asdict(settings),
-        flagged=[f"{a}/{q}" for a, q in flagged],
+        verdicts=[dict(line=line, passed=ok) for line, ok in lines],
+        flagged=["/".join(f) for f in flagged],
         slopes=rows,
-        rms={key: value["rms"] for key, value in results.items()},
+        measured={key: {str(w): steps for w, steps in by_width.items()} for key, by_width in results.items()},
     )
     path = write_report(out_dir, "Coordinate check", text, data)
-    for arm, quantity in flagged:
-        worst = max(
-            (r for r in rows if r["arm"] == arm and r["quantity"] == quantity), key=lambda r: abs(r["exponent"])
-        )
-        print(
-            f"coord_check: lrm={arm} {quantity} drifts with width (slope {worst['exponent']:.2f} at step "
-            f"{worst['step']})"
-        )
-    if not flagged:
-        print("coord_check: every quantity is flat in width")
+    for line, _ in lines:
+        print(line)
+    if not all(ok for _, ok in lines):
+        raise ExperimentFailed(f"coordinate check above the bar {settings.max_slope} (see {path})")
     return path
 
 

@@ -174,6 +174,12 @@ def _check_same_run(saved: dict, this: dict, path: Path) -> None:
             f"checkpoint {path}: trained with optim={saved['optimizer']}, "
             f"this run has optim={this['optimizer']} (its optimizer state would not fit)"
         )
+    saved_tokenizer = (saved.get("data") or {}).get("tokenizer_sha256")
+    if saved_tokenizer is not None and saved_tokenizer != this["data"]["tokenizer_sha256"]:
+        raise ValueError(
+            f"checkpoint {path}: trained with another tokenizer (sha256 {saved_tokenizer[:12]}...) than this run's data "
+            f"({this['data']['folder']}): its weights would read other tokens"
+        )
     if saved["global_batch"] != this["global_batch"]:
         raise ValueError(
             f"checkpoint {path}: global batch {saved['global_batch']}, this run has {this['global_batch']} "

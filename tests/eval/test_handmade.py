@@ -1,5 +1,6 @@
 """A hand-made item whose scores are known: a model that gives every token the same probability."""
 
+import logging
 import math
 
 import datasets
@@ -74,3 +75,11 @@ def test_scoring_does_not_reseed_the_global_generators(tokenizer_json):
     before = torch.get_rng_state(), np.random.get_state()[1].copy()
     run_harness(lm, [handmade_task(0)])
     assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
+
+
+def test_lm_evals_default_cuda_device_falls_back_to_the_cpu_where_there_is_none(tokenizer_json, caplog):
+    # lm-eval's CLI passes device=cuda:0 unless told otherwise; the CPU suite hides any GPU.
+    with caplog.at_level(logging.WARNING):
+        lm = LRMHarnessLM(model=UniformLM(), tokenizer=str(tokenizer_json), device="cuda:0")
+    assert lm.device == torch.device("cpu")
+    assert "device=cuda:0: CUDA is not available here; scoring on the CPU" in caplog.text

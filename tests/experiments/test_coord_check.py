@@ -2,48 +2,70 @@ import json
 
 import pytest
 
-from lrm_train.experiments.coord_check import QUANTITIES, CoordCheckSettings, run
+from lrm_train.experiments.coord_check import KINDS, QUANTITIES, CoordCheckSettings, plan, run
+from lrm_train.experiments.experiment import ExperimentFailed
 from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
 
 
 def settings(data_root, out_dir, **extra) -> CoordCheckSettings:
-    return CoordCheckSettings(
-        out_dir=str(out_dir), widths=[16, 32, 64], layers=1, head_dim=8, steps=2, arms=["none"],
-        trainer=micro_trainer(data_root, steps=2, model=False), **extra,
+    values = dict(
+        out_dir=str(out_dir), widths=[16, 32, 64], layers=1, head_dim=8, steps=2, optimizers=["adamw"],
+        lr_factors=[1.0], arms=["none"], trainer=micro_trainer(data_root, steps=2, model=False),
     )  # fmt: skip
+    return CoordCheckSettings(**{**values, **extra})
 
 
 @pytest.fixture(scope="module")
 def healthy(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("coord")
-    run(settings(data_root, out))
+    run(settings(data_root, out, max_slope=10.0))  # the micro runs are too short to be flat: the bar is not tested here
     return out
 
 
-def test_report_holds_every_step_quantity_and_width(healthy):
+def test_report_holds_every_step_quantity_kind_and_width(healthy):
     report = json.loads((healthy / "report.json").read_text())
-    assert set(report["rms"]) == {"none/16", "none/32", "none/64"}
-    for steps in report["rms"].values():
-        assert len(steps) == 2 and all(set(s) == set(QUANTITIES) and all(v > 0 for v in s.values()) for s in steps)
-    assert {(r["step"], r["quantity"]) for r in report["slopes"]} == {(s, q) for s in (1, 2) for q in QUANTITIES}
-    assert is_png_with_content(healthy / "coord_check_none.png")
+    measured = report["measured"]["adamw/lr1/none"]
+    assert set(measured) == {"16", "32", "64"}
+    for steps in measured.values():
+        assert len(steps) == 3  # initialization, then after each of the 2 steps
+        assert all(set(s) == set(QUANTITIES) and all(s[q]["rms"] > 0 for q in QUANTITIES) for s in steps)
+        assert all(s[q]["delta"] == 0 for s in steps[:1] for q in QUANTITIES)  # the change since init, at init
+        assert all(s[q]["delta"] > 0 for s in steps[1:] for q in QUANTITIES)  # training moved every output
+    fitted = {(r["step"], r["quantity"], r["kind"]) for r in report["slopes"]}
+    assert fitted == {(s, q, k) for s in (0, 1, 2) for q in QUANTITIES for k in KINDS if (s, k) != (0, "delta")}
+    assert {
+        r["checked"] for r in report["slopes"] if r["step"] < 2 or (r["quantity"], r["kind"]) == ("logits", "rms")
+    } == {False}
+    assert is_png_with_content(healthy / "coord_check_adamw.png")
     # The embedding output at init is init_std x the embedding multiplier at every width: flat.
-    embedding = next(r for r in report["slopes"] if r["quantity"] == "embedding" and r["step"] == 1)
+    embedding = next(r for r in report["slopes"] if r["quantity"] == "embedding" and r["step"] == 0)
     assert abs(embedding["exponent"]) < 0.1 and not embedding["flagged"]
+    line = report["verdicts"][0]["line"]
+    assert (
+        line.startswith("coord check (adamw, mup): max |slope| ") and "over 11 quantities, steps 2..2 (bar 10)" in line
+    )
 
 
-def test_a_deliberately_broken_multiplier_is_flagged(data_root, healthy, tmp_path):
-    run(settings(data_root, tmp_path, break_multiplier="embedding_multiplier"))
+def test_a_deliberately_broken_multiplier_fails_the_check(data_root, tmp_path, capsys):
+    # The embedding scaled by width/16: its output (and everything after it) has slope one; the bar is met otherwise.
+    with pytest.raises(ExperimentFailed, match="coordinate check above the bar 0.9"):
+        run(settings(data_root, tmp_path, break_multiplier="embedding_multiplier", max_slope=0.9))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert "none/embedding" in report["flagged"]
-    assert "none/embedding" not in json.loads((healthy / "report.json").read_text())["flagged"]
-    broken = next(r for r in report["slopes"] if r["quantity"] == "embedding" and r["step"] == 1)
-    assert broken["exponent"] == pytest.approx(1.0, abs=0.05)  # scaled by width/16: slope one
-    assert "none/embedding" in (tmp_path / "report.md").read_text()
+    broken = next(r for r in report["slopes"] if r["quantity"] == "embedding" and r["step"] == 2 and r["kind"] == "rms")
+    assert broken["exponent"] == pytest.approx(1.0, abs=0.05) and broken["flagged"]
+    assert "adamw/lr1/none/embedding/rms" in report["flagged"]
+    assert "coord check (adamw, mup): max |slope| " in capsys.readouterr().out
+
+
+def test_through_multiplier_means_each_optimizers_own_form(data_root, tmp_path):
+    runs = plan(settings(data_root, tmp_path, optimizers=["adamw", "muon"], parametrization="mup_multiplier"))
+    assert {(r.labels["optimizer"], r.cfg.model.parametrization.value) for r in runs} == {
+        ("adamw", "mup_multiplier_adamw"), ("muon", "mup_multiplier_muon")}  # fmt: skip
+    assert {r.cfg.optim.lr for r in plan(settings(data_root, tmp_path, lr=1e-3, lr_factors=[1.0, 4.0]))} == {1e-3, 4e-3}
 
 
 def test_a_rerun_reuses_finished_runs(data_root, healthy, capsys):
-    run(settings(data_root, healthy))
+    run(settings(data_root, healthy, max_slope=10.0))
     assert capsys.readouterr().out.count("finished, skipped") == 3
 
 

@@ -1,0 +1,272 @@
+"""LR transfer: does the best learning rate found at one width stay the best at the others, as muP promises?
+
+    python -m lrm_train.experiments.transfer [experiment=transfer_cpu] [parametrization=standard] [key=value ...]
+
+For each optimizer of ``optimizers``, trains the width family (``lrm=none``: the muP baseline) at each width of
+``widths`` and each of ``lr_points`` learning rates sqrt(2) apart around ``lr`` (lr * 2^(k/2)), under one
+``parametrization``: ``mup``, ``standard`` (the control: without muP the optimum should drift with the width) or
+``mup_multiplier`` (``mup_multiplier_<optimizer>``, the form derived for each run's optimizer). From the final
+validation loss of each run (a diverged run has none) it checks, per optimizer:
+
+- **transfer**: the best LR agrees across widths within one grid step: the spread K, max - min of the best LR's grid
+  index over widths (in sqrt(2)-steps), is at most 1;
+- **wider is better**: at the widest width's best LR and its grid neighbours, the loss does not rise from one width
+  to the next wider one by more than ``loss_tolerance``.
+
+The command exits 1 when K > 1 for an optimizer, and also when wider-is-better is violated beyond ``loss_tolerance``:
+a wider model that trains worse near the optimum is the other symptom of a parametrization that does not transfer,
+while a rise within the tolerance is run-to-run noise and passes. A best LR on the grid's edge is reported (the
+optimum may lie outside the grid) but is not a failure by itself: the grid is the grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from enum import StrEnum
+from itertools import pairwise
+from pathlib import Path
+
+from lrm_train.experiments.analysis import check_width_sweep, width_overrides
+from lrm_train.experiments.compare import lr_grid
+from lrm_train.experiments.experiment import Experiment, ExperimentFailed, ExperimentSettings, finished
+from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
+from lrm_train.experiments.results import collect, finite
+from lrm_train.experiments.runner import DIVERGED, RunSpec, create_out_dir, make_run, run_status
+from lrm_train.nn import Parametrization
+from lrm_train.optim import OptimizerName
+
+
+class TransferParametrization(StrEnum):
+    standard = "standard"
+    mup = "mup"
+    mup_multiplier = "mup_multiplier"  # mup_multiplier_<optimizer>: each run gets the form of its own optimizer
+
+
+@dataclass
+class TransferSettings(ExperimentSettings):
+    out_dir: str = "experiments/transfer/${parametrization}"  # one report per parametrization, side by side
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256])
+    layers: int = 2
+    head_dim: int = 32
+    optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
+    parametrization: TransferParametrization = TransferParametrization.mup
+    lr: float = 3e-3  # the grid's centre (optim.lr: under muP the LR at the model's base width)
+    lr_points: int = 5  # LRs sqrt(2) apart around lr (an even count puts the extra point above it)
+    steps: int = 120
+    seed: int = 0
+    loss_tolerance: float = 0.02  # a wider model's final loss may exceed the narrower one's by this much
+    # Data, batch, schedule: the same for every run. lrm=none: the muP baseline, whose transfer this checks.
+    trainer: list[str] = field(
+        default_factory=lambda: [
+            "lrm=none",
+            "model.vocab_size=2048",
+            "data.vocab_size=2048",
+            "data.seq_len=64",
+            "data.val_windows=64",
+            "train.micro_batch_size=8",
+            "train.log_every=10",
+            "schedule=constant_exp_decay",
+            "schedule.warmup_steps=12",
+            "logging.trajectories=false",
+        ]
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_width_sweep(self.widths, self.layers, self.head_dim, "the LR transfer check")
+        if self.parametrization not in set(TransferParametrization):  # built from a plain string too: keep the enum
+            choices = ", ".join(TransferParametrization)
+            raise ValueError(f"parametrization={self.parametrization!r} is not one of {choices}")
+        self.parametrization = TransferParametrization(self.parametrization)
+        if not self.optimizers or len(set(self.optimizers)) != len(self.optimizers):
+            raise ValueError(f"optimizers={list(self.optimizers)} must be distinct and name at least one")
+        unknown = [name for name in self.optimizers if name not in set(OptimizerName)]
+        if unknown:
+            raise ValueError(f"optimizers: {unknown[0]!r} is not one of {', '.join(OptimizerName)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.lr_points < 2:
+            raise ValueError(f"lr_points={self.lr_points} must be >= 2 (a best LR needs a grid to be best on)")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.loss_tolerance < 0:
+            raise ValueError(f"loss_tolerance={self.loss_tolerance} must be >= 0")
+
+
+def run_parametrization(setting: TransferParametrization, optimizer: str) -> Parametrization:
+    """The model's parametrization for a run of ``optimizer``: ``mup_multiplier`` names the optimizer's own form."""
+    if setting is TransferParametrization.mup_multiplier:
+        return Parametrization(f"mup_multiplier_{optimizer}")
+    return Parametrization(setting)
+
+
+def plan(settings: TransferSettings) -> list[RunSpec]:
+    """Every (optimizer, width, LR) run, labelled by them and by the LR's grid index (the report's unit of spread)."""
+    runs = []
+    grid = lr_grid(settings.lr, settings.lr_points)
+    for optimizer in settings.optimizers:
+        parametrization = run_parametrization(settings.parametrization, optimizer)
+        for width in settings.widths:
+            for index, lr in enumerate(grid):
+                name = f"transfer_{parametrization}_{optimizer}_w{width}_lr{lr:.3g}"
+                overrides = [
+                    *settings.trainer,  # first: the sweep's own keys below always win
+                    *width_overrides(width, settings.layers, settings.head_dim, parametrization),
+                    f"optim={optimizer}",
+                    f"optim.lr={lr!r}",
+                    f"train.seed={settings.seed}",
+                    f"train.max_steps={settings.steps}",
+                    f"train.eval_every={settings.steps}",
+                    f"train.ckpt_every={settings.steps}",
+                    "logging.progress=false",
+                    "logging.wandb.mode=disabled",
+                ]
+                run_dir = Path(settings.out_dir) / "runs" / f"{optimizer}_w{width}_lr{lr:.3g}"
+                labels = dict(optimizer=optimizer, width=width, lr=lr, lr_index=index, parametrization=parametrization)
+                runs.append(make_run(name, run_dir, overrides, **labels))
+    return runs
+
+
+def final_losses(runs: list[RunSpec], points: int) -> dict[tuple[str, int], list[float | None]]:
+    """(optimizer, width) -> the final validation loss at each of the ``points`` grid indices; None where the run
+    diverged. Every run must have ended: a diverged one is a result of the sweep (its LR is too high), a pending one
+    is not."""
+    finished([run for run in runs if run_status(run) != DIVERGED])
+    losses = {(run.labels["optimizer"], run.labels["width"]): [None] * points for run in runs}
+    for result in collect(runs):
+        labels = result.run.labels
+        losses[labels["optimizer"], labels["width"]][labels["lr_index"]] = (
+            result.final if finite(result.final) else None
+        )
+    return losses
+
+
+def best_index(losses: list[float | None]) -> int | None:
+    """The grid index of the lowest finite loss; None when every run diverged."""
+    indices = [i for i, loss in enumerate(losses) if loss is not None]
+    return min(indices, key=lambda i: losses[i]) if indices else None
+
+
+def analyze(losses: dict[int, list[float | None]], grid: list[float], tolerance: float) -> dict:
+    """Both checks for one optimizer from ``losses`` (width -> loss per grid index)."""
+    widths = sorted(losses)
+    best = {w: best_index(losses[w]) for w in widths}
+    known = [i for i in best.values() if i is not None]
+    spread = max(known) - min(known) if len(known) == len(widths) else None
+    widest = best[widths[-1]]
+    near = [] if widest is None else [i for i in (widest - 1, widest, widest + 1) if 0 <= i < len(grid)]
+    violations = []
+    for i in near:
+        for narrow, wide in pairwise(widths):
+            before, after = _or_inf(losses[narrow][i]), _or_inf(losses[wide][i])
+            if after - before > tolerance:  # a diverged wider run rises without bound; both diverged: nan, no rise
+                rise = after - before if math.isfinite(after) else None
+                violations.append(dict(lr=grid[i], narrower=narrow, wider=wide, rise=rise))
+    return dict(
+        best_index={w: best[w] for w in widths},
+        best_lr={w: None if best[w] is None else grid[best[w]] for w in widths},
+        spread=spread,
+        at_grid_edge=[w for w in widths if best[w] in (0, len(grid) - 1)],
+        near_lrs=[grid[i] for i in near],
+        violations=violations,
+        transfers=spread is not None and spread <= 1,
+        wider_is_better=not violations and widest is not None,
+    )
+
+
+def _or_inf(loss: float | None) -> float:
+    return math.inf if loss is None else loss
+
+
+def transfer_line(optimizer: str, result: dict) -> str:
+    best = ", ".join(f"{w}: {'diverged' if lr is None else f'{lr:.3g}'}" for w, lr in result["best_lr"].items())
+    spread = "unknown (every LR diverged at a width)" if result["spread"] is None else result["spread"]
+    return f"LR transfer ({optimizer}): best LR per width {{{best}}}; spread {spread} sqrt(2)-steps"
+
+
+def wider_line(optimizer: str, result: dict, tolerance: float) -> str:
+    if not result["near_lrs"]:
+        return f"Wider is better ({optimizer}): unknown (every LR diverged at the widest width)"
+    near = ", ".join(f"{lr:.3g}" for lr in result["near_lrs"])
+    if result["wider_is_better"]:
+        return f"Wider is better ({optimizer}): holds at LR {near} (no loss rise over {tolerance:g} with width)"
+    rises = "; ".join(
+        f"w{v['narrower']}->w{v['wider']} at LR {v['lr']:.3g} "
+        + ("diverged" if v["rise"] is None else f"+{v['rise']:.3f}")
+        for v in result["violations"]
+    )
+    return f"Wider is better ({optimizer}): {len(result['violations'])} violations beyond {tolerance:g}: {rises}"
+
+
+def plot(optimizer: str, losses: dict[int, list[float | None]], grid: list[float], result: dict, out_dir: Path) -> str:
+    fig, [ax] = new_figure(1, f"LR transfer, {optimizer}: final validation loss against LR")
+    for i, width in enumerate(sorted(losses)):
+        values = [math.nan if loss is None else loss for loss in losses[width]]  # a diverged run leaves a gap
+        ax.plot(grid, values, "o-", color=f"C{i}", label=f"width {width}")
+        if (best := result["best_index"][width]) is not None:
+            ax.plot([grid[best]], [values[best]], "*", color=f"C{i}", markersize=14)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="optim.lr", ylabel="final validation loss")
+    ax.legend(fontsize=8, title="star: best LR", title_fontsize=8)
+    return save_figure(fig, out_dir / f"transfer_{optimizer}.png")
+
+
+def report(settings: TransferSettings, runs: list[RunSpec]) -> Path:
+    out_dir = create_out_dir(settings.out_dir)
+    grid = lr_grid(settings.lr, settings.lr_points)
+    losses = final_losses(runs, len(grid))
+    by_optimizer = {o: {w: losses[(o, w)] for w in sorted(settings.widths)} for o in settings.optimizers}
+    results = {o: analyze(by_optimizer[o], grid, settings.loss_tolerance) for o in settings.optimizers}
+    lines = {o: (transfer_line(o, r), wider_line(o, r, settings.loss_tolerance)) for o, r in results.items()}
+
+    text = f"""
+Parametrization `{settings.parametrization}`; widths {sorted(settings.widths)}, {settings.layers} layers, heads of
+{settings.head_dim}; {settings.steps} steps per run at seed {settings.seed}, LRs lr x 2^(k/2) around lr={settings.lr:g}
+({len(grid)} points); trainer overrides {settings.trainer}. Transfer holds when the best LR's grid index spreads over
+at most one sqrt(2)-step across widths; wider is better when, at the widest width's best LR and its neighbours, no
+wider model's final loss exceeds the next narrower one's by more than {settings.loss_tolerance:g}.
+"""
+    for optimizer, result in results.items():
+        figure = plot(optimizer, by_optimizer[optimizer], grid, result, out_dir)
+        rows = [
+            [width, *points, result["best_lr"][width], "edge" if width in result["at_grid_edge"] else ""]
+            for width, points in by_optimizer[optimizer].items()
+        ]
+        table = markdown_table(["width", *(f"lr {lr:.3g}" for lr in grid), "best LR", "best on grid edge"], rows)
+        text += f"\n## {optimizer} ({run_parametrization(settings.parametrization, optimizer)})\n\n"
+        text += f"![loss against LR]({figure})\n\nFinal validation loss (-: diverged):\n\n{table}\n\n"
+        text += "\n\n".join(lines[optimizer]) + "\n"
+    data = dict(
+        settings=dataclasses.asdict(settings),
+        lr_grid=grid,
+        final_loss={o: {str(w): points for w, points in by_optimizer[o].items()} for o in settings.optimizers},
+        results={o: _json_keys(r) for o, r in results.items()},
+    )
+    path = write_report(out_dir, f"LR transfer ({settings.parametrization})", text, data)
+    for optimizer in settings.optimizers:
+        print(lines[optimizer][1])
+    for optimizer in settings.optimizers:
+        print(lines[optimizer][0])
+    failed = [lines[o][0] for o, r in results.items() if not r["transfers"]]
+    failed += [lines[o][1] for o, r in results.items() if not r["wider_is_better"]]
+    if failed:
+        raise ExperimentFailed(f"{'; '.join(failed)} (see {path})")
+    return path
+
+
+def _json_keys(result: dict) -> dict:
+    """``result`` with its width-keyed dicts keyed by strings, as JSON has them."""
+    return {
+        k: {str(w): v for w, v in value.items()} if isinstance(value, dict) else value for k, value in result.items()
+    }
+
+
+TRANSFER = Experiment("transfer", TransferSettings, plan, report, __doc__)
+run, main = TRANSFER.run, TRANSFER.main
+
+
+if __name__ == "__main__":
+    sys.exit(main())
