@@ -19,6 +19,7 @@ when a slope is above the bar: the small model's tuning would not carry to the l
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -53,9 +54,11 @@ class CoordCheckSettings(ExperimentSettings):
     steps: int = 10
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
     parametrization: str = "mup"  # standard | mup | mup_multiplier (each run's optimizer's form)
-    lr: float = 3e-3  # the base LR (optim.lr: at the base width under muP)
+    lr: float = 1e-3  # the base LR (optim.lr: at the base width under muP)
     lr_factors: list[float] = field(default_factory=lambda: [1.0, 4.0])
     arms: list[str] = field(default_factory=lambda: ["none", "full"])  # lrm placements
+    # Each width's values are averaged over these seeds before the fit (one init per width is a noisy point).
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
     max_slope: float = 0.15  # the bar on |log-log slope| against width, steps 2..T
     # A deliberately broken muP multiplier, for testing the check: this model field is multiplied by width / widths[0].
     break_multiplier: str | None = None
@@ -73,7 +76,7 @@ class CoordCheckSettings(ExperimentSettings):
         check_width_sweep(self.widths, self.layers, self.head_dim, "the slope")
         if self.steps < 2:
             raise ValueError(f"steps={self.steps} must be >= 2 (the check is over steps 2..steps)")
-        for name in ("optimizers", "arms", "lr_factors"):
+        for name in ("optimizers", "arms", "lr_factors", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"{name}=[] must name at least one")
         for optimizer in self.optimizers:
@@ -183,8 +186,9 @@ def plan(settings: CoordCheckSettings) -> list[RunSpec]:
         parametrization = settings.parametrization_of(optimizer)
         for factor in settings.lr_factors:
             for arm in settings.arms:
-                for width in settings.widths:
+                for width, seed in itertools.product(settings.widths, settings.seeds):
                     overrides = [
+                        f"train.seed={seed}",
                         f"optim={optimizer}",
                         f"optim.lr={settings.lr * factor}",
                         f"lrm={arm}",
@@ -200,9 +204,9 @@ def plan(settings: CoordCheckSettings) -> list[RunSpec]:
                     ]
                     if settings.break_multiplier:
                         overrides.append(_broken_override(settings, overrides, width))
-                    label = f"{optimizer}_lr{factor:g}_{arm}_w{width}"
+                    label = f"{optimizer}_lr{factor:g}_{arm}_w{width}" + (f"_s{seed}" if seed else "")
                     run_dir = Path(settings.out_dir) / "runs" / label
-                    labels = dict(optimizer=optimizer, lr_factor=factor, arm=arm, width=width)
+                    labels = dict(optimizer=optimizer, lr_factor=factor, arm=arm, width=width, seed=seed)
                     runs.append(make_run(f"coord_{label}", run_dir, overrides, **labels))
     return runs
 
@@ -220,12 +224,23 @@ def _series(optimizer: str, factor: float, arm: str) -> str:
 
 
 def measured(runs: list[RunSpec]) -> dict:
-    """What ``ActivationRMS`` wrote in each finished run, by ``<optimizer>/lr<factor>/<arm>`` and width."""
-    results: dict = {}
+    """What ``ActivationRMS`` wrote in the finished runs, by ``<optimizer>/lr<factor>/<arm>`` and width, each value
+    the mean over the seeds."""
+    by_seed: dict = {}
     for r in runs:
         key = _series(r.labels["optimizer"], r.labels["lr_factor"], r.labels["arm"])
-        results.setdefault(key, {})[r.labels["width"]] = json.loads((r.run_dir / RESULT_FILE).read_text())["steps"]
-    return results
+        steps = json.loads((r.run_dir / RESULT_FILE).read_text())["steps"]
+        by_seed.setdefault(key, {}).setdefault(r.labels["width"], []).append(steps)
+    return {
+        key: {
+            width: [
+                {q: {k: _mean([run[t][q][k] for run in runs]) for k in KINDS} for q in QUANTITIES}
+                for t in range(len(runs[0]))
+            ]
+            for width, runs in widths.items()
+        }
+        for key, widths in by_seed.items()
+    }
 
 
 def slopes(settings: CoordCheckSettings, results: dict) -> list[dict]:
@@ -294,7 +309,7 @@ def report(settings: CoordCheckSettings, runs: list[RunSpec]) -> Path:
     flagged = sorted({(r["series"], r["quantity"], r["kind"]) for r in rows if r["flagged"]})
     text = f"""
 Widths {settings.widths}, {settings.layers} layers, heads of {settings.head_dim}; parametrization
-{settings.parametrization}; {settings.steps} training steps at lr {settings.lr:g} x {settings.lr_factors} with the
+{settings.parametrization}; seeds {settings.seeds} (averaged per width); {settings.steps} training steps at lr {settings.lr:g} x {settings.lr_factors} with the
 trainer overrides {settings.trainer}{_broken(settings)}. A probe batch's outputs at initialization (step 0) and after
 each step: their RMS (rms) and the RMS of their change since initialization (delta), per-layer quantities averaged
 over layers. Checked: steps 2..{settings.steps}, every quantity but the logits' rms; bar |slope| <= {settings.max_slope}.

@@ -1,8 +1,9 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from lrm_train.experiments.coord_check import KINDS, QUANTITIES, CoordCheckSettings, plan, run
+from lrm_train.experiments.coord_check import KINDS, QUANTITIES, RESULT_FILE, CoordCheckSettings, measured, plan, run
 from lrm_train.experiments.experiment import ExperimentFailed
 from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
 
@@ -10,7 +11,7 @@ from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
 def settings(data_root, out_dir, **extra) -> CoordCheckSettings:
     values = dict(
         out_dir=str(out_dir), widths=[16, 32, 64], layers=1, head_dim=8, steps=2, optimizers=["adamw"],
-        lr_factors=[1.0], arms=["none"], trainer=micro_trainer(data_root, steps=2, model=False),
+        lr_factors=[1.0], arms=["none"], seeds=[0], trainer=micro_trainer(data_root, steps=2, model=False),
     )  # fmt: skip
     return CoordCheckSettings(**{**values, **extra})
 
@@ -62,6 +63,21 @@ def test_through_multiplier_means_each_optimizers_own_form(data_root, tmp_path):
     assert {(r.labels["optimizer"], r.cfg.model.parametrization.value) for r in runs} == {
         ("adamw", "mup_multiplier_adamw"), ("muon", "mup_multiplier_muon")}  # fmt: skip
     assert {r.cfg.optim.lr for r in plan(settings(data_root, tmp_path, lr=1e-3, lr_factors=[1.0, 4.0]))} == {1e-3, 4e-3}
+    seeded = plan(settings(data_root, tmp_path, seeds=[0, 1]))
+    assert [(r.labels["width"], r.cfg.train.seed, r.run_dir.name) for r in seeded[:2]] == [
+        (16, 0, "adamw_lr1_none_w16"), (16, 1, "adamw_lr1_none_w16_s1")]  # fmt: skip
+
+
+def test_each_widths_value_is_the_mean_over_its_seeds(tmp_path):
+    runs = []
+    for seed, value in ((0, 1.0), (1, 3.0)):
+        run_dir = tmp_path / f"s{seed}"
+        run_dir.mkdir()
+        step = {q: {"rms": value, "delta": 2 * value} for q in QUANTITIES}
+        (run_dir / RESULT_FILE).write_text(json.dumps({"steps": [step]}))
+        labels = dict(optimizer="adamw", lr_factor=1.0, arm="none", width=64, seed=seed)
+        runs.append(SimpleNamespace(run_dir=run_dir, labels=labels))
+    assert measured(runs)["adamw/lr1/none"][64][0]["mlp"] == {"rms": 2.0, "delta": 4.0}
 
 
 def test_a_rerun_reuses_finished_runs(data_root, healthy, capsys):

@@ -3,7 +3,16 @@ import math
 
 import pytest
 
-from lrm_train.experiments.transfer import TRANSFER, TransferSettings, main, plan
+from lrm_train.experiments.experiment import ExperimentFailed
+from lrm_train.experiments.transfer import (
+    TRANSFER,
+    TransferParametrization,
+    TransferSettings,
+    main,
+    plan,
+    report,
+    run_parametrization,
+)
 from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
 
 WIDTHS = [32, 64, 128]
@@ -61,47 +70,68 @@ def test_bad_input_through_the_command_is_one_line_before_any_work(data_root, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_the_default_config_sweeps_five_lrs_at_three_widths_into_a_folder_per_parametrization():
-    settings, runs = TRANSFER.compose(["parametrization=standard"])
-    assert settings.out_dir == "experiments/transfer/standard"
-    assert len(runs) == 2 * 3 * 5
-    assert sorted({r.cfg.model.hidden_size for r in runs}) == [64, 128, 256]
-
-
-@pytest.mark.parametrize(
-    ("setting", "expected"),
-    [
-        ("mup", {"adamw": "mup", "muon": "mup"}),
-        ("standard", {"adamw": "standard", "muon": "standard"}),
-        ("mup_multiplier", {"adamw": "mup_multiplier_adamw", "muon": "mup_multiplier_muon"}),
-    ],
-)
-def test_the_plan_holds_every_optimizer_width_and_lr(data_root, tmp_path, setting, expected):
-    settings = TransferSettings(
-        out_dir=str(tmp_path), widths=WIDTHS, head_dim=16, lr=2e-3, steps=3, parametrization=setting,
-        trainer=micro_trainer(data_root, steps=3, model=False),
-    )  # fmt: skip
-    runs = plan(settings)
-    assert len(runs) == 2 * 3 * 5
-    assert {(r.labels["optimizer"], r.labels["width"], r.labels["lr_index"]) for r in runs} == {
-        (o, w, i) for o in ("adamw", "muon") for w in WIDTHS for i in range(5)
+def test_the_default_config_sweeps_three_widths_into_a_folder_per_parametrization():
+    settings, runs = TRANSFER.compose(["parametrization=standard", "optimizers=[adamw]", "lr_points=2"])
+    assert settings.out_dir == "experiments/transfer/standard" and settings.lr == 3e-3
+    assert sorted({r.cfg.model.hidden_size for r in runs}) == [64, 128, 256] and len(runs) == 3 * 2
+    assert {r.cfg.model.parametrization for r in runs} == {"standard"} and {r.cfg.lrm.placement for r in runs} == {
+        "none"
     }
+
+
+def micro_settings(data_root, out_dir, **extra) -> TransferSettings:
+    values = dict(out_dir=str(out_dir), widths=WIDTHS, head_dim=16, steps=3, trainer=micro_trainer(data_root, 3, False))
+    return TransferSettings(**{**values, **extra})
+
+
+def test_the_plan_holds_every_width_and_lr_of_the_grid(data_root, tmp_path):
+    runs = plan(micro_settings(data_root, tmp_path, lr=2e-3, optimizers=["adamw"]))
+    assert [(r.labels["width"], r.labels["lr_index"]) for r in runs] == [(w, i) for w in WIDTHS for i in range(5)]
     for run in runs:
-        k = run.labels["lr_index"] - 2
-        assert run.labels["lr"] == pytest.approx(2e-3 * 2 ** (k / 2))
-        assert run.cfg.optim.lr == run.labels["lr"] and run.cfg.optim.name == run.labels["optimizer"]
-        assert run.cfg.model.parametrization == expected[run.labels["optimizer"]] == run.labels["parametrization"]
+        assert run.labels["lr"] == pytest.approx(2e-3 * 2 ** ((run.labels["lr_index"] - 2) / 2))
+        assert run.cfg.optim.lr == run.labels["lr"] and run.cfg.optim.name == "adamw"
         assert run.cfg.model.hidden_size == run.labels["width"]
         assert (run.cfg.train.max_steps, run.cfg.train.eval_every, run.cfg.train.ckpt_every) == (3, 3, 3)
     assert len({r.run_dir for r in runs}) == len(runs)
 
 
-def test_an_lr_optimum_within_one_step_across_widths_passes(data_root, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("setting", "adamw", "muon"),
+    [
+        ("mup", "mup", "mup"),
+        ("standard", "standard", "standard"),
+        ("mup_multiplier", "mup_multiplier_adamw", "mup_multiplier_muon"),
+    ],
+)
+def test_each_optimizer_gets_its_parametrization(setting, adamw, muon):
+    setting = TransferParametrization(setting)
+    assert (run_parametrization(setting, "adamw"), run_parametrization(setting, "muon")) == (adamw, muon)
+
+
+def test_the_plan_gives_each_run_its_optimizers_mup_multiplier_form(data_root, tmp_path):
+    runs = plan(micro_settings(data_root, tmp_path, parametrization="mup_multiplier", lr_points=2))
+    assert len(runs) == 2 * 3 * 2
+    for run in runs:
+        assert run.cfg.optim.name == run.labels["optimizer"]
+        assert (
+            run.cfg.model.parametrization
+            == f"mup_multiplier_{run.labels['optimizer']}"
+            == run.labels["parametrization"]
+        )
+
+
+def synthetic_report(tmp_path, monkeypatch, by_optimizer: dict[str, dict], **extra):
+    """The report of ``by_optimizer`` (optimizer -> width -> loss per grid index) as if the runs had finished."""
+    fake_losses(monkeypatch, by_optimizer)
+    settings = TransferSettings(out_dir=str(tmp_path), widths=WIDTHS, optimizers=list(by_optimizer), **extra)
+    return report(settings, [])
+
+
+def test_an_lr_optimum_within_one_step_across_widths_passes(tmp_path, monkeypatch, capsys):
     both = bowl({32: 1, 64: 2, 128: 2}, LOWER_WITH_WIDTH)
-    fake_losses(monkeypatch, {"adamw": both, "muon": both})
-    assert main(micro_args(data_root, tmp_path, lr=4e-3, report="only")) == 0
+    synthetic_report(tmp_path, monkeypatch, {"adamw": both, "muon": both}, lr=4e-3)
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-3:-1] == [
+    assert out[-2:] == [
         "LR transfer (adamw): best LR per width {32: 0.00283, 64: 0.004, 128: 0.004}; spread 1 sqrt(2)-steps",
         "LR transfer (muon): best LR per width {32: 0.00283, 64: 0.004, 128: 0.004}; spread 1 sqrt(2)-steps",
     ]
@@ -114,43 +144,44 @@ def test_an_lr_optimum_within_one_step_across_widths_passes(data_root, tmp_path,
 
 
 def test_an_lr_optimum_that_drifts_two_steps_fails_the_command(data_root, tmp_path, monkeypatch, capsys):
-    fake_losses(
-        monkeypatch, {"adamw": bowl({32: 1, 64: 2, 128: 2}, LOWER_WITH_WIDTH), "muon": bowl({32: 0, 64: 1, 128: 2}, LOWER_WITH_WIDTH)}
-    )  # fmt: skip
-    assert main(micro_args(data_root, tmp_path, lr=4e-3, report="only")) == 1
+    fake_losses(monkeypatch, {"adamw": bowl({32: 0, 64: 1, 128: 2}, LOWER_WITH_WIDTH)})
+    assert main(micro_args(data_root, tmp_path, optimizers="[adamw]", lr=4e-3, report="only")) == 1
     captured = capsys.readouterr()
-    assert "LR transfer (muon): best LR per width {32: 0.002, 64: 0.00283, 128: 0.004}; spread 2 sqrt(2)-steps" in (
-        captured.out
-    )
-    [line] = captured.err.strip().splitlines()
-    assert line.startswith("error: LR transfer (muon): ") and line.endswith(f"(see {tmp_path}/report.md)")
-    assert "adamw" not in line
-    assert json.loads((tmp_path / "report.json").read_text())["results"]["muon"]["transfers"] is False
+    line = "LR transfer (adamw): best LR per width {32: 0.002, 64: 0.00283, 128: 0.004}; spread 2 sqrt(2)-steps"
+    assert line in captured.out.splitlines()
+    [error] = captured.err.strip().splitlines()
+    assert error == f"error: {line} (see {tmp_path}/report.md)"
+    assert json.loads((tmp_path / "report.json").read_text())["results"]["adamw"]["transfers"] is False
 
 
-def test_a_wider_model_worse_beyond_the_tolerance_fails_and_within_it_passes(data_root, tmp_path, monkeypatch, capsys):
+def test_one_optimizer_that_does_not_transfer_fails_the_report(tmp_path, monkeypatch):
+    good, drifting = bowl({32: 1, 64: 2, 128: 2}, LOWER_WITH_WIDTH), bowl({32: 0, 64: 2, 128: 4}, LOWER_WITH_WIDTH)
+    with pytest.raises(ExperimentFailed, match=r"^LR transfer \(muon\): .*; spread 4 sqrt\(2\)-steps \(see "):
+        synthetic_report(tmp_path, monkeypatch, {"adamw": good, "muon": drifting})
+    assert json.loads((tmp_path / "report.json").read_text())["results"]["muon"]["at_grid_edge"] == [32, 128]
+
+
+def test_a_wider_model_worse_beyond_the_tolerance_fails_and_within_it_passes(tmp_path, monkeypatch):
     worse = bowl({w: 2 for w in WIDTHS}, {32: 0.0, 64: 0.01, 128: 0.05})  # 64 -> 128: +0.04 at every LR
-    fake_losses(monkeypatch, {"adamw": worse})
-    assert main(micro_args(data_root, tmp_path, optimizers="[adamw]", report="only")) == 1
-    err = capsys.readouterr().err
-    assert "Wider is better (adamw): 3 violations beyond 0.02: w64->w128 at LR " in err and "+0.040" in err
-    assert main(micro_args(data_root, tmp_path, optimizers="[adamw]", report="only", loss_tolerance=0.05)) == 0
+    with pytest.raises(ExperimentFailed, match=r"Wider is better \(adamw\): 3 violations beyond 0.02: w64->w128 at"):
+        synthetic_report(tmp_path, monkeypatch, {"adamw": worse})
+    synthetic_report(tmp_path, monkeypatch, {"adamw": worse}, loss_tolerance=0.05)
 
 
 def test_a_diverged_run_is_no_best_lr_and_a_wider_divergence_near_the_optimum_is_a_violation(
-    data_root, tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys
 ):
     losses = bowl({w: 3 for w in WIDTHS}, LOWER_WITH_WIDTH)
-    losses[32][3] = None  # the narrowest diverges at the others' best LR: its best is the next finite one
+    losses[32][3] = None  # the narrowest diverges at the others' best LR: its best is the lower neighbour (a tie)
     losses[128][4] = None  # the widest diverges next to its optimum
-    fake_losses(monkeypatch, {"adamw": losses})
-    assert main(micro_args(data_root, tmp_path, optimizers="[adamw]", report="only")) == 1
-    out = capsys.readouterr().out
-    assert "LR transfer (adamw): best LR per width {32: 0.003, 64: 0.00424, 128: 0.00424}; spread 1" in out
-    assert "w64->w128 at LR 0.006 diverged" in out
+    with pytest.raises(ExperimentFailed, match="w64->w128 at LR 0.006 diverged"):
+        synthetic_report(tmp_path, monkeypatch, {"adamw": losses})
+    assert "LR transfer (adamw): best LR per width {32: 0.003, 64: 0.00424, 128: 0.00424}; spread 1" in (
+        capsys.readouterr().out
+    )
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["final_loss"]["adamw"]["128"][4] is None
-    assert "| 128 |" in (tmp_path / "report.md").read_text()
+    assert report["final_loss"]["adamw"]["128"][4] is None and report["results"]["adamw"]["transfers"] is True
+    assert "| 128 | 3.9 | 3.4 | 3.1 | 3 | - | 0.004243 |" in (tmp_path / "report.md").read_text()
 
 
 def test_a_micro_sweep_trains_and_reports(data_root, tmp_path, capsys):
