@@ -2,11 +2,11 @@
 
     python -m lrm_train.experiments.transfer [experiment=transfer_cpu] [parametrization=standard] [key=value ...]
 
-For each optimizer of ``optimizers``, trains the width family (``lrm=none``: the muP baseline) at each width of
-``widths`` and each of ``lr_points`` learning rates sqrt(2) apart around ``lr`` (lr * 2^(k/2)), under one
-``parametrization``: ``mup``, ``standard`` (the control: without muP the optimum should drift with the width) or
-``mup_multiplier`` (``mup_multiplier_<optimizer>``, the form derived for each run's optimizer). From the final
-validation loss of each run (a diverged run has none) it checks, per optimizer:
+For each optimizer of ``optimizers``, trains the width family (``lrm=none`` unless ``trainer`` says otherwise: the muP
+baseline) at each width of ``widths`` and each of ``lr_points`` learning rates sqrt(2) apart around ``lr``
+(lr * 2^(k/2)), under one ``parametrization``: ``mup``, ``standard`` (the control: without muP the optimum should
+drift with the width) or ``mup_multiplier`` (``mup_multiplier_<optimizer>``, the form derived for each run's
+optimizer). From the final validation loss of each run (a diverged run has none) it checks, per optimizer:
 
 - **transfer**: the best LR agrees across widths within one grid step: the spread K, max - min of the best LR's grid
   index over widths (in sqrt(2)-steps), is at most 1;
@@ -166,7 +166,7 @@ def analyze(losses: dict[int, list[float | None]], grid: list[float], tolerance:
                 rise = after - before if math.isfinite(after) else None
                 violations.append(dict(lr=grid[i], narrower=narrow, wider=wide, rise=rise))
     return dict(
-        best_index={w: best[w] for w in widths},
+        best_index=best,
         best_lr={w: None if best[w] is None else grid[best[w]] for w in widths},
         spread=spread,
         at_grid_edge=[w for w in widths if best[w] in (0, len(grid) - 1)],
@@ -198,7 +198,8 @@ def wider_line(optimizer: str, result: dict, tolerance: float) -> str:
         + ("diverged" if v["rise"] is None else f"+{v['rise']:.3f}")
         for v in result["violations"]
     )
-    return f"Wider is better ({optimizer}): {len(result['violations'])} violations beyond {tolerance:g}: {rises}"
+    count = len(result["violations"])
+    return f"Wider is better ({optimizer}): {count} violation{'s' * (count != 1)} beyond {tolerance:g}: {rises}"
 
 
 def plot(optimizer: str, losses: dict[int, list[float | None]], grid: list[float], result: dict, out_dir: Path) -> str:

@@ -163,7 +163,7 @@ def test_one_optimizer_that_does_not_transfer_fails_the_report(tmp_path, monkeyp
 
 def test_a_wider_model_worse_beyond_the_tolerance_fails_and_within_it_passes(tmp_path, monkeypatch):
     worse = bowl({w: 2 for w in WIDTHS}, {32: 0.0, 64: 0.01, 128: 0.05})  # 64 -> 128: +0.04 at every LR
-    with pytest.raises(ExperimentFailed, match=r"Wider is better \(adamw\): 3 violations beyond 0.02: w64->w128 at"):
+    with pytest.raises(ExperimentFailed, match=r"Wider is better \(adamw\): 3 violations beyond 0.02: w64->w128 at LR"):
         synthetic_report(tmp_path, monkeypatch, {"adamw": worse})
     synthetic_report(tmp_path, monkeypatch, {"adamw": worse}, loss_tolerance=0.05)
 
