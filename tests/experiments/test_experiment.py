@@ -8,11 +8,18 @@ import sys
 
 import pytest
 
-from lrm_train.experiments import abm, compare, coord_check, norm_sweep, width_scaling
+from lrm_train.experiments import abm, compare, coord_check, norm_sweep, transfer, width_scaling
 from lrm_train.experiments.experiment import Experiment, ExperimentSettings
 from tests.experiments.micro_analysis import micro_trainer
 
-EXPERIMENTS = [compare.COMPARE, abm.ABM, norm_sweep.NORM_SWEEP, width_scaling.WIDTH_SCALING, coord_check.COORD_CHECK]
+EXPERIMENTS = [
+    compare.COMPARE,
+    abm.ABM,
+    norm_sweep.NORM_SWEEP,
+    width_scaling.WIDTH_SCALING,
+    coord_check.COORD_CHECK,
+    transfer.TRANSFER,
+]
 
 
 def hydra_list(values: list[str]) -> str:
@@ -33,7 +40,7 @@ def sweep_args(data_root, out_dir) -> list[str]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda e: e.name)
 def test_every_experiment_is_settings_a_plan_and_a_report_behind_one_command(experiment):
     assert isinstance(experiment, Experiment) and issubclass(experiment.settings, ExperimentSettings)
-    module = {e.name: m for e, m in zip(EXPERIMENTS, (compare, abm, norm_sweep, width_scaling, coord_check))}
+    module = {e.name: m for e, m in zip(EXPERIMENTS, (compare, abm, norm_sweep, width_scaling, coord_check, transfer))}
     assert module[experiment.name].main == experiment.main
     usage = experiment.usage()
     assert f"python -m lrm_train.experiments.{experiment.name}" in usage and "--estimate" in usage

@@ -25,7 +25,10 @@ def hydra_list(values: list[str]) -> str:
 def micro_args(data_root, out_dir, **extra) -> list[str]:
     """A micro sweep: widths 32..128 (heads of 16), 2 steps per run, the micro trainer."""
     values = dict(out_dir=out_dir, widths="[32,64,128]", head_dim=16, steps=2)
-    values.update(trainer=hydra_list(["lrm=none", *micro_trainer(data_root, steps=2, model=False)]), **extra)
+    values.update(
+        trainer=hydra_list(["lrm=none", "logging.trajectories=false", *micro_trainer(data_root, steps=2, model=False)]),
+        **extra,
+    )
     return [f"{key}={value}" for key, value in values.items()]
 
 
@@ -72,7 +75,7 @@ def test_bad_input_through_the_command_is_one_line_before_any_work(data_root, tm
 
 def test_the_default_config_sweeps_three_widths_into_a_folder_per_parametrization():
     settings, runs = TRANSFER.compose(["parametrization=standard", "optimizers=[adamw]", "lr_points=2"])
-    assert settings.out_dir == "experiments/transfer/standard" and settings.lr == 3e-3
+    assert settings.out_dir == "experiments/transfer/standard" and settings.lr == 1.2e-2
     assert sorted({r.cfg.model.hidden_size for r in runs}) == [64, 128, 256] and len(runs) == 3 * 2
     assert {r.cfg.model.parametrization for r in runs} == {"standard"} and {r.cfg.lrm.placement for r in runs} == {
         "none"
@@ -175,7 +178,7 @@ def test_a_diverged_run_is_no_best_lr_and_a_wider_divergence_near_the_optimum_is
     losses[32][3] = None  # the narrowest diverges at the others' best LR: its best is the lower neighbour (a tie)
     losses[128][4] = None  # the widest diverges next to its optimum
     with pytest.raises(ExperimentFailed, match="w64->w128 at LR 0.006 diverged"):
-        synthetic_report(tmp_path, monkeypatch, {"adamw": losses})
+        synthetic_report(tmp_path, monkeypatch, {"adamw": losses}, lr=3e-3)
     assert "LR transfer (adamw): best LR per width {32: 0.003, 64: 0.00424, 128: 0.00424}; spread 1" in (
         capsys.readouterr().out
     )
