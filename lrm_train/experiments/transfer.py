@@ -22,6 +22,7 @@ optimum may lie outside the grid) but is not a failure by itself: the grid is th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -58,7 +59,9 @@ class TransferSettings(ExperimentSettings):
     lr: float = 1.2e-2
     lr_points: int = 5  # LRs sqrt(2) apart around lr (an even count puts the extra point above it)
     steps: int = 100
-    seed: int = 0
+    # Each (width, LR) point is the mean final loss over these seeds (a diverged seed makes the point diverged): one
+    # 100-step run's loss moves by about 0.1 with the seed under AdamW, more than the LR's effect near the optimum.
+    seeds: list[int] = field(default_factory=lambda: [0])
     loss_tolerance: float = 0.02  # a wider model's final loss may exceed the narrower one's by this much
     # Data, batch, schedule: the same for every run. lrm=none: the muP baseline, whose transfer this checks.
     trainer: list[str] = field(
@@ -90,6 +93,8 @@ class TransferSettings(ExperimentSettings):
             raise ValueError(f"optimizers: {unknown[0]!r} is not one of {', '.join(OptimizerName)}")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={list(self.seeds)} must be distinct and name at least one")
         if self.lr_points < 2:
             raise ValueError(f"lr_points={self.lr_points} must be >= 2 (a best LR needs a grid to be best on)")
         if self.steps < 1:
@@ -111,38 +116,42 @@ def plan(settings: TransferSettings) -> list[RunSpec]:
     grid = lr_grid(settings.lr, settings.lr_points)
     for optimizer in settings.optimizers:
         parametrization = run_parametrization(settings.parametrization, optimizer)
-        for width in settings.widths:
-            for index, lr in enumerate(grid):
-                name = f"transfer_{parametrization}_{optimizer}_w{width}_lr{lr:.3g}"
-                overrides = [
-                    *settings.trainer,  # first: the sweep's own keys below always win
-                    *width_overrides(width, settings.layers, settings.head_dim, parametrization),
-                    f"optim={optimizer}",
-                    f"optim.lr={lr!r}",
-                    f"train.seed={settings.seed}",
-                    f"train.max_steps={settings.steps}",
-                    f"train.eval_every={settings.steps}",
-                    f"train.ckpt_every={settings.steps}",
-                    "logging.progress=false",
-                    "logging.wandb.mode=disabled",
-                ]
-                run_dir = Path(settings.out_dir) / "runs" / f"{optimizer}_w{width}_lr{lr:.3g}"
-                labels = dict(optimizer=optimizer, width=width, lr=lr, lr_index=index, parametrization=parametrization)
-                runs.append(make_run(name, run_dir, overrides, **labels))
+        for width, (index, lr), seed in itertools.product(settings.widths, enumerate(grid), settings.seeds):
+            suffix = f"_s{seed}" if seed else ""
+            name = f"transfer_{parametrization}_{optimizer}_w{width}_lr{lr:.3g}{suffix}"
+            overrides = [
+                *settings.trainer,  # first: the sweep's own keys below always win
+                *width_overrides(width, settings.layers, settings.head_dim, parametrization),
+                f"optim={optimizer}",
+                f"optim.lr={lr!r}",
+                f"train.seed={seed}",
+                f"train.max_steps={settings.steps}",
+                f"train.eval_every={settings.steps}",
+                f"train.ckpt_every={settings.steps}",
+                "logging.progress=false",
+                "logging.wandb.mode=disabled",
+            ]
+            run_dir = Path(settings.out_dir) / "runs" / f"{optimizer}_w{width}_lr{lr:.3g}{suffix}"
+            labels = dict(
+                optimizer=optimizer, width=width, lr=lr, lr_index=index, seed=seed, parametrization=parametrization
+            )
+            runs.append(make_run(name, run_dir, overrides, **labels))
     return runs
 
 
 def final_losses(runs: list[RunSpec], points: int) -> dict[tuple[str, int], list[float | None]]:
-    """(optimizer, width) -> the final validation loss at each of the ``points`` grid indices; None where the run
-    diverged. Every run must have ended: a diverged one is a result of the sweep (its LR is too high), a pending one
-    is not."""
+    """(optimizer, width) -> the final validation loss at each of the ``points`` grid indices, the mean over the seeds;
+    None where a seed's run diverged. Every run must have ended: a diverged one is a result of the sweep (its LR is
+    too high), a pending one is not."""
     finished([run for run in runs if run_status(run) != DIVERGED])
-    losses = {(run.labels["optimizer"], run.labels["width"]): [None] * points for run in runs}
+    by_seed: dict[tuple[str, int, int], list[float | None]] = {}
     for result in collect(runs):
         labels = result.run.labels
-        losses[labels["optimizer"], labels["width"]][labels["lr_index"]] = (
-            result.final if finite(result.final) else None
-        )
+        point = (labels["optimizer"], labels["width"], labels["lr_index"])
+        by_seed.setdefault(point, []).append(result.final if finite(result.final) else None)
+    losses = {(run.labels["optimizer"], run.labels["width"]): [None] * points for run in runs}
+    for (optimizer, width, index), values in by_seed.items():
+        losses[optimizer, width][index] = None if None in values else sum(values) / len(values)
     return losses
 
 
@@ -229,7 +238,7 @@ def report(settings: TransferSettings, runs: list[RunSpec]) -> Path:
 
     text = f"""
 Parametrization `{settings.parametrization}`; widths {sorted(settings.widths)}, {settings.layers} layers, heads of
-{settings.head_dim}; {settings.steps} steps per run at seed {settings.seed}, LRs lr x 2^(k/2) around lr={settings.lr:g}
+{settings.head_dim}; {settings.steps} steps per run, seeds {settings.seeds} (averaged), LRs lr x 2^(k/2) around lr={settings.lr:g}
 ({len(grid)} points); trainer overrides {settings.trainer}. Transfer holds when the best LR's grid index spreads over
 at most one sqrt(2)-step across widths; wider is better when, at the widest width's best LR and its neighbours, no
 wider model's final loss exceeds the next narrower one's by more than {settings.loss_tolerance:g}.

@@ -1,8 +1,10 @@
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
+from lrm_train.experiments import transfer
 from lrm_train.experiments.experiment import ExperimentFailed
 from lrm_train.experiments.transfer import (
     TRANSFER,
@@ -197,3 +199,20 @@ def test_a_micro_sweep_trains_and_reports(data_root, tmp_path, capsys):
     assert is_png_with_content(tmp_path / "transfer_adamw.png")
     assert "## adamw (mup_multiplier_adamw)" in (tmp_path / "report.md").read_text()
     assert "LR transfer (adamw): best LR per width {32: " in capsys.readouterr().out
+
+
+def test_each_point_is_the_mean_over_its_seeds_and_a_diverged_seed_diverges_it(tmp_path, monkeypatch):
+    settings = TransferSettings(out_dir=str(tmp_path), widths=WIDTHS, head_dim=16, optimizers=["adamw"], lr_points=2,
+                                seeds=[0, 1], trainer=["lrm=none"])  # fmt: skip
+    runs = plan(settings)
+    assert len(runs) == 3 * 2 * 2 and {r.run_dir.name for r in runs if r.labels["seed"] == 1} == {
+        f"adamw_w{w}_lr{lr:.3g}_s1" for w in WIDTHS for lr in (settings.lr, settings.lr * math.sqrt(2))}  # fmt: skip
+    finals = {(r.labels["width"], r.labels["lr_index"], r.labels["seed"]): 4.0 + r.labels["seed"] for r in runs}
+    finals[32, 1, 1] = math.nan  # one seed diverged there
+    results = [SimpleNamespace(run=r, final=finals[r.labels["width"], r.labels["lr_index"], r.labels["seed"]])
+               for r in runs]  # fmt: skip
+    monkeypatch.setattr(transfer, "finished", lambda runs: runs)
+    monkeypatch.setattr(transfer, "run_status", lambda run: "finished")
+    monkeypatch.setattr(transfer, "collect", lambda runs: results)
+    losses = transfer.final_losses(runs, 2)
+    assert losses["adamw", 64] == [4.5, 4.5] and losses["adamw", 32] == [4.5, None]
