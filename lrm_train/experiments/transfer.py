@@ -13,10 +13,10 @@ optimizer). From the final validation loss of each run (a diverged run has none)
 - **wider is better**: at the widest width's best LR and its grid neighbours, the loss does not rise from one width
   to the next wider one by more than ``loss_tolerance``.
 
-The command exits 1 when K > 1 for an optimizer, and also when wider-is-better is violated beyond ``loss_tolerance``:
-a wider model that trains worse near the optimum is the other symptom of a parametrization that does not transfer,
-while a rise within the tolerance is run-to-run noise and passes. A best LR on the grid's edge is reported (the
-optimum may lie outside the grid) but is not a failure by itself: the grid is the grid.
+The command exits 1 when K > 1 for an optimizer, when a width's best LR sits on the grid's edge (the optimum may lie
+outside the grid, so agreement shows nothing: move ``lr``), and when wider-is-better is violated beyond
+``loss_tolerance``: a wider model that trains worse near the optimum is the other symptom of a parametrization that
+does not transfer, while a rise within the tolerance is run-to-run noise and passes.
 """
 
 from __future__ import annotations
@@ -176,14 +176,16 @@ def analyze(losses: dict[int, list[float | None]], grid: list[float], tolerance:
             if after - before > tolerance:  # a diverged wider run rises without bound; both diverged: nan, no rise
                 rise = after - before if math.isfinite(after) else None
                 violations.append(dict(lr=grid[i], narrower=narrow, wider=wide, rise=rise))
+    at_grid_edge = [w for w in widths if best[w] in (0, len(grid) - 1)]
     return dict(
         best_index=best,
         best_lr={w: None if best[w] is None else grid[best[w]] for w in widths},
         spread=spread,
-        at_grid_edge=[w for w in widths if best[w] in (0, len(grid) - 1)],
+        at_grid_edge=at_grid_edge,
         near_lrs=[grid[i] for i in near],
         violations=violations,
-        transfers=spread is not None and spread <= 1,
+        # An optimum on the grid's edge may lie outside it: agreement there shows nothing.
+        transfers=spread is not None and spread <= 1 and not at_grid_edge,
         wider_is_better=not violations and widest is not None,
     )
 
@@ -195,7 +197,9 @@ def _or_inf(loss: float | None) -> float:
 def transfer_line(optimizer: str, result: dict) -> str:
     best = ", ".join(f"{w}: {'diverged' if lr is None else f'{lr:.3g}'}" for w, lr in result["best_lr"].items())
     spread = "unknown (every LR diverged at a width)" if result["spread"] is None else result["spread"]
-    return f"LR transfer ({optimizer}): best LR per width {{{best}}}; spread {spread} sqrt(2)-steps"
+    edge = result["at_grid_edge"]
+    inconclusive = f" (on the grid's edge at width {', '.join(map(str, edge))}: inconclusive, move lr)" if edge else ""
+    return f"LR transfer ({optimizer}): best LR per width {{{best}}}; spread {spread} sqrt(2)-steps{inconclusive}"
 
 
 def wider_line(optimizer: str, result: dict, tolerance: float) -> str:

@@ -149,10 +149,10 @@ def test_an_lr_optimum_within_one_step_across_widths_passes(tmp_path, monkeypatc
 
 
 def test_an_lr_optimum_that_drifts_two_steps_fails_the_command(data_root, tmp_path, monkeypatch, capsys):
-    fake_losses(monkeypatch, {"adamw": bowl({32: 0, 64: 1, 128: 2}, LOWER_WITH_WIDTH)})
+    fake_losses(monkeypatch, {"adamw": bowl({32: 1, 64: 2, 128: 3}, LOWER_WITH_WIDTH)})
     assert main(micro_args(data_root, tmp_path, optimizers="[adamw]", lr=4e-3, report="only")) == 1
     captured = capsys.readouterr()
-    line = "LR transfer (adamw): best LR per width {32: 0.002, 64: 0.00283, 128: 0.004}; spread 2 sqrt(2)-steps"
+    line = "LR transfer (adamw): best LR per width {32: 0.00283, 64: 0.004, 128: 0.00566}; spread 2 sqrt(2)-steps"
     assert line in captured.out.splitlines()
     [error] = captured.err.strip().splitlines()
     assert error == f"error: {line} (see {tmp_path}/report.md)"
@@ -161,7 +161,7 @@ def test_an_lr_optimum_that_drifts_two_steps_fails_the_command(data_root, tmp_pa
 
 def test_one_optimizer_that_does_not_transfer_fails_the_report(tmp_path, monkeypatch):
     good, drifting = bowl({32: 1, 64: 2, 128: 2}, LOWER_WITH_WIDTH), bowl({32: 0, 64: 2, 128: 4}, LOWER_WITH_WIDTH)
-    with pytest.raises(ExperimentFailed, match=r"^LR transfer \(muon\): .*; spread 4 sqrt\(2\)-steps \(see "):
+    with pytest.raises(ExperimentFailed, match=r"^LR transfer \(muon\): .*; spread 4 sqrt\(2\)-steps \(on the grid's "):
         synthetic_report(tmp_path, monkeypatch, {"adamw": good, "muon": drifting})
     assert json.loads((tmp_path / "report.json").read_text())["results"]["muon"]["at_grid_edge"] == [32, 128]
 
@@ -191,11 +191,12 @@ def test_a_diverged_run_is_no_best_lr_and_a_wider_divergence_near_the_optimum_is
 
 def test_a_micro_sweep_trains_and_reports(data_root, tmp_path, capsys):
     args = micro_args(data_root, tmp_path, optimizers="[adamw]", lr_points=2, loss_tolerance=100)
-    assert main([*args, "parametrization=mup_multiplier"]) == 0
+    status = main([*args, "parametrization=mup_multiplier"])
     report = json.loads((tmp_path / "report.json").read_text())
+    assert status == (0 if report["results"]["adamw"]["transfers"] else 1)
+    assert not report["results"]["adamw"]["transfers"]  # two LR points: every best is on the grid's edge
     finals = report["final_loss"]["adamw"]
     assert set(finals) == {"32", "64", "128"} and all(math.isfinite(v) for f in finals.values() for v in f)
-    assert report["results"]["adamw"]["spread"] <= 1
     assert is_png_with_content(tmp_path / "transfer_adamw.png")
     assert "## adamw (mup_multiplier_adamw)" in (tmp_path / "report.md").read_text()
     assert "LR transfer (adamw): best LR per width {32: " in capsys.readouterr().out
@@ -216,3 +217,9 @@ def test_each_point_is_the_mean_over_its_seeds_and_a_diverged_seed_diverges_it(t
     monkeypatch.setattr(transfer, "collect", lambda runs: results)
     losses = transfer.final_losses(runs, 2)
     assert losses["adamw", 64] == [4.5, 4.5] and losses["adamw", 32] == [4.5, None]
+
+
+def test_agreement_on_the_grids_edge_is_inconclusive_and_fails(tmp_path, monkeypatch, capsys):
+    at_top = bowl({w: 4 for w in WIDTHS}, LOWER_WITH_WIDTH)  # every width best at the highest LR: maybe beyond it
+    with pytest.raises(ExperimentFailed, match=r"spread 0 sqrt\(2\)-steps \(on the grid's edge at width 32, 64, 128: "):
+        synthetic_report(tmp_path, monkeypatch, {"adamw": at_top})
