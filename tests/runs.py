@@ -32,6 +32,10 @@ def micro_config(**changes) -> FalconH1Config:
 def overrides(data_root, run_dir, **extra) -> dict:
     """The micro run every trainer test starts from, as dotted keys (for the CLI) ..."""
     values = {f"model.{k}": v for k, v in MICRO_MODEL.items()}
+    # The micro model is its own base width: muP's width scaling is 1, so the trainer tests train at the LRs they set
+    # (at the tiny preset's base width, 1024, the hidden AdamW LR would be 32x optim.lr: chaotic, and runs that should
+    # match to 1e-5 drift apart). The scaling itself is tests/nn/test_parametrization.py's.
+    values["model.base_width"] = MICRO_MODEL["hidden_size"]
     values.update(
         {
             "data.out_root": data_root,

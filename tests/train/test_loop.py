@@ -30,7 +30,7 @@ def test_metrics_jsonl_and_the_offline_wandb_run_hold_the_trajectories(data_root
         "lrm/embed_tokens.lrm_col/max",
         "norm/layers.1.feed_forward.down_proj",
         "norm_eff/layers.1.feed_forward.down_proj",
-        "abm/matrix@hidden/32x32",  # the micro model is a muP transfer: its hidden matrices have their own LR
+        "abm/matrix@hidden/32x32",  # under a muP parametrization hidden matrices have a group (an LR) of their own
         "abm/matrix/8x32",  # B and C
         "abm/embedding/512x32",
         "abm/lm_head/512x32",
