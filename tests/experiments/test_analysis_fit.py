@@ -33,14 +33,17 @@ def test_power_law_fit_needs_three_points():
 
 
 @pytest.mark.parametrize(("width", "head_dim"), [(64, 32), (256, 32), (1024, 64)])
-def test_width_overrides_compose_into_the_width_family_proportions(width, head_dim):
-    model = compose(width_overrides(width, 3, head_dim)).model
+@pytest.mark.parametrize("parametrization", ["mup", "standard"])
+def test_width_overrides_compose_into_the_width_family(width, head_dim, parametrization):
+    model = compose(width_overrides(width, 3, head_dim, parametrization)).model
     assert model.hidden_size == width and model.num_hidden_layers == 3
     assert model.intermediate_size == 2 * width and model.mamba_d_ssm == 3 * width // 2
     assert model.num_attention_heads * model.attention_head_dim == width // 2
     assert model.mamba_n_heads * model.mamba_d_head == model.mamba_d_ssm
+    assert model.num_key_value_heads == model.num_attention_heads and model.mamba_a_init_range == [1.0, 16.0]
+    assert (model.parametrization, model.base_width, model.mamba_d_state) == (parametrization, 1024, 16)
 
 
 def test_width_overrides_refuse_a_width_the_heads_do_not_divide():
     with pytest.raises(ValueError, match="width 96"):
-        width_overrides(96, 2, 32)
+        width_overrides(96, 2, 32, "mup")
