@@ -5,6 +5,7 @@ and the width sweeps' checks of them, and a finished run's weights."""
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from lrm_train.models import width_family
 from lrm_train.nn import Parametrization
+from lrm_train.optim import OptimizerName
 from lrm_train.train.checkpoint import complete_checkpoints
 
 
@@ -51,6 +53,32 @@ def power_law_fit(x: list[float], y: list[float]) -> dict:
     stderr = math.sqrt(residual / (n - 2) / sxx)
     t = _T95[n - 3] if n - 2 <= len(_T95) else 1.96
     return dict(exponent=slope, ci95=[slope - t * stderr, slope + t * stderr], prefactor=math.exp(intercept), n=n)
+
+
+class SweepParametrization(StrEnum):
+    """A width sweep's ``parametrization`` setting: one of the model's, or ``mup_multiplier``, each run's optimizer's
+    own through-multiplier form (its forward multipliers are derived for one update rule)."""
+
+    standard = "standard"
+    mup = "mup"
+    mup_multiplier = "mup_multiplier"
+
+    def for_optimizer(self, optimizer: str) -> Parametrization:
+        if self is SweepParametrization.mup_multiplier:
+            return Parametrization(f"{self.value}_{optimizer}")
+        return Parametrization(self.value)
+
+
+def check_sweep_choices(parametrization: str, optimizers: list[str]) -> SweepParametrization:
+    """A width sweep's parametrization (a plain string too) and optimizers, each refused in one ValueError line."""
+    if parametrization not in set(SweepParametrization):
+        raise ValueError(f"parametrization={parametrization!r} is not one of {', '.join(SweepParametrization)}")
+    if not optimizers or len(set(optimizers)) != len(optimizers):
+        raise ValueError(f"optimizers={list(optimizers)} must be distinct and name at least one")
+    unknown = [name for name in optimizers if name not in set(OptimizerName)]
+    if unknown:
+        raise ValueError(f"optimizers: {unknown[0]!r} is not one of {', '.join(OptimizerName)}")
+    return SweepParametrization(parametrization)
 
 
 # The CPU sweeps' d_state: fixed across widths (as the width family requires), and small, so the scan stays cheap.

@@ -28,12 +28,16 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from lrm_train.experiments.analysis import check_width_sweep, power_law_fit, width_overrides
+from lrm_train.experiments.analysis import (
+    SweepParametrization,
+    check_sweep_choices,
+    check_width_sweep,
+    power_law_fit,
+    width_overrides,
+)
 from lrm_train.experiments.experiment import Experiment, ExperimentFailed, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, save_figure, write_report
 from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
-from lrm_train.nn import Parametrization
-from lrm_train.optim import OptimizerName
 from lrm_train.train import compose
 from lrm_train.train.callbacks import Callback
 from lrm_train.utils import atomic_write_text
@@ -41,7 +45,6 @@ from lrm_train.utils import atomic_write_text
 QUANTITIES = ("embedding", "mamba", "attention", "mlp", "residual", "logits")
 KINDS = ("rms", "delta")  # the output's RMS; the RMS of its change since initialization
 UNCHECKED = {("logits", "rms")}  # shrinks at init under muP by design (see the module docstring)
-THROUGH_MULTIPLIER = "mup_multiplier"  # the parametrization setting that means mup_multiplier_<the run's optimizer>
 PROBE_SEQUENCES = 2
 
 
@@ -53,7 +56,7 @@ class CoordCheckSettings(ExperimentSettings):
     head_dim: int = 32
     steps: int = 10
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
-    parametrization: str = "mup"  # standard | mup | mup_multiplier (each run's optimizer's form)
+    parametrization: SweepParametrization = SweepParametrization.mup
     lr: float = 1e-3  # the base LR (optim.lr: at the base width under muP)
     lr_factors: list[float] = field(default_factory=lambda: [1.0, 4.0])
     arms: list[str] = field(default_factory=lambda: ["none", "full"])  # lrm placements
@@ -76,24 +79,14 @@ class CoordCheckSettings(ExperimentSettings):
         check_width_sweep(self.widths, self.layers, self.head_dim, "the slope")
         if self.steps < 2:
             raise ValueError(f"steps={self.steps} must be >= 2 (the check is over steps 2..steps)")
-        for name in ("optimizers", "arms", "lr_factors", "seeds"):
+        self.parametrization = check_sweep_choices(self.parametrization, self.optimizers)
+        for name in ("arms", "lr_factors", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"{name}=[] must name at least one")
-        for optimizer in self.optimizers:
-            if optimizer not in set(OptimizerName):
-                raise ValueError(f"optimizers: {optimizer!r} is not one of {', '.join(OptimizerName)}")
-        forms = [p.value for p in Parametrization if not p.value.startswith(THROUGH_MULTIPLIER)] + [THROUGH_MULTIPLIER]
-        if self.parametrization not in forms:
-            raise ValueError(f"parametrization={self.parametrization!r} is not one of {', '.join(forms)}")
         if self.lr <= 0 or any(f <= 0 for f in self.lr_factors):
             raise ValueError(f"lr={self.lr} and lr_factors={self.lr_factors} must be > 0")
         if self.max_slope < 0:
             raise ValueError(f"max_slope={self.max_slope} must be >= 0")
-
-    def parametrization_of(self, optimizer: str) -> Parametrization:
-        if self.parametrization == THROUGH_MULTIPLIER:
-            return Parametrization(f"{THROUGH_MULTIPLIER}_{optimizer}")
-        return Parametrization(self.parametrization)
 
 
 RESULT_FILE = "activation_rms.json"
@@ -141,8 +134,6 @@ class ActivationRMS(Callback):
     def _recorder(self, quantity: str):
         def record(module, args, output) -> None:
             if self.recording:
-                if quantity == "logits":  # the LM head returns the logits here: no targets were given
-                    output = output.float()
                 self.current[quantity].append(output.detach().float().cpu())
 
         return record
@@ -183,7 +174,7 @@ def plan(settings: CoordCheckSettings) -> list[RunSpec]:
     """Every run composed before any trains (a bad key fails first), labelled by optimizer, LR factor, arm, width."""
     runs = []
     for optimizer in settings.optimizers:
-        parametrization = settings.parametrization_of(optimizer)
+        parametrization = settings.parametrization.for_optimizer(optimizer)
         for factor in settings.lr_factors:
             for arm in settings.arms:
                 for width, seed in itertools.product(settings.widths, settings.seeds):
@@ -268,7 +259,7 @@ def verdicts(settings: CoordCheckSettings, rows: list[dict]) -> list[tuple[str, 
         mine = [r for r in rows if r["checked"] and r["series"].startswith(f"{optimizer}/")]
         worst = max(mine, key=lambda r: abs(r["exponent"]))
         line = (
-            f"coord check ({optimizer}, {settings.parametrization_of(optimizer)}): max |slope| "
+            f"coord check ({optimizer}, {settings.parametrization.for_optimizer(optimizer)}): max |slope| "
             f"{abs(worst['exponent']):.3f} over {len(mine)} quantities, steps 2..{settings.steps} "
             f"(bar {settings.max_slope:g}); worst {worst['series']} {worst['quantity']} {worst['kind']} at step "
             f"{worst['step']}"
@@ -296,7 +287,9 @@ def plot(settings: CoordCheckSettings, results: dict, optimizer: str, out_dir: P
             ax.set_xticks(settings.widths, [str(w) for w in settings.widths], minor=False)
             ax.minorticks_off()
     axes[0][-1].legend(fontsize=6)
-    fig.suptitle(f"coordinate check, {optimizer}, {settings.parametrization_of(optimizer)} (flat = width-independent)")
+    fig.suptitle(
+        f"coordinate check, {optimizer}, {settings.parametrization.for_optimizer(optimizer)} (flat = width-independent)"
+    )
     return save_figure(fig, out_dir / f"coord_check_{optimizer}.png")
 
 

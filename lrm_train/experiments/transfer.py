@@ -26,24 +26,15 @@ import itertools
 import math
 import sys
 from dataclasses import dataclass, field
-from enum import StrEnum
 from itertools import pairwise
 from pathlib import Path
 
-from lrm_train.experiments.analysis import check_width_sweep, width_overrides
+from lrm_train.experiments.analysis import SweepParametrization, check_sweep_choices, check_width_sweep, width_overrides
 from lrm_train.experiments.compare import lr_grid
 from lrm_train.experiments.experiment import Experiment, ExperimentFailed, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
 from lrm_train.experiments.results import collect, finite
 from lrm_train.experiments.runner import DIVERGED, RunSpec, create_out_dir, make_run, run_status
-from lrm_train.nn import Parametrization
-from lrm_train.optim import OptimizerName
-
-
-class TransferParametrization(StrEnum):
-    standard = "standard"
-    mup = "mup"
-    mup_multiplier = "mup_multiplier"  # mup_multiplier_<optimizer>: each run gets the form of its own optimizer
 
 
 @dataclass
@@ -53,7 +44,7 @@ class TransferSettings(ExperimentSettings):
     layers: int = 2
     head_dim: int = 32
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
-    parametrization: TransferParametrization = TransferParametrization.mup
+    parametrization: SweepParametrization = SweepParametrization.mup
     # The grid's centre (optim.lr: under muP the LR at the model's base width). The trainer's 3e-3 is the 0.5B model's;
     # in 120-step CPU runs width 128 trained best at 1.2e-2 of 6e-3, 1.2e-2, 2.4e-2 (AdamW and Muon alike).
     lr: float = 1.2e-2
@@ -82,15 +73,7 @@ class TransferSettings(ExperimentSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_width_sweep(self.widths, self.layers, self.head_dim, "the LR transfer check")
-        if self.parametrization not in set(TransferParametrization):  # built from a plain string too: keep the enum
-            choices = ", ".join(TransferParametrization)
-            raise ValueError(f"parametrization={self.parametrization!r} is not one of {choices}")
-        self.parametrization = TransferParametrization(self.parametrization)
-        if not self.optimizers or len(set(self.optimizers)) != len(self.optimizers):
-            raise ValueError(f"optimizers={list(self.optimizers)} must be distinct and name at least one")
-        unknown = [name for name in self.optimizers if name not in set(OptimizerName)]
-        if unknown:
-            raise ValueError(f"optimizers: {unknown[0]!r} is not one of {', '.join(OptimizerName)}")
+        self.parametrization = check_sweep_choices(self.parametrization, self.optimizers)
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -103,19 +86,12 @@ class TransferSettings(ExperimentSettings):
             raise ValueError(f"loss_tolerance={self.loss_tolerance} must be >= 0")
 
 
-def run_parametrization(setting: TransferParametrization, optimizer: str) -> Parametrization:
-    """The model's parametrization for a run of ``optimizer``: ``mup_multiplier`` names the optimizer's own form."""
-    if setting is TransferParametrization.mup_multiplier:
-        return Parametrization(f"mup_multiplier_{optimizer}")
-    return Parametrization(setting)
-
-
 def plan(settings: TransferSettings) -> list[RunSpec]:
     """Every (optimizer, width, LR) run, labelled by them and by the LR's grid index (the report's unit of spread)."""
     runs = []
     grid = lr_grid(settings.lr, settings.lr_points)
     for optimizer in settings.optimizers:
-        parametrization = run_parametrization(settings.parametrization, optimizer)
+        parametrization = settings.parametrization.for_optimizer(optimizer)
         for width, (index, lr), seed in itertools.product(settings.widths, enumerate(grid), settings.seeds):
             suffix = f"_s{seed}" if seed else ""
             name = f"transfer_{parametrization}_{optimizer}_w{width}_lr{lr:.3g}{suffix}"
@@ -254,7 +230,7 @@ wider model's final loss exceeds the next narrower one's by more than {settings.
             for width, points in by_optimizer[optimizer].items()
         ]
         table = markdown_table(["width", *(f"lr {lr:.3g}" for lr in grid), "best LR", "best on grid edge"], rows)
-        text += f"\n## {optimizer} ({run_parametrization(settings.parametrization, optimizer)})\n\n"
+        text += f"\n## {optimizer} ({settings.parametrization.for_optimizer(optimizer)})\n\n"
         text += f"![loss against LR]({figure})\n\nFinal validation loss (-: diverged):\n\n{table}\n\n"
         text += "\n\n".join(lines[optimizer]) + "\n"
     data = dict(

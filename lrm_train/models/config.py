@@ -12,6 +12,11 @@ from lrm_train.nn.parametrization import Parametrization, WidthClass, init_std_s
 WIDTH_CLASSES = {"embedding": WidthClass.input, "lm_head": WidthClass.readout}
 WIDTH_CLASSES.update({"ssm.B": WidthClass.readout, "ssm.C": WidthClass.readout})  # fan-out n_groups x d_state
 
+
+def width_class(role: str) -> WidthClass:
+    return WIDTH_CLASSES.get(role, WidthClass.hidden)
+
+
 # Fields that choose how a model runs on this machine, not the function it computes: model folders, Hugging Face
 # exports and checkpoints' run records leave them out, so a model saved on a GPU loads anywhere.
 RUNTIME_FIELDS = ("ssd_backend", "lm_loss_backend")
@@ -155,12 +160,12 @@ class FalconH1Config:
 
     def matrix_multiplier(self, role: str) -> float:
         """The fixed forward multiplier of the matrix of this role (see nn.MATRIX_ROLES) at this width."""
-        scale = multiplier_scale(self.parametrization, WIDTH_CLASSES.get(role, WidthClass.hidden), self.width_ratio)
+        scale = multiplier_scale(self.parametrization, width_class(role), self.width_ratio)
         return self._base_multiplier(role) * scale
 
     def matrix_init_std(self, role: str) -> float:
         """The init std of the matrix of this role at this width."""
-        scale = init_std_scale(self.parametrization, WIDTH_CLASSES.get(role, WidthClass.hidden), self.width_ratio)
+        scale = init_std_scale(self.parametrization, width_class(role), self.width_ratio)
         return self.init_std * scale
 
     def hf_multipliers(self) -> dict:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrm_train.models.config import WIDTH_CLASSES, FalconH1Config
+from lrm_train.models.config import FalconH1Config, width_class
 from lrm_train.models.ssd import ssd_scan_function
 from lrm_train.nn import (
     MULTIPLIER_NAMES,
@@ -49,7 +49,7 @@ from lrm_train.nn import (
     merge_multipliers_,
 )
 from lrm_train.nn.loss import LMHead, LMLoss
-from lrm_train.nn.parametrization import Parametrization, WidthClass
+from lrm_train.nn.parametrization import Parametrization
 
 _ROW_COL = Learnable(row=True, col=True)
 _ROW = Learnable(row=True)
@@ -302,8 +302,7 @@ class FalconH1LM(nn.Module):
             prefix = f"{name}." if name else ""
             if isinstance(module, MultipliedMatrix):
                 weight_class = _WEIGHT_CLASSES.get(module.role, ParamClass.MATRIX)
-                width = WIDTH_CLASSES.get(module.role, WidthClass.hidden)
-                yield f"{prefix}weight", ParamRole(weight_class, module.role, width)
+                yield f"{prefix}weight", ParamRole(weight_class, module.role, width_class(module.role))
                 for multiplier in MULTIPLIER_NAMES:
                     if getattr(module, multiplier) is not None:
                         yield f"{prefix}{multiplier}", ParamRole(ParamClass.MULTIPLIER, module.role)

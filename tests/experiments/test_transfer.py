@@ -5,15 +5,14 @@ from types import SimpleNamespace
 import pytest
 
 from lrm_train.experiments import transfer
+from lrm_train.experiments.analysis import SweepParametrization
 from lrm_train.experiments.experiment import ExperimentFailed
 from lrm_train.experiments.transfer import (
     TRANSFER,
-    TransferParametrization,
     TransferSettings,
     main,
     plan,
     report,
-    run_parametrization,
 )
 from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
 
@@ -109,8 +108,8 @@ def test_the_plan_holds_every_width_and_lr_of_the_grid(data_root, tmp_path):
     ],
 )
 def test_each_optimizer_gets_its_parametrization(setting, adamw, muon):
-    setting = TransferParametrization(setting)
-    assert (run_parametrization(setting, "adamw"), run_parametrization(setting, "muon")) == (adamw, muon)
+    setting = SweepParametrization(setting)
+    assert (setting.for_optimizer("adamw"), setting.for_optimizer("muon")) == (adamw, muon)
 
 
 def test_the_plan_gives_each_run_its_optimizers_mup_multiplier_form(data_root, tmp_path):
