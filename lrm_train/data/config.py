@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import PurePath
 
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
 # A prepared folder: its manifest file and the format it declares.
 MANIFEST = "manifest.json"
 FORMAT = "lrm_train.tokens/1"
+
+
+# Mixtures (``data.mixture``): each entry a prepared folder (``path``) or a corpus prepared like ``data.source``.
+_MIXTURE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # names go into metric keys: data/share/<name>, val_loss/<name>
+_PREPARED_SUFFIX = re.compile(r"-[0-9a-f]{16}$")  # the settings key prepare appends to a folder's name
+
+
+@dataclass
+class MixtureSource:
+    """One entry of ``data.mixture``: ``path`` (a prepared folder) or ``source`` (as ``data.source``), its ``weight``
+    (> 0; the weights are normalised) and a ``name`` for its metrics (default: the folder's or source's name)."""
+
+    path: str | None = None
+    source: str | None = None
+    weight: float = 1.0
+    name: str | None = None
+
+    def check(self, key: str) -> None:
+        """Raise one line naming ``key`` (``data.mixture[i]``) for a bad entry; derive the name when none is given."""
+        if (self.path is None) == (self.source is None):
+            raise ValueError(f"{key} needs exactly one of path (a prepared folder) or source (a corpus)")
+        if not self.weight > 0:
+            raise ValueError(f"{key}.weight={self.weight} must be > 0")
+        if self.name is None:
+            stem = PurePath(self.path or self.source.removeprefix("hf:").rstrip("/")).stem
+            self.name = re.sub(r"[^A-Za-z0-9_.-]", "_", _PREPARED_SUFFIX.sub("", stem)) or "source"
+        elif not _MIXTURE_NAME.fullmatch(self.name):
+            raise ValueError(f"{key}.name={self.name!r}: use letters, digits, '_', '.' and '-' only")
 
 
 @dataclass
@@ -37,6 +67,8 @@ class DataConfig:
     val_windows: int = 64  # fixed validation windows of seq_len tokens (fewer if the split is shorter)
     verify_checksums: bool = True
     prefetch: int = 2
+    # Several corpora sampled by weight, in place of data.source (see lrm_train/data/mixture.py); None: data.source.
+    mixture: list[MixtureSource] | None = None
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -48,3 +80,14 @@ class DataConfig:
         for name in ("vocab_size", "shard_tokens", "num_proc", "seq_len", "val_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be positive")
+        if self.mixture is not None:
+            self._check_mixture()
+
+    def _check_mixture(self) -> None:
+        if not self.mixture:
+            raise ValueError("data.mixture is empty: list its sources, or leave it out to train on data.source")
+        for i, entry in enumerate(self.mixture):
+            entry.check(f"data.mixture[{i}]")
+        names = [entry.name for entry in self.mixture]
+        if twice := next((name for name in names if names.count(name) > 1), None):
+            raise ValueError(f"data.mixture: two sources are named {twice!r}; give them distinct names (name: ...)")

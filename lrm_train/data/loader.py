@@ -79,15 +79,52 @@ class TokenData:
 
 
 def _windows(split: TokenSplit, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([split.read(int(s), seq_len + 1) for s in starts]).astype(np.int64)
-    tokens = torch.from_numpy(rows)
+    return _rows([split.read(int(s), seq_len + 1) for s in starts])
+
+
+def _rows(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.from_numpy(np.stack(windows).astype(np.int64))
     # Contiguous copies, not views: a pinned tensor keeps its strides, and a strided source makes the non_blocking
     # copy to the GPU stage through pageable memory (a host sync), which is what pinning is meant to avoid.
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def count_windows(split: TokenSplit, seq_len: int, what: str = "the training split") -> int:
+    """How many windows of ``seq_len + 1`` tokens ``split`` holds (at least one, or a ValueError naming ``what``)."""
+    count = (split.num_tokens - 1) // seq_len
+    if count < 1:
+        raise ValueError(f"data.seq_len={seq_len} is longer than {what} ({split.num_tokens} tokens)")
+    return count
+
+
+class WindowOrder:
+    """Position ``p`` of one split's stream of windows -> window ``permutation_e[p mod W]``, ``e = p div W``, where
+    ``permutation_e`` is seeded by ``key + [e]``. One permutation is cached (shared with the prefetch thread)."""
+
+    def __init__(self, num_windows: int, key: list[int]) -> None:
+        self.num_windows, self.key = num_windows, key
+        self._epoch, self._permutation = -1, np.empty(0, dtype=np.int64)
+        self._lock = threading.Lock()
+
+    def windows(self, positions: np.ndarray) -> np.ndarray:
+        out = np.empty(len(positions), dtype=np.int64)
+        for epoch in np.unique(positions // self.num_windows):
+            here = positions // self.num_windows == epoch
+            out[here] = self._epoch_permutation(int(epoch))[positions[here] % self.num_windows]
+        return out
+
+    def _epoch_permutation(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if epoch != self._epoch:
+                rng = np.random.default_rng([*self.key, epoch])
+                self._permutation, self._epoch = rng.permutation(self.num_windows), epoch
+            return self._permutation
+
+
 class BatchLoader:
-    """Yields this rank's share of each global batch as (inputs, targets) [global_batch / world, seq_len] int64."""
+    """Yields this rank's share of each global batch as (inputs, targets) [global_batch / world, seq_len] int64.
+
+    Subclasses read other orders (``mixture.MixtureLoader``) by giving ``sources`` and ``sample``."""
 
     def __init__(
         self,
@@ -100,12 +137,16 @@ class BatchLoader:
         prefetch: int = 2,
         pin_memory: bool = False,
     ) -> None:
+        self.num_windows = count_windows(split, seq_len)
+        self.sources, self.orders = [split], [WindowOrder(self.num_windows, [seed])]
+        self._init_reader(seq_len, global_batch, rank, world_size, seed, prefetch, pin_memory)
+
+    def _init_reader(
+        self, seq_len: int, global_batch: int, rank: int, world_size: int, seed: int, prefetch: int, pin_memory: bool
+    ) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by the world size {world_size}")
-        self.num_windows = (split.num_tokens - 1) // seq_len
-        if self.num_windows < 1:
-            raise ValueError(f"data.seq_len={seq_len} is longer than the training split ({split.num_tokens} tokens)")
-        self.split, self.seq_len, self.global_batch, self.seed = split, seq_len, global_batch, seed
+        self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
         self.rows = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
         self.step = 0
         self.prefetch = prefetch
@@ -114,27 +155,23 @@ class BatchLoader:
         self.pin_memory = pin_memory
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch") if prefetch else None
         self._pending: dict[int, Future] = {}
-        self._permutation_epoch, self._permutation = -1, np.empty(0, dtype=np.int64)
-        self._lock = threading.Lock()
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, window index) of each row of the global batch of ``step``, the same on every rank."""
+        return self.source_ids(step), self.window_ids(step)
+
+    def source_ids(self, step: int) -> np.ndarray:
+        """The source index of each row of the global batch of ``step`` (cheap: reads no permutation)."""
+        return np.zeros(self.global_batch, dtype=np.int64)
 
     def window_ids(self, step: int) -> np.ndarray:
         """Window indices of the whole global batch of ``step`` (the same on every rank and world size)."""
-        positions = step * self.global_batch + np.arange(self.global_batch)
-        out = np.empty(self.global_batch, dtype=np.int64)
-        for epoch in np.unique(positions // self.num_windows):
-            here = positions // self.num_windows == epoch
-            out[here] = self._epoch_permutation(int(epoch))[positions[here] % self.num_windows]
-        return out
-
-    def _epoch_permutation(self, epoch: int) -> np.ndarray:
-        with self._lock:  # shared with the prefetch thread
-            if epoch != self._permutation_epoch:
-                rng = np.random.default_rng([self.seed, epoch])
-                self._permutation, self._permutation_epoch = rng.permutation(self.num_windows), epoch
-            return self._permutation
+        return self.orders[0].windows(step * self.global_batch + np.arange(self.global_batch))
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = _windows(self.split, self.window_ids(step)[self.rows] * self.seq_len, self.seq_len)
+        sources, windows = (ids[self.rows] for ids in self.sample(step))
+        length, splits = self.seq_len + 1, self.sources
+        inputs, targets = _rows([splits[k].read(int(w) * self.seq_len, length) for k, w in zip(sources, windows)])
         return (inputs.pin_memory(), targets.pin_memory()) if self.pin_memory else (inputs, targets)
 
     def __iter__(self) -> BatchLoader:
@@ -151,23 +188,35 @@ class BatchLoader:
                     self._pending[ahead] = self._pool.submit(self.batch, ahead)
         return batch
 
+    def mixture(self) -> dict[str, float] | None:
+        """The sources' names and normalised weights; None for one split (``data.source``)."""
+        return None
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len, "global_batch": self.global_batch}
+        state = {"step": self.step, "seed": self.seed, "seq_len": self.seq_len, "global_batch": self.global_batch}
+        return state if self.mixture() is None else {**state, "mixture": self.mixture()}
 
     def load_state_dict(self, state: dict) -> None:
         # The data order is a function of these: resuming with another would silently repeat or skip data.
         for key, config_key in (("seed", "train.seed"), ("seq_len", "data.seq_len"), ("global_batch", "global batch")):
             if state[key] != getattr(self, key):
                 raise ValueError(f"trained with {config_key}={state[key]}, this run has {getattr(self, key)}")
+        if state.get("mixture") != self.mixture():
+            saved, this = (_describe(m) for m in (state.get("mixture"), self.mixture()))
+            raise ValueError(f"trained with data.mixture={saved}, this run has {this}")
         self._pending.clear()
         self.step = int(state["step"])
 
 
+def _describe(mixture: dict[str, float] | None) -> str:
+    return (
+        "unset (data.source)" if mixture is None else "[" + ", ".join(f"{k}: {w:.4g}" for k, w in mixture.items()) + "]"
+    )
+
+
 def validation_windows(split: TokenSplit, seq_len: int, max_windows: int) -> np.ndarray:
     """Start offsets of the fixed validation windows: evenly spread over the split, the same for every run."""
-    available = (split.num_tokens - 1) // seq_len
-    if available < 1:
-        raise ValueError(f"data.seq_len={seq_len} is longer than the validation split ({split.num_tokens} tokens)")
+    available = count_windows(split, seq_len, "the validation split")
     count = min(available, max_windows)
     return np.linspace(0, available - 1, count).round().astype(np.int64) * seq_len
 
