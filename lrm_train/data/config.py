@@ -61,7 +61,11 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out (at least one)
     split_seed: int = 0
     shard_tokens: int = 1 << 24
-    num_proc: int = 2
+    num_proc: int = 0  # tokenizer processes; 0: one per CPU core this process may use
+    # Preparing at scale (see prepare.py): the trained tokenizer's sample, and preparing in parts.
+    tokenizer_sample_bytes: int = 256 << 20  # text a trained BPE learns from, spread over the source's files
+    num_parts: int = 1  # slices of the source's files, prepared apart (data.part) and merged into one folder
+    part: int | None = None  # prepare only this slice (0 .. num_parts - 1); unset: every missing one, then merge
     # Read side.
     seq_len: int = 256
     val_windows: int = 64  # fixed validation windows of seq_len tokens (fewer if the split is shorter)
@@ -77,9 +81,15 @@ class DataConfig:
             raise ValueError(f"data.token_dtype={self.token_dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        for name in ("vocab_size", "shard_tokens", "num_proc", "seq_len", "val_windows"):
+        for name in ("vocab_size", "shard_tokens", "seq_len", "val_windows", "tokenizer_sample_bytes", "num_parts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be positive")
+        if self.num_proc < 0:
+            raise ValueError(f"data.num_proc={self.num_proc} must be 0 (one per core) or positive")
+        if self.part is not None and not 0 <= self.part < self.num_parts:
+            raise ValueError(
+                f"data.part={self.part} must be in 0 .. {self.num_parts - 1} (data.num_parts={self.num_parts})"
+            )
         if self.mixture is not None:
             self._check_mixture()
 

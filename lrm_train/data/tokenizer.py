@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import hashlib
@@ -136,4 +137,25 @@ def batch_encoder(
         num_proc, initializer=_start_worker, initargs=(tokenizer.to_str(), dtype.str, os.getpid())
     )
     with pool:  # terminates the workers, also when the block is interrupted
-        yield lambda batches: pool.imap(_encode_in_worker, batches)
+        yield lambda batches: _in_order(pool, batches, IN_FLIGHT_PER_PROC * num_proc)
+
+
+# Batches handed to the workers and not yet collected, per worker: enough to keep each one busy. Pool.imap would read
+# the whole input ahead into its task queue (no back-pressure), so a corpus larger than memory would not fit.
+IN_FLIGHT_PER_PROC = 4
+
+
+def _in_order(pool, batches: Iterable[list[str]], in_flight: int) -> Iterator[list[np.ndarray]]:
+    """``pool``'s encodings of ``batches``, in order, with at most ``in_flight`` batches read ahead."""
+    pending: collections.deque = collections.deque()
+    for texts in batches:
+        pending.append(pool.apply_async(_encode_in_worker, (texts,)))
+        if len(pending) >= in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask under Slurm or taskset, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

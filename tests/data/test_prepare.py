@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 import lrm_train.data.prepare as prepare_module
 from lrm_train.data import DataConfig, TokenData
-from lrm_train.data.prepare import prepare, split_documents
+from lrm_train.data.prepare import is_validation, prepare
 from lrm_train.data.sources import load_corpus
 
 
@@ -22,9 +22,12 @@ def documents_of(folder, split):
 
 
 def test_each_documents_tokens_decode_to_its_text_and_splits_are_disjoint(small_cfg, prepared):
-    texts = load_corpus(small_cfg).documents["text"]
-    train_idx, val_idx = split_documents(len(texts), small_cfg.val_fraction, small_cfg.split_seed)
-    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == len(texts) == 13
+    documents = list(load_corpus(small_cfg).documents())
+    texts = [text for _, text in documents]
+    held_out = [is_validation(key, small_cfg.val_fraction, small_cfg.split_seed) for key, _ in documents]
+    train_idx = [i for i, val in enumerate(held_out) if not val]
+    val_idx = [i for i, val in enumerate(held_out) if val]
+    assert val_idx and len(train_idx) + len(val_idx) == len(texts) == 13
     assert any(t.startswith("An Arrow document") for t in texts) and any(t.startswith("Record 2") for t in texts)
     tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
     for split, indices in (("train", train_idx), ("val", val_idx)):
@@ -84,9 +87,9 @@ def test_parallel_tokenization_gives_the_same_tokens(small_cfg, prepared, tmp_pa
 def test_default_corpus_installs_with_the_project(tmp_path, caplog):
     cfg = DataConfig(out_root=str(tmp_path), vocab_size=512)
     with caplog.at_level(logging.WARNING):
-        corpus = load_corpus(cfg)
+        texts = load_corpus(cfg).texts()
     assert not caplog.records  # the package's own __init__.py is not a skipped corpus file
-    assert len(corpus.documents) == 38 and "Hamlet" in "".join(t[:200] for t in corpus.documents["text"])
+    assert len(texts) == 38 and "Hamlet" in "".join(t[:200] for t in texts)
 
 
 def test_existing_tokenizer_is_reused(small_cfg, prepared, tmp_path):
@@ -187,4 +190,4 @@ def test_off_a_terminal_prepare_writes_plain_lines_and_no_bars(small_cfg, tmp_pa
         prepare(small_cfg)
     err = capfd.readouterr().err
     assert "\r" not in err and "Filter" not in err and "tokenize (" not in err
-    assert any(r.getMessage().endswith("of 13 documents") for r in caplog.records)
+    assert any(r.getMessage() == "tokenized 13 documents" for r in caplog.records)

@@ -43,13 +43,13 @@ def jsonl(*lines: str) -> bytes:
 def test_bad_jsonl_names_the_file_and_line(tmp_path, content, complaint):
     cfg, bad = corpus_with(tmp_path, "records.jsonl", content)
     with pytest.raises(ValueError) as error:
-        load_corpus(cfg)
+        load_corpus(cfg).texts()  # records are checked as they are read
     assert str(error.value) == f"{bad}: {complaint}"
 
 
 def test_a_json_array_file_is_read_and_checked_by_record(tmp_path):
     cfg, bad = corpus_with(tmp_path, "records.json", json.dumps([{"text": "one"}, {"text": "two"}]).encode())
-    assert sorted(load_corpus(cfg).documents["text"]) == sorted(
+    assert sorted(load_corpus(cfg).texts()) == sorted(
         ["first good document", "second good document"]
         + [
             "one",
@@ -58,20 +58,20 @@ def test_a_json_array_file_is_read_and_checked_by_record(tmp_path):
     )
     bad.write_text(json.dumps([{"text": "one"}, {"text": None}]))
     with pytest.raises(ValueError, match=rf"^{bad}: record 2: 'text' is null, not a string$"):
-        load_corpus(cfg)
+        load_corpus(cfg).texts()
 
 
 def test_text_field_is_read_from_jsonl(tmp_path):
     cfg, _ = corpus_with(tmp_path, "records.jsonl", jsonl('{"body": "from the body field"}'))
     cfg.text_field = "body"
-    assert "from the body field" in load_corpus(cfg).documents["text"]
+    assert "from the body field" in load_corpus(cfg).texts()
 
 
 def test_a_changed_jsonl_file_is_read_again(tmp_path):
     cfg, path = corpus_with(tmp_path, "records.jsonl", jsonl('{"text": "old text"}'))
-    assert "old text" in load_corpus(cfg).documents["text"]
+    assert "old text" in load_corpus(cfg).texts()
     path.write_bytes(jsonl('{"text": "new text, longer"}'))
-    assert "new text, longer" in load_corpus(cfg).documents["text"]
+    assert "new text, longer" in load_corpus(cfg).texts()
 
 
 def test_zero_byte_parquet_and_arrow_name_the_file(tmp_path):
@@ -97,7 +97,7 @@ def test_unsupported_files_in_a_folder_are_listed_in_a_warning(tmp_path, caplog)
     (tmp_path / "corpus" / "sub" / "table.csv").write_text("a,b")
     (tmp_path / "corpus" / ".hidden.csv").write_text("a,b")  # hidden files are not part of a corpus
     with caplog.at_level(logging.WARNING):
-        assert len(load_corpus(cfg).documents) == 2
+        assert len(load_corpus(cfg).texts()) == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     skipped = f"skipped 2 files of unsupported type in {tmp_path / 'corpus'}: paper.pdf, sub/table.csv"
     assert warnings == [f"data.source: {skipped} (supported: .txt, .md, .rst, .jsonl, .json, .parquet, .arrow)"]
