@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from lrm_train.models import FalconH1Config
 from lrm_train.train import RunConfig, compose
@@ -98,4 +99,27 @@ def losses(run_dir) -> dict[int, float]:
         for line in f:
             record = json.loads(line)
             out[record["step"]] = record["loss"]
+    return out
+
+
+def mixture(data_root) -> dict:
+    """``data.mixture`` for trainer tests: the default corpus (weight 1) and a second small corpus, ``plays`` (weight 3),
+    prepared by the run itself with the first one's tokenizer. The corpus is written once, beside ``data_root`` (its
+    files' times are part of its prepared folder's key)."""
+    corpus = Path(f"{data_root}-plays")
+    if not corpus.exists():
+        corpus.mkdir()
+        for i in range(20):
+            text = f"Scene {i}.\n" + "Now is the winter of our discontent made glorious summer. " * (5 + i % 4)
+            (corpus / f"scene{i:02d}.txt").write_text(text)
+    return {"data.mixture": f"[{{source:shakespeare,weight:1}},{{source:'{corpus}',name:plays,weight:3}}]"}
+
+
+def records(run_dir) -> dict[int, dict]:
+    """step -> metrics record from metrics.jsonl (later lines win), without its wall-clock stamp and speeds."""
+    out = {}
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        for line in f:
+            record = json.loads(line)
+            out[record["step"]] = {k: v for k, v in record.items() if k.startswith(("loss", "val_loss", "data/"))}
     return out

@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lrm_train.data import BatchLoader, TokenData
+from lrm_train.data import BatchLoader, TokenData, TokenSplit
 from lrm_train.data.loader import validation_windows
+from lrm_train.data.mixture import MixtureLoader, check_same_tokenizer
 from lrm_train.data.prepare import prepare
 from lrm_train.distributed import Engine
 from lrm_train.models import FalconH1LM
@@ -39,6 +40,9 @@ class Components:
     global_batch: int
     num_params: int  # counted before the engine shards anything (ZeRO-3 frees the full tensors)
     flops_per_token: float
+    # Metric -> (validation split, its weight in val_loss): {val_loss: (val, 1)} for data.source; for data.mixture,
+    # val_loss/<name> per source, val_loss their mean weighted as the mixture (the loss on the training distribution).
+    validation: dict[str, tuple[TokenSplit, float]]
 
 
 def seed_everything(seed: int) -> None:
@@ -67,6 +71,34 @@ def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
     # Both splits must hold a window of seq_len + 1 tokens: found here, not at the first evaluation.
     validation_windows(data.splits["val"], cfg.data.seq_len, cfg.data.val_windows)
     return data
+
+
+def mixture_data(cfg: RunConfig, engine: Engine) -> dict[str, TokenData]:
+    """``data.mixture``'s folders by source name: a ``path`` opened as it is, a ``source`` prepared like ``data.source``
+    with the mixture's one tokenizer (``data.tokenizer``, else the first source's), each checked like ``prepare_data``'s.
+    """
+    sources, tokenizer = {}, cfg.data.tokenizer
+    for entry in cfg.data.mixture:
+        if entry.path is not None:
+            data = TokenData(entry.path, verify_checksums=cfg.data.verify_checksums)
+        else:
+            settings = replace(cfg.data, name=entry.name, source=entry.source, tokenizer=tokenizer, mixture=None)
+            data = prepare_data(replace(cfg, data=settings), engine)
+        tokenizer = tokenizer or str(data.tokenizer_path)
+        sources[entry.name] = data
+    check_same_tokenizer(sources)
+    first = next(iter(sources.values()))
+    if first.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {first.vocab_size} tokens "
+            f"({first.tokenizer_path})"
+        )
+    for name, data in sources.items():
+        try:
+            validation_windows(data.splits["val"], cfg.data.seq_len, cfg.data.val_windows)
+        except ValueError as e:
+            raise ValueError(f"data.mixture source {name} ({data.folder}): {e}") from None
+    return sources
 
 
 def start_from(model: FalconH1LM, path: str, tokenizer: Path) -> None:
@@ -135,7 +167,8 @@ def build(cfg: RunConfig, engine: Engine, fresh_start: bool = True) -> Component
     ``fresh_start``: the run will not resume from a checkpoint, so ``train.init_from`` (if set) gives the weights.
     """
     seed_everything(cfg.train.seed)
-    data = prepare_data(cfg, engine)
+    sources = mixture_data(cfg, engine) if cfg.data.mixture else {None: prepare_data(cfg, engine)}
+    data = next(iter(sources.values()))  # the tokenizer all sources share; the run's data folder for checkpoints
     model = FalconH1LM(cfg.model, cfg.lrm)
     if cfg.train.init_from is not None and fresh_start:
         start_from(model, cfg.train.init_from, data.tokenizer_path)
@@ -145,14 +178,21 @@ def build(cfg: RunConfig, engine: Engine, fresh_start: bool = True) -> Component
     classes = classify_parameters(model)
     optimizer = engine.setup(model, build_optimizer(model, classes, cfg.optim), classes, cfg.train.clip_multipliers)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * engine.world_size
-    loader = BatchLoader(
-        data.splits["train"],
-        cfg.data.seq_len,
-        global_batch,
-        engine.rank,
-        engine.world_size,
+    reading = dict(
+        seq_len=cfg.data.seq_len,
+        global_batch=global_batch,
+        rank=engine.rank,
+        world_size=engine.world_size,
         seed=cfg.train.seed,
         prefetch=cfg.data.prefetch,
         pin_memory=engine.device.type == "cuda",
     )
-    return Components(data, model, classes, optimizer, loader, global_batch, num_params, flops_per_token)
+    if cfg.data.mixture:
+        splits = {name: source.splits["train"] for name, source in sources.items()}
+        loader = MixtureLoader(splits, [entry.weight for entry in cfg.data.mixture], **reading)
+        weights = loader.mixture()
+        validation = {f"val_loss/{name}": (sources[name].splits["val"], weights[name]) for name in sources}
+    else:
+        loader = BatchLoader(data.splits["train"], **reading)
+        validation = {"val_loss": (data.splits["val"], 1.0)}
+    return Components(data, model, classes, optimizer, loader, global_batch, num_params, flops_per_token, validation)

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from lrm_train.train.callbacks.base import Callback, StepResult
 from lrm_train.train.callbacks.checkpointer import Checkpointer
 from lrm_train.train.callbacks.evaluator import Evaluator
+from lrm_train.train.callbacks.mixture import MixtureShares
 from lrm_train.train.callbacks.sinks import MetricSinks
 from lrm_train.train.callbacks.speed import SpeedMonitor
 from lrm_train.train.callbacks.trajectories import Trajectories
@@ -32,6 +33,7 @@ __all__ = [
     "Checkpointer",
     "Evaluator",
     "MetricSinks",
+    "MixtureShares",
     "SpeedMonitor",
     "StepResult",
     "Trajectories",
@@ -73,6 +75,7 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         SpeedMonitor(t.log_every, cfg.logging.peak_tflops),
         Trajectories(t.log_every, cfg.logging.trajectories, cfg.optim, seed=t.seed),
         Evaluator(t.eval_every, t.eval_batch_size, cfg.data.seq_len, cfg.data.val_windows),
+        *([MixtureShares(t.log_every, cfg.data.seq_len)] if cfg.data.mixture else []),
         *user,
         MetricSinks(cfg.logging, cfg.experiment.name, t.max_steps, cfg.experiment.tags),
         Checkpointer(t.ckpt_every, t.keep_last),

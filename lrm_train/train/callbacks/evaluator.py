@@ -1,5 +1,8 @@
 """Validation loss on the fixed validation windows every ``eval_every`` steps (and at the end).
 
+With ``data.mixture``, each source's loss is ``val_loss/<name>`` and ``val_loss`` is their mean weighted as the
+mixture (see ``Components.validation``).
+
 Downstream tasks plug in as further evaluator callbacks reporting ``eval/<task>/<metric>``.
 """
 
@@ -7,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lrm_train.data import validation_batches
+from lrm_train.data import TokenSplit, validation_batches
 from lrm_train.train.callbacks.base import Callback, StepResult, due
 
 
@@ -20,24 +23,24 @@ class Evaluator(Callback):
 
     def on_step(self, trainer, step: StepResult) -> None:
         if due(step, self.every):
-            self.last_loss = step.metrics["val_loss"] = self.evaluate(trainer)
+            step.metrics.update(self.evaluate(trainer))
+            self.last_loss = step.metrics["val_loss"]
 
     def on_end(self, trainer) -> None:
         if self.last_loss is None and not trainer.failed:  # a finished run resumed: still report where it stands
-            self.last_loss = self.evaluate(trainer)
+            self.last_loss = self.evaluate(trainer)["val_loss"]
+
+    def evaluate(self, trainer) -> dict[str, float]:
+        """Each validation split's loss under its metric name, and ``val_loss``: their weighted mean."""
+        validation = trainer.components.validation
+        losses = {metric: self.loss(trainer, split) for metric, (split, _) in validation.items()}
+        return {**losses, "val_loss": sum(weight * losses[metric] for metric, (_, weight) in validation.items())}
 
     @torch.no_grad()
-    def evaluate(self, trainer) -> float:
+    def loss(self, trainer, split: TokenSplit) -> float:
         engine = trainer.engine
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)
-        batches = validation_batches(
-            trainer.components.data.splits["val"],
-            self.seq_len,
-            self.windows,
-            self.batch_size,
-            engine.rank,
-            engine.world_size,
-        )
+        batches = validation_batches(split, self.seq_len, self.windows, self.batch_size, engine.rank, engine.world_size)
         for x, y in batches:
             with trainer.autocast():
                 loss = trainer.components.model(x.to(engine.device), y.to(engine.device)).cross_entropy
