@@ -58,7 +58,7 @@ SPLITS = ("train", "val")
 PART_MANIFEST = "part.json"
 
 # The settings that change the output (the read-side ones, num_proc and the parts do not).
-_OUTPUT_FIELDS = (
+OUTPUT_FIELDS = (
     "source",
     "hf_config",
     "hf_split",
@@ -90,7 +90,7 @@ def is_validation(key: str, val_fraction: float, seed: int) -> bool:
 
 
 def output_key(cfg: DataConfig, fingerprint: str, tokenizer: Tokenizer | None) -> str:
-    settings = {name: getattr(cfg, name) for name in _OUTPUT_FIELDS}
+    settings = {name: getattr(cfg, name) for name in OUTPUT_FIELDS}
     if tokenizer is not None:  # the given tokenizer's content, not its path
         settings["tokenizer"] = tokenizer_hash(tokenizer)
     payload = json.dumps({"settings": settings, "source": fingerprint, "format": FORMAT}, sort_keys=True)
@@ -317,7 +317,7 @@ def _write_manifest(
     manifest = {
         "format": FORMAT,
         "source": corpus.description,
-        "settings": {name: getattr(cfg, name) for name in _OUTPUT_FIELDS},
+        "settings": {name: getattr(cfg, name) for name in OUTPUT_FIELDS},
         "tokenizer": {
             "file": "tokenizer.json",
             "sha256": tokenizer_hash(tokenizer),

@@ -3,10 +3,14 @@ loader. One function, so the trainer, the benchmarks and the experiments assembl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import random
+import shlex
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,9 +20,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lrm_train.data import BatchLoader, TokenData, TokenSplit
+from lrm_train.data.config import MANIFEST, DataConfig
 from lrm_train.data.loader import validation_windows
 from lrm_train.data.mixture import MixtureLoader, check_same_tokenizer
-from lrm_train.data.prepare import prepare
+from lrm_train.data.prepare import OUTPUT_FIELDS, prepare, prepared_folder
+from lrm_train.data.sources import source_bytes
+from lrm_train.data.verify import check_folder
 from lrm_train.distributed import Engine
 from lrm_train.models import FalconH1LM
 from lrm_train.models.hf_folder import transfer_function
@@ -51,18 +58,87 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# The largest source a distributed run prepares itself (rank 0, the other ranks waiting): a few minutes of one node's
+# cores at most. A larger one is prepared beforehand (python -m lrm_train.data.prepare, in parts on a cluster):
+# inside the job its prepare would hold every GPU of the job idle.
+IN_JOB_PREPARE_BYTES = 64 << 20
+# While rank 0 prepares, the others wait in one short collective per beat, never in one as long as the whole prepare
+# (which dist.timeout_minutes would cut however well it progresses).
+HEARTBEAT_SECONDS = 30.0
+
+
+def prepare_command(data: DataConfig) -> str:
+    """The prepare command line that makes ``data``'s folder: every setting that differs from the defaults."""
+    defaults = DataConfig()
+    keys = ("name", "out_root", *OUTPUT_FIELDS)
+    overrides = [f"data.{key}={getattr(data, key)}" for key in keys if getattr(data, key) != getattr(defaults, key)]
+    return shlex.join(["python", "-m", "lrm_train.data.prepare", *overrides])
+
+
+def _prepare_or_find(data: DataConfig, world_size: int) -> Path:
+    if data.part is not None:
+        raise ValueError(f"data.part={data.part} is for python -m lrm_train.data.prepare only: leave it out of a run")
+    if world_size > 1:
+        folder = prepared_folder(data)
+        if folder is not None and (folder / MANIFEST).is_file():
+            return folder
+        size = source_bytes(data)
+        if size is None or size > IN_JOB_PREPARE_BYTES:
+            what = "a hub dataset" if size is None else f"{size / 2**20:,.0f} MiB"
+            raise ValueError(
+                f"data.source={data.source} ({what}) is not prepared yet, and a distributed run prepares only sources "
+                f"up to {IN_JOB_PREPARE_BYTES >> 20} MiB; prepare it first: {prepare_command(data)}"
+            )
+    return prepare(data)
+
+
+@contextlib.contextmanager
+def _heartbeat(engine: Engine) -> Iterator[None]:
+    """Rank 0's side of the wait: a beat every ``HEARTBEAT_SECONDS`` from a thread, then a last one saying done."""
+    if engine.world_size == 1:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            engine.max_over_ranks([1])  # host-side (gloo): no CUDA device needed in this thread
+
+    thread = threading.Thread(target=beat, name="prepare-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        engine.max_over_ranks([0])
+
+
+def _wait_for_main(engine: Engine) -> None:
+    while engine.max_over_ranks([0])[0]:  # each call returns at rank 0's next beat
+        pass
+
+
 def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
-    """Rank 0 prepares (or finds) the data; every rank then opens the same folder, or raises rank 0's error."""
+    """Rank 0 prepares (or finds) the data and checks its shards (``verify.check_folder``: by size and stamp, a
+    shard hashed only when its stamp changed); every rank then opens the same folder, or raises rank 0's error.
+    Under torchrun a source larger than ``IN_JOB_PREPARE_BYTES`` must be prepared already (one line gives the
+    command)."""
     outcome: tuple[str, str] = ("ok", "")
     if engine.is_main:
-        try:
-            outcome = ("ok", str(prepare(cfg.data)))
-        except (ValueError, OSError) as e:
-            outcome = ("error", str(e))
+        with _heartbeat(engine):
+            try:
+                folder = _prepare_or_find(cfg.data, engine.world_size)
+                check_folder(folder, cfg.data.verify_checksums)
+                outcome = ("ok", str(folder))
+            except (ValueError, OSError) as e:
+                outcome = ("error", str(e))
+    elif engine.world_size > 1:
+        _wait_for_main(engine)
     status, value = engine.all_gather_object(outcome)[0]
     if status == "error":
         raise ValueError(value)
-    data = TokenData(value, verify_checksums=cfg.data.verify_checksums)
+    data = TokenData(value, verify_checksums=False)  # checked once above; each rank still checks the sizes
     if data.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size} tokens "
