@@ -8,6 +8,7 @@ import textwrap
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from lrm_train.data import DataConfig
 from lrm_train.data import tokenizer as tokenizer_module
@@ -15,6 +16,7 @@ from lrm_train.data.prepare import tokenizer_sample
 from lrm_train.data.sources import load_corpus
 
 
+@pytest.mark.multiprocess
 def test_a_local_source_is_prepared_without_datasets(corpus_dir, tmp_path):
     script = textwrap.dedent(
         f"""

@@ -71,6 +71,7 @@ def test_a_truncated_shard_is_refused_on_open_without_hashing(prepared, hashes):
         check_folder(prepared, verify_checksums=False)
 
 
+@pytest.mark.multiprocess
 def test_verify_finds_a_corruption_that_keeps_size_and_time(prepared):
     run = [sys.executable, "-m", "lrm_train.data.verify", str(prepared)]
     done = subprocess.run(run, capture_output=True, text=True, timeout=60)
