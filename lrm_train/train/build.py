@@ -149,6 +149,24 @@ def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
     return data
 
 
+def open_prepared(folder: str, verify_checksums: bool, engine: Engine) -> TokenData:
+    """A folder prepared ahead, checked as ``prepare_data`` checks its own: by rank 0 (``verify.check_folder``; the
+    other ranks follow its heartbeat), its error raised on every rank."""
+    outcome: tuple[str, str] = ("ok", "")
+    if engine.is_main:
+        with _heartbeat(engine):
+            try:
+                check_folder(folder, verify_checksums)
+            except (ValueError, OSError) as e:
+                outcome = ("error", str(e))
+    elif engine.world_size > 1:
+        _wait_for_main(engine)
+    status, value = engine.all_gather_object(outcome)[0]
+    if status == "error":
+        raise ValueError(value)
+    return TokenData(folder, verify_checksums=False)  # checked once above; each rank still checks the sizes
+
+
 def mixture_data(cfg: RunConfig, engine: Engine) -> dict[str, TokenData]:
     """``data.mixture``'s folders by source name: a ``path`` opened as it is, a ``source`` prepared like ``data.source``
     with the mixture's one tokenizer (``data.tokenizer``, else the first source's), each checked like ``prepare_data``'s.
@@ -156,7 +174,7 @@ def mixture_data(cfg: RunConfig, engine: Engine) -> dict[str, TokenData]:
     sources, tokenizer = {}, cfg.data.tokenizer
     for entry in cfg.data.mixture:
         if entry.path is not None:
-            data = TokenData(entry.path, verify_checksums=cfg.data.verify_checksums)
+            data = open_prepared(entry.path, cfg.data.verify_checksums, engine)
         else:
             settings = replace(cfg.data, name=entry.name, source=entry.source, tokenizer=tokenizer, mixture=None)
             data = prepare_data(replace(cfg, data=settings), engine)

@@ -61,5 +61,5 @@ def test_a_folder_with_another_tokenizer_is_one_error_line(data_root, tmp_path):
 
 def test_a_missing_folder_is_named(data_root, tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=f"{missing}/manifest.json: no such file"):
+    with pytest.raises(ValueError, match=f"{missing}/manifest.json: no such file"):
         train(run_config(data_root, tmp_path, **{"data.mixture": f"[{{source:shakespeare}},{{path:'{missing}'}}]"}))
