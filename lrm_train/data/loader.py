@@ -5,6 +5,7 @@ targets shifted by one), window w starting at token ``w * seq_len``. Global posi
 reads window ``permutation_e[p mod W]`` with ``e = p div W`` and ``permutation_e`` a fixed function of (seed, e).
 So the global batch of a step depends only on (seed, step): not on the world size, the rank or gradient accumulation.
 Rank r of R reads rows ``[r * global_batch / R, (r + 1) * global_batch / R)`` of it. Resuming needs only the step.
+Several weighted splits (``data.mixture``) keep these properties: see ``mixture.py``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from lrm_train.data.loader import BatchLoader, TokenData, TokenSplit, WindowOrde
 def assign(positions: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The source of each position of the stream and its index among that source's positions (see the module)."""
     order = np.argsort(weights, kind="stable")
-    left = np.cumsum(weights[order][::-1])[::-1]  # the weight of the sources from each one in ``order`` on
+    left = np.cumsum(weights[order][::-1])[::-1]  # left[i]: the weight of the sources order[i:], not yet split off
     source = np.full(len(positions), order[-1], dtype=np.int64)  # what the others do not take is the heaviest's
     index = np.asarray(positions, dtype=np.int64).copy()  # position in the stream still being split
     open_rows = np.arange(len(positions))

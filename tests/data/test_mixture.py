@@ -29,7 +29,7 @@ def mixture(prepared, other, weights=(1.0, 3.0), **kwargs):
     return MixtureLoader(splits, list(weights), **{"seq_len": 16, "global_batch": 8, "seed": 3, **kwargs})
 
 
-@pytest.mark.parametrize("weights", [[0.3, 0.7], [1, 1], [0.2, 0.3, 0.5], [1e-3, 1, 5], [1, 1, 1]])
+@pytest.mark.parametrize("weights", [[1], [0.3, 0.7], [1, 1], [0.2, 0.3, 0.5], [1e-3, 1, 5], [1, 1, 1]])
 def test_assign_is_each_sources_running_count_within_rounding(weights):
     weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
     positions = np.arange(20_000)
