@@ -3,7 +3,8 @@
 Which source a row reads is a stratified quota, not a random draw. The rows of all global batches form one stream of
 positions ``p = step * global_batch + i``; ``assign`` gives each position a source ``k`` and its index ``j`` among
 source k's positions, and source k's ``j``-th row reads window ``permutation_{k,e}[j mod W_k]``, ``e = j div W_k``,
-with ``permutation_{k,e}`` seeded by (seed, k, e). Why this design:
+with ``permutation_{k,e}`` seeded by (seed, k, e). The seed picks the windows; which rows take which source is a
+fixed pattern of the weights alone. Why this design:
 
 - The order is a closed-form function of (seed, step): no history to replay, so a resume needs the step alone and
   costs the same at step 10 as at step 10 million, and the global batch is the same at any world size and gradient
