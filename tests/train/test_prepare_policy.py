@@ -3,6 +3,7 @@ others wait on a heartbeat, a large one is refused with the exact prepare comman
 
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,43 @@ def test_data_part_is_refused_by_the_trainer(run_cfg):
     run_cfg.data.num_parts, run_cfg.data.part = 2, 1
     with pytest.raises(ValueError, match="data.part=1 is for python -m lrm_train.data.prepare only"):
         build.prepare_data(run_cfg, Rank(world_size=1))
+
+
+def _rank_worker(rank, folder, data_settings):
+    import torch
+    import torch.distributed as dist
+
+    from lrm_train.distributed.engine import DistConfig, Engine, LaunchedProcessGroup
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
+    cpu = torch.device("cpu")
+    engine = Engine(DistConfig(name="ddp"), LaunchedProcessGroup(DistConfig(name="ddp"), cpu), device=cpu)
+    beats, real_max = [], engine.max_over_ranks
+    engine.max_over_ranks = lambda values: beats.append(real_max(values)[0]) or [beats[-1]]
+    build.HEARTBEAT_SECONDS = 0.05
+    real_prepare = build.prepare
+
+    def slow_prepare(cfg):
+        time.sleep(1.0)  # twenty beats
+        return real_prepare(cfg)
+
+    build.prepare = slow_prepare
+    data = build.prepare_data(RunConfig(data=DataConfig(**data_settings)), engine)
+    with open(f"{folder}/rank{rank}", "w") as f:
+        f.write(f"{data.folder} {beats.count(1)}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_over_gloo_wait_on_the_heartbeat_and_open_the_same_folder(run_cfg, tmp_path):
+    import dataclasses
+
+    import torch.multiprocessing as mp
+
+    settings = dataclasses.asdict(run_cfg.data)
+    mp.start_processes(_rank_worker, args=(str(tmp_path), settings), nprocs=2, start_method="spawn")
+    (folder0, beats0), (folder1, beats1) = [(tmp_path / f"rank{rank}").read_text().split() for rank in (0, 1)]
+    assert folder0 == folder1 and Path(folder0).parent == tmp_path / "out"
+    assert (
+        int(beats0) >= 5 and int(beats1) >= 5
+    )  # rank 1 saw rank 0's beats while it prepared, each wait a short collective
