@@ -69,7 +69,7 @@ class DataConfig:
     # Read side.
     seq_len: int = 256
     val_windows: int = 64  # fixed validation windows of seq_len tokens (fewer if the split is shorter)
-    verify_checksums: bool = True
+    verify_checksums: bool = True  # re-hash a shard whose verified stamp changed (false: sizes only); verify.py
     prefetch: int = 2
     # Several corpora sampled by weight, in place of data.source (see lrm_train/data/mixture.py); None: data.source.
     mixture: list[MixtureSource] | None = None
