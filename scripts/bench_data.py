@@ -34,6 +34,7 @@ import torch
 from lrm_train.data import BatchLoader, DataConfig, TokenData
 from lrm_train.data.config import FORMAT, MANIFEST
 from lrm_train.data.prepare import prepare
+from lrm_train.data.tokenizer import available_cores
 from lrm_train.data.verify import check_folder, write_stamps
 from lrm_train.models import FalconH1LM, preset
 from lrm_train.nn import LRMConfig, lm_loss
@@ -86,7 +87,8 @@ def main() -> int:
     print(f"default corpus: {manifest['source']}, {tokens:,} tokens, vocab {manifest['tokenizer']['vocab_size']}")
     print(f"{'stage':<46}{'tokens/s':>14}")
     print(f"{'prepare (BPE training + tokenize + write)':<46}{tokens / prepare_seconds:>14,.0f}")
-    print(f"{'  tokenize + write only (num_proc=2)':<46}{tokens / manifest['tokenize_seconds']:>14,.0f}")
+    tokenize_stage = f"  tokenize + write only (num_proc={available_cores()})"
+    print(f"{tokenize_stage:<46}{tokens / manifest['tokenize_seconds']:>14,.0f}")
     loader_stage = f"loader (batch {args.batch} x {args.seq_len}, prefetch)"
     print(f"{loader_stage:<46}{loader_rate:>14,.0f}")
     print(f"{'tiny model training step (fwd+bwd+AdamW)':<46}{train_rate:>14,.0f}")
@@ -119,6 +121,7 @@ PREPARE_ONE = """
 import json, sys
 from lrm_train.data import DataConfig
 from lrm_train.data.prepare import prepare
+from lrm_train.data.tokenizer import available_cores
 source, out, sample = sys.argv[1:]
 folder = prepare(DataConfig(source=source, out_root=out, num_proc=1, tokenizer_sample_bytes=int(sample)))
 manifest = json.loads((folder / "manifest.json").read_text())
