@@ -147,3 +147,17 @@ def test_a_hub_dataset_is_not_prepared_in_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_hub", lambda name, cfg: sources.Corpus("hub", "f", [], hub=Hub(["a", "b"])))
     with pytest.raises(ValueError, match="data.num_parts=2: a hub dataset"):
         prepare(DataConfig(source="hf:x", out_root=str(tmp_path), num_parts=2))
+
+
+def test_the_merge_refuses_a_part_tokenized_with_another_tokenizer(tmp_path):
+    source = write_files(tmp_path / "corpus", count=4)
+    cfg = config(source, tmp_path / "parts", num_parts=2)
+    prepare(cfg, tokenizer_only=True)
+    cfg.part = 1
+    part = prepare(cfg)
+    info = json.loads((part / "part.json").read_text())
+    (part / "part.json").write_text(json.dumps({**info, "tokenizer_sha256": "0" * 64}))
+    cfg.part = None
+    with pytest.raises(ValueError, match=f"^{part} was tokenized with another tokenizer than .*tokenizer.json"):
+        prepare(cfg)
+    assert not list((tmp_path / "parts").glob("c-*/manifest.json"))
