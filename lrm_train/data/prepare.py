@@ -351,6 +351,11 @@ def prepare(cfg: DataConfig, tokenizer_only: bool = False) -> Path:
     """Prepare ``cfg``'s corpus (or reuse the finished folder for the same settings); return the folder. With
     ``data.num_parts`` > 1: prepare ``data.part`` alone and return its folder, or without ``data.part`` every missing
     part, then merge them. ``tokenizer_only``: train (or find) the parts' shared tokenizer and return its path."""
+    if (cfg.num_parts > 1 or tokenizer_only) and cfg.source.startswith("hf:"):
+        raise ValueError(
+            f"data.num_parts={cfg.num_parts}: a hub dataset ({cfg.source}) is prepared in one process "
+            "(save its files locally and point data.source at them to prepare in parts)"
+        )
     for leftover in remove_stale_temporaries(cfg.out_root):
         log.info("removed %s, left by an interrupted prepare", leftover)
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
@@ -383,11 +388,6 @@ def prepare(cfg: DataConfig, tokenizer_only: bool = False) -> Path:
 def _prepare_in_parts(
     cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None, out: Path, tokenizer_only: bool
 ) -> Path:
-    if corpus.hub is not None:
-        raise ValueError(
-            f"data.num_parts={cfg.num_parts}: a hub dataset ({cfg.source}) is prepared in one process "
-            "(save its files locally and point data.source at them to prepare in parts)"
-        )
     parts_dir = out.with_name(out.name + ".parts")
     for leftover in remove_stale_temporaries(parts_dir):
         log.info("removed %s, left by an interrupted prepare", leftover)

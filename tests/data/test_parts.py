@@ -138,13 +138,13 @@ def test_a_part_without_the_shared_tokenizer_is_refused_with_the_command_to_run(
     assert "data.part=3 must be in 0 .. 2" in capsys.readouterr().err
 
 
-def test_a_hub_dataset_is_not_prepared_in_parts(tmp_path, monkeypatch):
+def test_a_hub_dataset_is_not_prepared_in_parts_and_is_refused_before_loading(tmp_path, monkeypatch):
     from lrm_train.data import sources
 
-    class Hub(list):
-        _fingerprint = "f"
+    def loaded(name, cfg):
+        raise AssertionError("the hub dataset was loaded")
 
-    monkeypatch.setattr(sources, "_hub", lambda name, cfg: sources.Corpus("hub", "f", [], hub=Hub(["a", "b"])))
+    monkeypatch.setattr(sources, "_hub", loaded)
     with pytest.raises(ValueError, match="data.num_parts=2: a hub dataset"):
         prepare(DataConfig(source="hf:x", out_root=str(tmp_path), num_parts=2))
 
