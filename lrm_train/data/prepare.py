@@ -361,9 +361,9 @@ def prepare(cfg: DataConfig, tokenizer_only: bool = False) -> Path:
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     corpus = None if (out := prepared_folder(cfg, tokenizer)) else load_corpus(cfg)
     out = out or Path(cfg.out_root) / f"{cfg.name}-{output_key(cfg, corpus.fingerprint, tokenizer)}"
-    if (out / MANIFEST).exists() and not tokenizer_only:
+    if (out / MANIFEST).exists():
         log.info("reusing %s", out)
-        return out
+        return out / "tokenizer.json" if tokenizer_only else out
     corpus = corpus or load_corpus(cfg)
     if cfg.num_parts > 1 or tokenizer_only:
         return _prepare_in_parts(cfg, corpus, tokenizer, out, tokenizer_only)

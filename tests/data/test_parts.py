@@ -90,6 +90,9 @@ def test_three_parts_merge_into_the_folder_one_process_writes(tmp_path):
     manifest = json.loads((merged / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]["shards"]) > 3 and manifest["splits"]["val"]["documents"] > 1
     assert not merged.with_name(merged.name + ".parts").exists()  # the intermediate parts are gone once merged
+    cfg = config(source, tmp_path / "parts", num_parts=3)
+    assert prepare(cfg, tokenizer_only=True) == merged / "tokenizer.json"  # a job run again finds the folder done
+    assert not merged.with_name(merged.name + ".parts").exists()
 
 
 def test_the_merge_prepares_the_parts_still_missing(tmp_path):
