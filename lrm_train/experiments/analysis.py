@@ -51,8 +51,27 @@ def power_law_fit(x: list[float], y: list[float]) -> dict:
     intercept = my - slope * mx
     residual = sum((b - intercept - slope * a) ** 2 for a, b in zip(lx, ly))
     stderr = math.sqrt(residual / (n - 2) / sxx)
-    t = _T95[n - 3] if n - 2 <= len(_T95) else 1.96
+    t = _t95(n - 2)
     return dict(exponent=slope, ci95=[slope - t * stderr, slope + t * stderr], prefactor=math.exp(intercept), n=n)
+
+
+def slope_over_seeds(x: list[float], per_seed: list[list[float]]) -> dict:
+    """The log-log slope of values against ``x`` measured once per seed (``per_seed[s]``: seed s's value at each x):
+    the mean of the seeds' own fitted slopes, with its 95% interval over the seeds (Student's t), the seeds being the
+    replicates. One seed: its fit, with the fit's interval. The mean of slopes is the slope of the seeds' geometric
+    mean, which one seed's outlying run moves less than an arithmetic mean."""
+    fits = [power_law_fit(x, values) for values in per_seed]
+    if len(fits) == 1:
+        return {**fits[0], "per_seed": [fits[0]["exponent"]]}
+    slopes = [f["exponent"] for f in fits]
+    n = len(slopes)
+    mean = sum(slopes) / n
+    half = _t95(n - 1) * math.sqrt(sum((s - mean) ** 2 for s in slopes) / (n - 1) / n)
+    return dict(exponent=mean, ci95=[mean - half, mean + half], n=len(x), per_seed=slopes)
+
+
+def _t95(degrees: int) -> float:
+    return _T95[degrees - 1] if degrees <= len(_T95) else 1.96
 
 
 class SweepParametrization(StrEnum):
@@ -92,7 +111,7 @@ def width_overrides(width: int, layers: int, head_dim: int, parametrization: Par
     shape = width_family(width, layers, head_dim=head_dim, d_state=SWEEP_D_STATE, parametrization=parametrization)
     keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
             "head_dim", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_n_groups",
-            "parametrization", "base_width")  # fmt: skip
+            "parametrization", "base_width", "zero_init_readouts")  # fmt: skip
     values = [f"model.{key}={getattr(shape, key)}" for key in keys]
     return [*values, f"model.mamba_a_init_range=[{','.join(map(str, shape.mamba_a_init_range))}]"]
 

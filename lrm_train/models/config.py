@@ -17,11 +17,18 @@ def width_class(role: str) -> WidthClass:
     return WIDTH_CLASSES.get(role, WidthClass.hidden)
 
 
+# The matrices ``zero_init_readouts`` starts at zero (microsoft/mup's zero readout init): the LM head, and the scan's
+# C, its query (B, the key, keeps its init, so that C learns from the first step, as with a zero attention query). A
+# readout's initial random part shrinks only as width^-1/2, and at the widths one tunes on it dominates the change of
+# the output for the first steps, a change muP means to be width-independent; from zero it is the learned part alone.
+ZERO_INIT_READOUTS = ("lm_head", "ssm.C")
+
+
 # Fields that choose how a model runs on this machine, not the function it computes: model folders, Hugging Face
 # exports and checkpoints' run records leave them out, so a model saved on a GPU loads anywhere.
 RUNTIME_FIELDS = ("ssd_backend", "lm_loss_backend")
 # Fields that shape how a model starts or how its scales follow the width, not what it computes with given weights.
-INIT_FIELDS = ("init_std", "mamba_a_init_range", "parametrization", "base_width")
+INIT_FIELDS = ("init_std", "zero_init_readouts", "mamba_a_init_range", "parametrization", "base_width")
 
 
 @dataclass
@@ -50,6 +57,7 @@ class FalconH1Config:
     rope_theta: float = 1e4
     rms_norm_eps: float = 1e-5
     init_std: float = 0.02
+    zero_init_readouts: bool = False  # start ZERO_INIT_READOUTS at zero (the muP transfers: tiny, the width family)
     # How the scales below follow the width (nn.parametrization): standard applies them as given; the muP forms take
     # them as tuned at base_width and scale them (and the optimizer's LR/WD) to hidden_size.
     parametrization: Parametrization = Parametrization.standard
@@ -165,6 +173,8 @@ class FalconH1Config:
 
     def matrix_init_std(self, role: str) -> float:
         """The init std of the matrix of this role at this width."""
+        if self.zero_init_readouts and role in ZERO_INIT_READOUTS:
+            return 0.0
         scale = init_std_scale(self.parametrization, width_class(role), self.width_ratio)
         return self.init_std * scale
 
@@ -233,13 +243,14 @@ FALCON_H1_0P5B = dict(
 )
 
 # Trains on 2 CPU cores: 4 layers at width 128, a muP transfer of the 0.5B model (its multipliers, init and LRs as
-# tuned at width 1024, scaled to 128 by the mup parametrization: e.g. an LM-head multiplier of 0.3125).
+# tuned at width 1024, scaled to 128 by the mup parametrization: e.g. an LM-head multiplier of 0.3125), its readouts
+# starting at zero as muP's do.
 TINY = dict(
     vocab_size=8192, hidden_size=128, num_hidden_layers=4, intermediate_size=256,
     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
     mamba_d_ssm=192, mamba_n_heads=6, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16,
     mamba_d_conv=4, mamba_chunk_size=64, rope_theta=1e4, parametrization="mup", base_width=1024,
-    **{k: v for k, v in FALCON_H1_0P5B.items() if "multiplier" in k},
+    zero_init_readouts=True, **{k: v for k, v in FALCON_H1_0P5B.items() if "multiplier" in k},
 )
 # fmt: on
 
@@ -262,7 +273,8 @@ def width_family(
     groups (B.C contracts over d_state as q.k over the head dim), and the range of the heads' initial decay rates
     (A in [1, 16], Mamba2's, whatever the head count). The head counts grow with the width: attention width = hidden/2,
     MLP 2x, SSM 1.5x. Where this differs from Falcon-H1's released shapes: the GQA ratio (the 0.5B model's is 4), A's
-    init range (theirs is 1..heads) and, at other widths than 1024, any d_state they chose per size.
+    init range (theirs is 1..heads) and, at other widths than 1024, any d_state they chose per size. Under a muP
+    parametrization the readouts start at zero (``zero_init_readouts``); Falcon-H1 draws them like every matrix.
     """
     if hidden_size % (2 * head_dim):
         raise ValueError(
@@ -291,6 +303,7 @@ def width_family(
         mamba_a_init_range=[1.0, 16.0],
         parametrization=parametrization,
         base_width=base.hidden_size,
+        zero_init_readouts=Parametrization(parametrization) is not Parametrization.standard,
     )
 
 

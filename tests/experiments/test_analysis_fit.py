@@ -1,9 +1,10 @@
 import math
 import random
+import statistics
 
 import pytest
 
-from lrm_train.experiments.analysis import power_law_fit, width_overrides
+from lrm_train.experiments.analysis import power_law_fit, slope_over_seeds, width_overrides
 from lrm_train.train import compose
 
 
@@ -25,6 +26,17 @@ def test_power_law_fit_of_exact_data_and_of_negative_values():
     # A trend that is no power law gets a wide interval, not a confident wrong answer.
     noisy = power_law_fit([1, 2, 4, 8], [1.0, 0.2, 3.0, 0.5])
     assert noisy["ci95"][1] - noisy["ci95"][0] > 2
+
+
+def test_slope_over_seeds_averages_the_seeds_own_slopes():
+    widths = [64, 128, 256, 512]
+    per_seed = [[w**slope for w in widths] for slope in (-0.2, 0.0, 0.2, 0.4)]
+    fit = slope_over_seeds(widths, per_seed)
+    assert fit["per_seed"] == pytest.approx([-0.2, 0.0, 0.2, 0.4])
+    half = 3.182 * statistics.stdev([-0.2, 0.0, 0.2, 0.4]) / 2  # t with 3 degrees of freedom, 4 seeds
+    assert fit["exponent"] == pytest.approx(0.1) and fit["ci95"] == pytest.approx([0.1 - half, 0.1 + half])
+    one = slope_over_seeds(widths, per_seed[:1])  # one seed: its own fit and the fit's interval
+    assert one["exponent"] == pytest.approx(-0.2) and one["ci95"] == pytest.approx([-0.2, -0.2])
 
 
 def test_power_law_fit_needs_three_points():

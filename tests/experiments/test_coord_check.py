@@ -3,7 +3,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from lrm_train.experiments.coord_check import KINDS, QUANTITIES, RESULT_FILE, CoordCheckSettings, measured, plan, run
+from lrm_train.experiments.coord_check import (
+    KINDS,
+    QUANTITIES,
+    RESULT_FILE,
+    CoordCheckSettings,
+    measured,
+    plan,
+    run,
+    seed_means,
+    slopes,
+)
 from lrm_train.experiments.experiment import ExperimentFailed
 from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
 
@@ -29,11 +39,15 @@ def test_report_holds_every_step_quantity_kind_and_width(healthy):
     assert set(measured) == {"16", "32", "64"}
     for steps in measured.values():
         assert len(steps) == 3  # initialization, then after each of the 2 steps
-        assert all(set(s) == set(QUANTITIES) and all(s[q]["rms"] > 0 for q in QUANTITIES) for s in steps)
+        assert all(set(s) == set(QUANTITIES) for s in steps)
+        # muP's LM head starts at zero: so do the logits, and only they.
+        assert [q for q in QUANTITIES if steps[0][q]["rms"] == 0] == ["logits"]
+        assert all(s[q]["rms"] > 0 for s in steps[1:] for q in QUANTITIES)
         assert all(s[q]["delta"] == 0 for s in steps[:1] for q in QUANTITIES)  # the change since init, at init
         assert all(s[q]["delta"] > 0 for s in steps[1:] for q in QUANTITIES)  # training moved every output
     fitted = {(r["step"], r["quantity"], r["kind"]) for r in report["slopes"]}
-    assert fitted == {(s, q, k) for s in (0, 1, 2) for q in QUANTITIES for k in KINDS if (s, k) != (0, "delta")}
+    zero = {(0, "logits", "rms"), *((0, q, "delta") for q in QUANTITIES)}  # nothing to fit
+    assert fitted == {(s, q, k) for s in (0, 1, 2) for q in QUANTITIES for k in KINDS} - zero
     assert {
         r["checked"] for r in report["slopes"] if r["step"] < 2 or (r["quantity"], r["kind"]) == ("logits", "rms")
     } == {False}
@@ -68,16 +82,27 @@ def test_through_multiplier_means_each_optimizers_own_form(data_root, tmp_path):
         (16, 0, "adamw_lr1_none_w16"), (16, 1, "adamw_lr1_none_w16_s1")]  # fmt: skip
 
 
-def test_each_widths_value_is_the_mean_over_its_seeds(tmp_path):
+def test_slopes_are_the_seeds_mean_slope_with_an_interval_over_the_seeds(tmp_path):
+    # Seed 0's MLP output falls as width^-1, seed 1's as width^-0.5; the plot shows their mean values.
+    check = CoordCheckSettings(out_dir=str(tmp_path), widths=[16, 32, 64], steps=2, seeds=[0, 1], max_slope=0.15)
     runs = []
-    for seed, value in ((0, 1.0), (1, 3.0)):
-        run_dir = tmp_path / f"s{seed}"
-        run_dir.mkdir()
-        step = {q: {"rms": value, "delta": 2 * value} for q in QUANTITIES}
-        (run_dir / RESULT_FILE).write_text(json.dumps({"steps": [step]}))
-        labels = dict(optimizer="adamw", lr_factor=1.0, arm="none", width=64, seed=seed)
-        runs.append(SimpleNamespace(run_dir=run_dir, labels=labels))
-    assert measured(runs)["adamw/lr1/none"][64][0]["mlp"] == {"rms": 2.0, "delta": 4.0}
+    for seed, exponent in ((1, -0.5), (0, -1.0)):
+        for width in check.widths:
+            run_dir = tmp_path / f"w{width}_s{seed}"
+            run_dir.mkdir()
+            value = width**exponent
+            step = {q: {"rms": value, "delta": 2 * value} for q in QUANTITIES}
+            (run_dir / RESULT_FILE).write_text(json.dumps({"steps": [step] * 3}))
+            labels = dict(optimizer="adamw", lr_factor=1.0, arm="none", width=width, seed=seed)
+            runs.append(SimpleNamespace(run_dir=run_dir, labels=labels))
+    per_seed = measured(runs)
+    assert [steps[0]["mlp"]["rms"] for steps in per_seed["adamw/lr1/none"][16]] == [1 / 16, 1 / 4]  # by seed
+    assert seed_means(per_seed)["adamw/lr1/none"][16][0]["mlp"] == {"rms": (1 / 16 + 1 / 4) / 2, "delta": 5 / 16}
+    row = next(r for r in slopes(check, per_seed) if (r["step"], r["quantity"], r["kind"]) == (2, "mlp", "delta"))
+    assert row["exponent"] == pytest.approx(-0.75) and row["per_seed"] == pytest.approx([-1.0, -0.5])
+    # Two seeds 0.5 apart: the interval over them (t with one degree of freedom) is wide and reaches inside the bar.
+    assert row["ci95"] == pytest.approx([-0.75 - 12.706 * 0.25, -0.75 + 12.706 * 0.25])
+    assert row["flagged"] and not row["confident"]
 
 
 def test_a_rerun_reuses_finished_runs(data_root, healthy, capsys):

@@ -1,5 +1,7 @@
 """The presets have the shapes they claim: Falcon-H1-0.5B as released, and every preset as transformers builds it."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import FalconH1Config as HFConfig
@@ -99,6 +101,21 @@ def test_tiny_is_small_and_a_mup_transfer_of_the_0p5b_model():
     assert (cfg.parametrization, cfg.base_width) == ("mup", 1024)
     assert cfg.matrix_multiplier("lm_head") == 0.3125  # ... and applied at 128: the LM head's x 1024/128
     assert FalconH1LM(cfg, LRMConfig("none")).num_params() == 3_007_048  # "3M parameters, trains on 2 CPU cores"
+
+
+@pytest.mark.parametrize("name", ["tiny", "width_256"])
+def test_a_mup_transfer_starts_its_readouts_at_zero_and_the_released_model_does_not(name):
+    """muP's zero readout init: the LM head and the scan's C (its query) start at zero; B, its key, and every other
+    matrix as drawn; under the standard parametrization (the released model, the paper's width sweep) nothing is."""
+    torch.manual_seed(0)
+    model = FalconH1LM(preset(name), LRMConfig("none"))
+    mixer = model.layers[0].mamba.in_proj
+    assert not model.lm_head.weight.any() and not mixer["C"].weight.any()
+    assert mixer["B"].weight.std() > 0 and model.layers[0].mamba.out_proj.weight.std() > 0
+    assert not width_family(256, parametrization="standard").zero_init_readouts
+    assert not preset("falcon_h1_0p5b").zero_init_readouts
+    # An init choice, not part of the function: a checkpoint of one loads into the other.
+    assert preset(name).function_definition() == replace(preset(name), zero_init_readouts=False).function_definition()
 
 
 def test_an_unknown_preset_names_the_known_ones():
