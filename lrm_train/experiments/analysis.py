@@ -64,10 +64,18 @@ def slope_over_seeds(x: list[float], per_seed: list[list[float]]) -> dict:
     if len(fits) == 1:
         return {**fits[0], "per_seed": [fits[0]["exponent"]]}
     slopes = [f["exponent"] for f in fits]
-    n = len(slopes)
-    mean = sum(slopes) / n
-    half = _t95(n - 1) * math.sqrt(sum((s - mean) ** 2 for s in slopes) / (n - 1) / n)
-    return dict(exponent=mean, ci95=[mean - half, mean + half], n=len(x), per_seed=slopes)
+    mean, ci95 = mean_interval(slopes)
+    return dict(exponent=mean, ci95=ci95, n=len(x), per_seed=slopes)
+
+
+def mean_interval(values: list[float]) -> tuple[float, list[float]]:
+    """The mean of two or more replicates and its 95% interval (Student's t)."""
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"an interval over replicates needs 2 or more, got {n}")
+    mean = sum(values) / n
+    half = _t95(n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return mean, [mean - half, mean + half]
 
 
 def _t95(degrees: int) -> float:

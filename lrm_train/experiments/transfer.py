@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
-from lrm_train.experiments.analysis import SweepParametrization, check_sweep_choices, check_width_sweep, width_overrides
+from lrm_train.experiments.analysis import (
+    SweepParametrization,
+    check_sweep_choices,
+    check_width_sweep,
+    mean_interval,
+    width_overrides,
+)
 from lrm_train.experiments.compare import lr_grid
 from lrm_train.experiments.experiment import Experiment, ExperimentFailed, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
@@ -129,6 +135,25 @@ def final_losses(runs: list[RunSpec], points: int) -> dict[tuple[str, int], list
     for (optimizer, width, index), values in by_seed.items():
         losses[optimizer, width][index] = None if None in values else sum(values) / len(values)
     return losses
+
+
+def paired_rises(runs: list[RunSpec], optimizer: str, widths: list[int], lr_indices: list[int]) -> list[dict]:
+    """At each grid index of ``lr_indices``, each width's final loss minus the next narrower one's, paired by seed
+    (the two share the seed's data order): the mean rise with its 95% interval over the seeds that finished at both.
+    Fewer than two such seeds: no row."""
+    by_seed: dict[tuple[int, int], dict[int, float]] = {}
+    for result in collect([r for r in runs if r.labels["optimizer"] == optimizer]):
+        labels = result.run.labels
+        if finite(result.final):
+            by_seed.setdefault((labels["width"], labels["lr_index"]), {})[labels["seed"]] = result.final
+    rows = []
+    for index, (narrow, wide) in itertools.product(lr_indices, pairwise(sorted(widths))):
+        before, after = by_seed.get((narrow, index), {}), by_seed.get((wide, index), {})
+        rises = [after[seed] - before[seed] for seed in sorted(before.keys() & after.keys())]
+        if len(rises) >= 2:
+            mean, ci95 = mean_interval(rises)
+            rows.append(dict(lr_index=index, narrower=narrow, wider=wide, rise=mean, ci95=ci95, seeds=len(rises)))
+    return rows
 
 
 def best_index(losses: list[float | None]) -> int | None:
@@ -233,6 +258,20 @@ wider model's final loss exceeds the next narrower one's by more than {settings.
         text += f"\n## {optimizer} ({settings.parametrization.for_optimizer(optimizer)})\n\n"
         text += f"![loss against LR]({figure})\n\nFinal validation loss (-: diverged):\n\n{table}\n\n"
         text += "\n\n".join(lines[optimizer]) + "\n"
+        near = [grid.index(lr) for lr in result["near_lrs"]]
+        result["paired_rises"] = paired_rises(runs, optimizer, settings.widths, near)
+        if result["paired_rises"]:
+            rows = [
+                [f"{grid[r['lr_index']]:.3g}", f"w{r['narrower']} -> w{r['wider']}", f"{r['rise']:+.3f}",
+                 f"{r['ci95'][0]:+.3f}..{r['ci95'][1]:+.3f}", r["seeds"]]
+                for r in result["paired_rises"]
+            ]  # fmt: skip
+            text += (
+                "\nLoss of each width minus the next narrower one's near the optimum, paired by seed (negative: wider "
+                "is better):\n\n"
+                + markdown_table(["LR", "widths", "mean rise", "95% CI over seeds", "seeds"], rows)
+                + "\n"
+            )
     data = dict(
         settings=dataclasses.asdict(settings),
         lr_grid=grid,

@@ -222,3 +222,27 @@ def test_agreement_on_the_grids_edge_is_inconclusive_and_fails(tmp_path, monkeyp
     at_top = bowl({w: 4 for w in WIDTHS}, LOWER_WITH_WIDTH)  # every width best at the highest LR: maybe beyond it
     with pytest.raises(ExperimentFailed, match=r"spread 0 sqrt\(2\)-steps \(on the grid's edge at width 32, 64, 128: "):
         synthetic_report(tmp_path, monkeypatch, {"adamw": at_top})
+
+
+def test_wider_minus_narrower_is_paired_by_seed_with_an_interval(tmp_path, monkeypatch):
+    settings = TransferSettings(out_dir=str(tmp_path), widths=WIDTHS, head_dim=16, optimizers=["adamw"], lr_points=2,
+                                seeds=[0, 1, 2], trainer=["lrm=none"])  # fmt: skip
+    runs = plan(settings)
+    # Each seed has its own level (the data order), and each doubling of width lowers the loss by 0.1 +- 0.01.
+    finals = {
+        (r.labels["width"], r.labels["lr_index"], r.labels["seed"]): r.labels["seed"]
+        - (0.1 + 0.01 * (r.labels["seed"] - 1)) * math.log2(r.labels["width"] / 32)
+        for r in runs
+    }
+    finals[128, 1, 2] = math.nan  # a diverged seed drops out of that pair only
+    results = [SimpleNamespace(run=r, final=finals[r.labels["width"], r.labels["lr_index"], r.labels["seed"]])
+               for r in runs]  # fmt: skip
+    monkeypatch.setattr(transfer, "collect", lambda runs: [x for x in results if x.run in runs])
+    rows = transfer.paired_rises(runs, "adamw", WIDTHS, [0, 1])
+    assert [(r["lr_index"], r["narrower"], r["wider"], r["seeds"]) for r in rows] == [
+        (0, 32, 64, 3), (0, 64, 128, 3), (1, 32, 64, 3), (1, 64, 128, 2)]  # fmt: skip
+    first = rows[0]
+    assert first["rise"] == pytest.approx(-0.1)  # the seeds' levels cancel in the pairs
+    assert first["ci95"] == pytest.approx([-0.1 - 4.303 * 0.01 / math.sqrt(3), -0.1 + 4.303 * 0.01 / math.sqrt(3)])
+    assert rows[3]["rise"] == pytest.approx(-0.095)  # seeds 0 and 1 only
+    assert transfer.paired_rises(runs[:1], "adamw", WIDTHS, [0]) == []  # fewer than two seeds: no interval
