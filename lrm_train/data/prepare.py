@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -211,6 +212,12 @@ def _tokenize(
             batch_splits.append(splits)
             yield texts
 
+    texts = batches()
+    first = next(texts, None)
+    # No document (a corpus refused below): no workers either. A pool closed while its workers still start up can
+    # hang in Pool.terminate.
+    num_proc = num_proc if first is not None else 1
+    texts = itertools.chain([first] if first is not None else [], texts)
     with (
         batch_encoder(tokenizer, dtype, num_proc) as encode,
         tqdm(
@@ -220,7 +227,7 @@ def _tokenize(
         ) as progress,
     ):
         last_line, done = started, 0
-        for documents in encode(batches()):
+        for documents in encode(texts):
             splits = batch_splits.popleft()
             for split in SPLITS:
                 ids = [tokens for tokens, where in zip(documents, splits) if where == split]
