@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lrm_train.models.config import RUNTIME_FIELDS, FalconH1Config
+from lrm_train.models.config import INIT_FIELDS, RUNTIME_FIELDS, FalconH1Config
 from lrm_train.models.falcon_h1 import FalconH1LM
 from lrm_train.nn import MULTIPLIER_NAMES
 
@@ -28,16 +28,7 @@ MODEL_CLASS = FalconH1LM
 _SHARED_FIELDS = [
     f.name
     for f in dataclasses.fields(FalconH1Config)
-    if f.name
-    not in (
-        "head_dim",
-        "rope_theta",
-        "init_std",
-        "parametrization",
-        "base_width",
-        "mamba_a_init_range",
-        *RUNTIME_FIELDS,
-    )
+    if f.name not in ("head_dim", "rope_theta", *INIT_FIELDS, *RUNTIME_FIELDS)
 ]
 # Hugging Face options our model does not implement, with the only value we accept.
 _REQUIRED = {

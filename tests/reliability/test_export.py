@@ -138,7 +138,8 @@ def test_n33_to_n36_a_checkpoint_keeps_its_tokenizer_and_data_when_its_corpus_ch
     before_change = val_bpb(checkpoint, tmp_path / "before.json")
     assert before_change > 0
 
-    (corpus / "zz_new.txt").write_text("one more document")
+    for i in range(8):  # several, so that the split (a hash of each document) puts some in the training part
+        (corpus / f"zz_new_{i}.txt").write_text(f"one more document, number {i}, zebra quartz {i}" * 20)
     kept = snapshot(checkpoint)
     # N34: the evaluation still finds its data, and scores what it scored before.
     assert val_bpb(checkpoint, tmp_path / "after.json") == before_change

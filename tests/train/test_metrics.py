@@ -3,6 +3,7 @@
 import copy
 import math
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_muon_shadow_of_a_scaled_down_shape_predicts_the_full_shape(monkeypatch,
 
 
 def test_one_shadow_per_group_and_shape_with_the_runs_optimizer():
-    model = FalconH1LM(preset("tiny"), LRMConfig("full"))
+    model = FalconH1LM(replace(preset("tiny"), zero_init_readouts=False), LRMConfig("full"))  # a non-zero head
     cfg = OptimConfig(name="muon")
     optimizer = build_optimizer(model, classify_parameters(model), cfg)
     shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -102,7 +103,7 @@ def rms(t: torch.Tensor) -> float:
 
 
 def test_trajectory_values_are_the_rms_of_w_and_w_eff_and_the_multiplier_statistics():
-    model = FalconH1LM(preset("tiny"), LRMConfig("full"))
+    model = FalconH1LM(replace(preset("tiny"), zero_init_readouts=False), LRMConfig("full"))  # a non-zero head
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lrm_" in name:
