@@ -10,7 +10,8 @@ and the tiny model's training step (forward, backward, AdamW) in tokens/s on the
 words) on one core; its peak RSS, CPU seconds and tokens per CPU second. ``--startup``: the wall time until every
 rank has opened a 64-shard folder and read its rows of the first global batch (median of ``--repeat`` runs), with
 every rank hashing every shard (verify_checksums before stamps) and with stamps (rank 0 checks sizes and stamps,
-every rank opens without hashing, as the trainer does).
+every rank opens without hashing and maps only the shards it reads, as the trainer does), and how many shards each
+rank memory-mapped.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from lrm_train.data import BatchLoader, DataConfig, TokenData
 from lrm_train.data.config import FORMAT, MANIFEST
 from lrm_train.data.prepare import prepare
 from lrm_train.data.tokenizer import available_cores
-from lrm_train.data.verify import check_folder, write_stamps
+from lrm_train.data.verify import check_folder, verify_all, write_stamps
 from lrm_train.models import FalconH1LM, preset
 from lrm_train.nn import LRMConfig, lm_loss
 
@@ -179,17 +180,26 @@ def write_shards(folder: Path, shards: int = 64, tokens: int = 1 << 20) -> None:
     write_stamps(folder, manifest)
 
 
-def open_as_ranks(folder: str, ranks: list[int], world_size: int, stamped: bool) -> None:
-    """Start ``ranks`` of ``world_size`` as the trainer does: open the folder, read this rank's rows of step 0."""
+def open_as_ranks(folder: str, ranks: list[int], world_size: int, stamped: bool, mapped) -> None:
+    """Start ``ranks`` of ``world_size`` as the trainer does: open the folder, read this rank's rows of step 0. Puts
+    in ``mapped`` how many of the folder's shards each rank memory-mapped (from ``/proc/self/maps``: Linux)."""
+    opened = []  # every rank's data stays open, so that the next rank's count is only its own
     for rank in ranks:
-        if stamped:
-            if rank == 0:
-                check_folder(folder)
-            data = TokenData(folder, verify_checksums=False)
-        else:
-            data = TokenData(folder, verify_checksums=True)
+        before = mapped_files(folder)
+        if not stamped:
+            verify_all(folder)  # what every rank's open did before the stamps
+        elif rank == 0:
+            check_folder(folder)
+        data = TokenData(folder)
         global_batch = STARTUP_ROWS_PER_RANK * world_size
         BatchLoader(data.splits["train"], 256, global_batch, rank, world_size, prefetch=0).batch(0)
+        opened.append(data)
+        mapped.put(mapped_files(folder) - before)
+
+
+def mapped_files(folder: str) -> int:
+    """How many memory maps of files in ``folder`` this process holds (one per ``np.memmap``)."""
+    return sum(folder in line for line in Path("/proc/self/maps").read_text().splitlines())
 
 
 STARTUP_ROWS_PER_RANK = 8
@@ -207,17 +217,21 @@ def bench_startup(ranks: int, shard_tokens: int, repeat: int) -> int:
         context = multiprocessing.get_context("fork")
         shares = [list(range(ranks))[i::2] for i in range(2)]
         for stamped, label in ((False, "every rank hashes every shard (before)"), (True, "stamps (now)")):
-            times = []
+            times, mapped = [], context.SimpleQueue()
             for _ in range(repeat):
                 started = time.perf_counter()
-                args = [(str(folder), share, ranks, stamped) for share in shares]
+                args = [(str(folder), share, ranks, stamped, mapped) for share in shares]
                 workers = [context.Process(target=open_as_ranks, args=a) for a in args]
                 for worker in workers:
                     worker.start()
                 for worker in workers:
                     worker.join()
                 times.append(time.perf_counter() - started)
-            print(f"  {label:<42}{np.median(times):>8.3f} s (min {min(times):.3f})")
+            counts = [mapped.get() for _ in range(repeat * ranks)]
+            print(
+                f"  {label:<42}{np.median(times):>8.3f} s (min {min(times):.3f}); "
+                f"shards mapped per rank: {min(counts)} to {max(counts)}"
+            )
     print(f"load after: {load()}")
     return 0
 

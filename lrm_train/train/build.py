@@ -138,7 +138,7 @@ def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
     status, value = engine.all_gather_object(outcome)[0]
     if status == "error":
         raise ValueError(value)
-    data = TokenData(value, verify_checksums=False)  # checked once above; each rank still checks the sizes
+    data = TokenData(value)  # checked once above; each rank checks the shards it reads by size
     if data.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size} tokens "
@@ -164,7 +164,7 @@ def open_prepared(folder: str, verify_checksums: bool, engine: Engine) -> TokenD
     status, value = engine.all_gather_object(outcome)[0]
     if status == "error":
         raise ValueError(value)
-    return TokenData(folder, verify_checksums=False)  # checked once above; each rank still checks the sizes
+    return TokenData(folder)  # checked once above; each rank checks the shards it reads by size
 
 
 def mixture_data(cfg: RunConfig, engine: Engine) -> dict[str, TokenData]:
