@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
@@ -92,6 +92,11 @@ class DataConfig:
             )
         if self.mixture is not None:
             self._check_mixture()
+
+    def source_config(self, entry: MixtureSource, tokenizer: str | None) -> DataConfig:
+        """The settings that prepare a mixture entry's ``source``: these, with its name and the mixture's one
+        ``tokenizer``."""
+        return replace(self, name=entry.name, source=entry.source, tokenizer=tokenizer, mixture=None)
 
     def _check_mixture(self) -> None:
         if not self.mixture:
