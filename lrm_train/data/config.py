@@ -101,6 +101,12 @@ class DataConfig:
     def _check_mixture(self) -> None:
         if not self.mixture:
             raise ValueError("data.mixture is empty: list its sources, or leave it out to train on data.source")
+        if self.num_parts > 1 or self.part is not None:
+            setting = f"data.part={self.part}" if self.part is not None else f"data.num_parts={self.num_parts}"
+            raise ValueError(
+                f"{setting} with data.mixture: prepare each source in parts with data.source=..., "
+                "then list the folders in data.mixture"
+            )
         for i, entry in enumerate(self.mixture):
             entry.check(f"data.mixture[{i}]")
         names = [entry.name for entry in self.mixture]
