@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import types
 import typing
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def compose_schema(config_name: str, schema: type, overrides: list[str] | tuple[
     ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
     GlobalHydra.instance().clear()  # compose may run again in the same process (tests, experiments)
     try:
+        # A key inside a list of dataclasses (data.mixture=[{...}]) is checked here: OmegaConf's error for it names the
+        # key without its place (``wieght``, not ``data.mixture[1].wieght``).
+        for override in OverridesParser.create().parse_overrides(list(overrides)):
+            hint = _field_type(schema, override.key_or_group)
+            if unknown := _unknown_in(override.value(), hint, override.key_or_group):
+                raise ValueError(_unknown_key(unknown[0]))
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             composed = hydra_compose(config_name, overrides=list(overrides))
     except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many types; all are config errors here
@@ -87,9 +94,40 @@ def unknown_keys(config: dict, schema: type, prefix: str = "") -> list[str]:
     for key, value in config.items():
         if key not in hints:
             found.append(f"{prefix}{key}")
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            found += unknown_keys(value, hints[key], f"{prefix}{key}.")
+        else:
+            found += _unknown_in(value, hints[key], f"{prefix}{key}")
     return found
+
+
+def _unknown_in(value: object, hint: object, key: str) -> list[str]:
+    """Unknown keys inside ``value``, the value of the field ``key`` of type ``hint``: a dataclass (or an optional
+    one), or a list of them (``data.mixture``), entry i named ``key[i]``."""
+    hint = _required(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return unknown_keys(value, hint, f"{key}.")
+    if typing.get_origin(hint) is list and isinstance(value, list):
+        (item,) = typing.get_args(hint)
+        return [found for i, entry in enumerate(value) for found in _unknown_in(entry, item, f"{key}[{i}]")]
+    return []
+
+
+def _required(hint: object) -> object:
+    """``X`` for ``X | None``; any other type as it is."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
+
+
+def _field_type(schema: type, dotted: str) -> object:
+    """The type of the field at ``dotted`` (``data.mixture``) in ``schema``; None when there is no such field."""
+    hint: object = schema
+    for name in dotted.split("."):
+        hint = _required(hint)
+        if not dataclasses.is_dataclass(hint) or name not in (fields := typing.get_type_hints(hint)):
+            return None
+        hint = fields[name]
+    return hint
 
 
 def _unknown_key(key: str) -> str:

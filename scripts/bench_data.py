@@ -8,8 +8,10 @@ Prints: prepare (tokenizer training + parallel tokenization + shard writing) in 
 and the tiny model's training step (forward, backward, AdamW) in tokens/s on the same machine, with the ratio.
 ``--scale``: for each size, a fresh process prepares a generated corpus (JSON Lines and Parquet files of random
 words) on one core; its peak RSS, CPU seconds and tokens per CPU second. ``--startup``: the wall time until every
-rank has opened a 64-shard folder, with every rank hashing every shard (verify_checksums before stamps) and with
-stamps (rank 0 checks sizes and stamps, every rank opens without hashing, as the trainer does now).
+rank has opened a 64-shard folder and read its rows of the first global batch (median of ``--repeat`` runs), with
+every rank hashing every shard (verify_checksums before stamps) and with stamps (rank 0 checks sizes and stamps,
+every rank opens without hashing and maps only the shards it reads, as the trainer does), and how many shards each
+rank memory-mapped.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from lrm_train.data import BatchLoader, DataConfig, TokenData
 from lrm_train.data.config import FORMAT, MANIFEST
 from lrm_train.data.prepare import prepare
 from lrm_train.data.tokenizer import available_cores
-from lrm_train.data.verify import check_folder, write_stamps
+from lrm_train.data.verify import check_folder, verify_all, write_stamps
 from lrm_train.models import FalconH1LM, preset
 from lrm_train.nn import LRMConfig, lm_loss
 
@@ -50,12 +52,13 @@ def main() -> int:
     parser.add_argument("--sample-mb", type=int, default=4, help="data.tokenizer_sample_bytes for --scale, in MiB")
     parser.add_argument("--startup", type=int, metavar="RANKS", help="open a 64-shard folder as RANKS ranks")
     parser.add_argument("--shard-tokens", type=int, default=1 << 22, help="tokens per shard for --startup")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each --startup case (the median is shown)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.scale:
         return bench_scale([float(size) for size in args.scale.split(",")], args.sample_mb << 20)
     if args.startup:
-        return bench_startup(args.startup, args.shard_tokens)
+        return bench_startup(args.startup, args.shard_tokens, args.repeat)
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -177,32 +180,59 @@ def write_shards(folder: Path, shards: int = 64, tokens: int = 1 << 20) -> None:
     write_stamps(folder, manifest)
 
 
-def open_as_ranks(folder: str, ranks: list[int], stamped: bool) -> None:
+def open_as_ranks(folder: str, ranks: list[int], world_size: int, stamped: bool, mapped) -> None:
+    """Start ``ranks`` of ``world_size`` as the trainer does: open the folder, read this rank's rows of step 0. Puts
+    in ``mapped`` how many of the folder's shards each rank memory-mapped (from ``/proc/self/maps``: Linux)."""
+    opened = []  # every rank's data stays open, so that the next rank's count is only its own
     for rank in ranks:
-        if stamped:
-            if rank == 0:
-                check_folder(folder)
-            TokenData(folder, verify_checksums=False)
-        else:
-            TokenData(folder, verify_checksums=True)
+        before = mapped_files(folder)
+        if not stamped:
+            verify_all(folder)  # what every rank's open did before the stamps
+        elif rank == 0:
+            check_folder(folder)
+        data = TokenData(folder)
+        global_batch = STARTUP_ROWS_PER_RANK * world_size
+        BatchLoader(data.splits["train"], 256, global_batch, rank, world_size, prefetch=0).batch(0)
+        opened.append(data)
+        mapped.put(mapped_files(folder) - before)
 
 
-def bench_startup(ranks: int, shard_tokens: int) -> int:
+def mapped_files(folder: str) -> int:
+    """How many memory maps of files in ``folder`` this process holds (one per ``np.memmap``)."""
+    return sum(folder in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+STARTUP_ROWS_PER_RANK = 8
+
+
+def bench_startup(ranks: int, shard_tokens: int, repeat: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data"
         write_shards(folder, tokens=shard_tokens)
         size = sum(p.stat().st_size for p in folder.glob("*.bin"))
-        print(f"{ranks} ranks in 2 processes open 64 shards ({size / 2**20:.0f} MiB); load: {load()}")
+        print(
+            f"{ranks} ranks in 2 processes open 64 shards ({size / 2**20:.0f} MiB) and read {STARTUP_ROWS_PER_RANK} "
+            f"rows each; median of {repeat}; load: {load()}"
+        )
         context = multiprocessing.get_context("fork")
+        shares = [list(range(ranks))[i::2] for i in range(2)]
         for stamped, label in ((False, "every rank hashes every shard (before)"), (True, "stamps (now)")):
-            shares = [list(range(ranks))[i::2] for i in range(2)]
-            started = time.perf_counter()
-            workers = [context.Process(target=open_as_ranks, args=(str(folder), share, stamped)) for share in shares]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            print(f"  {label:<42}{time.perf_counter() - started:>8.2f} s")
+            times, mapped = [], context.SimpleQueue()
+            for _ in range(repeat):
+                started = time.perf_counter()
+                args = [(str(folder), share, ranks, stamped, mapped) for share in shares]
+                workers = [context.Process(target=open_as_ranks, args=a) for a in args]
+                for worker in workers:
+                    worker.start()
+                for worker in workers:
+                    worker.join()
+                times.append(time.perf_counter() - started)
+            counts = [mapped.get() for _ in range(repeat * ranks)]
+            print(
+                f"  {label:<42}{np.median(times):>8.3f} s (min {min(times):.3f}); "
+                f"shards mapped per rank: {min(counts)} to {max(counts)}"
+            )
+    print(f"load after: {load()}")
     return 0
 
 

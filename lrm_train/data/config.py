@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
@@ -93,9 +93,20 @@ class DataConfig:
         if self.mixture is not None:
             self._check_mixture()
 
+    def source_config(self, entry: MixtureSource, tokenizer: str | None) -> DataConfig:
+        """The settings that prepare a mixture entry's ``source``: these, with its name and the mixture's one
+        ``tokenizer``."""
+        return replace(self, name=entry.name, source=entry.source, tokenizer=tokenizer, mixture=None)
+
     def _check_mixture(self) -> None:
         if not self.mixture:
             raise ValueError("data.mixture is empty: list its sources, or leave it out to train on data.source")
+        if self.num_parts > 1 or self.part is not None:
+            setting = f"data.part={self.part}" if self.part is not None else f"data.num_parts={self.num_parts}"
+            raise ValueError(
+                f"{setting} with data.mixture: prepare each source in parts with data.source=..., "
+                "then list the folders in data.mixture"
+            )
         for i, entry in enumerate(self.mixture):
             entry.check(f"data.mixture[{i}]")
         names = [entry.name for entry in self.mixture]

@@ -19,58 +19,82 @@ import numpy as np
 import torch
 
 from lrm_train.data.config import FORMAT, MANIFEST
-from lrm_train.utils import sha256_file
+
+
+def read_manifest(folder: Path) -> dict:
+    """``folder``'s manifest, or one error line naming it (missing, not JSON, another format, a field missing)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (run python -m lrm_train.data.prepare first)")
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
+        if manifest["dtype"] not in ("uint16", "uint32"):
+            raise ValueError(f"dtype {manifest['dtype']!r}")
+        shards = [shard for split in manifest["splits"].values() for shard in split["shards"]]
+        if not all(isinstance(shard["file"], str) and isinstance(shard["tokens"], int) for shard in shards):
+            raise ValueError("a shard's file is not a string or its token count not an integer")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid token manifest ({e})") from None
+    return manifest
+
+
+def check_size(path: Path, shard: dict, itemsize: int) -> None:
+    """Refuse, by name, a shard that is missing or whose size is not its manifest entry's."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard listed in {MANIFEST} is missing")
+    expected = shard["tokens"] * itemsize
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {expected}")
 
 
 class TokenSplit:
-    """One split's shards as a single read-only token sequence."""
+    """One split's shards as a single read-only token sequence.
 
-    def __init__(self, folder: Path, split: dict, dtype: np.dtype, verify_checksums: bool) -> None:
-        self.shards = []
-        for shard in split["shards"]:
-            path = folder / shard["file"]
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard listed in {MANIFEST} is missing")
-            expected_bytes = shard["tokens"] * dtype.itemsize
-            if path.stat().st_size != expected_bytes:
-                raise ValueError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {expected_bytes}")
-            if verify_checksums and sha256_file(path) != shard["sha256"]:
-                raise ValueError(f"{path}: checksum does not match {MANIFEST} (the file is corrupt or was changed)")
-            self.shards.append(np.memmap(path, dtype=dtype, mode="r") if shard["tokens"] else np.empty(0, dtype))
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+    A shard is checked (present, of its manifest size) and memory-mapped when it is first read, not before: a rank
+    opens only the shards its rows touch, a few of a folder's thousands (its integrity was checked once, on rank 0:
+    ``verify.check_folder``). The prefetch thread reads too, hence the lock around opening."""
+
+    def __init__(self, folder: Path, split: dict, dtype: np.dtype) -> None:
+        self.folder, self.dtype, self.specs = folder, dtype, split["shards"]
+        self.starts = np.cumsum([0] + [int(shard["tokens"]) for shard in self.specs])
         self.num_tokens = int(self.starts[-1])
+        self._open: dict[int, np.memmap] = {}
+        self._lock = threading.Lock()
+
+    def shard(self, index: int) -> np.memmap:
+        """Shard ``index``'s tokens, checked and mapped on first use (it holds at least one token)."""
+        if (tokens := self._open.get(index)) is None:
+            with self._lock:
+                if (tokens := self._open.get(index)) is None:
+                    path = self.folder / self.specs[index]["file"]
+                    check_size(path, self.specs[index], self.dtype.itemsize)
+                    tokens = self._open[index] = np.memmap(path, dtype=self.dtype, mode="r")
+        return tokens
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)``, across shard boundaries if needed."""
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        index = int(np.searchsorted(self.starts, start, side="right")) - 1
         pieces, end = [], start + length
-        for index in range(first, len(self.shards)):
+        while index < len(self.specs) and self.starts[index] < end:
             lo, hi = max(start, self.starts[index]), min(end, self.starts[index + 1])
-            if lo >= hi:
-                break
-            pieces.append(self.shards[index][lo - self.starts[index] : hi - self.starts[index]])
+            if lo < hi:  # an empty shard holds nothing to read (and no file to map)
+                pieces.append(self.shard(index)[lo - self.starts[index] : hi - self.starts[index]])
+            index += 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 class TokenData:
-    """A prepared folder (see ``prepare``), checked against its manifest on open."""
+    """A prepared folder (see ``prepare``): its manifest, and its splits, whose shards are checked by size and mapped
+    as they are first read (``TokenSplit``). Checking every shard (and the hashes) is ``verify.check_folder``'s job,
+    done once before the ranks of a run open the folder."""
 
-    def __init__(self, folder: str | Path, verify_checksums: bool = True) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        manifest_path = self.folder / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path}: no such file (run python -m lrm_train.data.prepare first)")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-            if self.manifest.get("format") != FORMAT:
-                raise ValueError(f"format {self.manifest.get('format')!r}, expected {FORMAT!r}")
-            dtype = np.dtype(self.manifest["dtype"])
-            split_specs = self.manifest["splits"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{manifest_path}: not a valid token manifest ({e})") from None
-        self.splits = {
-            name: TokenSplit(self.folder, spec, dtype, verify_checksums) for name, spec in split_specs.items()
-        }
+        self.manifest = read_manifest(self.folder)
+        dtype = np.dtype(self.manifest["dtype"])
+        self.splits = {name: TokenSplit(self.folder, spec, dtype) for name, spec in self.manifest["splits"].items()}
         self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
         self.eos_id = int(self.manifest["tokenizer"]["eos_id"])
 

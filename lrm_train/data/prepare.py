@@ -37,6 +37,8 @@ from tqdm import tqdm
 from lrm_train.cli import Interrupted, run_command
 from lrm_train.config_compose import compose_schema, help_text
 from lrm_train.data.config import FORMAT, MANIFEST, DataConfig
+from lrm_train.data.loader import TokenData
+from lrm_train.data.mixture import check_same_tokenizer
 from lrm_train.data.sources import Corpus, SourceFile, load_corpus, source_fingerprint
 from lrm_train.data.tokenizer import (
     available_cores,
@@ -46,7 +48,7 @@ from lrm_train.data.tokenizer import (
     tokenizer_hash,
     train_bpe,
 )
-from lrm_train.data.verify import write_stamps
+from lrm_train.data.verify import check_folder, write_stamps
 from lrm_train.utils import atomic_directory, atomic_write_text, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -433,6 +435,23 @@ def _prepare_in_parts(
     return out
 
 
+def prepare_mixture(cfg: DataConfig) -> list[Path]:
+    """``data.mixture``'s folders, in its order, as a run of it finds them: a ``source`` prepared like ``data.source``
+    with the mixture's one tokenizer (``data.tokenizer``, else the first entry's), a ``path`` checked
+    (``verify.check_folder``); a folder with another tokenizer is refused by name."""
+    folders, tokenizer = {}, cfg.tokenizer
+    for entry in cfg.mixture:
+        if entry.path is not None:
+            check_folder(entry.path, cfg.verify_checksums)
+            folder = Path(entry.path)
+        else:
+            folder = prepare(cfg.source_config(entry, tokenizer))
+        folders[entry.name] = TokenData(folder)
+        tokenizer = tokenizer or str(folders[entry.name].tokenizer_path)
+    check_same_tokenizer(folders)
+    return [data.folder for data in folders.values()]
+
+
 USAGE = """usage: python -m lrm_train.data.prepare [data=<option>] [data.<key>=<value> ...] [--tokenizer-only]
 
 Prepares a corpus for training: trains a byte-level BPE tokenizer on a sample of its training split (or loads
@@ -445,6 +464,10 @@ A large corpus, in parts (e.g. a Slurm array, launch/prepare_array.sbatch), with
   ... data.num_parts=N --tokenizer-only    train the shared tokenizer once
   ... data.num_parts=N data.part=I         tokenize the I-th slice of the source's files (I = 0 .. N-1)
   ... data.num_parts=N                     merge the parts (preparing any missing) into the finished folder
+
+With data.mixture=[{source: ...}, {path: ...}, ...]: prepares each entry's source as a run of the mixture does (with
+data.tokenizer, else the first entry's tokenizer) and checks each prepared folder given by path; prints their
+folders, one a line, in the mixture's order.
 """
 
 
@@ -475,9 +498,14 @@ def _prepare(cfg: DataConfig, flags: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if "--tokenizer-only" in flags and cfg.part is not None:
         raise ValueError("--tokenizer-only trains the tokenizer the parts share: leave data.part out")
+    if "--tokenizer-only" in flags and cfg.mixture is not None:
+        raise ValueError("--tokenizer-only trains the tokenizer of one source's parts: leave data.mixture out")
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up as Ctrl-C does
     try:
-        print(prepare(cfg, tokenizer_only="--tokenizer-only" in flags))
+        if cfg.mixture is not None:
+            print("\n".join(map(str, prepare_mixture(cfg))))
+        else:
+            print(prepare(cfg, tokenizer_only="--tokenizer-only" in flags))
     except KeyboardInterrupt:
         kept = f"nothing of this prepare was kept (finished folders in {cfg.out_root} are untouched)"
         raise Interrupted(f"interrupted; {kept}") from None

@@ -6,6 +6,9 @@ shard whose size differs from the manifest is refused by name; one whose stamp m
 is missing or changed (copied without its times, rewritten) is hashed once, and stamped again when it matches (with
 ``verify_checksums=False`` only the sizes are checked). A change that keeps both size and time (a bit flipped in
 place by the disk, or a file written and its mtime restored) is only found by the full re-hash of this command.
+
+In a distributed run rank 0 checks the folder; every rank then checks (by size) and maps only the shards it reads,
+when it first reads them (``loader.TokenSplit``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from pathlib import Path
 
 from lrm_train.data.config import MANIFEST
+from lrm_train.data.loader import check_size, read_manifest
 from lrm_train.utils import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -38,19 +42,6 @@ def write_stamps(folder: Path, manifest: dict) -> None:
     atomic_write_text(folder / STAMPS, json.dumps({"shards": stamps}, indent=0))
 
 
-def _read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (run python -m lrm_train.data.prepare first)")
-    try:
-        manifest = json.loads(path.read_text())
-        _shards(manifest)
-        _itemsize(manifest)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a valid token manifest ({e})") from None
-    return manifest
-
-
 def _itemsize(manifest: dict) -> int:
     return {"uint16": 2, "uint32": 4}[manifest["dtype"]]
 
@@ -62,14 +53,6 @@ def _read_stamps(folder: Path) -> dict:
         return {}
 
 
-def _check_size(path: Path, shard: dict, itemsize: int) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: shard listed in {MANIFEST} is missing")
-    expected = shard["tokens"] * itemsize
-    if path.stat().st_size != expected:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {expected}")
-
-
 def _check_hash(path: Path, shard: dict) -> None:
     if sha256_file(path) != shard["sha256"]:
         raise ValueError(f"{path}: checksum does not match {MANIFEST} (the file is corrupt or was changed)")
@@ -79,11 +62,11 @@ def check_folder(folder: str | Path, verify_checksums: bool = True) -> None:
     """Check every shard of a prepared folder by size and stamp; hash only the unstamped ones (see the module's
     docstring). One error line naming the first bad shard."""
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     itemsize, stamps, hashed = _itemsize(manifest), _read_stamps(folder), False
     for shard in _shards(manifest):
         path = folder / shard["file"]
-        _check_size(path, shard, itemsize)
+        check_size(path, shard, itemsize)
         if verify_checksums and stamps.get(shard["file"]) != _stamp(path):
             _check_hash(path, shard)
             hashed = True
@@ -97,10 +80,10 @@ def check_folder(folder: str | Path, verify_checksums: bool = True) -> None:
 def verify_all(folder: str | Path) -> int:
     """Re-hash every shard of ``folder`` against its manifest (and stamp them); return how many there are."""
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     itemsize, shards = _itemsize(manifest), _shards(manifest)
     for shard in shards:
-        _check_size(folder / shard["file"], shard, itemsize)
+        check_size(folder / shard["file"], shard, itemsize)
         _check_hash(folder / shard["file"], shard)
     write_stamps(folder, manifest)
     return len(shards)
@@ -119,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     folder = Path(argv[0])
     try:
-        _read_manifest(folder)
+        read_manifest(folder)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

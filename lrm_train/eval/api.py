@@ -73,7 +73,7 @@ def _validation_bpb(lm: LRMHarnessLM, artifact: Artifact) -> tuple[float | None,
     if artifact.data_folder is None:
         return None, f"checkpoint {artifact.checkpoint} was written before checkpoints recorded their data folder"
     try:
-        found = sha256_file(TokenData(artifact.data_folder, verify_checksums=False).tokenizer_path)
+        found = sha256_file(TokenData(artifact.data_folder).tokenizer_path)
     except (OSError, ValueError) as e:
         return None, f"the run's data folder is not readable ({e})"
     if found != artifact.run["data"]["tokenizer_sha256"]:

@@ -87,7 +87,7 @@ def validation_bpb(model, data_folder: str | Path, seq_len: int, max_windows: in
     bits over the UTF-8 bytes of the predicted tokens (comparable across tokenizers, unlike the loss)."""
     from lrm_train.data.tokenizer import load_tokenizer
 
-    data = TokenData(data_folder, verify_checksums=False)
+    data = TokenData(data_folder)
     tokenizer = load_tokenizer(data.tokenizer_path)
     device = next(model.parameters()).device
     nats = num_bytes = 0.0

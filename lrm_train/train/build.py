@@ -10,7 +10,7 @@ import math
 import random
 import shlex
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -120,16 +120,25 @@ def _wait_for_main(engine: Engine) -> None:
 
 
 def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
-    """Rank 0 prepares (or finds) the data and checks its shards (``verify.check_folder``: by size and stamp, a
-    shard hashed only when its stamp changed); every rank then opens the same folder, or raises rank 0's error.
-    Under torchrun a source larger than ``IN_JOB_PREPARE_BYTES`` must be prepared already (one line gives the
-    command)."""
+    """``data.source``'s folder, prepared (or found) by rank 0 and opened by every rank (``_open_checked``). Under
+    torchrun a source larger than ``IN_JOB_PREPARE_BYTES`` must be prepared already (one line gives the command)."""
+    data = _open_checked(engine, lambda: _prepare_or_find(cfg.data, engine.world_size), cfg.data.verify_checksums)
+    _check_vocab(data, cfg)
+    # Both splits must hold a window of seq_len + 1 tokens: found here, not at the first evaluation.
+    validation_windows(data.splits["val"], cfg.data.seq_len, cfg.data.val_windows)
+    return data
+
+
+def _open_checked(engine: Engine, find: Callable[[], str | Path], verify_checksums: bool) -> TokenData:
+    """Rank 0 finds the folder (``find``: prepares it, or names one prepared ahead) and checks its shards
+    (``verify.check_folder``: by size and stamp, a shard hashed only when its stamp changed), the other ranks waiting
+    on its heartbeat; then every rank opens the folder, or raises rank 0's error."""
     outcome: tuple[str, str] = ("ok", "")
     if engine.is_main:
         with _heartbeat(engine):
             try:
-                folder = _prepare_or_find(cfg.data, engine.world_size)
-                check_folder(folder, cfg.data.verify_checksums)
+                folder = find()
+                check_folder(folder, verify_checksums)
                 outcome = ("ok", str(folder))
             except (ValueError, OSError) as e:
                 outcome = ("error", str(e))
@@ -138,33 +147,15 @@ def prepare_data(cfg: RunConfig, engine: Engine) -> TokenData:
     status, value = engine.all_gather_object(outcome)[0]
     if status == "error":
         raise ValueError(value)
-    data = TokenData(value, verify_checksums=False)  # checked once above; each rank still checks the sizes
+    return TokenData(value)  # checked once above; each rank checks the shards it reads by size
+
+
+def _check_vocab(data: TokenData, cfg: RunConfig) -> None:
     if data.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size} tokens "
             f"({data.tokenizer_path})"
         )
-    # Both splits must hold a window of seq_len + 1 tokens: found here, not at the first evaluation.
-    validation_windows(data.splits["val"], cfg.data.seq_len, cfg.data.val_windows)
-    return data
-
-
-def open_prepared(folder: str, verify_checksums: bool, engine: Engine) -> TokenData:
-    """A folder prepared ahead, checked as ``prepare_data`` checks its own: by rank 0 (``verify.check_folder``; the
-    other ranks follow its heartbeat), its error raised on every rank."""
-    outcome: tuple[str, str] = ("ok", "")
-    if engine.is_main:
-        with _heartbeat(engine):
-            try:
-                check_folder(folder, verify_checksums)
-            except (ValueError, OSError) as e:
-                outcome = ("error", str(e))
-    elif engine.world_size > 1:
-        _wait_for_main(engine)
-    status, value = engine.all_gather_object(outcome)[0]
-    if status == "error":
-        raise ValueError(value)
-    return TokenData(folder, verify_checksums=False)  # checked once above; each rank still checks the sizes
 
 
 def mixture_data(cfg: RunConfig, engine: Engine) -> dict[str, TokenData]:
@@ -174,19 +165,13 @@ def mixture_data(cfg: RunConfig, engine: Engine) -> dict[str, TokenData]:
     sources, tokenizer = {}, cfg.data.tokenizer
     for entry in cfg.data.mixture:
         if entry.path is not None:
-            data = open_prepared(entry.path, cfg.data.verify_checksums, engine)
+            data = _open_checked(engine, functools.partial(str, entry.path), cfg.data.verify_checksums)
         else:
-            settings = replace(cfg.data, name=entry.name, source=entry.source, tokenizer=tokenizer, mixture=None)
-            data = prepare_data(replace(cfg, data=settings), engine)
+            data = prepare_data(replace(cfg, data=cfg.data.source_config(entry, tokenizer)), engine)
         tokenizer = tokenizer or str(data.tokenizer_path)
         sources[entry.name] = data
     check_same_tokenizer(sources)
-    first = next(iter(sources.values()))
-    if first.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {first.vocab_size} tokens "
-            f"({first.tokenizer_path})"
-        )
+    _check_vocab(next(iter(sources.values())), cfg)
     for name, data in sources.items():
         try:
             validation_windows(data.splits["val"], cfg.data.seq_len, cfg.data.val_windows)

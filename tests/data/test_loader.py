@@ -1,10 +1,14 @@
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from lrm_train.data import BatchLoader, TokenData, validation_batches, validation_windows
+from lrm_train.data.prepare import prepare
+from lrm_train.data.verify import check_folder
 
 
 def loader(prepared, **kwargs):
@@ -85,14 +89,17 @@ def test_shard_size_or_checksum_mismatch_is_refused_by_name(prepared):
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="train_00001.bin: checksum does not match manifest.json"):
-        TokenData(prepared)
-    TokenData(prepared, verify_checksums=False)  # the size still matches
+        check_folder(prepared)  # what rank 0 runs before the ranks open the folder
+    split = TokenData(prepared).splits["train"]
+    split.read(0, split.num_tokens)  # a rank checks the shards it reads by size only, and the size still matches
     shard.write_bytes(bytes(data[:-2]))
-    with pytest.raises(ValueError, match=r"train_00001.bin: \d+ bytes, manifest.json says \d+"):
-        TokenData(prepared, verify_checksums=False)
+    for check in (check_folder, lambda folder: TokenData(folder).splits["train"].read(0, split.num_tokens)):
+        with pytest.raises(ValueError, match=r"train_00001.bin: \d+ bytes, manifest.json says \d+"):
+            check(prepared)
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match="train_00001.bin: shard listed in manifest.json is missing"):
-        TokenData(prepared)
+    for check in (check_folder, lambda folder: TokenData(folder).splits["train"].read(0, split.num_tokens)):
+        with pytest.raises(FileNotFoundError, match="train_00001.bin: shard listed in manifest.json is missing"):
+            check(prepared)
 
 
 def test_missing_or_corrupt_manifest(prepared, tmp_path):
@@ -101,3 +108,24 @@ def test_missing_or_corrupt_manifest(prepared, tmp_path):
     (prepared / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest.json: not a valid token manifest"):
         TokenData(prepared)
+
+
+def test_a_rank_opens_only_the_shards_its_rows_read(small_cfg, monkeypatch):
+    folder = prepare(replace(small_cfg, shard_tokens=64))  # dozens of shards, a few windows each
+    check_folder(folder)  # rank 0's check, before the ranks open the folder
+    shards = json.loads((folder / "manifest.json").read_text())["splits"]["train"]["shards"]
+    touched = []
+    memmap, stat = np.memmap, Path.stat
+    monkeypatch.setattr(np, "memmap", lambda path, *a, **k: touched.append(Path(path).name) or memmap(path, *a, **k))
+    monkeypatch.setattr(Path, "stat", lambda self, *a, **k: touched.append(self.name) or stat(self, *a, **k))
+
+    it = BatchLoader(TokenData(folder).splits["train"], 16, 8, 1, 4, seed=3, prefetch=0)
+    assert not [name for name in touched if name.endswith(".bin")]  # opening the folder reads the manifest only
+    it.batch(0)
+    ends = np.cumsum([shard["tokens"] for shard in shards])
+    needed = set()
+    for window in it.window_ids(0)[it.rows]:  # rank 1 of 4: rows 2 and 3, each seq_len + 1 tokens
+        first, last = np.searchsorted(ends, [window * 16, window * 16 + 16], side="right")
+        needed |= {shard["file"] for shard in shards[first : last + 1]}
+    assert {name for name in touched if name.endswith(".bin")} == needed
+    assert len(needed) <= 4 < len(shards)

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from lrm_train.config_compose import compose_saved
 from lrm_train.data import BatchLoader, TokenData
 from lrm_train.data.mixture import MixtureLoader, assign, check_same_tokenizer
+from lrm_train.data.prepare import compose as prepare_compose
 from lrm_train.data.prepare import prepare
 from lrm_train.train import compose
+from lrm_train.train.config import RunConfig
 
 
 @pytest.fixture
@@ -142,7 +145,8 @@ def test_a_source_shorter_than_a_window_is_named(prepared, other):
         ("[]", "data.mixture is empty"),
         ("[{path:/a,weight:0}]", r"data.mixture\[0\].weight=0.0 must be > 0"),
         ("[{path:/a},{source:b,weight:-1}]", r"data.mixture\[1\].weight=-1.0 must be > 0"),
-        ("[{paht:/a}]", "unknown config key 'paht'"),
+        ("[{paht:/a}]", r"unknown config key 'data.mixture\[0\].paht'"),
+        ("[{path:/a},{source:b,wieght:2}]", r"unknown config key 'data.mixture\[1\].wieght'"),
         ("[{path:/a,source:b}]", r"data.mixture\[0\] needs exactly one of path .* or source"),
         ("[{weight:2}]", r"data.mixture\[0\] needs exactly one of path .* or source"),
         ("[{path:/x/web},{source:/y/web}]", "two sources are named 'web'"),
@@ -153,6 +157,20 @@ def test_a_bad_mixture_fails_at_compose_time_in_one_line(value, message):
     with pytest.raises(ValueError, match=message) as error:
         compose([f"data.mixture={value}"])
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("compose_data", [lambda o: compose(o).data, prepare_compose])
+@pytest.mark.parametrize("override", ["data.mixture", "+data.mixture"])
+def test_a_mistyped_key_in_an_entry_is_named_with_its_place(compose_data, override):
+    with pytest.raises(ValueError, match=r"^unknown config key 'data.mixture\[1\].wieght' \(check the spelling"):
+        compose_data([f"{override}=[{{path:/a}},{{source:b,wieght:2}}]"])
+
+
+def test_a_mistyped_key_in_a_saved_entry_is_named_with_its_place(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text("data:\n  mixture:\n  - path: /a\n  - source: b\n    wieght: 2\n")
+    with pytest.raises(ValueError, match=r"config.yaml: unknown config key 'data.mixture\[1\].wieght'"):
+        compose_saved(saved, RunConfig)
 
 
 def test_names_default_to_the_folder_or_source():

@@ -1,6 +1,7 @@
 """``python -m lrm_train.data.prepare``: help, config errors and write failures, each one line and exit code 2."""
 
 import errno
+import json
 import logging
 import os
 import re
@@ -109,3 +110,40 @@ def test_the_module_runs_as_a_program(tmp_path, corpus_dir):
     assert run.returncode == 0, run.stderr
     [folder] = run.stdout.splitlines()
     assert (Path(folder) / "manifest.json").is_file()
+
+
+def test_a_mixture_prepares_each_source_with_one_tokenizer_and_checks_each_folder(tmp_path, corpus_dir, capsys):
+    plays = tmp_path / "plays"
+    plays.mkdir()
+    for i in range(4):
+        (plays / f"play{i}.txt").write_text(f"Act {i}.\n" + "Now is the winter of our discontent. " * (8 + 2 * i))
+    settings = small_run(corpus_dir, tmp_path / "out")[2:]  # out_root, vocab_size, num_proc
+    assert main([*settings, f"data.mixture=[{{source:{corpus_dir},name:mine}},{{source:{plays}}}]"]) == 0
+    folders = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    assert [folder.name[:-17] for folder in folders] == ["mine", "plays"]
+    tokenizers = {json.loads((folder / "manifest.json").read_text())["tokenizer"]["sha256"] for folder in folders}
+    assert len(tokenizers) == 1  # the second source is tokenized with the first's tokenizer
+
+    # A folder given by path is checked, not prepared: the same folders again (the sources' are reused).
+    assert main([*settings, f"data.mixture=[{{path:{folders[0]}}},{{source:{plays}}}]"]) == 0
+    assert [Path(line) for line in capsys.readouterr().out.splitlines()] == folders
+    (folders[0] / "train_00000.bin").write_bytes(b"\0\0")
+    assert main([*settings, f"data.mixture=[{{path:{folders[0]}}},{{source:{plays}}}]"]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert re.fullmatch(rf"error: {re.escape(str(folders[0]))}/train_00000.bin: 2 bytes, manifest.json says \d+", line)
+
+
+def test_a_mixture_of_folders_with_two_tokenizers_or_in_parts_is_refused_in_one_line(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "out"
+    assert main(small_run(corpus_dir, out)) == 0
+    assert main([*small_run(corpus_dir, out), "data.name=other", "data.vocab_size=280"]) == 0
+    first, second = (Path(line) for line in capsys.readouterr().out.splitlines())
+    assert main([f"data.out_root={out}", f"data.mixture=[{{path:{first}}},{{path:{second},name:two}}]"]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert line.startswith(f"error: data.mixture source two ({second}) has another tokenizer than local ({first})")
+    assert main([f"data.out_root={out}", f"data.mixture=[{{path:{first}}}]", "data.num_parts=2"]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert line.startswith("error: config: data.num_parts=2 with data.mixture: prepare each source in parts")
+    assert main([f"data.out_root={out}", f"data.mixture=[{{path:{first}}}]", "--tokenizer-only"]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert line == "error: --tokenizer-only trains the tokenizer of one source's parts: leave data.mixture out"
