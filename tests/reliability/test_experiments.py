@@ -46,6 +46,13 @@ REFUSED = [
     case("X04", "compare", ["baseline=nope"], r"baseline='nope' is not one of the arms"),
     case("X05", "compare", ["lr_points=0"], r"lr_points=0 must be >= 1"),
     case("X07", "compare", ["seeds=[0,0]"], r"seeds=\[0, 0\] must be distinct"),
+    case("X-selseeds", "compare", ["selection_seeds=[]"], r"selection_seeds=\[\] must be distinct and at least one"),
+    case("X-overlap", "compare", ["seeds=[1,0]"], r"seeds=\[1, 0\] holds the selection seed 0: the held-out seeds"),
+    case("X-finals", "compare", ["final_evals=0"], r"final_evals=0 must be >= 1"),
+    case("X-finals9", "compare", [*SMALL, "final_evals=9"], r"final_evals=9: a run evaluates only 8 times"),
+    case("X-threads", "compare", ["threads=-1"], r"threads=-1 must be >= 0"),
+    case("X-parallel", "compare", ["parallel=0"], r"parallel=0 must be >= 1"),
+    case("X-par-nproc", "compare", ["parallel=2", "nproc=2"], r"parallel=2 runs single-process runs side by side"),
     case("X08", "compare", ["launcher=bogus"], r"launcher: Invalid value 'bogus', expected one of \[local, slurm\]"),
     case("X09", "compare", ["optimizers=[sgd]"], r"lr_center has no LR for optimizer 'sgd'"),
     case("X11", "compare", ["--foo"], r"unknown option '--foo'"),
@@ -205,7 +212,7 @@ def test_sigterm_during_a_comparison_saves_the_run_in_progress_and_says_how_to_g
         "train=" + json.dumps([f"{k}={v}" for k, v in train.items()]),
         "optimizers=[adamw]",
         "lr_points=1",
-        "seeds=[0]",
+        "seeds=[1]",
     ]
     outcome = run_main(compare.main, argv)
     [kept] = (tmp_path / "cmp").glob("runs/*/checkpoints/step_00000002")
