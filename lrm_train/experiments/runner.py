@@ -124,7 +124,7 @@ def run_local(runs: list[RunSpec], nproc: int = 0, threads: int = 1, parallel: i
 def torch_threads(threads: int) -> Iterator[None]:
     """``threads`` torch threads inside (0: unchanged). One thread makes a run's float sums the same on every
     machine with the same CPU instructions, whatever its core count or load; several threads split the reductions
-    differently from one machine to the next (a seed re-run on 2 threads instead of 1 moved a final loss by 0.024)."""
+    differently from one machine to the next (a seed re-run with 1 thread instead of 2 moved a final loss by 0.024)."""
     if not threads:
         yield
         return

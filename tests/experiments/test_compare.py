@@ -52,6 +52,7 @@ def micro_args(data_root, out_dir, **extra) -> list[str]:
         "seeds": "[1,2]",
         "final_evals": 2,
         "allow_edge": "true",
+        "parallel": 1,  # in this process (compare_cpu trains two at once)
     }
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
@@ -297,6 +298,7 @@ def test_a_summary_pairs_the_held_out_seeds_and_fits_the_constant_phase_from_the
     assert rows["mup"]["held_out"]["finals"] == [3.0, 3.0, 3.0] and rows["mup"]["selected_lr"] == 0.01
 
 
+@pytest.mark.multiprocess
 def test_parallel_runs_train_exactly_as_sequential_ones(data_root, tmp_path):
     """Two micro runs one after another in this process, then the same two side by side in two spawned processes:
     the same losses to the bit (each single-threaded)."""
