@@ -51,7 +51,7 @@ def power_law_fit(x: list[float], y: list[float]) -> dict:
     intercept = my - slope * mx
     residual = sum((b - intercept - slope * a) ** 2 for a, b in zip(lx, ly))
     stderr = math.sqrt(residual / (n - 2) / sxx)
-    t = _t95(n - 2)
+    t = t95(n - 2)
     return dict(exponent=slope, ci95=[slope - t * stderr, slope + t * stderr], prefactor=math.exp(intercept), n=n)
 
 
@@ -74,11 +74,12 @@ def mean_interval(values: list[float]) -> tuple[float, list[float]]:
     if n < 2:
         raise ValueError(f"an interval over replicates needs 2 or more, got {n}")
     mean = sum(values) / n
-    half = _t95(n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    half = t95(n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
     return mean, [mean - half, mean + half]
 
 
-def _t95(degrees: int) -> float:
+def t95(degrees: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``degrees`` degrees of freedom."""
     return _T95[degrees - 1] if degrees <= len(_T95) else 1.96
 
 

@@ -1,6 +1,7 @@
-"""LRM vs muP in one command: the paper's comparison of arms x optimizers x LR grid x seeds, with a report.
+"""LRM vs muP in one command: an LR sweep per arm on selection seeds, then each arm at its selected LR on held-out
+seeds, compared paired by seed, with a report.
 
-    python -m lrm_train.experiments.compare                          # experiment=compare_cpu: minutes on 2 CPU cores
+    python -m lrm_train.experiments.compare                          # experiment=compare_cpu: 2 CPU cores
     python -m lrm_train.experiments.compare experiment=compare_0p5b  # the paper's scale (GPUs)
     python -m lrm_train.experiments.compare report=only              # rebuild the report from the finished runs
     python -m lrm_train.experiments.compare launcher=slurm slurm.sbatch_args=[--partition=gpu]
@@ -8,15 +9,24 @@
 
 ``arms.NAME=[overrides]`` adds the arm NAME, or replaces it if the experiment has one (quote it for the shell).
 
-Every run goes through the trainer, in its own run directory ``<out_dir>/runs/<arm>-<optimizer>-lr<lr>-s<seed>``.
-Arms differ only in their ``lrm`` overrides: every run of a comparison has the same model, data order (per seed),
-token budget and schedule, and the command refuses a config where an arm changes them. A rerun skips finished runs
-and resumes unfinished ones (see ``runner.py``); ``report=only`` rebuilds the report from whatever has finished.
+The protocol, in two phases:
+1. **Selection**: every arm x optimizer x LR of the grid on ``selection_seeds``; each arm's LR is the one with the
+   lowest final loss (mean over those seeds). It must lie inside the grid: a best LR on the grid's edge is not a
+   tuned one, so the held-out phase of that optimizer waits and the command exits 1 (``allow_edge=true`` goes on).
+2. **Held-out**: each arm at its selected LR on ``seeds``, which must not hold a selection seed (a loss reported on
+   the seeds that chose the LR is biased low by the choice). The statistics are over these seeds only.
 
-The report (``<out_dir>/report.md``, ``report.json``, PNGs) takes each arm's best LR (lowest final validation loss,
-averaged over seeds) and shows: validation loss against tokens, the gap to the baseline against tokens (paired by
-seed: the same seed is the same data order), final loss against LR, a table with mean +- std over seeds and whether
-the gap exceeds the seed spread, multiplier trajectories, and matrix norms against the ABM prediction.
+A run's final loss is the mean of its last ``final_evals`` validation losses. The gap is arm - baseline per held-out
+seed (the same seed: the same initialization and data order), reported as its mean with a 95% t-interval and a
+verdict: ``LRM better`` (the interval below 0), ``no difference resolved`` (it holds 0), ``baseline better``. The
+gap against tokens is drawn with its 95% band, and its linear trend through the constant-LR phase (the schedule's
+``constant_phase``) is fitted per seed: ``growing``, ``flat`` or ``shrinking`` with the slope's interval.
+
+Every run goes through the trainer, in its own run directory ``<out_dir>/runs/<arm>-<optimizer>-lr<lr>-s<seed>``
+(its LR and seed are its identity, whichever phase planned it). Arms differ only in their ``lrm`` overrides: every
+run has the same model, data order (per seed), token budget and schedule, and the command refuses a config where an
+arm changes them. A rerun skips finished runs and resumes unfinished ones (see ``runner.py``); ``report=only``
+rebuilds the report from whatever has finished.
 """
 
 from __future__ import annotations
@@ -35,17 +45,18 @@ from lrm_train.experiments.compare_plots import (
     plot_norms,
     plot_val_curves,
 )
-from lrm_train.experiments.experiment import Experiment, ExperimentSettings
+from lrm_train.experiments.experiment import Experiment, ExperimentFailed, ExperimentSettings
 from lrm_train.experiments.report import markdown_table, write_report
 from lrm_train.experiments.results import (
     RunResult,
-    at_or_before,
     best_lrs,
     collect,
     finite,
     gap_curve,
+    gap_trend,
     lr_table,
     mean_std,
+    paired_gap,
     tokens_at_step,
 )
 from lrm_train.experiments.runner import (
@@ -54,7 +65,7 @@ from lrm_train.experiments.runner import (
     RunSpec,
     make_run,
 )
-from lrm_train.optim import decay_start
+from lrm_train.optim import constant_phase, decay_start
 from lrm_train.train.checkpoint import complete_checkpoints
 from lrm_train.utils import atomic_write_text
 
@@ -86,8 +97,11 @@ class CompareConfig(ExperimentSettings):
     baseline: str = "mup"  # the arm the others are compared with
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
     lr_center: dict[str, float] = field(default_factory=dict)  # optimizer -> the LR in the middle of its grid
-    lr_points: int = 3  # LRs per grid, sqrt(2) apart, centred on lr_center
-    seeds: list[int] = field(default_factory=lambda: [0])
+    lr_points: int = 3  # LRs per grid, sqrt(2) apart, centred on lr_center; 3 or more for an interior optimum
+    selection_seeds: list[int] = field(default_factory=lambda: [0])  # the LR sweep's seeds
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # held-out: the seeds the statistics are over
+    final_evals: int = 3  # a run's final loss: the mean of its last final_evals validation losses
+    allow_edge: bool = False  # go on to the held-out phase even where a selected LR is on the grid's edge
     train: list[str] = field(default_factory=list)  # trainer overrides every run shares: model, data, budget, schedule
     train_extra: list[str] = field(default_factory=list)  # more of them, from the command line (e.g. data.source)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
@@ -104,8 +118,17 @@ class CompareConfig(ExperimentSettings):
                 raise ValueError(f"lr_center.{optimizer}={lr} must be > 0")
         if self.lr_points < 1:
             raise ValueError(f"lr_points={self.lr_points} must be >= 1")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={list(self.seeds)} must be distinct and at least one")
+        for key in ("selection_seeds", "seeds"):
+            seeds = list(getattr(self, key))
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ValueError(f"{key}={seeds} must be distinct and at least one")
+        if shared := sorted(set(self.seeds) & set(self.selection_seeds)):
+            raise ValueError(
+                f"seeds={list(self.seeds)} holds the selection seed {shared[0]}: the held-out seeds must not be ones "
+                "the LR was selected on"
+            )
+        if self.final_evals < 1:
+            raise ValueError(f"final_evals={self.final_evals} must be >= 1")
 
 
 def arm_overrides(overrides: list[str]) -> list[str]:
@@ -121,31 +144,93 @@ def lr_grid(center: float, points: int) -> list[float]:
     return [center * math.sqrt(2) ** k for k in range(low, low + points)]
 
 
-def plan(cfg: CompareConfig) -> list[RunSpec]:
-    """Every run of the comparison, composed (a bad override fails here, before any training).
+SELECTION, HELD_OUT = "selection", "held_out"  # a run's phase label
 
-    In the order that gives a comparison soonest when the runs go one after another: the grid's centre LR first,
-    and each arm beside the others at the same optimizer, LR and seed."""
-    runs = []
+
+def _run(cfg: CompareConfig, arm: str, optimizer: str, lr: float, seed: int, phase: str, waiting_for="") -> RunSpec:
+    # A waiting run's LR is a stand-in (the grid's centre): its name says so, and it is never trained.
+    name = f"{arm}-{optimizer}-" + ("lr_selected" if waiting_for else f"lr{lr:.3g}") + f"-s{seed}"
+    overrides = [
+        *cfg.train,
+        *cfg.train_extra,
+        *cfg.arms[arm],
+        f"optim={optimizer}",
+        f"optim.lr={lr!r}",
+        f"train.seed={seed}",
+        f"logging.wandb.group={cfg.name}",
+    ]
+    labels = dict(arm=arm, optimizer=optimizer, lr=None if waiting_for else lr, seed=seed, phase=phase)
+    return make_run(name, Path(cfg.out_dir) / "runs" / name, overrides, waiting_for=waiting_for, **labels)
+
+
+def plan(cfg: CompareConfig) -> list[RunSpec]:
+    """Every run of the comparison, composed (a bad override fails here, before any training): the LR sweep on the
+    selection seeds, then the held-out runs, each at its arm's selected LR once the sweep has selected one (until
+    then a held-out run waits, composed at the grid's centre so that it is checked and counted).
+
+    The sweep in the order that gives a comparison soonest when the runs go one after another: the grid's centre LR
+    first, and each arm beside the others at the same optimizer, LR and seed."""
+    sweep = []
     for k in sorted(range(cfg.lr_points), key=lambda k: abs(k - (cfg.lr_points - 1) // 2)):
         for optimizer in cfg.optimizers:
             lr = lr_grid(cfg.lr_center[optimizer], cfg.lr_points)[k]
-            for seed in cfg.seeds:
-                for arm, arm_overrides in cfg.arms.items():
-                    name = f"{arm}-{optimizer}-lr{lr:.3g}-s{seed}"
-                    overrides = [
-                        *cfg.train,
-                        *cfg.train_extra,
-                        *arm_overrides,
-                        f"optim={optimizer}",
-                        f"optim.lr={lr!r}",
-                        f"train.seed={seed}",
-                        f"logging.wandb.group={cfg.name}",
-                    ]
-                    run_dir = Path(cfg.out_dir) / "runs" / name
-                    runs.append(make_run(name, run_dir, overrides, arm=arm, optimizer=optimizer, lr=lr, seed=seed))
+            for seed in cfg.selection_seeds:
+                for arm in cfg.arms:
+                    sweep.append(_run(cfg, arm, optimizer, lr, seed, SELECTION))
+    chosen = selections(cfg, collect(sweep, cfg.final_evals))
+    held_out = []
+    for optimizer in cfg.optimizers:
+        waiting = _held_out_waits_for(cfg, chosen, optimizer)
+        for seed in cfg.seeds:
+            for arm in cfg.arms:
+                lr = cfg.lr_center[optimizer] if waiting else chosen[(arm, optimizer)]["lr"]
+                held_out.append(_run(cfg, arm, optimizer, lr, seed, HELD_OUT, waiting))
+    runs = sweep + held_out
     check_same_budget(runs)
+    evaluations = _evaluations(runs[0].cfg.train)
+    if cfg.final_evals > evaluations:
+        raise ValueError(f"final_evals={cfg.final_evals}: a run evaluates only {evaluations} times (train.eval_every)")
     return runs
+
+
+def _evaluations(t) -> int:
+    """Validations in a run: every ``eval_every`` steps and at the last one."""
+    return t.max_steps // t.eval_every + (t.max_steps % t.eval_every != 0)
+
+
+def selections(cfg: CompareConfig, results: list[RunResult]) -> dict[tuple[str, str], dict]:
+    """(arm, optimizer) -> its sweep's outcome: ``lr`` (the lowest mean final loss over the selection seeds,
+    diverged LRs excluded; None until every LR has finished or diverged on every selection seed, or when all
+    diverged), ``finished`` and ``edge`` (the LR is the grid's first or last: the optimum may lie outside it; a grid
+    of fewer than 3 LRs has no inside)."""
+    sweep = [r for r in results if r.run.labels["phase"] == SELECTION]
+    table = lr_table(sweep)
+    best = best_lrs(table)
+    outcome = {}
+    for optimizer in cfg.optimizers:
+        grid = lr_grid(cfg.lr_center[optimizer], cfg.lr_points)
+        for arm in cfg.arms:
+            by_lr = table.get((arm, optimizer), {})
+            done = all(set(cfg.selection_seeds) <= set(by_lr.get(lr, {})) for lr in grid)
+            lr = best.get((arm, optimizer)) if done else None
+            edge = lr is not None and (cfg.lr_points < 3 or lr in (grid[0], grid[-1]))
+            outcome[(arm, optimizer)] = dict(lr=lr, finished=done, edge=edge)
+    return outcome
+
+
+def _held_out_waits_for(cfg: CompareConfig, chosen: dict, optimizer: str) -> str:
+    """What the held-out runs of ``optimizer`` wait for ("" when nothing: they can train)."""
+    arms = [(arm, chosen[(arm, optimizer)]) for arm in cfg.arms]
+    if unfinished := [arm for arm, c in arms if not c["finished"]]:
+        return f"the LR sweep of {', '.join(unfinished)} ({optimizer}) on seeds {list(cfg.selection_seeds)}"
+    if diverged := [arm for arm, c in arms if c["lr"] is None]:
+        return f"an LR that does not diverge: every LR of {', '.join(diverged)} ({optimizer}) diverged"
+    if not cfg.allow_edge and (edge := [arm for arm, c in arms if c["edge"]]):
+        return (
+            f"an interior best LR: that of {', '.join(edge)} ({optimizer}) is on the grid's edge (widen the grid, or "
+            "allow_edge=true to go on)"
+        )
+    return ""
 
 
 def check_same_budget(runs: list[RunSpec]) -> None:
@@ -174,67 +259,91 @@ def check_same_budget(runs: list[RunSpec]) -> None:
 # The report.
 
 
+def held_out_table(results: list[RunResult]) -> dict:
+    """(arm, optimizer) -> seed -> the held-out result (every held-out run of an arm is at its selected LR)."""
+    table: dict = {}
+    for r in results:
+        if r.run.labels["phase"] == HELD_OUT:
+            table.setdefault(r.label, {})[r.run.labels["seed"]] = r
+    return table
+
+
+def shown_runs(results: list[RunResult], summary: dict) -> dict:
+    """(arm, optimizer) -> seed -> the runs the figures show: the held-out ones, or before them the sweep's runs at
+    the selected LR."""
+    shown = held_out_table(results)
+    sweep = lr_table([r for r in results if r.run.labels["phase"] == SELECTION])
+    for row in summary["rows"]:
+        label = (row["arm"], row["optimizer"])
+        if label not in shown and row["selected_lr"] is not None:
+            shown[label] = sweep[label][row["selected_lr"]]
+    return shown
+
+
 def summarize(cfg: CompareConfig, results: list[RunResult]) -> dict:
     """Every number the report shows."""
-    table = lr_table(results)
-    best = best_lrs(table)
+    chosen = selections(cfg, results)
+    table = lr_table([r for r in results if r.run.labels["phase"] == SELECTION])
+    held_out = held_out_table(results)
     rows = []
-    for (arm, optimizer), by_lr in sorted(table.items(), key=lambda kv: (kv[0][1], list(cfg.arms).index(kv[0][0]))):
-        lr_curve = []
-        for lr in sorted(by_lr):
-            finals = [r.final for r in by_lr[lr].values()]
-            diverged = not all(finite(f) for f in finals)
-            mean, std = (None, None) if diverged else mean_std(finals)
-            lr_curve.append(dict(lr=lr, mean=mean, std=std, seeds=sorted(by_lr[lr]), diverged=diverged))
-        row = dict(arm=arm, optimizer=optimizer, lr_curve=lr_curve, best_lr=best.get((arm, optimizer)))
-        finite_means = [p["mean"] for p in lr_curve if p["mean"] is not None]
-        row["lr_range"] = max(finite_means) - min(finite_means) if len(finite_means) > 1 else None
-        grid = lr_grid(cfg.lr_center[optimizer], cfg.lr_points)
-        row["best_at_grid_edge"] = cfg.lr_points > 1 and row["best_lr"] in (grid[0], grid[-1])
-        row["grid_finished"] = len(lr_curve) == len(grid)
-        if row["best_lr"] is not None:
-            seeds = by_lr[row["best_lr"]]
-            row["seeds"] = sorted(seeds)
-            row["finals"] = [seeds[s].final for s in sorted(seeds)]
-            row["final_mean"], row["final_std"] = mean_std(row["finals"])
-            row["run_dirs"] = [str(seeds[s].run.run_dir) for s in sorted(seeds)]
-        rows.append(row)
-    by_label = {(r["arm"], r["optimizer"]): r for r in rows}
+    for optimizer in cfg.optimizers:
+        for arm in cfg.arms:
+            by_lr = table.get((arm, optimizer), {})
+            lr_curve = []
+            for lr in sorted(by_lr):
+                finals = [r.final for r in by_lr[lr].values()]
+                diverged = not all(finite(f) for f in finals)
+                mean, std = (None, None) if diverged else mean_std(finals)
+                lr_curve.append(dict(lr=lr, mean=mean, std=std, seeds=sorted(by_lr[lr]), diverged=diverged))
+            finite_means = [p["mean"] for p in lr_curve if p["mean"] is not None]
+            c = chosen[(arm, optimizer)]
+            row = dict(
+                arm=arm,
+                optimizer=optimizer,
+                lr_curve=lr_curve,
+                lr_range=max(finite_means) - min(finite_means) if len(finite_means) > 1 else None,
+                selected_lr=c["lr"],
+                at_grid_edge=c["edge"],
+                sweep_finished=c["finished"],
+            )
+            runs = held_out.get((arm, optimizer), {})
+            row["held_out"] = dict(
+                seeds=sorted(runs),
+                finals=[runs[s].final for s in sorted(runs)],
+                diverged=[s for s in sorted(runs) if not finite(runs[s].final)],
+                run_dirs=[str(runs[s].run.run_dir) for s in sorted(runs)],
+            )
+            kept = [f for f in row["held_out"]["finals"] if finite(f)]
+            row["held_out"]["mean"], row["held_out"]["std"] = mean_std(kept) if kept else (None, None)
+            rows.append(row)
     for row in rows:
-        base = by_label.get((cfg.baseline, row["optimizer"]))
-        if row["arm"] == cfg.baseline or row["best_lr"] is None or base is None or base["best_lr"] is None:
-            continue
-        arm_runs = table[(row["arm"], row["optimizer"])][row["best_lr"]]
-        base_runs = table[(cfg.baseline, row["optimizer"])][base["best_lr"]]
-        curve = gap_curve(arm_runs, base_runs)
-        if curve is None:
-            continue
-        final_gaps = [arm_runs[s].final - base_runs[s].final for s in curve["seeds"]]
-        gap, gap_std = mean_std(final_gaps)
-        spreads = [s for s in (row["final_std"], base["final_std"]) if s is not None]
-        spread = max(spreads) if len(spreads) == 2 else None
-        first = next(iter(arm_runs.values())).run
-        decay_step = decay_start(first.cfg.schedule, first.cfg.train.max_steps)
-        decay_tokens = tokens_at_step(base_runs[curve["seeds"][0]].records, decay_step)
-        row["gap"] = dict(
-            final=gap,
-            final_std=gap_std,
-            per_seed=final_gaps,
-            seed_spread=spread,
-            exceeds_spread=None if spread is None else abs(gap) > spread,
-            at_decay_start=None if decay_tokens is None else at_or_before(curve, decay_tokens),
-            decay_start_tokens=decay_tokens,
-            curve=curve,
-        )
-    return dict(
-        experiment=cfg.name,
-        baseline=cfg.baseline,
-        runs=[
-            dict(name=r.run.name, status=r.status, final_val_loss=r.final, run_dir=str(r.run.run_dir), **r.run.labels)
-            for r in results
-        ],
-        rows=rows,
-    )
+        if row["arm"] != cfg.baseline:
+            base = held_out.get((cfg.baseline, row["optimizer"]), {})
+            row["gap"] = _gap(held_out.get((row["arm"], row["optimizer"]), {}), base)
+    return dict(experiment=cfg.name, baseline=cfg.baseline, runs=[_run_line(r) for r in results], rows=rows)
+
+
+def _run_line(r: RunResult) -> dict:
+    return dict(name=r.run.name, status=r.status, final_val_loss=r.final, run_dir=str(r.run.run_dir), **r.run.labels)
+
+
+def _gap(arm_runs: dict, base_runs: dict) -> dict | None:
+    """The held-out gap of an arm: paired final gap with its interval and verdict, the curve against tokens, and
+    its trend through the constant-LR phase."""
+    final = paired_gap({s: r.final for s, r in arm_runs.items()}, {s: r.final for s, r in base_runs.items()})
+    if final is None:
+        return None
+    finished = set(final["seeds"])
+    curve = gap_curve({s: arm_runs[s] for s in finished}, {s: base_runs[s] for s in finished})
+    first = base_runs[final["seeds"][0]]
+    t = first.run.cfg.train
+    decay_tokens = tokens_at_step(first.records, decay_start(first.run.cfg.schedule, t.max_steps))
+    phase = constant_phase(first.run.cfg.schedule, t.max_steps)
+    trend = None
+    if phase is not None:
+        start, end = (tokens_at_step(first.records, step) for step in phase)
+        trend = gap_trend(curve, start, end if end is not None else math.inf)
+    return dict(**final, curve=curve, trend=trend, decay_start_tokens=decay_tokens)
 
 
 DOWNSTREAM_FILE = "downstream.json"  # in a run directory: its final checkpoint's scores, and how they were taken
@@ -260,37 +369,45 @@ def downstream_scores(run: RunSpec, settings: DownstreamConfig) -> dict[str, flo
     return scores
 
 
-def add_downstream(cfg: CompareConfig, table: dict, summary: dict) -> list[str]:
-    """Each row's downstream scores at its best LR (mean over seeds); returns the score names, in column order."""
+def add_downstream(cfg: CompareConfig, shown: dict, summary: dict) -> list[str]:
+    """Each row's downstream scores (mean over the shown runs' seeds); returns the score names, in column order."""
     names: set[str] = set()
     for row in summary["rows"]:
-        if row["best_lr"] is None:
+        runs = shown.get((row["arm"], row["optimizer"]))
+        if not runs:
             continue
-        per_seed = [
-            downstream_scores(r.run, cfg.downstream)
-            for r in table[(row["arm"], row["optimizer"])][row["best_lr"]].values()
-        ]
-        row["downstream"] = {k: mean_std([s[k] for s in per_seed])[0] for k in per_seed[0]}
-        names |= set(row["downstream"])
+        per_seed = [downstream_scores(r.run, cfg.downstream) for r in runs.values() if finite(r.final)]
+        if per_seed:
+            row["downstream"] = {k: mean_std([s[k] for s in per_seed])[0] for k in per_seed[0]}
+            names |= set(row["downstream"])
     return sorted(names)
 
 
-def _edge_words(rows: list[dict], lr_points: int) -> str:
-    if lr_points == 1:  # no grid to lie inside
-        return "**One LR per arm** (`lr_points=1`): whether it is the best LR is not known; the gap is at that LR."
-    edge = [f"{r['arm']} ({r['optimizer']})" for r in rows if r["best_at_grid_edge"]]
-    unfinished = [f"{r['arm']} ({r['optimizer']})" for r in rows if not r["grid_finished"]]
+def edge_words(rows: list[dict], lr_points: int, allow_edge: bool) -> str:
+    """The sweep's warnings: selected LRs on the grid's edge (loudly: such a baseline is not tuned), sweeps not
+    finished."""
     words = []
+    edge = [f"{r['arm']} ({r['optimizer']}, {r['selected_lr']:.3g})" for r in rows if r["at_grid_edge"]]
     if edge:
-        words.append(
-            f"**Best LR at the edge of the grid** for {', '.join(edge)}: the optimum may lie outside it, so the gap "
-            "may be overstated; widen the grid (`lr_points`, `lr_center`) before trusting it."
+        why = (
+            f"a grid of {lr_points} LR{'s' if lr_points > 1 else ''} has no inside"
+            if lr_points < 3
+            else "the optimum may lie outside the grid"
         )
+        then = (
+            "`allow_edge=true`: the held-out phase ran anyway, so read its gap as that of an untuned arm"
+            if allow_edge
+            else "the held-out phase of that optimizer did not run"
+        )
+        words.append(
+            f"**WARNING: selected LR on the edge of the grid for {', '.join(edge)}**: {why}, so that arm is not "
+            f"tuned and a gap against it says nothing about a tuned one; {then}. Widen the grid (`lr_points`, "
+            "`lr_center`): the finished runs are kept."
+        )
+    unfinished = [f"{r['arm']} ({r['optimizer']})" for r in rows if not r["sweep_finished"]]
     if unfinished:
-        words.append(
-            f"Not every LR of the grid has finished for {', '.join(unfinished)}: their best LR is provisional."
-        )
-    return " ".join(words) or "Every best LR lies inside its grid."
+        words.append(f"The LR sweep has not finished for {', '.join(unfinished)}: no LR selected yet.")
+    return " ".join(words) or "Every selected LR lies inside its grid."
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -299,120 +416,153 @@ def _pm(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f} (1 seed)"
 
 
-def _gap_words(row: dict, baseline: str) -> str:
+def _interval(ci: list[float] | None) -> str:
+    return "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def gap_words(row: dict, baseline: str) -> str:
+    """One line per compared arm: the paired final gap, its interval and verdict, and the constant-phase trend."""
     g = row["gap"]
-    sign = "lower" if g["final"] < 0 else "higher"
-    if g["exceeds_spread"] is None:
-        verdict = "the seed spread is unknown with one seed, so whether the gap is real cannot be told"
-    elif g["exceeds_spread"]:
-        verdict = f"larger than the seed spread ({g['seed_spread']:.4f})"
+    head = f"- **{row['arm']} vs {baseline}, {row['optimizer']}** ({len(g['seeds'])} held-out seeds"
+    head += f"; diverged: {row['held_out']['diverged']})" if row["held_out"]["diverged"] else ")"
+    if g["verdict"] is None:
+        final = f"final gap {g['mean']:+.4f} on one seed: no interval, no verdict (add held-out `seeds`)"
     else:
-        verdict = f"within the seed spread ({g['seed_spread']:.4f}): not distinguishable from noise"
-    decay = (
-        ""
-        if g["at_decay_start"] is None
-        else f"; at the last evaluation before the LR decay it was {g['at_decay_start']:+.4f}"
-    )
-    return (
-        f"- **{row['arm']} vs {baseline}, {row['optimizer']}**: final gap {g['final']:+.4f} ({row['arm']} "
-        f"{sign}){decay}; {verdict}."
-    )
+        final = f"final gap {g['mean']:+.4f}, 95% CI {_interval(g['ci95'])}: **{g['verdict']}**"
+    trend = g["trend"]
+    if trend is None:
+        phase = "no trend: fewer than 3 evaluations in a constant-LR phase"
+    else:
+        span = trend["last_tokens"] - trend["first_tokens"]
+        change = [v * span for v in trend["ci95"]]
+        phase = (
+            f"through the constant-LR phase ({trend['points']} evaluations, {trend['first_tokens']:,.0f} to "
+            f"{trend['last_tokens']:,.0f} tokens, mean gap {trend['mean_gap']:+.4f}) the gap changed by "
+            f"{trend['slope'] * span:+.4f}, 95% CI {_interval(change)}: **{trend['trend']}**"
+        )
+    return f"{head}: {final}; {phase}."
+
+
+def _mean_and_interval(g: dict | None) -> str:
+    if g is None:
+        return "-"
+    return f"{g['mean']:+.4f} {_interval(g['ci95'])}" if g["ci95"] else f"{g['mean']:+.4f} (1 seed)"
 
 
 def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
-    results = collect(runs)
+    results = collect(runs, cfg.final_evals)
     if not any(r.status == FINISHED for r in results):
         raise RuntimeError(f"no finished run under {cfg.out_dir}/runs yet: nothing to report")
     out = Path(cfg.out_dir)
-    table = lr_table(results)
     summary = summarize(cfg, results)
+    shown = shown_runs(results, summary)
+    sweep_table = lr_table([r for r in results if r.run.labels["phase"] == SELECTION])
     first = runs[0].cfg
     figures = dict(
-        val_loss=plot_val_curves(out, cfg, table, summary),
+        val_loss=plot_val_curves(out, cfg, shown, summary),
         gap=plot_gap(out, cfg, summary),
         lr_sensitivity=plot_lr_sensitivity(out, cfg, summary),
-        multipliers=plot_multipliers(out, table, summary),
-        norms_abm=plot_norms(out, table, summary),
+        multipliers=plot_multipliers(out, shown, summary),
+        norms_abm=plot_norms(out, shown, summary),
     )
     summary["figures"] = figures
     summary["settings"] = dict(
         arms=cfg.arms,
         optimizers=cfg.optimizers,
         lr_grids={o: lr_grid(cfg.lr_center[o], cfg.lr_points) for o in cfg.optimizers},
+        selection_seeds=cfg.selection_seeds,
         seeds=cfg.seeds,
+        final_evals=cfg.final_evals,
+        val_windows=first.data.val_windows,
+        allow_edge=cfg.allow_edge,
         train=cfg.train,
         max_steps=first.train.max_steps,
     )
-    scores = add_downstream(cfg, table, summary) if cfg.downstream.tasks else []
+    scores = add_downstream(cfg, shown, summary) if cfg.downstream.tasks else []
+    sweep_lrs = sorted({lr for by_lr in sweep_table.values() for lr in by_lr})
+    sweep_header = ["arm", "optimizer", *(f"lr {lr:.3g}" for lr in sweep_lrs)]
+    sweep_lines = []
+    for row in summary["rows"]:
+        by_lr = {p["lr"]: p for p in row["lr_curve"]}
+        cells = []
+        for lr in sweep_lrs:
+            p = by_lr.get(lr)
+            cell = "-" if p is None else "diverged" if p["diverged"] else f"{p['mean']:.4f}"
+            cells.append(f"**{cell}**" if lr == row["selected_lr"] else cell)
+        sweep_lines.append([row["arm"], row["optimizer"], *cells])
     header = [
         "arm",
         "optimizer",
-        "best LR",
-        "final val loss (mean ± std)",
+        "LR",
+        "held-out final loss (mean ± std)",
         "seeds",
-        f"gap vs {cfg.baseline} (mean ± std)",
-        "gap > seed spread?",
-        "loss range over the LR grid",
+        f"gap vs {cfg.baseline} (mean, 95% CI)",
+        "verdict",
+        "constant-phase trend",
         *scores,
     ]
     lines = []
     for row in summary["rows"]:
-        g = row.get("gap")
-        exceeds = (
-            "-"
-            if g is None
-            else ("unknown (1 seed)" if g["exceeds_spread"] is None else ("yes" if g["exceeds_spread"] else "no"))
-        )
+        g, h = row.get("gap"), row["held_out"]
         lines.append(
             [
                 row["arm"],
                 row["optimizer"],
-                row["best_lr"],
-                _pm(row.get("final_mean"), row.get("final_std")),
-                len(row.get("seeds", [])),
-                "-" if g is None else _pm(g["final"], g["final_std"]),
-                exceeds,
-                row["lr_range"],
+                row["selected_lr"],
+                _pm(h["mean"], h["std"]),
+                len(h["seeds"]),
+                _mean_and_interval(g),
+                "-" if g is None else g["verdict"],
+                "-" if g is None or g["trend"] is None else g["trend"]["trend"],
                 *(row.get("downstream", {}).get(name) for name in scores),
             ]
         )
     finished = sum(r.status == FINISHED for r in results)
     diverged = [r.run.name for r in results if r.status == DIVERGED]
+    waiting = sum(bool(r.waiting_for) for r in runs)
     md = [
-        f"{finished} of {len(runs)} runs finished" + (f"; diverged: {', '.join(diverged)}" if diverged else "") + ".",
-        f"Each run: {first.train.max_steps} steps of {first.train.micro_batch_size * first.train.grad_accum} x "
-        f"{first.data.seq_len} tokens per process, a model {first.model.hidden_size} wide with "
-        f"{first.model.num_hidden_layers} layers, schedule `{first.schedule.name}`; the shared trainer overrides "
-        f"are `{' '.join(cfg.train)}`. LR grids (sqrt(2) apart): "
-        + "; ".join(
-            f"{o}: {', '.join(f'{lr:.3g}' for lr in lrs)}" for o, lrs in summary["settings"]["lr_grids"].items()
-        )
+        f"{finished} of {len(runs)} runs finished"
+        + (f"; diverged: {', '.join(diverged)}" if diverged else "")
+        + (f"; {waiting} held-out runs wait for their LR" if waiting else "")
         + ".",
-        "## Best-LR final validation loss",
+        edge_words(summary["rows"], cfg.lr_points, cfg.allow_edge),
+        (
+            f"Each run: {first.train.max_steps} steps of {first.train.micro_batch_size * first.train.grad_accum} x "
+            f"{first.data.seq_len} tokens per process, a model {first.model.hidden_size} wide with "
+            f"{first.model.num_hidden_layers} layers, schedule `{first.schedule.name}`; the shared trainer "
+            f"overrides are `{' '.join(cfg.train)}`. A run's final loss is the mean of its last {cfg.final_evals} "
+            f"validation losses on {first.data.val_windows} windows of {first.data.seq_len} tokens."
+        ),
+        "## 1. LR sweep on the selection seeds",
+        (
+            f"Final loss (mean over seeds {list(cfg.selection_seeds)}) at each LR of the grid (sqrt(2) apart; bold: "
+            "the selected LR, the lowest). The selected LR must lie inside the grid: one on its edge is not a tuned "
+            "one. These seeds choose the LR and are not used below."
+        ),
+        markdown_table(sweep_header, sweep_lines),
+        "## 2. Held-out seeds at the selected LRs",
         markdown_table(header, lines),
         (
-            "The gap is the arm's final validation loss minus the baseline's at their own best LRs, paired by seed "
-            "(below 0: the arm is better). It exceeds the seed spread when |gap| is larger than the larger of the two "
-            "arms' standard deviations over seeds. The LR range is the worst minus the best mean final loss over the "
-            "grid: the smaller, the cheaper the LR is to tune. The baseline keeps the model config's fixed muP "
-            "multipliers; the paper compares against *tuned* ones, so with untuned multipliers (the tiny preset "
-            "carries the 0.5B model's) part of a gap in LRM's favour is what tuning them would have bought."
+            f"Held-out seeds {list(cfg.seeds)}. The gap is the arm's final loss minus the baseline's, paired by seed "
+            "(the same seed: the same initialization and data order); its 95% interval is Student's t over the "
+            "seeds. Verdict: `LRM better` when the interval lies below 0, `baseline better` above it, `no "
+            "difference resolved` when it holds 0. The trend is the gap's straight-line slope through the "
+            "constant-LR phase (after the warmup, before the decay), fitted per seed and averaged with its 95% "
+            "interval over the seeds: `growing` when the gap's size grows (the slope has the sign of the gap), "
+            "`shrinking` when it falls, `flat` when the interval holds 0; the paper finds LRM's gap growing through "
+            "the constant phase."
         ),
-        "\n".join(_gap_words(row, cfg.baseline) for row in summary["rows"] if "gap" in row),
-        _edge_words(summary["rows"], cfg.lr_points),
+        "\n".join(gap_words(row, cfg.baseline) for row in summary["rows"] if row.get("gap")),
         "## Figures",
         (
-            f"![validation loss]({figures['val_loss']})\n\nValidation loss against tokens for each arm at its best LR "
-            "(a band: ± std over seeds, when there are several)."
+            f"![validation loss]({figures['val_loss']})\n\nValidation loss against tokens for each arm at its "
+            "selected LR, over the held-out seeds (band: ± std over seeds)."
         ),
         (
-            f"![gap]({figures['gap']})\n\nThe gap against tokens; the paper's gap in favour of LRM grows through the "
-            "constant-LR phase and shrinks slightly in the decay (dotted line)."
+            f"![gap]({figures['gap']})\n\nThe gap against tokens, paired by held-out seed: the mean, its 95% band, "
+            "and the fitted trend through the constant-LR phase (dashed); dotted line: the LR decay starts."
         ),
-        (
-            f"![LR sensitivity]({figures['lr_sensitivity']})\n\nFinal loss against LR: a flatter curve means a cheaper "
-            "LR search."
-        ),
+        (f"![LR sensitivity]({figures['lr_sensitivity']})\n\nThe sweep: final loss against LR on the selection seeds."),
     ]
     if figures["multipliers"]:
         md.append(
@@ -433,12 +583,28 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
         )
     if scores:
         md.append(
-            f"Downstream scores (`{'`, `'.join(scores)}`) are each arm's best-LR final checkpoints scored by "
-            f"`lrm_train.eval` (mean over seeds; limit {cfg.downstream.limit or 'none'} items per task)."
+            f"Downstream scores (`{'`, `'.join(scores)}`) are each arm's final checkpoints at its selected LR "
+            f"scored by `lrm_train.eval` (mean over held-out seeds; limit {cfg.downstream.limit or 'none'} items per "
+            "task)."
         )
     md.append("Every number above is in `report.json`.")
     path = write_report(out, f"{cfg.name}: LRM vs muP", "\n\n".join(md), summary)
+    if failed := untuned(cfg, summary["rows"]):
+        raise ExperimentFailed(f"{failed} (see {path})")
     return path
+
+
+def untuned(cfg: CompareConfig, rows: list[dict]) -> str:
+    """Why the comparison cannot stand (its exit status is then 1), or "": a selected LR on the grid's edge (unless
+    ``allow_edge``), or a finished sweep whose every LR diverged."""
+    edge = [f"{r['arm']} ({r['optimizer']})" for r in rows if r["at_grid_edge"]]
+    diverged = [f"{r['arm']} ({r['optimizer']})" for r in rows if r["sweep_finished"] and r["selected_lr"] is None]
+    reasons = []
+    if edge and not cfg.allow_edge:
+        reasons.append(f"selected LR on the grid's edge for {', '.join(edge)} (widen the grid, or allow_edge=true)")
+    if diverged:
+        reasons.append(f"every LR of the sweep diverged for {', '.join(diverged)}")
+    return "; ".join(reasons)
 
 
 COMPARE = Experiment("compare", CompareConfig, plan, build_report, __doc__, overrides=arm_overrides)

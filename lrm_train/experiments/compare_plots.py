@@ -1,5 +1,6 @@
 """The comparison's figures: validation curves, the paired gap, LR sensitivity, multiplier trajectories and matrix
-norms against the ABM prediction. Each takes the LR table and the summary ``compare.summarize`` made."""
+norms against the ABM prediction. Each takes the summary ``compare.summarize`` made and, where it draws runs, the
+runs shown per arm (``compare.shown_runs``: (arm, optimizer) -> seed -> result)."""
 
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ def legend(ax) -> None:
         ax.legend()
 
 
-def plot_val_curves(out: Path, cfg: CompareConfig, table: dict, summary: dict) -> str:
-    fig, axes = new_figure(len(cfg.optimizers), "validation loss at each arm's best LR (mean over seeds, ± std)")
+def plot_val_curves(out: Path, cfg: CompareConfig, shown: dict, summary: dict) -> str:
+    fig, axes = new_figure(len(cfg.optimizers), "validation loss at each arm's selected LR (mean over seeds, ± std)")
     for ax, optimizer in zip(axes, cfg.optimizers):
         for row in summary["rows"]:
-            if row["optimizer"] != optimizer or row["best_lr"] is None:
+            runs = shown.get((row["arm"], optimizer), {}) if row["optimizer"] == optimizer else {}
+            seeds = {s: r for s, r in runs.items() if finite(r.final)}  # a diverged run has no curve to average
+            if not seeds:
                 continue
-            seeds = table[(row["arm"], optimizer)][row["best_lr"]]
             common = sorted(set.intersection(*(set(r.tokens) for r in seeds.values())))
             stats = [mean_std([dict(zip(r.tokens, r.val))[t] for r in seeds.values()]) for t in common]
             mean = [m for m, _ in stats]
-            ax.plot(common, mean, label=f"{row['arm']} (lr {row['best_lr']:.3g})")
+            ax.plot(common, mean, label=f"{row['arm']} (lr {row['selected_lr']:.3g})")
             if len(seeds) > 1:
                 std = [s for _, s in stats]
                 ax.fill_between(
@@ -42,25 +44,28 @@ def plot_val_curves(out: Path, cfg: CompareConfig, table: dict, summary: dict) -
 
 
 def plot_gap(out: Path, cfg: CompareConfig, summary: dict) -> str:
-    fig, axes = new_figure(len(cfg.optimizers), f"loss gap: arm minus {cfg.baseline} (below 0: the arm is better)")
+    title = (
+        f"loss gap: arm minus {cfg.baseline} (below 0: the arm is better), paired by seed\nband: 95% CI of the mean; "
+    )
+    fig, axes = new_figure(len(cfg.optimizers), title + "dashed: trend through the constant LR; dotted: decay starts")
     for ax, optimizer in zip(axes, cfg.optimizers):
         ax.axhline(0, color="black", lw=0.8)
         for row in summary["rows"]:
-            if row["optimizer"] != optimizer or "gap" not in row:
+            gap = row.get("gap") if row["optimizer"] == optimizer else None
+            if not gap:
                 continue
-            c = row["gap"]["curve"]
+            c = gap["curve"]
             (line,) = ax.plot(c["tokens"], c["mean"], label=f"{row['arm']} - {cfg.baseline}")
-            if len(c["seeds"]) > 1:
-                ax.fill_between(
-                    c["tokens"],
-                    [m - s for m, s in zip(c["mean"], c["std"])],
-                    [m + s for m, s in zip(c["mean"], c["std"])],
-                    color=line.get_color(),
-                    alpha=0.25,
-                )
-            if row["gap"]["decay_start_tokens"] is not None:
-                ax.axvline(row["gap"]["decay_start_tokens"], color="grey", ls=":", lw=1)
-        ax.set(title=f"{optimizer} (dotted: LR decay starts)", xlabel="tokens", ylabel="validation loss gap")
+            if len(c["seeds"]) > 1:  # the band is the mean's 95% interval over the paired seeds, not their spread
+                low, high = zip(*c["ci95"])
+                ax.fill_between(c["tokens"], low, high, color=line.get_color(), alpha=0.25)
+            if trend := gap["trend"]:
+                x = [trend["first_tokens"], trend["last_tokens"]]
+                y = [trend["intercept"] + trend["slope"] * t for t in x]
+                ax.plot(x, y, ls="--", color=line.get_color(), label=f"trend: {trend['trend']}")
+            if gap["decay_start_tokens"] is not None:
+                ax.axvline(gap["decay_start_tokens"], color="grey", ls=":", lw=1)
+        ax.set(title=optimizer, xlabel="tokens", ylabel="validation loss gap")
         legend(ax)
     return save_figure(fig, out / "gap.png")
 
@@ -94,20 +99,21 @@ def plot_lr_sensitivity(out: Path, cfg: CompareConfig, summary: dict) -> str:
     return save_figure(fig, out / "lr_sensitivity.png")
 
 
-def _best_run(table: dict, row: dict) -> RunResult:
-    seeds = table[(row["arm"], row["optimizer"])][row["best_lr"]]
+def _first_run(shown: dict, row: dict) -> RunResult:
+    seeds = shown[(row["arm"], row["optimizer"])]
     return seeds[min(seeds)]
 
 
 MOVERS_SHOWN = 5
 
 
-def plot_multipliers(out: Path, table: dict, summary: dict) -> str | None:
-    """Scalar multipliers and the mean of row/column multipliers against step, for each LRM arm at its best LR."""
-    rows = [r for r in summary["rows"] if r["best_lr"] is not None and r["arm"] != summary["baseline"]]
+def plot_multipliers(out: Path, shown: dict, summary: dict) -> str | None:
+    """Scalar multipliers and the mean of row/column multipliers against step, for each LRM arm at its selected LR
+    (its first seed shown)."""
+    rows = [r for r in summary["rows"] if (r["arm"], r["optimizer"]) in shown and r["arm"] != summary["baseline"]]
     panels = []
     for row in rows:
-        records = _best_run(table, row).records
+        records = _first_run(shown, row).records
         keys = sorted(
             {
                 k
@@ -122,7 +128,7 @@ def plot_multipliers(out: Path, table: dict, summary: dict) -> str | None:
         return None
     fig, axes = new_figure(
         len(panels),
-        "multipliers at the best LR, relative to their first logged value (scalars; means of row/column vectors)",
+        "multipliers at the selected LR, relative to their first logged value (scalars; means of row/column vectors)",
     )
     for ax, (row, records, keys) in zip(axes, panels):
         ratios = {}
@@ -137,20 +143,21 @@ def plot_multipliers(out: Path, table: dict, summary: dict) -> str | None:
             label = key.removeprefix(MULTIPLIER_KEY) if key in movers else None
             ax.plot(steps, ratio, lw=1.4 if label else 0.6, alpha=1.0 if label else 0.5, label=label)
         ax.set_yscale("log")
-        title = f"{row['arm']}, {row['optimizer']}, lr {row['best_lr']:.3g}"
+        title = f"{row['arm']}, {row['optimizer']}, lr {row['selected_lr']:.3g}"
         ax.set(title=title, xlabel="step", ylabel="value / first logged value")
         ax.legend(fontsize=7, title="moved most")
     return save_figure(fig, out / "multipliers.png")
 
 
-def plot_norms(out: Path, table: dict, summary: dict) -> str | None:
-    """Matrix norms (RMS of W) against the ABM prediction of noise and weight decay alone, per arm at its best LR."""
-    rows = [r for r in summary["rows"] if r["best_lr"] is not None]
+def plot_norms(out: Path, shown: dict, summary: dict) -> str | None:
+    """Matrix norms (RMS of W) against the ABM prediction of noise and weight decay alone, per arm at its selected
+    LR (its first seed shown)."""
+    rows = [r for r in summary["rows"] if (r["arm"], r["optimizer"]) in shown]
     if not rows:
         return None
     fig, axes = new_figure(len(rows), "matrix norms ||W|| (solid) against the ABM prediction (dashed)")
     for ax, row in zip(axes, rows):
-        records = _best_run(table, row).records
+        records = _first_run(shown, row).records
         keys = sorted({k for rec in records for k in rec if k.startswith((NORM_KEY, ABM_KEY))})
         for key in keys:
             steps, values = series(records, key)
@@ -164,5 +171,5 @@ def plot_norms(out: Path, table: dict, summary: dict) -> str | None:
                 alpha=1.0 if abm else 0.6,
             )
         ax.set_yscale("log")
-        ax.set(title=f"{row['arm']}, {row['optimizer']}, lr {row['best_lr']:.3g}", xlabel="step", ylabel="RMS")
+        ax.set(title=f"{row['arm']}, {row['optimizer']}, lr {row['selected_lr']:.3g}", xlabel="step", ylabel="RMS")
     return save_figure(fig, out / "norms_abm.png")

@@ -12,7 +12,9 @@
 
 ``--estimate`` prints the GPU hours of the plan and exits; ``report=only`` rebuilds the report from the finished
 runs; ``launcher=slurm`` submits a job per unfinished run and one for the report after them; ``nproc`` runs each
-local run under torchrun. A rerun skips finished runs and resumes the others; Ctrl-C and SIGTERM stop with the run in
+local run under torchrun; ``threads`` sets each run's torch threads (1 by default) and ``parallel=N`` trains N
+local runs at once. A plan may hold runs that wait for others (``RunSpec.waiting_for``): they are trained once
+those have finished and the plan is made again. A rerun skips finished runs and resumes the others; Ctrl-C and SIGTERM stop with the run in
 progress saved, and running the same command goes on. Exit statuses are ``lrm_train.cli``'s.
 """
 
@@ -65,12 +67,22 @@ class ExperimentSettings:
     out_dir: str = "experiments/out"
     launcher: Launcher = Launcher.local
     nproc: int = 0  # local: processes per run (0: one per visible GPU; torchrun + DDP when more than one)
+    threads: int = 1  # torch threads per process of a run (0: torch's default); 1: results the same at any load
+    parallel: int = 1  # local: runs trained at once, each in its own process (e.g. one per core with threads=1)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     report: ReportMode = ReportMode.after
 
     def __post_init__(self) -> None:
         if self.nproc < 0:
             raise ValueError(f"nproc={self.nproc} must be >= 0 (0: one process per visible GPU)")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be >= 0 (0: torch's default)")
+        if self.parallel < 1:
+            raise ValueError(f"parallel={self.parallel} must be >= 1")
+        if self.parallel > 1 and self.nproc > 1:
+            raise ValueError(
+                f"parallel={self.parallel} runs single-process runs side by side: not with nproc={self.nproc}"
+            )
 
 
 class ExperimentFailed(CommandEnding):
@@ -90,11 +102,22 @@ class Experiment:
     overrides: Callable[[list[str]], list[str]] = list
 
     def run(self, settings: ExperimentSettings) -> Path:
-        """Train what the plan holds here, one run after another, then report (``report=after``, ``launcher=local``)."""
-        runs = self.plan(settings)
+        """Train what the plan holds here, then report (``report=after``, ``launcher=local``)."""
         create_out_dir(settings.out_dir)
-        run_local(runs, settings.nproc)
-        return self.report(settings, runs)
+        return self.report(settings, self.train(settings, self.plan(settings)))
+
+    def train(self, settings: ExperimentSettings, runs: list[RunSpec]) -> list[RunSpec]:
+        """Train ``runs`` here; while some of them wait for others (the comparison's held-out runs for their LR
+        sweep), plan again and train what became ready. Returns the last plan."""
+        while True:
+            run_local(runs, settings.nproc, settings.threads, settings.parallel)
+            waiting = sum(bool(r.waiting_for) for r in runs)
+            if not waiting:
+                return runs
+            again = self.plan(settings)
+            if sum(bool(r.waiting_for) for r in again) >= waiting:  # nothing more became ready: the report says why
+                return again
+            runs = again
 
     def compose(self, argv: list[str]) -> tuple[ExperimentSettings, list[RunSpec]]:
         register_configs()  # an experiment's config may pick a model preset (abm's model=tiny), as the trainer's does
@@ -117,7 +140,7 @@ class Experiment:
                     )
                     submit_slurm(runs, settings.slurm, report)
                     return
-                run_local(runs, settings.nproc)
+                runs = self.train(settings, runs)
             print(f"report: {self.report(settings, runs)}")
 
         return run_command(argv, self.usage(), self.compose, work, flags=("--estimate",), again=AGAIN)
@@ -152,6 +175,7 @@ def estimate(runs: list[RunSpec], world_size: int, mfu: float) -> str:
     """GPU hours of the plan from each run's training FLOPs per token at an assumed MFU."""
     if not runs:
         return "0 runs: nothing to train"
+    waiting = sum(bool(r.waiting_for) for r in runs)
     hours, tokens = [], []
     for run in runs:
         with torch.device("meta"):  # the FLOPs need the shapes only
@@ -161,7 +185,9 @@ def estimate(runs: list[RunSpec], world_size: int, mfu: float) -> str:
         hours.append(model.flops_per_token(run.cfg.data.seq_len) * tokens[-1] / (mfu * peak) / 3600)
     peak_tflops = runs[0].cfg.logging.peak_tflops
     return (
-        f"{len(runs)} runs x {max(tokens) / 1e9:.3g} GT at most ({world_size} processes per run): "
+        f"{len(runs)} runs"
+        + (f" ({waiting} of them waiting for the runs they depend on, counted as planned)" if waiting else "")
+        + f" x {max(tokens) / 1e9:.3g} GT at most ({world_size} processes per run): "
         f"{max(hours):,.0f} GPU hours for the largest run, {sum(hours):,.0f} in all, assuming {mfu:.0%} MFU of "
         f"{peak_tflops:g} TFLOP/s per GPU (logging.peak_tflops)"
     )

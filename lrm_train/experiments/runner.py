@@ -10,22 +10,29 @@ read from its run directory alone, so it is the same whoever trained it (this pr
   diverge again from the same checkpoint, so it is kept as a result (delete the run directory to try again);
 - ``pending``: anything else; training it resumes from its newest checkpoint (``train.resume=auto``).
 
-Launchers: ``local`` trains the runs one after another on this machine - in this process on a CPU or one GPU, under
-``torchrun --nproc_per_node=N ... dist=ddp`` on N GPUs - and ``slurm`` submits one ``sbatch launch/slurm.sbatch``
-job per run that is neither finished nor already queued.
+Launchers: ``local`` trains the runs on this machine - one after another in this process on a CPU or one GPU, under
+``torchrun --nproc_per_node=N ... dist=ddp`` on N GPUs, or ``parallel`` at once, each in its own spawned process -
+with ``threads`` torch threads per process (1 by default: deterministic per machine); ``slurm`` submits one
+``sbatch launch/slurm.sbatch`` job per run that is neither finished nor already queued. A run that waits for others
+(``RunSpec.waiting_for``) is neither trained nor submitted: the experiment plans again once those have finished.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lrm_train.cli import CommandEnding
 from lrm_train.train import RunConfig, compose, train
 from lrm_train.train.checkpoint import checkpoint_root, complete_checkpoints
 
@@ -39,20 +46,24 @@ class RunSpec:
     overrides: list[str]  # trainer overrides, train.run_dir included
     cfg: RunConfig
     labels: dict = field(default_factory=dict)  # what the experiment varies in this run (arm, lr, seed, ...)
+    # Why the run cannot train yet (its config depends on runs not finished: the comparison's held-out runs take the
+    # LR their sweep selects); empty when it can. A waiting run is composed with a stand-in so that its config is
+    # checked and counted by --estimate, but it is never trained, submitted or read as a result.
+    waiting_for: str = ""
 
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.train.run_dir)
 
 
-def make_run(name: str, run_dir: Path, overrides: list[str], **labels) -> RunSpec:
+def make_run(name: str, run_dir: Path, overrides: list[str], waiting_for: str = "", **labels) -> RunSpec:
     """A run composed now (so a config error surfaces before any training), named ``name`` in W&B and logs."""
     full = [*overrides, f"train.run_dir={run_dir}", f"experiment.name={name}"]
     try:
         cfg = compose(full)
     except ValueError as e:
         raise ValueError(f"run {name}: {e}") from None
-    return RunSpec(name, full, cfg, labels)
+    return RunSpec(name, full, cfg, labels, waiting_for)
 
 
 def create_out_dir(out_dir: str | Path) -> Path:
@@ -82,20 +93,47 @@ def _children(folder: Path) -> list[Path]:
     return list(folder.iterdir()) if folder.is_dir() else []
 
 
-def run_local(runs: list[RunSpec], nproc: int = 0) -> None:
-    """Train every unfinished run in turn; ``nproc`` processes per run (0: one per visible GPU, at least one)."""
+def run_local(runs: list[RunSpec], nproc: int = 0, threads: int = 1, parallel: int = 1) -> None:
+    """Train every unfinished run that is not waiting for others: one after another, or ``parallel`` at once, each
+    in its own process; ``nproc`` processes per run (0: one per visible GPU, at least one), each with ``threads``
+    torch threads (0: torch's default, every core)."""
     nproc = nproc or max(1, torch.cuda.device_count())
+    todo = []
     for i, run in enumerate(runs, 1):
         status = run_status(run)
-        if status != PENDING:
+        if run.waiting_for:
+            print(f"[{i}/{len(runs)}] {run.name}: waits for {run.waiting_for}", flush=True)
+        elif status != PENDING:
             print(f"[{i}/{len(runs)}] {run.name}: {status}, skipped", flush=True)
-            continue
+        else:
+            todo.append((i, run))
+    if parallel > 1:
+        _train_in_parallel(todo, len(runs), threads, parallel)
+        return
+    for i, run in todo:
         print(f"[{i}/{len(runs)}] {run.name}: training", flush=True)
         if nproc == 1:
-            _train_in_process(run)
+            with torch_threads(threads):
+                _train_in_process(run)
         else:
-            _train_with_torchrun(run, nproc)
+            _train_with_torchrun(run, nproc, threads)
         print(f"[{i}/{len(runs)}] {run.name}: {run_status(run)}", flush=True)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``threads`` torch threads inside (0: unchanged). One thread makes a run's float sums the same on every
+    machine with the same CPU instructions, whatever its core count or load; several threads split the reductions
+    differently from one machine to the next (a seed re-run with 1 thread instead of 2 moved a final loss by 0.024)."""
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _train_in_process(run: RunSpec) -> None:
@@ -109,7 +147,49 @@ def _train_in_process(run: RunSpec) -> None:
         print(f"  {run.name}: {e}", flush=True)
 
 
-def _train_with_torchrun(run: RunSpec, nproc: int) -> None:
+class EndedInWorker(CommandEnding):
+    """A run's ending (a stop on a signal, an interruption) raised in a parallel worker, carried to this process with
+    its line and exit status (the trainer's endings take arguments that pickling cannot rebuild)."""
+
+    def __init__(self, message: str, exit_code: int, word: str) -> None:
+        super().__init__(message, exit_code, word)
+        self.exit_code, self.word = exit_code, word
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _train_spawned(run: RunSpec, threads: int) -> EndedInWorker | None:
+    """A parallel worker's run: trained as in this process, its ending returned rather than raised."""
+    try:
+        with torch_threads(threads):
+            _train_in_process(run)
+    except CommandEnding as e:
+        return EndedInWorker(str(e), e.exit_code, e.word)
+    return None
+
+
+def _train_in_parallel(todo: list[tuple[int, RunSpec]], total: int, threads: int, parallel: int) -> None:
+    # Spawned, not forked: a forked child inherits this process's torch thread pools and state, which is unsafe;
+    # a spawned one starts clean and trains exactly as a sequential run with the same thread count does.
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for i, run in todo:
+            print(f"[{i}/{total}] {run.name}: training (up to {parallel} at once)", flush=True)
+            futures[pool.submit(_train_spawned, run, threads)] = (i, run)
+        try:
+            for future in as_completed(futures):
+                i, run = futures[future]
+                if ended := future.result():
+                    raise ended
+                print(f"[{i}/{total}] {run.name}: {run_status(run)}", flush=True)
+        except BaseException:
+            for future in futures:  # the runs not started stay pending; those in progress end (or save) first
+                future.cancel()
+            raise
+
+
+def _train_with_torchrun(run: RunSpec, nproc: int, threads: int) -> None:
     command = [
         sys.executable,
         "-m",
@@ -120,7 +200,8 @@ def _train_with_torchrun(run: RunSpec, nproc: int) -> None:
         "dist=ddp",
         *run.overrides,
     ]
-    done = subprocess.run(command)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    done = subprocess.run(command, env=env)
     if done.returncode == 130:
         raise KeyboardInterrupt
     if done.returncode != 0 and run_status(run) != DIVERGED:
@@ -143,6 +224,9 @@ def submit_slurm(runs: list[RunSpec], slurm: SlurmConfig, report_command: list[s
     given, a job that runs it once all of them have ended (``--dependency=afterany``). Returns the job ids."""
     job_ids = []
     for run in runs:
+        if run.waiting_for:
+            print(f"{run.name}: waits for {run.waiting_for}, not submitted (run the same command again after it)")
+            continue
         status = run_status(run)
         queued = _queued_job(run)
         if status != PENDING or queued:

@@ -33,7 +33,15 @@ from lrm_train.optim.param_classes import (
     is_clipped,
     parameter_roles,
 )
-from lrm_train.optim.schedule import ScheduleConfig, ScheduleName, batch_fraction, decay_start, lr_factor, micro_batches
+from lrm_train.optim.schedule import (
+    ScheduleConfig,
+    ScheduleName,
+    batch_fraction,
+    constant_phase,
+    decay_start,
+    lr_factor,
+    micro_batches,
+)
 
 __all__ = [
     "AdamW",
@@ -57,6 +65,7 @@ __all__ = [
     "build_optimizer",
     "class_table",
     "classify_parameters",
+    "constant_phase",
     "decay_start",
     "decoupled_step_",
     "format_table",

@@ -74,6 +74,15 @@ def decay_start(cfg: ScheduleConfig, total_steps: int) -> int:
     return total_steps
 
 
+def constant_phase(cfg: ScheduleConfig, total_steps: int) -> tuple[int, int] | None:
+    """The steps ``(first, end)`` during which the LR holds at its peak: from the end of the warmup to the decay's
+    start (``end`` excluded); None for a schedule that never holds it (cosine) or a warmup that reaches the decay."""
+    if cfg.name is ScheduleName.cosine:
+        return None
+    first, end = min(cfg.warmup_steps, total_steps), decay_start(cfg, total_steps)
+    return (first, end) if first < end else None
+
+
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, used_batch_fraction: float = 1.0) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``. A warmup longer than the run
     takes the whole run (a short test run keeps the default warmup)."""

@@ -1,6 +1,8 @@
-"""The LRM-vs-muP comparison on the micro model: every run, skip and resume, the report and its numbers, Slurm."""
+"""The LRM-vs-muP comparison on the micro model: the two phases, skip and resume, the report and its statistics
+(paired gap, verdicts, trend), the edge rule, parallel runs, Slurm."""
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -10,11 +12,20 @@ import pytest
 from runs import overrides
 
 from lrm_train.config_compose import compose_schema
-from lrm_train.experiments.compare import CompareConfig, lr_grid, main, plan, summarize
+from lrm_train.experiments.compare import (
+    HELD_OUT,
+    SELECTION,
+    CompareConfig,
+    lr_grid,
+    main,
+    plan,
+    selections,
+    summarize,
+)
 from lrm_train.experiments.experiment import tokens_per_run
-from lrm_train.experiments.results import RunResult, read_metrics
-from lrm_train.experiments.runner import FINISHED, PENDING, RunSpec, make_run, run_status
-from lrm_train.optim.schedule import ScheduleName
+from lrm_train.experiments.results import RunResult, gap_trend, paired_gap, read_metrics
+from lrm_train.experiments.runner import FINISHED, PENDING, RunSpec, make_run, run_local, run_status
+from lrm_train.optim import ScheduleName
 
 STEPS = 8
 
@@ -24,9 +35,11 @@ def hydra_list(values: list[str]) -> str:
 
 
 def micro_args(data_root, out_dir, **extra) -> list[str]:
-    """A comparison of 2 arms x 2 LRs x 1 seed under AdamW on the micro model (4 runs of 8 steps)."""
+    """A comparison under AdamW on the micro model: a sweep of 2 arms x 2 LRs on seed 0 (a grid of two has no
+    inside, hence allow_edge), then each arm at its selected LR on held-out seeds 1 and 2: 8 runs of 8 steps,
+    validated every 2 steps (3 evaluations in the constant phase, steps 2 to 7), final loss over the last 2."""
     train = {k: v for k, v in overrides(data_root, "unused").items() if k != "train.run_dir"}
-    train.update({"train.max_steps": STEPS, "train.eval_every": 4, "train.log_every": 2, "schedule.warmup_steps": 2})
+    train.update({"train.max_steps": STEPS, "train.eval_every": 2, "train.log_every": 2, "schedule.warmup_steps": 2})
     args = {
         "out_dir": str(out_dir),
         "name": "micro",
@@ -35,14 +48,18 @@ def micro_args(data_root, out_dir, **extra) -> list[str]:
         "lr_center.muon": 0.01,
         "optimizers": "[adamw]",
         "lr_points": 2,
-        "seeds": "[0]",
+        "selection_seeds": "[0]",
+        "seeds": "[1,2]",
+        "final_evals": 2,
+        "allow_edge": "true",
+        "parallel": 1,  # in this process (compare_cpu trains two at once)
     }
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def final_val_loss(run_dir) -> float:
-    return [r for r in read_metrics(run_dir) if "val_loss" in r][-1]["val_loss"]
+def val_losses(run_dir) -> list[float]:
+    return [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
 
 
 def is_png_with_content(path) -> bool:
@@ -57,52 +74,87 @@ def finished(data_root, tmp_path_factory):
     return out
 
 
-def test_every_run_exists_and_finished(data_root, finished):
+def test_the_sweep_runs_on_the_selection_seeds_and_the_held_out_runs_at_the_selected_lr(data_root, finished):
     cfg = compose_schema("compare", CompareConfig, micro_args(data_root, finished))
     runs = plan(cfg)
-    assert len(runs) == 2 * 2
-    names = sorted(p.name for p in (finished / "runs").iterdir())
-    assert names == sorted(r.name for r in runs)
+    sweep = [r for r in runs if r.labels["phase"] == SELECTION]
+    held_out = [r for r in runs if r.labels["phase"] == HELD_OUT]
+    assert len(sweep) == 2 * 2 and len(held_out) == 2 * 2 and not any(r.waiting_for for r in runs)
+    assert {r.labels["seed"] for r in sweep} == {0} and {r.labels["seed"] for r in held_out} == {1, 2}
+    assert sorted(p.name for p in (finished / "runs").iterdir()) == sorted(r.name for r in runs)
     for run in runs:
         assert run_status(run) == FINISHED
         assert [r["step"] for r in read_metrics(run.run_dir)] == list(range(2, STEPS + 1, 2))
-        assert run.cfg.logging.wandb.group == "micro"
-    lrs = sorted({r.cfg.optim.lr for r in runs})
+        assert run.cfg.logging.wandb.group == "micro" and run.cfg.train.seed == run.labels["seed"]
+        assert run.cfg.optim.lr == run.labels["lr"] and f"-lr{run.labels['lr']:.3g}-s{run.labels['seed']}" in run.name
+    lrs = sorted({r.cfg.optim.lr for r in sweep})
     assert lrs == pytest.approx(lr_grid(0.01, 2)) and lrs[1] / lrs[0] == pytest.approx(2**0.5)
+    for arm in ("mup", "lrm"):
+        finals = {r.labels["lr"]: sum(val_losses(r.run_dir)[-2:]) / 2 for r in sweep if r.labels["arm"] == arm}
+        assert {r.cfg.optim.lr for r in held_out if r.labels["arm"] == arm} == {min(finals, key=finals.get)}
+
+
+def test_before_the_sweep_finishes_the_held_out_runs_wait_and_are_counted(data_root, tmp_path, capsys):
+    cfg = compose_schema("compare", CompareConfig, micro_args(data_root, tmp_path / "out", seeds="[1,2,3]"))
+    runs = plan(cfg)
+    waiting = [r for r in runs if r.waiting_for]
+    assert [r.labels["phase"] for r in waiting] == [HELD_OUT] * 6 and len(runs) == 4 + 6
+    assert {r.labels["seed"] for r in waiting} == {1, 2, 3} and all(r.labels["lr"] is None for r in waiting)
+    assert all("the LR sweep of mup, lrm (adamw) on seeds [0]" == r.waiting_for for r in waiting)
+    assert main([*micro_args(data_root, tmp_path / "out", seeds="[1,2,3]"), "--estimate"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("10 runs (6 of them waiting") and "assuming 35% MFU" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_held_out_seed_that_selected_the_lr_is_refused(data_root, tmp_path, capsys):
+    assert main(micro_args(data_root, tmp_path / "out", seeds="[2,0]")) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: config: seeds=[2, 0] holds the selection seed 0: the held-out seeds must not be ones the LR was "
+        "selected on"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_numbers_equal_the_runs_metrics(finished):
     report = json.loads((finished / "report.json").read_text())
     text = (finished / "report.md").read_text()
-    assert {(r["arm"], r["optimizer"]) for r in report["rows"]} == {(a, "adamw") for a in ("mup", "lrm")}
-    for row in report["rows"]:
-        by_lr = {}
-        for p in row["lr_curve"]:
-            (run,) = [
-                r
-                for r in report["runs"]
-                if (r["arm"], r["optimizer"], r["lr"]) == (row["arm"], row["optimizer"], p["lr"])
-            ]
-            by_lr[p["lr"]] = final_val_loss(run["run_dir"])
-            assert p["mean"] == by_lr[p["lr"]] and p["std"] is None
-        assert row["best_lr"] == min(by_lr, key=by_lr.get)
-        assert row["finals"] == [by_lr[row["best_lr"]]]
-        assert f"{row['final_mean']:.4f} (1 seed)" in text
-        assert row["lr_range"] == pytest.approx(max(by_lr.values()) - min(by_lr.values()))
+    runs = {(r["arm"], r["lr"], r["seed"]): r["run_dir"] for r in report["runs"]}
     rows = {(r["arm"], r["optimizer"]): r for r in report["rows"]}
+    assert set(rows) == {("mup", "adamw"), ("lrm", "adamw")}
+    final = {key: sum(val_losses(run_dir)[-2:]) / 2 for key, run_dir in runs.items()}  # final_evals=2
+    for (arm, _), row in rows.items():
+        by_lr = {p["lr"]: p["mean"] for p in row["lr_curve"]}
+        assert by_lr == {lr: final[(arm, lr, 0)] for lr in lr_grid(0.01, 2)}
+        assert row["selected_lr"] == min(by_lr, key=by_lr.get) and row["at_grid_edge"]  # 2 LRs: no inside
+        assert row["held_out"]["seeds"] == [1, 2]
+        assert row["held_out"]["finals"] == [final[(arm, row["selected_lr"], s)] for s in (1, 2)]
+    gap = rows[("lrm", "adamw")]["gap"]
+    per_seed = [
+        final[("lrm", rows[("lrm", "adamw")]["selected_lr"], s)]
+        - final[("mup", rows[("mup", "adamw")]["selected_lr"], s)]
+        for s in (1, 2)
+    ]
+    assert gap["per_seed"] == pytest.approx(per_seed)
+    mean, half = sum(per_seed) / 2, 12.706 * abs(per_seed[0] - per_seed[1]) / 2  # t(1 df) x sd / sqrt(2)
+    assert gap["mean"] == pytest.approx(mean) and gap["ci95"] == pytest.approx([mean - half, mean + half])
+    assert f"final gap {mean:+.4f}, 95% CI [{mean - half:+.4f}, {mean + half:+.4f}]: **{gap['verdict']}**" in text
+    assert gap["trend"]["points"] == 3 and gap["trend"]["trend"] in ("growing", "flat", "shrinking")
+    assert gap["curve"]["seeds"] == [1, 2] and gap["curve"]["mean"][-1] == pytest.approx(
+        sum(
+            val_losses(runs[("lrm", rows[("lrm", "adamw")]["selected_lr"], s)])[-1]
+            - val_losses(runs[("mup", rows[("mup", "adamw")]["selected_lr"], s)])[-1]
+            for s in (1, 2)
+        )
+        / 2
+    )
+    assert "**WARNING: selected LR on the edge of the grid" in text and "allow_edge=true" in text
     moved = rows[("lrm", "adamw")]["multipliers_moved_most"]
-    records = read_metrics(rows[("lrm", "adamw")]["run_dirs"][0])
     assert len(moved) == 5 and "multipliers_moved_most" not in rows[("mup", "adamw")]
+    records = read_metrics(rows[("lrm", "adamw")]["held_out"]["run_dirs"][0])
     for name, ratio in moved.items():
         values = [r[f"lrm/{name}"] for r in records if f"lrm/{name}" in r]
         assert ratio == pytest.approx(values[-1] / values[0]) and f"`{name}` x{ratio:.3g}" in text
-    for optimizer in ("adamw",):
-        gap = rows[("lrm", optimizer)]["gap"]
-        expected = rows[("lrm", optimizer)]["final_mean"] - rows[("mup", optimizer)]["final_mean"]
-        assert gap["final"] == pytest.approx(expected)
-        assert gap["curve"]["mean"][-1] == pytest.approx(expected)
-        assert gap["exceeds_spread"] is None and gap["seed_spread"] is None  # one seed: unknown, never invented
-        assert f"{gap['final']:+.4f}" in text and "seed spread is unknown" in text
 
 
 def test_plots_are_non_empty_images(finished):
@@ -113,79 +165,195 @@ def test_plots_are_non_empty_images(finished):
         assert f"]({name})" in (finished / "report.md").read_text()
 
 
-def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(data_root, finished, tmp_path, capsys):
+def test_a_selected_lr_on_the_grid_edge_stops_the_comparison_before_its_held_out_phase(
+    data_root, finished, tmp_path, capsys
+):
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
-    runs = plan(compose_schema("compare", CompareConfig, micro_args(data_root, out)))
-    cut, untouched = runs[0], runs[1:]
-    shutil.rmtree(cut.run_dir / "checkpoints" / f"step_{STEPS:08d}")  # as if killed after step 4's checkpoint
-    assert run_status(cut) == PENDING
-    before = {r.name: (r.run_dir / "metrics.jsonl").stat().st_mtime_ns for r in untouched}
-    expected = final_val_loss(cut.run_dir)
-
-    assert main(micro_args(data_root, out, report="only")) == 0  # from what has finished: 3 of 4
-    report = json.loads((out / "report.json").read_text())
-    assert cut.name not in {r["name"] for r in report["runs"]} and len(report["runs"]) == 3
-    assert "3 of 4 runs finished" in (out / "report.md").read_text()
-
+    args = micro_args(data_root, out, allow_edge="false")
+    runs = plan(compose_schema("compare", CompareConfig, args))
+    waiting = [r for r in runs if r.waiting_for]
+    assert (
+        len(waiting) == 4
+        and "an interior best LR: that of mup, lrm (adamw) is on the grid's edge" in waiting[0].waiting_for
+    )
     capsys.readouterr()
-    assert main(micro_args(data_root, out)) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("finished, skipped") == 3 and f"{cut.name}: training" in printed
-    assert {r.name: (r.run_dir / "metrics.jsonl").stat().st_mtime_ns for r in untouched} == before
-    assert "resumed from" in (cut.run_dir / "train_rank0.log").read_text()
-    assert [r["step"] for r in read_metrics(cut.run_dir)] == list(range(2, STEPS + 1, 2))
-    assert final_val_loss(cut.run_dir) == pytest.approx(expected, rel=1e-5)  # exact resume: the same loss
-    assert len(json.loads((out / "report.json").read_text())["runs"]) == 4
+    assert main(args) == 1  # nothing trains (the held-out runs wait), and the report says why
+    captured = capsys.readouterr()
+    assert "training" not in captured.out and captured.err.startswith(
+        "error: selected LR on the grid's edge for mup (adamw), lrm (adamw)"
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert all(row["held_out"]["seeds"] == [] and "gap" not in row or row["gap"] is None for row in report["rows"])
+    assert "the held-out phase of that optimizer did not run" in (out / "report.md").read_text()
 
 
-def test_gap_and_spread_over_seeds():
-    """Two seeds: mean +- std, the gap paired by seed, and whether it exceeds the seed spread."""
-    cfg = CompareConfig(arms={"mup": ["lrm=none"], "lrm": ["lrm=full"]}, lr_center={"adamw": 0.01, "muon": 0.01})
-    cfg.optimizers, cfg.lr_points = ["adamw"], 2
-    high = lr_grid(0.01, 2)[1]
-
-    def result(arm, lr, seed, final):
-        run = RunSpec(f"{arm}{lr}{seed}", [], _FakeRun(), dict(arm=arm, optimizer="adamw", lr=lr, seed=seed))
-        val = [2 * final, final]  # the gap at the first evaluation is twice the final one
-        records = [dict(step=50, tokens_seen=100), dict(step=100, tokens_seen=200)]
-        return RunResult(run, FINISHED, final, [100, 200], val, records)
-
-    results = [
-        result("mup", 0.01, 0, 3.00),
-        result("mup", 0.01, 1, 3.02),
-        result("mup", high, 0, 3.10),
-        result("mup", high, 1, 3.12),
-        result("lrm", 0.01, 0, 2.90),
-        result("lrm", 0.01, 1, 2.94),
-        result("lrm", high, 0, 2.85),
-        result("lrm", high, 1, 2.87),
-    ]
-    rows = {r["arm"]: r for r in summarize(cfg, results)["rows"]}
-    assert rows["mup"]["best_lr"] == 0.01 and rows["lrm"]["best_lr"] == high
-    assert rows["lrm"]["final_mean"] == pytest.approx(2.86) and rows["lrm"]["final_std"] == pytest.approx(0.01414, 1e-3)
-    gap = rows["lrm"]["gap"]
-    assert gap["per_seed"] == pytest.approx([-0.15, -0.15]) and gap["final"] == pytest.approx(-0.15)
-    assert gap["seed_spread"] == pytest.approx(0.01414, 1e-3) and gap["exceeds_spread"] is True
-    assert gap["curve"]["tokens"] == [100, 200] and gap["curve"]["mean"] == pytest.approx([-0.30, -0.15])
-    assert gap["decay_start_tokens"] == 100 and gap["at_decay_start"] == pytest.approx(-0.30)  # decay from step 50
-    assert rows["mup"]["lr_range"] == pytest.approx(0.10)
-    assert rows["lrm"]["best_at_grid_edge"] and rows["mup"]["best_at_grid_edge"]  # a grid of two: both are edges
-
-    small = [result("mup", 0.01, 0, 3.00), result("mup", 0.01, 1, 3.10), result("lrm", 0.01, 0, 2.99)]
-    small.append(result("lrm", 0.01, 1, 3.07))
-    gap = {r["arm"]: r for r in summarize(cfg, small)["rows"]}["lrm"]["gap"]
-    assert gap["final"] == pytest.approx(-0.02) and gap["exceeds_spread"] is False
+def _result(arm, lr, seed, final, phase=SELECTION, gaps=None):
+    """A finished run's result as the summary reads it (validations at 100, 200, 300 tokens)."""
+    run = RunSpec(f"{arm}{lr}{seed}", [], _FakeRun(), dict(arm=arm, optimizer="adamw", lr=lr, seed=seed, phase=phase))
+    val = gaps or [final, final, final]
+    records = [dict(step=50 * i, tokens_seen=100 * i) for i in (1, 2, 3)]
+    return RunResult(run, FINISHED, final, [100, 200, 300], val, records)
 
 
 class _FakeRun:
     """The parts of a RunConfig the summary reads."""
 
     class schedule:
-        name, decay_fraction = ScheduleName.constant_exp_decay, 0.5
+        name, decay_fraction, warmup_steps = ScheduleName.constant_exp_decay, 0.5, 0
 
     class train:
-        max_steps, run_dir = 100, "nowhere"
+        max_steps, run_dir = 150, "nowhere"
+
+
+def test_the_selected_lr_is_the_sweeps_lowest_and_only_an_interior_one_is_not_an_edge():
+    cfg = CompareConfig(arms={"mup": ["lrm=none"], "lrm": ["lrm=full"]}, lr_center={"adamw": 0.01, "muon": 0.01})
+    cfg.optimizers, cfg.lr_points = ["adamw"], 3
+    low, mid, high = lr_grid(0.01, 3)
+    results = [_result("mup", lr, 0, f) for lr, f in ((low, 3.2), (mid, 3.1), (high, 3.15))]
+    results += [_result("lrm", lr, 0, f) for lr, f in ((low, 3.2), (mid, 3.1), (high, 3.0))]
+    chosen = selections(cfg, results)
+    assert chosen[("mup", "adamw")] == dict(lr=mid, finished=True, edge=False)
+    assert chosen[("lrm", "adamw")] == dict(lr=high, finished=True, edge=True)
+    chosen = selections(cfg, results[:-1])  # lrm's top LR not finished: nothing selected yet
+    assert chosen[("lrm", "adamw")] == dict(lr=None, finished=False, edge=False)
+
+
+@pytest.mark.parametrize(
+    "arm, base, mean, half, verdict",
+    [
+        # gaps -0.10, -0.12, -0.08: mean -0.10, sd 0.02, t(2 df) 4.303 -> half 4.303 x 0.02 / sqrt(3)
+        ([2.90, 2.88, 2.92], [3.00, 3.00, 3.00], -0.10, 4.303 * 0.02 / math.sqrt(3), "LRM better"),
+        # gaps +0.01, -0.02, +0.04: mean 0.01, sd 0.03
+        ([3.01, 2.98, 3.04], [3.00, 3.00, 3.00], 0.01, 4.303 * 0.03 / math.sqrt(3), "no difference resolved"),
+        # gaps +0.05, +0.07 (2 seeds): mean 0.06, sd 0.01414, t(1 df) 12.706 -> half 12.706 x 0.01 = 0.127: holds 0
+        ([3.05, 3.07], [3.00, 3.00], 0.06, 12.706 * 0.01, "no difference resolved"),
+        # gaps +0.05, +0.06, +0.07, +0.06: mean 0.06, sd 0.008165, t(3 df) 3.182
+        ([3.05, 3.06, 3.07, 3.06], [3.0] * 4, 0.06, 3.182 * 0.008165 / 2, "baseline better"),
+    ],
+)
+def test_the_paired_gap_its_interval_and_verdict_match_hand_computed_values(arm, base, mean, half, verdict):
+    gap = paired_gap(dict(enumerate(arm)), dict(enumerate(base)))
+    assert gap["mean"] == pytest.approx(mean) and gap["ci95"] == pytest.approx([mean - half, mean + half], abs=1e-5)
+    assert gap["verdict"] == verdict and gap["seeds"] == list(range(len(arm)))
+
+
+def test_the_paired_gap_pairs_only_seeds_both_arms_finished():
+    gap = paired_gap({1: 2.9, 2: None, 3: 2.8}, {1: 3.0, 2: 3.0, 3: 3.0, 4: 3.0})
+    assert gap["seeds"] == [1, 3] and gap["per_seed"] == pytest.approx([-0.1, -0.2])
+    one = paired_gap({1: 2.9}, {1: 3.0})
+    assert one["mean"] == pytest.approx(-0.1) and one["ci95"] is None and one["verdict"] is None  # no interval
+    assert paired_gap({1: None}, {1: 3.0}) is None
+
+
+def _curve(per_seed, tokens):
+    return dict(tokens=tokens, per_seed=per_seed, mean=[sum(c) / len(c) for c in zip(*per_seed)])
+
+
+@pytest.mark.parametrize(
+    "slope, level, trend",
+    [(-1e-4, -0.1, "growing"), (1e-4, -0.1, "shrinking"), (1e-4, 0.2, "growing"), (-1e-4, 0.2, "shrinking")],
+)
+def test_the_trend_is_the_gaps_size_growing_or_shrinking_through_the_constant_phase(slope, level, trend):
+    tokens = [100, 200, 300, 400, 500, 600]
+    wiggle = [[0.001, -0.002, 0.001, 0.002, -0.001, 0.0], [-0.001, 0.001, 0.0, -0.002, 0.001, 0.001]]
+    per_seed = [[level + slope * (t - 100) + w for t, w in zip(tokens, ws)] for ws in wiggle]
+    per_seed.append([level + slope * (t - 100) for t in tokens])
+    fit = gap_trend(_curve(per_seed, tokens), 100, 550)  # 600 is past the constant phase: not fitted
+    assert fit["points"] == 5 and fit["last_tokens"] == 500 and fit["trend"] == trend
+    assert fit["slope"] == pytest.approx(slope, rel=0.1) and fit["ci95"][0] < slope < fit["ci95"][1]
+
+
+def test_a_gap_that_only_wobbles_is_flat_and_three_evaluations_are_needed():
+    tokens = [100, 200, 300, 400]
+    per_seed = [[-0.1, -0.11, -0.09, -0.1], [-0.1, -0.09, -0.11, -0.1], [-0.12, -0.1, -0.1, -0.12]]
+    fit = gap_trend(_curve(per_seed, tokens), 0, 1000)
+    assert fit["trend"] == "flat" and fit["ci95"][0] < 0 < fit["ci95"][1]
+    assert fit["mean_gap"] == pytest.approx(-0.10333, abs=1e-4)
+    assert gap_trend(_curve(per_seed, tokens), 150, 350) is None  # 2 evaluations: no trend
+    one = gap_trend(_curve([[0.0, -0.1, -0.2, -0.3]], tokens), 0, 1000)  # one seed: the fit's own interval
+    assert (
+        one["slope"] == pytest.approx(-1e-3)
+        and one["ci95"] == pytest.approx([-1e-3, -1e-3])
+        and one["trend"] == "growing"
+    )
+
+
+def test_a_summary_pairs_the_held_out_seeds_and_fits_the_constant_phase_from_the_schedule():
+    """The gap curve and its band from held-out results; the decay's start (step 75 of 150: 150 tokens) is read from
+    the schedule, and with one validation before it there is no trend."""
+    cfg = CompareConfig(arms={"mup": ["lrm=none"], "lrm": ["lrm=full"]}, lr_center={"adamw": 0.01, "muon": 0.01})
+    cfg.optimizers, cfg.lr_points, cfg.allow_edge = ["adamw"], 1, True
+    results = [_result("mup", 0.01, 0, 3.0), _result("lrm", 0.01, 0, 2.9)]
+    for seed, (a, b) in {1: (2.90, 3.00), 2: (2.92, 3.00), 3: (2.88, 3.00)}.items():
+        results.append(_result("mup", 0.01, seed, b, HELD_OUT, [b + 0.1, b + 0.05, b]))
+        results.append(_result("lrm", 0.01, seed, a, HELD_OUT, [b + 0.05, a + 0.05, a]))
+    rows = {r["arm"]: r for r in summarize(cfg, results)["rows"]}
+    gap = rows["lrm"]["gap"]
+    assert gap["per_seed"] == pytest.approx([-0.10, -0.08, -0.12]) and gap["verdict"] == "LRM better"
+    assert gap["curve"]["tokens"] == [100, 200, 300] and gap["curve"]["mean"] == pytest.approx([-0.05, -0.10, -0.10])
+    assert gap["curve"]["ci95"][0] == pytest.approx([-0.05, -0.05])  # the same gap on every seed: no width
+    assert gap["curve"]["ci95"][1] == pytest.approx([-0.10 - 4.303 * 0.02 / 3**0.5, -0.10 + 4.303 * 0.02 / 3**0.5])
+    assert gap["decay_start_tokens"] == 150 and gap["trend"] is None  # 2 evaluations before the decay: no trend
+    assert rows["mup"]["held_out"]["finals"] == [3.0, 3.0, 3.0] and rows["mup"]["selected_lr"] == 0.01
+
+
+@pytest.mark.multiprocess
+def test_parallel_runs_train_exactly_as_sequential_ones(data_root, tmp_path):
+    """Two micro runs one after another in this process, then the same two side by side in two spawned processes:
+    the same losses to the bit (each single-threaded)."""
+
+    def two(folder):
+        return [
+            make_run(
+                f"r{seed}",
+                folder / f"r{seed}",
+                [
+                    f"{k}={v}"
+                    for k, v in overrides(data_root, "x", **{"train.seed": seed}).items()
+                    if k != "train.run_dir"
+                ],
+                seed=seed,
+            )
+            for seed in (0, 1)
+        ]
+
+    sequential, parallel = two(tmp_path / "seq"), two(tmp_path / "par")
+    run_local(sequential, nproc=1, threads=1, parallel=1)
+    run_local(parallel, nproc=1, threads=1, parallel=2)
+    for a, b in zip(sequential, parallel):
+        assert run_status(b) == FINISHED
+        keys = ("loss", "val_loss", "grad_norm")
+        assert [[r.get(k) for k in keys] for r in read_metrics(a.run_dir)] == [
+            [r.get(k) for k in keys] for r in read_metrics(b.run_dir)
+        ]
+    assert val_losses(sequential[0].run_dir) != val_losses(sequential[1].run_dir)  # two seeds: two different runs
+
+
+def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(data_root, finished, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    runs = plan(compose_schema("compare", CompareConfig, micro_args(data_root, out)))
+    cut, untouched = runs[-1], runs[:-1]  # a held-out run
+    shutil.rmtree(cut.run_dir / "checkpoints" / f"step_{STEPS:08d}")  # as if killed after step 4's checkpoint
+    assert run_status(cut) == PENDING
+    before = {r.name: (r.run_dir / "metrics.jsonl").stat().st_mtime_ns for r in untouched}
+    expected = val_losses(cut.run_dir)[-1]
+
+    assert main(micro_args(data_root, out, report="only")) == 0  # from what has finished: 7 of 8
+    report = json.loads((out / "report.json").read_text())
+    assert cut.name not in {r["name"] for r in report["runs"]} and len(report["runs"]) == 7
+    assert "7 of 8 runs finished" in (out / "report.md").read_text()
+
+    capsys.readouterr()
+    assert main(micro_args(data_root, out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished, skipped") == 7 and f"{cut.name}: training" in printed
+    assert {r.name: (r.run_dir / "metrics.jsonl").stat().st_mtime_ns for r in untouched} == before
+    assert "resumed from" in (cut.run_dir / "train_rank0.log").read_text()
+    assert [r["step"] for r in read_metrics(cut.run_dir)] == list(range(2, STEPS + 1, 2))
+    assert val_losses(cut.run_dir)[-1] == pytest.approx(expected, rel=1e-5)  # exact resume: the same loss
+    assert len(json.loads((out / "report.json").read_text())["runs"]) == 8
 
 
 def test_config_errors_are_one_line_before_any_run(data_root, tmp_path, capsys):
@@ -193,9 +361,11 @@ def test_config_errors_are_one_line_before_any_run(data_root, tmp_path, capsys):
     assert main(micro_args(data_root, out, lr_pointz=3)) == 2
     assert main(micro_args(data_root, out, train=hydra_list(["train.max_stepz=3"]))) == 2
     assert main(micro_args(data_root, out, baseline="nope")) == 2
+    assert main(micro_args(data_root, out, final_evals=5)) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(e.startswith("error: config: ") for e in errors)
+    assert len(errors) == 4 and all(e.startswith("error: config: ") for e in errors)
     assert "lr_pointz" in errors[0] and "train.max_stepz" in errors[1] and "baseline='nope'" in errors[2]
+    assert "final_evals=5: a run evaluates only 4 times" in errors[3]
     assert not out.exists()
 
 
@@ -215,10 +385,10 @@ def test_slurm_submits_one_job_per_unfinished_run_then_the_report(data_root, fin
     shutil.copytree(finished, out)
     args = micro_args(data_root, out, optimizers="[adamw,muon]", lr_points=1, launcher="slurm")
     args.append(f"slurm.sbatch_args={hydra_list(['--partition=gpu'])}")
-    runs = plan(compose_schema("compare", CompareConfig, args))
-    shutil.rmtree(runs[0].run_dir)  # a finished AdamW run gone; the Muon runs never ran
-    pending = [r for r in runs if run_status(r) == PENDING]
-    assert len(runs) == 4 and len(pending) == 3
+    shutil.rmtree(plan(compose_schema("compare", CompareConfig, args))[0].run_dir)  # a finished AdamW run gone
+    runs = plan(compose_schema("compare", CompareConfig, args))  # the Muon runs never ran
+    pending = [r for r in runs if not r.waiting_for and run_status(r) == PENDING]
+    assert len(runs) == 4 + 8 and len(pending) == 3  # the 8 held-out runs wait for the sweep: not submitted
 
     assert main(args) == 0
     submitted = log.read_text().splitlines()
@@ -233,7 +403,8 @@ def test_slurm_submits_one_job_per_unfinished_run_then_the_report(data_root, fin
     assert main(args) == 0  # 101 is still queued; the others ended without finishing: submitted again
     again = log.read_text().splitlines()[4:]
     assert [line.split()[1] for line in again[:2]] == [f"--job-name={r.name}" for r in pending[1:]]
-    assert "queued as job 101" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "queued as job 101" in printed and printed.count("waits for the LR sweep of") == 2 * 8
 
 
 def test_estimate_counts_the_tokens_of_the_batch_ramp(data_root, tmp_path, capsys):
@@ -245,7 +416,7 @@ def test_estimate_counts_the_tokens_of_the_batch_ramp(data_root, tmp_path, capsy
     assert tokens_per_run(run, world_size=8) == 8 * 15 * 4 * 32
     assert main([*micro_args(data_root, tmp_path / "out"), "--estimate"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("4 runs x ") and "assuming 35% MFU" in printed
+    assert printed.startswith("8 runs (4 of them waiting") and "assuming 35% MFU" in printed
     assert not (tmp_path / "out").exists()
 
 
@@ -253,10 +424,10 @@ def test_estimate_counts_the_tokens_of_the_batch_ramp(data_root, tmp_path, capsy
 def test_nproc_runs_each_run_under_torchrun_with_ddp(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"
-    args = [*micro_args(data_root, out, lr_points=1, nproc=2), "~arms.lrm"]  # one run: the baseline's
+    args = [*micro_args(data_root, out, lr_points=1, seeds="[1]", nproc=2), "~arms.lrm"]  # the baseline's 2 runs
     assert main(args) == 0
-    (run,) = plan(compose_schema("compare", CompareConfig, args))
-    assert run_status(run) == FINISHED and run.name.startswith("mup-adamw")
+    run, held_out = plan(compose_schema("compare", CompareConfig, args))
+    assert run_status(run) == run_status(held_out) == FINISHED and run.name.startswith("mup-adamw")
     assert (run.run_dir / "train_rank1.log").is_file()  # a second rank trained it
     assert "world size 2" in (run.run_dir / "train_rank0.log").read_text()
 
@@ -276,22 +447,26 @@ def test_downstream_scores_become_columns_of_the_table(data_root, finished, tmp_
     args = micro_args(data_root, out, report="only", **{"downstream.tasks": "[hellaswag]", "downstream.limit": 10})
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert len(scored) == 2  # each arm's best-LR final checkpoint
+    assert len(scored) == 4  # each arm's final checkpoints at its selected LR, one per held-out seed
     for row in report["rows"]:
-        (run_dir,) = row["run_dirs"]
-        (path,) = [p for p in scored if str(p).startswith(run_dir)]
-        assert path.name == f"step_{STEPS:08d}"
-        assert row["downstream"] == {"hellaswag/acc": 0.25 + len(str(path)) % 7 / 100}
+        paths = [[p for p in scored if str(p).startswith(d)] for d in row["held_out"]["run_dirs"]]
+        assert all(len(p) == 1 and p[0].name == f"step_{STEPS:08d}" for p in paths) and len(paths) == 2
+        acc = [0.25 + len(str(p)) % 7 / 100 for (p,) in paths]
+        assert row["downstream"] == {"hellaswag/acc": pytest.approx(sum(acc) / 2)}
     assert "hellaswag/acc |" in (out / "report.md").read_text()
-    assert main(args) == 0 and len(scored) == 2  # cached beside the run: not scored again
+    assert main(args) == 0 and len(scored) == 4  # cached beside the run: not scored again
 
 
-def test_a_one_point_grid_does_not_claim_its_lr_is_inside_the_grid():
-    from lrm_train.experiments.compare import _edge_words
+def test_the_edge_warning_says_why_a_grid_has_no_inside():
+    from lrm_train.experiments.compare import edge_words
 
-    row = dict(arm="lrm", optimizer="adamw", best_at_grid_edge=False, grid_finished=True)
-    assert _edge_words([row], lr_points=1).startswith("**One LR per arm**")
-    assert _edge_words([row], lr_points=3) == "Every best LR lies inside its grid."
+    row = dict(arm="lrm", optimizer="adamw", selected_lr=0.01, at_grid_edge=True, sweep_finished=True)
+    assert edge_words([row], lr_points=1, allow_edge=True).startswith(
+        "**WARNING: selected LR on the edge of the grid for lrm (adamw, 0.01)**: a grid of 1 LR has no inside"
+    )
+    assert "the held-out phase of that optimizer did not run" in edge_words([row], lr_points=5, allow_edge=False)
+    inside = dict(row, at_grid_edge=False)
+    assert edge_words([inside], lr_points=3, allow_edge=False) == "Every selected LR lies inside its grid."
 
 
 def test_the_gpu_scale_comparison_compiles_its_decoder_layers():

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lrm_train.optim import ScheduleConfig, ScheduleName, batch_fraction, decay_start, lr_factor
+from lrm_train.optim import ScheduleConfig, ScheduleName, batch_fraction, constant_phase, decay_start, lr_factor
 
 
 def factors(cfg, total):
@@ -46,3 +46,18 @@ def test_only_the_constant_then_decay_schedules_have_a_decay_start():
     for name in ScheduleName:
         cfg = ScheduleConfig(name=str(name), decay_fraction=0.25)  # plain strings become the enum
         assert cfg.name is name and decay_start(cfg, 100) == (75 if name.decays else 100)
+
+
+def test_the_constant_phase_runs_from_the_warmup_end_to_the_decay_start_at_the_peak_lr():
+    for name in ScheduleName:
+        cfg = ScheduleConfig(name=str(name), warmup_steps=10, decay_fraction=0.25)
+        phase = constant_phase(cfg, 100)
+        if name is ScheduleName.cosine:
+            assert phase is None  # it never holds the LR
+            continue
+        assert phase == (10, 75 if name.decays else 100)
+        assert all(lr_factor(cfg, step, 100) == 1.0 for step in range(*phase))
+        assert lr_factor(cfg, phase[0] - 2, 100) < 1.0  # still warming up
+        if name.decays:
+            assert lr_factor(cfg, phase[1], 100) < 1.0  # decaying
+    assert constant_phase(ScheduleConfig(warmup_steps=80, decay_fraction=0.25), 100) is None  # warmup into the decay

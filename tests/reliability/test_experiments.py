@@ -46,6 +46,13 @@ REFUSED = [
     case("X04", "compare", ["baseline=nope"], r"baseline='nope' is not one of the arms"),
     case("X05", "compare", ["lr_points=0"], r"lr_points=0 must be >= 1"),
     case("X07", "compare", ["seeds=[0,0]"], r"seeds=\[0, 0\] must be distinct"),
+    case("X-selseeds", "compare", ["selection_seeds=[]"], r"selection_seeds=\[\] must be distinct and at least one"),
+    case("X-overlap", "compare", ["seeds=[1,0]"], r"seeds=\[1, 0\] holds the selection seed 0: the held-out seeds"),
+    case("X-finals", "compare", ["final_evals=0"], r"final_evals=0 must be >= 1"),
+    case("X-finals9", "compare", [*SMALL, "final_evals=9"], r"final_evals=9: a run evaluates only 8 times"),
+    case("X-threads", "compare", ["threads=-1"], r"threads=-1 must be >= 0"),
+    case("X-parallel", "compare", ["parallel=0"], r"parallel=0 must be >= 1"),
+    case("X-par-nproc", "compare", ["parallel=2", "nproc=2"], r"parallel=2 runs single-process runs side by side"),
     case("X08", "compare", ["launcher=bogus"], r"launcher: Invalid value 'bogus', expected one of \[local, slurm\]"),
     case("X09", "compare", ["optimizers=[sgd]"], r"lr_center has no LR for optimizer 'sgd'"),
     case("X11", "compare", ["--foo"], r"unknown option '--foo'"),
@@ -134,7 +141,8 @@ def test_readme_and_help_example_adds_an_arm(tmp_path, monkeypatch):
     assert example in run_main(compare.main, ["--help"]).stdout
     outcome = run_main(compare.main, [example, "--estimate"])
     assert outcome.code == 0 and not outcome.stderr and not outcome.escaped, outcome.stderr + outcome.escaped
-    assert outcome.stdout.startswith("18 runs x")  # 3 arms (mup, lrm, lrm_one) x 2 optimizers x 3 LRs
+    # 3 arms (mup, lrm, lrm_one) x 2 optimizers: 3 LRs on seed 0, then 5 held-out seeds
+    assert outcome.stdout.startswith("48 runs (30 of them waiting")
     assert not list(tmp_path.iterdir())  # --estimate writes nothing
 
 
@@ -195,22 +203,42 @@ def test_abm_takes_a_model_preset_as_the_trainer_does(tmp_path):
     assert "embedding/1024x128" in {fit["shadow"] for fit in report["slopes"]}
 
 
-def test_sigterm_during_a_comparison_saves_the_run_in_progress_and_says_how_to_go_on(data_root, tmp_path):
+def sigterm_at_step_2(data_root, tmp_path, parallel: int) -> list[str]:
+    """A comparison's argv whose runs each get SIGTERM at step 2 (2 sweep runs, then 2 held-out ones)."""
     train = {k: v for k, v in overrides(data_root, "unused").items() if k != "train.run_dir"}
     train.update(
         {"train.max_steps": 4, "+callbacks.term._target_": "faulty_callbacks.SignalAt", "+callbacks.term.at": 2}
     )
-    argv = [
+    return [
         f"out_dir={tmp_path / 'cmp'}",
         "train=" + json.dumps([f"{k}={v}" for k, v in train.items()]),
         "optimizers=[adamw]",
         "lr_points=1",
-        "seeds=[0]",
+        "seeds=[1]",
+        "final_evals=1",
+        f"parallel={parallel}",
     ]
-    outcome = run_main(compare.main, argv)
+
+
+def test_sigterm_during_a_comparison_saves_the_run_in_progress_and_says_how_to_go_on(data_root, tmp_path):
+    outcome = run_main(compare.main, sigterm_at_step_2(data_root, tmp_path, parallel=1))  # one run, in this process
     [kept] = (tmp_path / "cmp").glob("runs/*/checkpoints/step_00000002")
     assert outcome.code == 143 and not outcome.escaped
     assert outcome.stderr.splitlines()[-1] == (
         f"stopped: SIGTERM at step 2; saved the checkpoint {kept} (run the same command to resume from it); "
         "run the same command again to go on"
+    )
+
+
+@pytest.mark.multiprocess
+def test_sigterm_in_parallel_runs_saves_each_and_ends_the_comparison_with_its_status(data_root, tmp_path):
+    """Two sweep runs side by side in spawned processes, each stopped by SIGTERM at step 2: both save, and the
+    worker's ending reaches this process with its line and status (143)."""
+    outcome = run_main(compare.main, sigterm_at_step_2(data_root, tmp_path, parallel=2))
+    kept = sorted((tmp_path / "cmp").glob("runs/*/checkpoints/step_00000002"))
+    assert [p.parts[-3].split("-")[0] for p in kept] == ["lrm", "mup"]  # the two sweep runs; no held-out run began
+    assert outcome.code == 143 and not outcome.escaped
+    last = outcome.stderr.splitlines()[-1]
+    assert last.startswith("stopped: SIGTERM at step 2; saved the checkpoint ") and last.endswith(
+        "(run the same command to resume from it); run the same command again to go on"
     )
