@@ -201,7 +201,7 @@ def report(settings: SymmetryDriftSettings, runs: list[RunSpec]) -> Path:
                 equilibration_times=seeds[0]["equilibration_times"],
             )
 
-    fig, (rc_ax, mw_ax) = new_figure(2, "symmetry drift since the first logged step")
+    fig, (rc_ax, mw_ax) = new_figure(2, "symmetry drift since the first logged step (mean over seeds)")
     for wd in settings.multiplier_weight_decays:
         for precision in settings.precisions:
             series = [values[(wd, precision, s)]["drift"] for s in settings.seeds]
@@ -211,8 +211,8 @@ def report(settings: SymmetryDriftSettings, runs: list[RunSpec]) -> Path:
             label = f"wd {wd:g}, {precision}"
             for ax, key in ((rc_ax, "row_col"), (mw_ax, "mult_matrix")):
                 ax.plot(x, [statistics.fmean(d[key][i] for d in series) for i in range(count)], style, label=label)
-    rc_ax.set(xlabel="step", ylabel="|Δ log(RMS r / RMS c)|, mean over seeds")
-    mw_ax.set(xlabel="step", ylabel="median |Δ log(RMS r RMS c / RMS W)|, mean over seeds")
+    rc_ax.set(xlabel="step", ylabel="|Δ log(RMS r / RMS c)|", title="row/col: largest over matrices")
+    mw_ax.set(xlabel="step", ylabel="|Δ log(RMS r RMS c / RMS W)|", title="mult/matrix: median over matrices")
     rc_ax.legend(fontsize=7)
     figure = save_figure(fig, out_dir / "symmetry_drift.png")
 
