@@ -5,7 +5,7 @@ The training loop talks to this small interface only, so it never branches on th
     optimizer = engine.setup(model, optimizer, classes)   # the optimizer whose param_groups the schedule drives
     with engine.accumulating(last=...):                  # gradient sync only on the last micro-batch
         engine.backward(loss)
-    grad_norm, applied = engine.optimizer_step(max_norm, loss_is_finite)   # device tensors: no host sync
+    norms, applied = engine.optimizer_step(max_norm, loss_is_finite)   # device tensors: no host sync
     engine.model_state() / engine.optimizer_state()      # full, named: the same checkpoint for every engine
     engine.parameter_shapes()                            # full shapes by name (ZeRO-3 partitions the tensors)
 
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrm_train.optim import ParamClass, class_table, is_clipped
+from lrm_train.optim import GradNorms, ParamClass, class_table, clipped_norm, is_clipped
 
 
 class EngineName(StrEnum):
@@ -178,6 +178,7 @@ class Engine:
         self.model: nn.Module | None = None  # what the loop calls forward on
         self.optimizer = None
         self.clip_params: list[torch.Tensor] = []
+        self.class_params: dict[ParamClass, list[torch.Tensor]] = {}
 
     @property
     def rank(self) -> int:
@@ -215,7 +216,9 @@ class Engine:
         params = dict(model.named_parameters())
         self.clip_multipliers = clip_multipliers
         self.clip_params = [params[n] for n, c in classes.items() if is_clipped(c, clip_multipliers)]
-        self.unclipped_params = [params[n] for n, c in classes.items() if not is_clipped(c, clip_multipliers)]
+        self.class_params = {}
+        for name, cls in classes.items():
+            self.class_params.setdefault(cls, []).append(params[name])
         return optimizer
 
     def accumulating(self, last: bool):
@@ -224,19 +227,23 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, max_norm: float, loss_is_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def optimizer_step(self, max_norm: float, loss_is_finite: torch.Tensor) -> tuple[GradNorms, torch.Tensor]:
         """Step unless ``step_is_finite`` says no, after clipping (``max_norm`` > 0) on the global norm of the clipped
-        classes; gradients are cleared either way. Returns (that norm before clipping, whether it stepped), both 0-d
-        tensors on the device: nothing here waits for the device."""
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.clip_params if p.grad is not None], foreach=True)
-        unclipped = [p.grad for p in self.unclipped_params if p.grad is not None]
-        unclipped_norm = torch.nn.utils.get_total_norm(unclipped, foreach=True) if unclipped else norm.new_zeros(())
-        applied = step_is_finite(loss_is_finite.to(norm.device), [norm, unclipped_norm])
-        if max_norm > 0:  # a non-finite norm makes the gradients non-finite: the optimizer ignores them then
-            torch.nn.utils.clip_grads_with_norm_(self.clip_params, max_norm, norm, foreach=True)
+        classes (``optim.clipped_norm``); gradients are cleared either way. Returns (the norms before clipping, whether
+        it stepped), tensors on the device: nothing here waits for the device."""
+        norms = []
+        for cls, params in self.class_params.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norms.append((cls, torch.nn.utils.get_total_norm(grads, foreach=True)))
+        grad_norms = clipped_norm(norms, self.clip_multipliers, max_norm)
+        applied = step_is_finite(loss_is_finite.to(grad_norms.clipped.device), [n for _, n in norms])
+        if grad_norms.scale is not None:  # a non-finite norm makes the gradients non-finite: the step is skipped then
+            grads = [p.grad for p in self.clip_params if p.grad is not None]
+            torch._foreach_mul_(grads, grad_norms.scale)
         self.optimizer.step(apply=applied)
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, applied
+        return grad_norms, applied
 
     def class_rows(self) -> list[dict]:
         """The parameter-group table (group, count, numel, optimizer, lr, wd) from what the engine holds."""

@@ -5,8 +5,9 @@ group. We hand it our own client optimizer, ``ShardedAdamWMuon``, built from the
 parameter class), so every class keeps its learning rate and weight decay, and we keep the two things DeepSpeed's
 own machinery would change:
 
-- clipping: DeepSpeed's ``gradient_clipping`` is off. The engine takes the global norm of the clipped classes
-  (multipliers left out, as in the trainer) from DeepSpeed's reduced gradient partitions, and the optimizer scales
+- clipping: DeepSpeed's ``gradient_clipping`` is off. The engine takes each group's norm from DeepSpeed's reduced
+  gradient partitions and ``optim.clipped_norm``, as every engine, makes the clipped global norm from them
+  (multipliers left out unless ``train.clip_multipliers``), and the optimizer scales
   those classes' gradients before its update - so Muon sees a clipped gradient and its orthogonalized update is
   never shrunk afterwards.
 - Muon: only the ``matrix`` class uses it. Momentum and direction are elementwise, so each rank updates them on its
@@ -34,9 +35,11 @@ from torch import nn
 
 from lrm_train.distributed.engine import DistConfig, Engine, launched_process_group, step_is_finite
 from lrm_train.optim import (
+    GradNorms,
     ParamClass,
     adamw_update_,
     adjusted_lr,
+    clipped_norm,
     decoupled_step_,
     is_clipped,
     muon_direction_,
@@ -321,18 +324,17 @@ class ZeroEngine(Engine):
         dist.all_reduce(squares)
         return list(squares.sqrt())
 
-    def optimizer_step(self, max_norm: float, loss_is_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def optimizer_step(self, max_norm: float, loss_is_finite: torch.Tensor) -> tuple[GradNorms, torch.Tensor]:
         groups = self.client.param_groups
-        clipped = [is_clipped(ParamClass(g["param_class"]), self.clip_multipliers) for g in groups]
+        classes = [ParamClass(g["param_class"]) for g in groups]
         norms = self._group_norms()
-        norm = torch.sqrt(sum(n**2 for n, clip in zip(norms, clipped) if clip))
-        applied = step_is_finite(loss_is_finite.to(norm.device), norms)
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm > 0 else None  # as the single engine
-        for group, clip in zip(groups, clipped):
-            group["grad_scale"] = scale if clip else None
+        grad_norms = clipped_norm(zip(classes, norms), self.clip_multipliers, max_norm)
+        applied = step_is_finite(loss_is_finite.to(grad_norms.clipped.device), norms)
+        for group, cls in zip(groups, classes):
+            group["grad_scale"] = grad_norms.scale if is_clipped(cls, self.clip_multipliers) else None
         self.client.apply = applied
         self.ds.step()
-        return norm, applied
+        return grad_norms, applied
 
     # State.
 

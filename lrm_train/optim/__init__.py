@@ -14,6 +14,7 @@ from lrm_train.optim.builder import (
     make_optimizer,
     set_learning_rates,
 )
+from lrm_train.optim.clipping import GradNorms, clipped_norm
 from lrm_train.optim.muon import (
     AdjustLR,
     Muon,
@@ -48,6 +49,7 @@ __all__ = [
     "AdjustLR",
     "ClassHyper",
     "CombinedOptimizer",
+    "GradNorms",
     "Muon",
     "NSDtype",
     "OptimConfig",
@@ -65,6 +67,7 @@ __all__ = [
     "build_optimizer",
     "class_table",
     "classify_parameters",
+    "clipped_norm",
     "constant_phase",
     "decay_start",
     "decoupled_step_",

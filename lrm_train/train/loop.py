@@ -179,7 +179,7 @@ class Trainer:
                 engine.backward(out.loss / micro_batches)
             loss_sum += out.cross_entropy.detach() / micro_batches
         loss = engine.all_reduce_mean(loss_sum)
-        grad_norm, applied = engine.optimizer_step(cfg.train.grad_clip, torch.isfinite(loss))
+        norms, applied = engine.optimizer_step(cfg.train.grad_clip, torch.isfinite(loss))
         s = self.state
         s.step += 1
         tokens = micro_batches * micro * engine.world_size * cfg.data.seq_len
@@ -189,7 +189,7 @@ class Trainer:
         if s.step % cfg.train.log_every == 0 or last:
             self.settle_skipped_steps()  # the interval's one wait for the device, counted in this step's time
         seconds = time.perf_counter() - started
-        return StepResult(s.step, loss, grad_norm, applied, lr, tokens, seconds, last)
+        return StepResult(s.step, loss, norms.clipped, norms.multipliers, applied, lr, tokens, seconds, last)
 
     def set_learning_rate(self) -> float:
         """Set every group's LR for step ``state.step`` and return the base of them: ``optim.lr`` times the schedule's

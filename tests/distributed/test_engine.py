@@ -1,5 +1,6 @@
 """The engines in one process: the single engine, and DDP joined to a one-rank process group (no launcher needed)."""
 
+import math
 import socket
 import types
 
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from lrm_train.distributed import DDPEngine, DistConfig, Engine, EngineName, ProcessBackend, build_engine
-from lrm_train.optim import AdamW, ParamClass
+from lrm_train.optim import AdamW, ParamClass, clipped_norm
 
 
 @pytest.fixture
@@ -67,12 +68,12 @@ class WithMultiplier(torch.nn.Module):
         self.lrm_row = torch.nn.Parameter(torch.ones(3))
 
 
-def engine_for(name: str):
+def engine_for(name: str, clip_multipliers: bool = False):
     engine = build_engine(DistConfig(name=name, device="cpu"))
     model = WithMultiplier()
     classes = {"weight": ParamClass.MATRIX, "lrm_row": ParamClass.MULTIPLIER}
     optimizer = AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
-    return engine, model, engine.setup(model, optimizer, classes, clip_multipliers=False)
+    return engine, model, engine.setup(model, optimizer, classes, clip_multipliers=clip_multipliers)
 
 
 @pytest.mark.parametrize("name", ["single", "ddp"])
@@ -85,10 +86,10 @@ def test_a_step_is_applied_only_if_the_loss_and_every_gradient_are_finite(one_ra
         model.lrm_row.grad[1] = float("inf")
     if bad == "matrix_grad":
         model.weight.grad[0, 0] = float("nan")
-    norm, applied = engine.optimizer_step(max_norm=1.0, loss_is_finite=torch.tensor(bad != "loss"))
+    norms, applied = engine.optimizer_step(max_norm=1.0, loss_is_finite=torch.tensor(bad != "loss"))
     assert applied.shape == () and bool(applied) == (bad == "none")
     if bad == "none":
-        torch.testing.assert_close(norm, torch.tensor(1.5))  # the clipped classes only: sqrt(9 * 0.25)
+        torch.testing.assert_close(norms.clipped, torch.tensor(1.5))  # the clipped classes only: sqrt(9 * 0.25)
         # AdamW's first moment after one step is (1 - beta1) * the gradient it was given: clipped, or not.
         state = optimizer.state
         torch.testing.assert_close(
@@ -131,14 +132,68 @@ def test_zero_skips_by_the_same_rule(group_norms, loss_is_finite, applied):
     )
     engine._group_norms = lambda: [torch.tensor(n) for n in group_norms]
     engine.ds = FakeDeepSpeed()
-    norm, stepped = engine.optimizer_step(max_norm=1.5, loss_is_finite=torch.tensor(loss_is_finite))
+    norms, stepped = engine.optimizer_step(max_norm=1.5, loss_is_finite=torch.tensor(loss_is_finite))
     assert bool(stepped) == applied and engine.client.apply is stepped
     assert engine.ds.steps == 1  # DeepSpeed always steps (it clears its gradients); the client skips the update
     if applied:
-        torch.testing.assert_close(norm, torch.tensor(3.0))
+        torch.testing.assert_close(norms.clipped, torch.tensor(3.0))
+        torch.testing.assert_close(norms.multipliers, torch.tensor(4.0))
         matrix, multiplier = (g["grad_scale"] for g in engine.client.param_groups)
         torch.testing.assert_close(matrix, torch.tensor(1.5 / (3.0 + 1e-6)))
         assert multiplier is None  # not clipped
+
+
+@pytest.mark.parametrize("name", ["single", "ddp"])
+@pytest.mark.parametrize("clip_multipliers", [False, True])
+def test_clip_multipliers_decides_what_the_clipped_norm_holds(one_rank_launch, name, clip_multipliers):
+    engine, model, optimizer = engine_for(name, clip_multipliers)
+    model.weight.grad = torch.full((3, 3), 0.5)  # norm 1.5
+    model.lrm_row.grad = torch.full((3,), 2.0)  # norm sqrt(12): dominates a norm that holds it, as in §4.3
+    norms, _ = engine.optimizer_step(max_norm=1.0, loss_is_finite=torch.tensor(True))
+    clipped = math.sqrt(2.25 + 12.0) if clip_multipliers else 1.5
+    torch.testing.assert_close(norms.clipped, torch.tensor(clipped))
+    torch.testing.assert_close(norms.multipliers, torch.tensor(math.sqrt(12.0)))
+    # AdamW's first moment after one step is (1 - beta1) * the gradient it was given.
+    scale = 1.0 / (clipped + 1e-6)
+    exp_avg = {p: s["exp_avg"] for p, s in optimizer.state.items()}
+    torch.testing.assert_close(exp_avg[model.weight], torch.full((3, 3), 0.1 * 0.5 * scale))
+    multiplier_scale = scale if clip_multipliers else 1.0
+    torch.testing.assert_close(exp_avg[model.lrm_row], torch.full((3,), 0.1 * 2.0 * multiplier_scale))
+
+
+@pytest.mark.parametrize("clip_multipliers", [False, True])
+def test_every_engine_clips_through_the_one_shared_function(one_rank_launch, monkeypatch, clip_multipliers):
+    from lrm_train.distributed import engine as engine_module
+    from lrm_train.distributed import zero
+    from lrm_train.distributed.zero import ZeroEngine
+
+    calls = []
+
+    def spy(norms, clip, max_norm):
+        norms = list(norms)
+        calls.append(([c for c, _ in norms], clip))
+        return clipped_norm(norms, clip, max_norm)
+
+    monkeypatch.setattr(engine_module, "clipped_norm", spy)
+    monkeypatch.setattr(zero, "clipped_norm", spy)
+    for name in ("single", "ddp"):
+        engine, model, _ = engine_for(name, clip_multipliers)
+        model.weight.grad, model.lrm_row.grad = torch.ones(3, 3), torch.ones(3)
+        engine.optimizer_step(max_norm=1.0, loss_is_finite=torch.tensor(True))
+        engine.close()
+    zero_engine = object.__new__(ZeroEngine)
+    zero_engine.clip_multipliers = clip_multipliers
+    zero_engine.client = types.SimpleNamespace(
+        param_groups=[{"param_class": "matrix"}, {"param_class": "multiplier"}], apply=None
+    )
+    zero_engine._group_norms = lambda: [torch.tensor(3.0), torch.tensor(4.0)]
+    zero_engine.ds = FakeDeepSpeed()
+    norms, _ = zero_engine.optimizer_step(max_norm=1.0, loss_is_finite=torch.tensor(True))
+    expected = [([ParamClass.MATRIX, ParamClass.MULTIPLIER], clip_multipliers)] * 3
+    assert calls == expected
+    torch.testing.assert_close(norms.clipped, torch.tensor(5.0 if clip_multipliers else 3.0))
+    matrix, multiplier = (g["grad_scale"] for g in zero_engine.client.param_groups)
+    assert (multiplier is matrix) if clip_multipliers else (multiplier is None)
 
 
 def test_parameter_shapes_are_full_and_named():

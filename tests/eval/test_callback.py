@@ -56,7 +56,7 @@ def test_a_bad_eval_key_fails_while_composing():
 
 def test_without_tasks_it_scores_and_keeps_nothing():
     callback = DownstreamEval(tasks=[])
-    step = StepResult(2, None, None, True, 0.1, 8, 0.1, last=True)
+    step = StepResult(2, None, None, None, True, 0.1, 8, 0.1, last=True)
     callback.on_step(trainer=None, step=step)  # with tasks it would score here: the final step is always due
     assert step.metrics == {} and callback.state_dict() == {}
 

@@ -8,7 +8,16 @@ import sys
 
 import pytest
 
-from lrm_train.experiments import abm, compare, coord_check, norm_sweep, transfer, width_scaling
+from lrm_train.experiments import (
+    abm,
+    clip_exclusion,
+    compare,
+    coord_check,
+    norm_sweep,
+    symmetry_drift,
+    transfer,
+    width_scaling,
+)
 from lrm_train.experiments.experiment import Experiment, ExperimentSettings
 from tests.experiments.micro_analysis import micro_trainer
 
@@ -19,7 +28,10 @@ EXPERIMENTS = [
     width_scaling.WIDTH_SCALING,
     coord_check.COORD_CHECK,
     transfer.TRANSFER,
+    clip_exclusion.CLIP_EXCLUSION,
+    symmetry_drift.SYMMETRY_DRIFT,
 ]
+MODULES = (compare, abm, norm_sweep, width_scaling, coord_check, transfer, clip_exclusion, symmetry_drift)
 
 
 def hydra_list(values: list[str]) -> str:
@@ -40,7 +52,7 @@ def sweep_args(data_root, out_dir) -> list[str]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda e: e.name)
 def test_every_experiment_is_settings_a_plan_and_a_report_behind_one_command(experiment):
     assert isinstance(experiment, Experiment) and issubclass(experiment.settings, ExperimentSettings)
-    module = {e.name: m for e, m in zip(EXPERIMENTS, (compare, abm, norm_sweep, width_scaling, coord_check, transfer))}
+    module = {e.name: m for e, m in zip(EXPERIMENTS, MODULES)}
     assert module[experiment.name].main == experiment.main
     usage = experiment.usage()
     assert f"python -m lrm_train.experiments.{experiment.name}" in usage and "--estimate" in usage

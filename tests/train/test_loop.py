@@ -21,6 +21,7 @@ def test_metrics_jsonl_and_the_offline_wandb_run_hold_the_trajectories(data_root
     expected = [
         "lr",
         "grad_norm",
+        "grad_norm_multipliers",
         "tokens_per_s",
         "mfu",
         "skipped_steps",

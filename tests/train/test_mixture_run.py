@@ -41,7 +41,7 @@ def test_shares_count_the_rows_each_rank_trains_on(data_root):
     sources = loader.source_ids(0)
     for trained_per_rank in (2, 6):
         shares.tokens = dict.fromkeys(shares.tokens, 0)
-        step = StepResult(1, None, None, None, 0.0, 2 * trained_per_rank * 32, 0.0, False)
+        step = StepResult(1, None, None, None, None, 0.0, 2 * trained_per_rank * 32, 0.0, False)
         shares.on_step(trainer, step)
         rows = np.concatenate([sources[:trained_per_rank], sources[6 : 6 + trained_per_rank]])
         assert [shares.tokens["a"] // 32, shares.tokens["b"] // 32] == np.bincount(rows, minlength=2).tolist()

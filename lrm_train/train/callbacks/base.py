@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 class StepResult:
     step: int  # the step just taken (1-based: the number of steps done)
     loss: torch.Tensor  # mean cross-entropy over the global batch
-    grad_norm: torch.Tensor  # before clipping
+    grad_norm: torch.Tensor  # the clipped norm (train.clip_multipliers says what it holds), before clipping
+    grad_norm_multipliers: torch.Tensor | None  # the multipliers' own norm; None for a model without multipliers
     applied_on_device: torch.Tensor  # 0-d bool: False when a non-finite loss or gradient skipped the update
     lr: float  # the base learning rate used (schedule x optim.lr)
     tokens: int  # tokens consumed by this step (all ranks)

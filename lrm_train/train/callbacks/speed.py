@@ -1,4 +1,4 @@
-"""Loss, gradient norm, learning rate, throughput and MFU every ``log_every`` steps."""
+"""Loss, gradient norms, learning rate, throughput and MFU every ``log_every`` steps."""
 
 from __future__ import annotations
 
@@ -28,4 +28,6 @@ class SpeedMonitor(Callback):
             skipped_steps=trainer.state.skipped_steps,
             mfu=trainer.components.flops_per_token * tokens_per_s / peak,
         )
+        if step.grad_norm_multipliers is not None:
+            step.metrics["grad_norm_multipliers"] = float(step.grad_norm_multipliers)
         self.tokens, self.seconds = 0, 0.0
