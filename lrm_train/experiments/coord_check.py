@@ -63,7 +63,7 @@ class CoordCheckSettings(ExperimentSettings):
     arms: list[str] = field(default_factory=lambda: ["none", "full"])  # lrm placements
     # Each seed's slope is fitted, and the slopes averaged with an interval over them: the first steps of a hybrid's
     # Mamba output vary by 2-10x from one init to the next, at every width.
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
     max_slope: float = 0.15  # the bar on |log-log slope| against width, steps 2..T
     # A deliberately broken muP multiplier, for testing the check: this model field is multiplied by width / widths[0].
     break_multiplier: str | None = None
