@@ -20,7 +20,7 @@ A run's final loss is the mean of its last ``final_evals`` validation losses. Th
 seed (the same seed: the same initialization and data order), reported as its mean with a 95% t-interval and a
 verdict: ``LRM better`` (the interval below 0), ``no difference resolved`` (it holds 0), ``baseline better``. The
 gap against tokens is drawn with its 95% band, and its linear trend through the constant-LR phase (the schedule's
-``constant_phase``) is fitted per seed: ``growing``, ``flat`` or ``shrinking`` with the slope's interval.
+``constant_phase``) is fitted per seed: ``growing``, ``flat``, ``shrinking`` or ``crossing`` with the slope's interval.
 
 Every run goes through the trainer, in its own run directory ``<out_dir>/runs/<arm>-<optimizer>-lr<lr>-s<seed>``
 (its LR and seed are its identity, whichever phase planned it). Arms differ only in their ``lrm`` overrides: every
@@ -549,7 +549,8 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
             "difference resolved` when it holds 0. The trend is the gap's straight-line slope through the "
             "constant-LR phase (after the warmup, before the decay), fitted per seed and averaged with its 95% "
             "interval over the seeds: `growing` when the gap's size grows (the slope has the sign of the gap), "
-            "`shrinking` when it falls, `flat` when the interval holds 0; the paper finds LRM's gap growing through "
+            "`shrinking` when it falls, `crossing` when the fitted line changes sign inside the phase (the leader "
+            "changes), `flat` when the interval holds 0; the paper finds LRM's gap growing through "
             "the constant phase."
         ),
         "\n".join(gap_words(row, cfg.baseline) for row in summary["rows"] if row.get("gap")),

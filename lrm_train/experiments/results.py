@@ -142,15 +142,17 @@ def paired_gap(arm_finals: dict[int, float], base_finals: dict[int, float]) -> d
     return dict(seeds=seeds, per_seed=gaps, mean=mean, ci95=[low, high], verdict=verdict)
 
 
-GROWING, FLAT, SHRINKING = "growing", "flat", "shrinking"
+GROWING, FLAT, SHRINKING, CROSSING = "growing", "flat", "shrinking", "crossing"
 
 
 def gap_trend(curve: dict, first_tokens: float, end_tokens: float) -> dict | None:
     """The linear trend of the gap over ``first_tokens <= tokens < end_tokens`` (the constant-LR phase): each seed's
     least-squares slope, their mean with its 95% interval over the seeds (the seeds are the replicates; with one
     seed, the fit's own interval from its residuals), and whether the gap's size is ``growing`` (the slope, interval
-    and all, has the sign of the phase's mean gap: the leader pulls away), ``shrinking`` (the opposite sign) or
-    ``flat`` (the interval holds 0). None with fewer than 3 evaluations in the phase."""
+    and all, has the sign of the phase's mean gap: the leader pulls away), ``shrinking`` (the opposite sign),
+    ``crossing`` (the fitted line changes sign inside the phase: the leader changes, which a sign of the mean gap
+    would misread as the old leader's lead shrinking) or ``flat`` (the interval holds 0). None with fewer than 3
+    evaluations in the phase."""
     inside = [i for i, t in enumerate(curve["tokens"]) if first_tokens <= t < end_tokens]
     if len(inside) < 3:
         return None
@@ -162,8 +164,11 @@ def gap_trend(curve: dict, first_tokens: float, end_tokens: float) -> dict | Non
         slope, ci95 = mean_interval([f["slope"] for f in fits])
         intercept = statistics.fmean(f["intercept"] for f in fits)
     level = statistics.fmean(curve["mean"][i] for i in inside)
+    at_start, at_end = intercept + slope * x[0], intercept + slope * x[-1]
     if ci95[0] <= 0 <= ci95[1]:
         trend = FLAT
+    elif at_start * at_end < 0:
+        trend = CROSSING
     else:
         trend = GROWING if (slope < 0) == (level < 0) else SHRINKING
     return dict(

@@ -139,7 +139,7 @@ def test_report_numbers_equal_the_runs_metrics(finished):
     mean, half = sum(per_seed) / 2, 12.706 * abs(per_seed[0] - per_seed[1]) / 2  # t(1 df) x sd / sqrt(2)
     assert gap["mean"] == pytest.approx(mean) and gap["ci95"] == pytest.approx([mean - half, mean + half])
     assert f"final gap {mean:+.4f}, 95% CI [{mean - half:+.4f}, {mean + half:+.4f}]: **{gap['verdict']}**" in text
-    assert gap["trend"]["points"] == 3 and gap["trend"]["trend"] in ("growing", "flat", "shrinking")
+    assert gap["trend"]["points"] == 3 and gap["trend"]["trend"] in ("growing", "flat", "shrinking", "crossing")
     assert gap["curve"]["seeds"] == [1, 2] and gap["curve"]["mean"][-1] == pytest.approx(
         sum(
             val_losses(runs[("lrm", rows[("lrm", "adamw")]["selected_lr"], s)])[-1]
@@ -252,7 +252,14 @@ def _curve(per_seed, tokens):
 
 @pytest.mark.parametrize(
     "slope, level, trend",
-    [(-1e-4, -0.1, "growing"), (1e-4, -0.1, "shrinking"), (1e-4, 0.2, "growing"), (-1e-4, 0.2, "shrinking")],
+    [
+        (-1e-4, -0.1, "growing"),
+        (1e-4, -0.1, "shrinking"),
+        (1e-4, 0.2, "growing"),
+        (-1e-4, 0.2, "shrinking"),
+        (-5e-4, 0.05, "crossing"),  # +0.05 at the start, -0.15 at the end: the arm overtakes the baseline
+        (5e-4, -0.05, "crossing"),
+    ],
 )
 def test_the_trend_is_the_gaps_size_growing_or_shrinking_through_the_constant_phase(slope, level, trend):
     tokens = [100, 200, 300, 400, 500, 600]
