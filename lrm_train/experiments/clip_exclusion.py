@@ -15,15 +15,15 @@ gradients, the multipliers' share of the squared gradient norm, and the final va
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrm_train.experiments.analysis import mean_interval
 from lrm_train.experiments.experiment import Experiment, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
-from lrm_train.experiments.results import read_metrics
+from lrm_train.experiments.results import ARM_BETTER, BASELINE_BETTER, UNRESOLVED, paired_gap, read_metrics
 from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
 
 ARMS = {"excluded": False, "included": True}  # arm -> train.clip_multipliers
@@ -137,14 +137,15 @@ def report(settings: ClipExclusionSettings, runs: list[RunSpec]) -> Path:
             for phase in ("early", "late")
         }
         arms[arm]["final_val_loss"] = statistics.fmean(r["final"] for r in seeds)
-    gaps = [per_run[("included", s)]["final"] - per_run[("excluded", s)]["final"] for s in settings.seeds]
-    mean_gap, ci95 = mean_interval(gaps)
-    if ci95[0] > 0:
-        verdict = "excluding the multipliers is better"
-    elif ci95[1] < 0:
-        verdict = "including the multipliers is better"
-    else:
-        verdict = "no difference resolved"
+    finals = {arm: {s: per_run[(arm, s)]["final"] for s in settings.seeds} for arm in ARMS}
+    gap = paired_gap(finals["included"], finals["excluded"])
+    gaps, mean_gap, ci95 = gap["per_seed"], gap["mean"], gap["ci95"] or [math.nan, math.nan]
+    verdict = {
+        ARM_BETTER: "including the multipliers is better",
+        BASELINE_BETTER: "excluding the multipliers is better",
+        UNRESOLVED: UNRESOLVED,
+        None: "one finite seed: no interval",
+    }[gap["verdict"]]
 
     fig, (norm_ax, loss_ax) = new_figure(2, f"clipping at {settings.grad_clip:g}: multipliers in the norm or not")
     colors = {"excluded": "tab:blue", "included": "tab:orange"}
