@@ -6,13 +6,14 @@ Trains a few steps at each width through the trainer, for each optimizer, each L
 multiple of it) and each LRM placement, under one ``parametrization`` (``mup_multiplier``: the through-multiplier form
 of each run's optimizer). A fixed probe batch goes through the model at initialization and after every step; the
 callback records the RMS of the embedding output, each layer's Mamba, attention and MLP outputs, the residual stream
-after each layer and the logits (layers averaged), and the RMS of each one's change since initialization, h_t - h_0:
+after each layer and the logits, and the Mamba mixer's parts: the in_proj's sections (z, x, B, C, dt) and the scan's
+gated output (layers averaged), and the RMS of each one's change since initialization, h_t - h_0:
 the quantity muP keeps width-independent (h_t itself is partly its initial value for the first steps).
 
 Each quantity's log-log slope against width is fitted at every step, per seed; the seeds' slopes are averaged, with
-their 95% interval over the seeds. The check is over steps 2..T: every change since initialization, and every output
-but the logits (their initial part is zero under muP's zero readout init, and shrinks as width^-1/2 under a random
-one; reported, not checked). The command ends with one line per optimizer,
+their 95% interval over the seeds. The check is over steps 2..T, every output and every change since initialization
+(step 1 is reported, not checked: below muP's zero LM head no gradient flows at the first step). The command ends with
+one line per optimizer,
 ``coord check (<optimizer>, <parametrization>): max |slope| X over N quantities, steps 2..T (bar B)``, and exits 1
 when a slope is above the bar: the small model's tuning would not carry to the large one.
 """
@@ -23,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +41,18 @@ from lrm_train.experiments.analysis import (
 from lrm_train.experiments.experiment import Experiment, ExperimentFailed, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, save_figure, write_report
 from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
+from lrm_train.models import FalconH1LM
+from lrm_train.nn import fused_linear
 from lrm_train.train import compose
 from lrm_train.train.callbacks import Callback
 from lrm_train.utils import atomic_write_text
 
-QUANTITIES = ("embedding", "mamba", "attention", "mlp", "residual", "logits")
+# The Mamba mixer's inputs to its scan (the in_proj's sections) and the scan's gated output (out_proj's input) are
+# watched too: the mixer multiplies five learned quantities, so its output can drift with width while each factor
+# stays flat, and these show which.
+MAMBA_PARTS = ("mamba.z", "mamba.x", "mamba.B", "mamba.C", "mamba.dt", "mamba.gated")
+QUANTITIES = ("embedding", "mamba", *MAMBA_PARTS, "attention", "mlp", "residual", "logits")
 KINDS = ("rms", "delta")  # the output's RMS; the RMS of its change since initialization
-UNCHECKED = {("logits", "rms")}  # shrinks at init under muP by design (see the module docstring)
 PROBE_SEQUENCES = 2
 
 
@@ -110,13 +117,7 @@ class ActivationRMS(Callback):
 
     def setup(self, trainer) -> None:
         model = trainer.components.model
-        watched = {"embedding": [model.embed_tokens], "logits": [model.lm_head], "residual": list(model.layers)}
-        watched["mamba"] = [layer.mamba for layer in model.layers]
-        watched["attention"] = [layer.self_attn for layer in model.layers]
-        watched["mlp"] = [layer.feed_forward for layer in model.layers]
-        for quantity, modules in watched.items():
-            for module in modules:
-                module.register_forward_hook(self._recorder(quantity))
+        watch(model, self._record_output)
         self.probe = trainer.components.loader.batch(0)[0][:PROBE_SEQUENCES]
         self.model = model
         if not self.steps:  # a resumed run keeps the initial outputs it saved
@@ -133,12 +134,9 @@ class ActivationRMS(Callback):
             self.recording = False
         return self.current
 
-    def _recorder(self, quantity: str):
-        def record(module, args, output) -> None:
-            if self.recording:
-                self.current[quantity].append(output.detach().float().cpu())
-
-        return record
+    def _record_output(self, quantity: str, output: torch.Tensor) -> None:
+        if self.recording:
+            self.current[quantity].append(output.detach().float().cpu())
 
     def _record(self) -> None:
         outputs = self.current
@@ -166,6 +164,32 @@ class ActivationRMS(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.steps = json.loads(state["steps"])
         self.initial = {q: list(v) for q, v in state["initial"].items()}
+
+
+def watch(model: FalconH1LM, record: Callable[[str, torch.Tensor], None]) -> None:
+    """Forward hooks that hand every watched output of ``model`` to ``record(quantity, output)``, per layer."""
+
+    def output_of(quantity: str):
+        return lambda module, args, output: record(quantity, output)
+
+    watched = {"embedding": [model.embed_tokens], "logits": [model.lm_head], "residual": list(model.layers)}
+    watched["mamba"] = [layer.mamba for layer in model.layers]
+    watched["attention"] = [layer.self_attn for layer in model.layers]
+    watched["mlp"] = [layer.feed_forward for layer in model.layers]
+    for quantity, modules in watched.items():
+        for module in modules:
+            module.register_forward_hook(output_of(quantity))
+    for layer in model.layers:
+        mixer = layer.mamba
+        # The in_proj runs as one fused matmul, so its sections are recomputed from the mixer's input.
+        mixer.register_forward_pre_hook(lambda mixer, args: _record_sections(mixer, args[0], record))
+        mixer.out_proj.register_forward_pre_hook(lambda module, args: record("mamba.gated", args[0]))
+
+
+def _record_sections(mixer, h: torch.Tensor, record: Callable[[str, torch.Tensor], None]) -> None:
+    sections = fused_linear(h, list(mixer.in_proj.values())).split(mixer.section_sizes, dim=-1)
+    for name, section in zip(mixer.in_proj, sections):
+        record(f"mamba.{name}", section)
 
 
 def _mean(values: list[float]) -> float:
@@ -257,7 +281,7 @@ def slopes(settings: CoordCheckSettings, results: dict) -> list[dict]:
                     if not any(v for values in per_seed for v in values):
                         continue
                     fit = slope_over_seeds(settings.widths, per_seed)
-                    checked = step >= 2 and (quantity, kind) not in UNCHECKED
+                    checked = step >= 2
                     flagged = checked and abs(fit["exponent"]) > settings.max_slope
                     # Above the bar beyond the seeds' noise: the whole 95% interval lies outside [-bar, bar].
                     confident = flagged and (
@@ -286,7 +310,11 @@ def verdicts(settings: CoordCheckSettings, rows: list[dict]) -> list[tuple[str, 
     return lines
 
 
-def plot(settings: CoordCheckSettings, results: dict, optimizer: str, out_dir: Path) -> str:
+# What each figure shows: the blocks and the stream, and the Mamba mixer's parts next to its output.
+FIGURES = {"": [q for q in QUANTITIES if q not in MAMBA_PARTS], "_mamba": ["mamba", *MAMBA_PARTS]}
+
+
+def plot(settings: CoordCheckSettings, results: dict, optimizer: str, out_dir: Path, figure: str = "") -> str:
     """Rows: LR factor x arm; columns: steps 0 (init), 1, 2, the middle and the last; solid: RMS, dashed: change."""
     series = [key for key in results if key.startswith(f"{optimizer}/")]
     shown = sorted({0, 1, 2, settings.steps // 2, settings.steps})
@@ -294,7 +322,7 @@ def plot(settings: CoordCheckSettings, results: dict, optimizer: str, out_dir: P
     for row, key in enumerate(series):
         for col, step in enumerate(shown):
             ax = axes[row][col]
-            for i, quantity in enumerate(QUANTITIES):
+            for i, quantity in enumerate(FIGURES[figure]):
                 for kind, style in (("rms", "o-"), ("delta", "x--")):
                     if kind == "delta" and step == 0:
                         continue
@@ -307,10 +335,12 @@ def plot(settings: CoordCheckSettings, results: dict, optimizer: str, out_dir: P
             ax.set_xticks(settings.widths, [str(w) for w in settings.widths], minor=False)
             ax.minorticks_off()
     axes[0][-1].legend(fontsize=6)
+    parts = " (the Mamba mixer's parts)" if figure else ""
     fig.suptitle(
-        f"coordinate check, {optimizer}, {settings.parametrization.for_optimizer(optimizer)} (flat = width-independent)"
+        f"coordinate check{parts}, {optimizer}, {settings.parametrization.for_optimizer(optimizer)} "
+        "(flat = width-independent)"
     )
-    return save_figure(fig, out_dir / f"coord_check_{optimizer}.png")
+    return save_figure(fig, out_dir / f"coord_check_{optimizer}{figure}.png")
 
 
 def report(settings: CoordCheckSettings, runs: list[RunSpec]) -> Path:
@@ -318,7 +348,10 @@ def report(settings: CoordCheckSettings, runs: list[RunSpec]) -> Path:
     per_seed = measured(finished(runs))
     rows = slopes(settings, per_seed)
     results = seed_means(per_seed)
-    figures = {optimizer: plot(settings, results, optimizer, out_dir) for optimizer in settings.optimizers}
+    figures = {
+        optimizer: [plot(settings, results, optimizer, out_dir, figure) for figure in FIGURES]
+        for optimizer in settings.optimizers
+    }
     lines = verdicts(settings, rows)
     flagged = sorted({(r["series"], r["quantity"], r["kind"]) for r in rows if r["flagged"]})
     text = f"""
@@ -327,7 +360,7 @@ Widths {settings.widths}, {settings.layers} layers, heads of {settings.head_dim}
 trainer overrides {settings.trainer}{_broken(settings)}. A probe batch's outputs at initialization (step 0) and after
 each step: their RMS (rms) and the RMS of their change since initialization (delta), per-layer quantities averaged
 over layers. Each slope against width is the mean of the seeds' own log-log slopes, with its 95% interval over the
-seeds (the plots show the seeds' mean values). Checked: steps 2..{settings.steps}, every quantity but the logits' rms;
+seeds (the plots show the seeds' mean values). Checked: steps 2..{settings.steps}, every quantity;
 bar |slope| <= {settings.max_slope}; a slope above it is marked FLAG when its whole interval lies beyond the bar, and
 "FLAG (within noise)" when the interval reaches back inside it.
 
@@ -337,7 +370,7 @@ Flagged (series, quantity, kind): {", ".join("/".join(f) for f in flagged) or "n
 
 """
     for optimizer in settings.optimizers:
-        text += f"## {optimizer}\n\n![coordinate check]({figures[optimizer]})\n\n"
+        text += f"## {optimizer}\n\n" + "".join(f"![coordinate check]({f})\n\n" for f in figures[optimizer])
         worst = {}
         for r in rows:
             if r["series"].startswith(f"{optimizer}/") and r["step"] >= 1:

@@ -6,6 +6,11 @@ A model is tuned at a base width ``d0``; at width ``d`` (``r = d / d0``) each ma
 - ``readout``: fan-in grows, fan-out does not (the LM head; Mamba's B and C, whose fan-out is groups x d_state);
 - ``input``: fan-in does not grow (the embedding).
 
+A readout that starts random (Mamba's B; the LM head and C start at zero under ``zero_init_readouts``) has its init
+std grow as r^1/2 against its r^-1 multiplier in every muP form, so its initial output on order-one inputs is the same at
+every width: with a constant std it would shrink as r^-1/2 while its updates do not, and the Mamba scan's first steps
+(C times B) would mix a width-dependent part into what the coordinate check measures.
+
 Norm weights, SSM vectors and the learnable multipliers are vectors: nothing about them scales. The model applies the
 init std and fixed forward multiplier exponents below; the optimizer applies its own LR and weight-decay exponents
 (``optim.builder``), because AdamW's and Muon's updates grow differently with width.
@@ -42,9 +47,9 @@ class Parametrization(StrEnum):
 # (init std exponent, forward multiplier exponent) by parametrization and class; a missing class is (0, 0).
 _MODEL_EXPONENTS: dict[Parametrization, dict[WidthClass, tuple[float, float]]] = {
     Parametrization.standard: {},
-    Parametrization.mup: {WidthClass.hidden: (-0.5, 0.0), WidthClass.readout: (0.0, -1.0)},
-    Parametrization.mup_multiplier_adamw: {WidthClass.hidden: (0.5, -1.0), WidthClass.readout: (0.0, -1.0)},
-    Parametrization.mup_multiplier_muon: {WidthClass.hidden: (0.0, -0.5), WidthClass.readout: (0.0, -1.0)},
+    Parametrization.mup: {WidthClass.hidden: (-0.5, 0.0), WidthClass.readout: (0.5, -1.0)},
+    Parametrization.mup_multiplier_adamw: {WidthClass.hidden: (0.5, -1.0), WidthClass.readout: (0.5, -1.0)},
+    Parametrization.mup_multiplier_muon: {WidthClass.hidden: (0.0, -0.5), WidthClass.readout: (0.5, -1.0)},
 }
 
 

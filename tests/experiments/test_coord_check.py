@@ -2,6 +2,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from lrm_train.experiments.coord_check import (
     KINDS,
@@ -13,8 +14,10 @@ from lrm_train.experiments.coord_check import (
     run,
     seed_means,
     slopes,
+    watch,
 )
 from lrm_train.experiments.experiment import ExperimentFailed
+from lrm_train.models import FalconH1LM, width_family
 from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
 
 
@@ -40,24 +43,25 @@ def test_report_holds_every_step_quantity_kind_and_width(healthy):
     for steps in measured.values():
         assert len(steps) == 3  # initialization, then after each of the 2 steps
         assert all(set(s) == set(QUANTITIES) for s in steps)
-        # muP's LM head starts at zero: so do the logits, and only they.
-        assert [q for q in QUANTITIES if steps[0][q]["rms"] == 0] == ["logits"]
-        assert all(s[q]["rms"] > 0 for s in steps[1:] for q in QUANTITIES)
+        # muP's readouts start at zero: so do the logits and Mamba's C, and only they.
+        assert [q for q in QUANTITIES if steps[0][q]["rms"] == 0] == ["mamba.C", "logits"]
         assert all(s[q]["delta"] == 0 for s in steps[:1] for q in QUANTITIES)  # the change since init, at init
-        assert all(s[q]["delta"] > 0 for s in steps[1:] for q in QUANTITIES)  # training moved every output
+        # Below a zero LM head no gradient flows at step 1: C stays zero until step 2, when it too has moved.
+        assert [q for q in QUANTITIES if steps[1][q]["rms"] == 0 or steps[1][q]["delta"] == 0] == ["mamba.C"]
+        assert all(steps[2][q][k] > 0 for q in QUANTITIES for k in KINDS)
     fitted = {(r["step"], r["quantity"], r["kind"]) for r in report["slopes"]}
-    zero = {(0, "logits", "rms"), *((0, q, "delta") for q in QUANTITIES)}  # nothing to fit
+    zero = {(0, "logits", "rms"), (0, "mamba.C", "rms"), (1, "mamba.C", "rms"), (1, "mamba.C", "delta")}
+    zero |= {(0, q, "delta") for q in QUANTITIES}  # nothing to fit
     assert fitted == {(s, q, k) for s in (0, 1, 2) for q in QUANTITIES for k in KINDS} - zero
-    assert {
-        r["checked"] for r in report["slopes"] if r["step"] < 2 or (r["quantity"], r["kind"]) == ("logits", "rms")
-    } == {False}
+    assert {r["checked"] for r in report["slopes"] if r["step"] < 2} == {False}
     assert is_png_with_content(healthy / "coord_check_adamw.png")
+    assert is_png_with_content(healthy / "coord_check_adamw_mamba.png")
     # The embedding output at init is init_std x the embedding multiplier at every width: flat.
     embedding = next(r for r in report["slopes"] if r["quantity"] == "embedding" and r["step"] == 0)
     assert abs(embedding["exponent"]) < 0.1 and not embedding["flagged"]
     line = report["verdicts"][0]["line"]
     assert (
-        line.startswith("coord check (adamw, mup): max |slope| ") and "over 11 quantities, steps 2..2 (bar 10)" in line
+        line.startswith("coord check (adamw, mup): max |slope| ") and "over 24 quantities, steps 2..2 (bar 10)" in line
     )
 
 
@@ -114,3 +118,22 @@ def test_bad_break_multiplier_is_one_error_before_any_run(data_root, tmp_path):
     with pytest.raises(ValueError, match="break_multiplier='hidden_size'"):
         run(settings(data_root, tmp_path, break_multiplier="hidden_size"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_mamba_parts_are_the_mixers_own(tmp_path):
+    # Each in_proj section is that matrix applied to the mixer's input, and the gated output is what out_proj maps to
+    # the mixer's output: the hooks see what the forward computes, not a copy of it.
+    cfg = width_family(64, 1, head_dim=8, d_state=4)
+    cfg.zero_init_readouts = False
+    model = FalconH1LM(cfg)
+    seen: dict[str, torch.Tensor] = {}
+    inputs: list[torch.Tensor] = []
+    watch(model, lambda quantity, output: seen.__setitem__(quantity, output))
+    mixer = model.layers[0].mamba
+    mixer.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (2, 8)))
+        for name in ("z", "x", "B", "C", "dt"):
+            assert torch.allclose(seen[f"mamba.{name}"], mixer.in_proj[name](inputs[0]), atol=1e-6), name
+        assert torch.allclose(mixer.out_proj(seen["mamba.gated"]), seen["mamba"], atol=1e-6)
+    assert set(seen) == set(QUANTITIES)

@@ -37,10 +37,11 @@ def test_at_the_base_width_every_form_is_the_standard_one(parametrization):
 
 # At a quarter of the base width (r = 1/4): (multiplier factor, init std factor) by role.
 EXPECTED = {
-    "mup": {"embedding": (1, 1), "lm_head": (4, 1), "ssm.B": (4, 1), "attn.q": (1, 2), "mlp.up": (1, 2)},
+    "mup": {"embedding": (1, 1), "lm_head": (4, 0.5), "ssm.B": (4, 0.5), "attn.q": (1, 2), "mlp.up": (1, 2)},
     "mup_multiplier_adamw": {
-        "embedding": (1, 1), "lm_head": (4, 1), "ssm.C": (4, 1), "attn.q": (4, 0.5), "mlp.up": (4, 0.5)},
-    "mup_multiplier_muon": {"embedding": (1, 1), "lm_head": (4, 1), "ssm.B": (4, 1), "attn.o": (2, 1), "mlp.up": (2, 1)},
+        "embedding": (1, 1), "lm_head": (4, 0.5), "ssm.C": (4, 0.5), "attn.q": (4, 0.5), "mlp.up": (4, 0.5)},
+    "mup_multiplier_muon": {
+        "embedding": (1, 1), "lm_head": (4, 0.5), "ssm.B": (4, 0.5), "attn.o": (2, 1), "mlp.up": (2, 1)},
 }  # fmt: skip
 
 
@@ -54,6 +55,20 @@ def test_each_class_scales_as_the_table_says(parametrization):
         assert scaled.matrix_init_std(role) == pytest.approx(0.02 * std), role
     weight = FalconH1LM(scaled, LRMConfig("none")).layers[0].feed_forward.up_proj.weight
     assert weight.std().item() == pytest.approx(0.02 * EXPECTED[parametrization]["mlp.up"][1], rel=0.1)
+
+
+@pytest.mark.parametrize("parametrization", EXPECTED)
+def test_a_random_readouts_initial_output_is_the_same_at_every_width(parametrization):
+    # Mamba's B starts random (with C at zero, its product must not be zero too): its initial output on inputs of
+    # order-one coordinates must not depend on the width, or the scan's first steps mix a width-dependent part in.
+    torch.manual_seed(0)
+    rms = {}
+    for width in (128, 1024):
+        cfg = micro_config(base_width=1024, hidden_size=width, parametrization=parametrization)
+        B = FalconH1LM(cfg, LRMConfig("none")).layers[0].mamba.in_proj["B"]
+        with torch.no_grad():
+            rms[width] = B(torch.randn(4096, width)).pow(2).mean().sqrt().item()
+    assert rms[1024] == pytest.approx(rms[128], rel=0.1)
 
 
 @pytest.mark.parametrize(("optimizer", "lr_mult"), [("adamw", 4.0), ("muon", 2.0)])
