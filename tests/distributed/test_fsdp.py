@@ -1,12 +1,24 @@
-"""FSDP2 on 2 gloo ranks against the single-process trainer; resume across engines and world sizes."""
+"""FSDP2 on 2 gloo ranks against the single process: its optimizer on DTensor shards, compiled and checkpointed
+layers, the trainer end to end, resume across engines and world sizes."""
 
 import json
+import os
+import socket
 
 import pytest
-from runs import as_args, cli, losses, overrides, run_config
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from runs import as_args, cli, losses, micro_config, overrides, run_config
+from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-from lrm_train.distributed.fsdp import rows_of_rank
+from lrm_train.distributed import DistConfig, Engine
+from lrm_train.distributed.fsdp import FSDPEngine, ShardedAdamWMuon, rows_of_rank
+from lrm_train.models import FalconH1LM
+from lrm_train.nn import LRMConfig
+from lrm_train.optim import Muon, OptimConfig, build_optimizer, classify_parameters, set_learning_rates
 from lrm_train.train import train
+from lrm_train.train.build import wrap_layers
 
 # As test_zero.py: clipping is active and the learning rate moves the loss; 2 ranks x 2 sequences = 1 process x 2 x 2.
 SETTINGS = {
@@ -20,8 +32,9 @@ ONE_PROCESS = {**SETTINGS, "train.grad_accum": 2}
 TWO_RANKS = {**SETTINGS, "train.grad_accum": 1, "dist.name": "fsdp"}
 
 
-def fsdp(data_root, run_dir, **extra):
-    done = cli(as_args(overrides(data_root, run_dir, **{**TWO_RANKS, **extra})), nproc=2)
+def launched(data_root, run_dir, nproc=2, env=None, **extra):
+    settings = TWO_RANKS if nproc == 2 else {**ONE_PROCESS, "dist.name": "fsdp"}
+    done = cli(as_args(overrides(data_root, run_dir, **{**settings, **extra})), nproc=nproc, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return losses(run_dir)
 
@@ -47,8 +60,6 @@ def assert_same_trajectory(got, expected):
 
 
 def test_rows_of_rank_splits_as_torch_chunk():
-    import torch
-
     for rows in range(1, 9):
         for world in range(1, 5):
             chunks = list(torch.arange(rows).chunk(world))
@@ -57,10 +68,122 @@ def test_rows_of_rank_splits_as_torch_chunk():
                 assert list(range(rows))[rows_of_rank(rows, rank, world)] == expected, (rows, rank, world)
 
 
+# Shapes shared by several matrices (their chunks), a lone one, rows that do not split evenly, a row for one rank only.
+SHAPES = [(8, 12), (12, 8), (8, 12), (5, 6), (8, 12), (1, 4)]
+HYPER = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True, ns_steps=5, eps=1e-7)
+
+
+def _muon_worker(rank, world, folder, weights, grads):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
+    import lrm_train.optim.muon as muon_module
+
+    real, calls = muon_module.newton_schulz, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    muon_module.newton_schulz = counting
+    mesh = init_device_mesh("cpu", (world,))
+    params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in weights]
+    group = {"params": params, **HYPER, "ns_dtype": "float32", "adjust_lr": "match_rms_adamw", "use_muon": True}
+    client = ShardedAdamWMuon([group], rank, world)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        client.step(apply=torch.tensor(True))
+    applied = [p.full_tensor() for p in params]
+    # A step with NaN gradients that the engine refused changes nothing.
+    momenta = [client.state[p]["momentum_buffer"].clone() for p in params]
+    for p in params:
+        p.grad = distribute_tensor(torch.full(p.shape, float("nan")), mesh, [Shard(0)])
+    client.step(apply=torch.tensor(False))
+    unchanged = all(torch.equal(p.full_tensor(), a) for p, a in zip(params, applied)) and all(
+        torch.equal(client.state[p]["momentum_buffer"], m) for p, m in zip(params, momenta)
+    )
+    torch.save((applied, len(calls), unchanged), f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_muon_on_row_shards_matches_one_process_and_shares_newton_schulz(tmp_path):
+    weights = [torch.randn(s) for s in SHAPES]
+    grads = [[torch.randn(s) for s in SHAPES] for _ in range(3)]
+    single = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = Muon(single, **HYPER, ns_dtype="float32", share_across_ranks=False)
+    for step_grads in grads:
+        for p, g in zip(single, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    mp.start_processes(_muon_worker, args=(2, str(tmp_path), weights, grads), nprocs=2, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for applied, _, unchanged in results:
+        assert unchanged
+        for got, expected in zip(applied, single):
+            torch.testing.assert_close(got, expected.detach(), rtol=1e-6, atol=1e-7)
+    # 4 steps (the skipped one too); chunks per step: (8, 12) x 3 -> two, (12, 8), (5, 6), (1, 4) -> one each.
+    # Rank 0 takes the first matrix of every chunk (5), rank 1 the second of the first (8, 12) chunk only.
+    assert [calls for _, calls, _ in results] == [4 * 5, 4 * 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def micro_model() -> FalconH1LM:
+    torch.manual_seed(0)
+    return FalconH1LM(micro_config(), LRMConfig("full"))
+
+
+def take_steps(engine, model, batches, rank: int = 0, world: int = 1) -> list[float]:
+    """AdamW steps with clipping on ``batches``, each rank on its share of every batch; the mean losses."""
+    classes = classify_parameters(model)
+    optimizer = engine.setup(model, build_optimizer(model, classes, OptimConfig(name="adamw")), classes)
+    set_learning_rates(optimizer, 0.01)
+    out = []
+    for x, y in batches:
+        share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        loss = engine.model(x[share], y[share]).loss
+        engine.backward(loss)
+        engine.optimizer_step(0.05, torch.isfinite(loss))
+        out.append(engine.all_reduce_mean(loss.detach()).item())
+    return out
+
+
+def _compiled_worker(rank, world, folder, port, batches):
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    engine = FSDPEngine(DistConfig(name="fsdp", device="cpu"))
+    model = micro_model()
+    wrap_layers(model.layers, compile=True, activation_checkpointing=True, compile_backend="aot_eager")
+    got = take_steps(engine, model, batches, rank, world)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch.save((got, graphs, engine.model_state()), f"{folder}/rank{rank}.pt")
+    engine.close()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.compile
+def test_compiled_and_checkpointed_layers_under_fsdp_match_the_plain_model(tmp_path):
+    batches = [(torch.randint(0, 512, (4, 16)), torch.randint(0, 512, (4, 16))) for _ in range(3)]
+    plain = micro_model()
+    expected = take_steps(Engine(DistConfig(device="cpu")), plain, batches)
+    args = (2, str(tmp_path), _free_port(), batches)
+    mp.start_processes(_compiled_worker, args=args, nprocs=2, start_method="spawn")
+    for rank in range(2):
+        got, graphs, state = torch.load(tmp_path / f"rank{rank}.pt")
+        assert graphs > 0  # it did compile
+        assert got == pytest.approx(expected, rel=1e-5)
+        for name, tensor in plain.state_dict().items():  # weights of about 0.1, summed in another order
+            torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
 def test_fsdp_matches_the_single_process_trainer(data_root, tmp_path, reference, optim):
-    got = fsdp(data_root, tmp_path, **{"optim.name": optim})
+    got = launched(data_root, tmp_path, **{"optim.name": optim})
     assert_same_trajectory(got, reference[optim])
     table = (tmp_path / "train_rank0.log").read_text()
     rows = {
@@ -81,3 +204,24 @@ def test_fsdp_matches_the_single_process_trainer(data_root, tmp_path, reference,
         "abm/matrix@hidden/32x32",
     ):
         assert last[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+@pytest.mark.multiprocess
+def test_fsdp_resumes_exactly_on_itself_and_in_one_process_and_back(data_root, tmp_path, reference):
+    muon, adamw = {"optim.name": "muon"}, {"optim.name": "adamw"}
+    # fsdp on 2 ranks -> the same, and -> the single-process engine.
+    for run in ("same", "shrink"):
+        launched(data_root, tmp_path / run, **muon, **{"train.stop_at_step": 5})
+    assert_same_trajectory(launched(data_root, tmp_path / "same", **muon), reference["muon"])
+    assert_same_trajectory(single(data_root, tmp_path / "shrink", **muon), reference["muon"])
+    # The single-process engine -> fsdp on 2 ranks.
+    single(data_root, tmp_path / "grow", **adamw, **{"train.stop_at_step": 5})
+    assert_same_trajectory(launched(data_root, tmp_path / "grow", **adamw), reference["adamw"])
+
+
+@pytest.mark.multiprocess
+def test_a_zero3_run_resumes_under_fsdp_on_one_rank(data_root, tmp_path, tmp_path_factory, reference):
+    zero3 = {"dist.name": "zero3", "dist.zero3_persistence_threshold": 0, "train.stop_at_step": 5}
+    jit = {"TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions"))}
+    launched(data_root, tmp_path, env=jit, **{"optim.name": "muon", **zero3})
+    assert_same_trajectory(launched(data_root, tmp_path, nproc=1, **{"optim.name": "muon"}), reference["muon"])
