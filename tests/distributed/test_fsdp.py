@@ -3,20 +3,27 @@ layers, the trainer end to end, resume across engines and world sizes."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runs import as_args, cli, losses, micro_config, overrides, run_config
+from runs import as_args, cli, free_port, losses, micro_config, overrides, run_config
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-from lrm_train.distributed import DistConfig, Engine
+from lrm_train.distributed import DistConfig, Engine, build_engine
 from lrm_train.distributed.fsdp import FSDPEngine, ShardedAdamWMuon, rows_of_rank
 from lrm_train.models import FalconH1LM
 from lrm_train.nn import LRMConfig
-from lrm_train.optim import Muon, OptimConfig, build_optimizer, classify_parameters, set_learning_rates
+from lrm_train.optim import (
+    AdamW,
+    Muon,
+    OptimConfig,
+    ParamClass,
+    build_optimizer,
+    classify_parameters,
+    set_learning_rates,
+)
 from lrm_train.train import train
 from lrm_train.train.build import wrap_layers
 
@@ -66,6 +73,48 @@ def test_rows_of_rank_splits_as_torch_chunk():
             for rank in range(world):
                 expected = chunks[rank].tolist() if rank < len(chunks) else []
                 assert list(range(rows))[rows_of_rank(rows, rank, world)] == expected, (rows, rank, world)
+
+
+class WithMultiplier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3, 3))
+        self.lrm_row = torch.nn.Parameter(torch.ones(3))
+
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        return []  # the root only
+
+
+@pytest.mark.parametrize("bad", ["loss", "multiplier_grad", "matrix_grad", "none"])
+def test_fsdp_applies_a_step_only_if_the_loss_and_every_gradient_are_finite(one_rank_launch, bad):
+    engine = build_engine(DistConfig(name="fsdp", device="cpu"))
+    model = WithMultiplier()
+    classes = {"weight": ParamClass.MATRIX, "lrm_row": ParamClass.MULTIPLIER}
+    groups = [{"params": [p], "name": classes[n].value, "use_muon": False} for n, p in model.named_parameters()]
+    engine.setup(model, AdamW(groups, lr=0.1, betas=(0.9, 0.95), weight_decay=0.0), classes)
+    weight, multiplier = torch.full((3, 3), 0.5), torch.full((3,), 2.0)  # norms 1.5 and sqrt(12)
+    if bad == "multiplier_grad":  # not in the clipped norm (clip_multipliers=False), still refused
+        multiplier[1] = float("inf")
+    if bad == "matrix_grad":
+        weight[0, 0] = float("nan")
+    for param, grad in ((model.weight, weight), (model.lrm_row, multiplier)):
+        param.grad = distribute_tensor(grad, engine.mesh, [Shard(0)])
+    norms, applied = engine.optimizer_step(max_norm=1.0, loss_is_finite=torch.tensor(bad != "loss"))
+    assert bool(applied) == (bad == "none")
+    state = engine.optimizer_state()
+    if bad == "none":
+        torch.testing.assert_close(norms.clipped, torch.tensor(1.5))  # the clipped classes only
+        torch.testing.assert_close(norms.multipliers, torch.tensor(12**0.5))
+        # AdamW's first moment after one step is (1 - beta1) * the gradient it was given: clipped, or not.
+        torch.testing.assert_close(state["weight"]["exp_avg"], torch.full((3, 3), 0.1 * 0.5 / 1.5), rtol=1e-6, atol=0)
+        torch.testing.assert_close(state["lrm_row"]["exp_avg"], torch.full((3,), 0.1 * 2.0))
+    else:
+        assert torch.equal(model.weight.full_tensor(), torch.ones(3, 3))
+        assert torch.equal(model.lrm_row.full_tensor(), torch.ones(3))
+        assert all(float(s["step"]) == 0 for s in state.values())
+    assert model.weight.grad is None and model.lrm_row.grad is None
+    assert [row["numel"] for row in engine.class_rows()] == [9, 3]  # the full parameters, not this rank's rows
+    assert engine.parameter_shapes() == {"weight": (3, 3), "lrm_row": (3,)}
 
 
 # Shapes shared by several matrices (their chunks), a lone one, rows that do not split evenly, a row for one rank only.
@@ -126,12 +175,6 @@ def test_muon_on_row_shards_matches_one_process_and_shares_newton_schulz(tmp_pat
     assert [calls for _, calls, _ in results] == [4 * 5, 4 * 1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def micro_model() -> FalconH1LM:
     torch.manual_seed(0)
     return FalconH1LM(micro_config(), LRMConfig("full"))
@@ -170,7 +213,7 @@ def test_compiled_and_checkpointed_layers_under_fsdp_match_the_plain_model(tmp_p
     batches = [(torch.randint(0, 512, (4, 16)), torch.randint(0, 512, (4, 16))) for _ in range(3)]
     plain = micro_model()
     expected = take_steps(Engine(DistConfig(device="cpu")), plain, batches)
-    args = (2, str(tmp_path), _free_port(), batches)
+    args = (2, str(tmp_path), free_port(), batches)
     mp.start_processes(_compiled_worker, args=args, nprocs=2, start_method="spawn")
     for rank in range(2):
         got, graphs, state = torch.load(tmp_path / f"rank{rank}.pt")
