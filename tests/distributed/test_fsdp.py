@@ -268,3 +268,23 @@ def test_a_zero3_run_resumes_under_fsdp_on_one_rank(data_root, tmp_path, tmp_pat
     jit = {"TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions"))}
     launched(data_root, tmp_path, env=jit, **{"optim.name": "muon", **zero3})
     assert_same_trajectory(launched(data_root, tmp_path, nproc=1, **{"optim.name": "muon"}), reference["muon"])
+
+
+# LRs and WDs != 1 per class and per role (matrices and multipliers), Muon on two matrix groups.
+PER_GROUP = {
+    "optim.name": "muon",
+    "optim.embedding.lr_mult": 2.0,
+    "optim.norm.lr_mult": 0.5,
+    "optim.roles": "[{pattern:'attn.*',lr_mult:0.5},{pattern:ssm.dt,multipliers:true,lr_mult:3.0,wd_mult:2.0}]",
+}
+
+
+@pytest.mark.multiprocess
+def test_fsdp_keeps_per_role_learning_rates_and_accumulates_micro_batches(data_root, tmp_path, reference):
+    expected = single(data_root, tmp_path / "one", **PER_GROUP)
+    assert expected[10] != reference["muon"][10]  # the groups change the run, so the comparison means something
+    # 2 ranks x 2 micro-batches of 1 sequence: the global batch of 4 again, gradients reduced after the second only.
+    accumulated = {"train.micro_batch_size": 1, "train.grad_accum": 2}
+    assert_same_trajectory(launched(data_root, tmp_path / "fsdp", **PER_GROUP, **accumulated), expected)
+    table = (tmp_path / "fsdp" / "train_rank0.log").read_text()
+    assert any(line.split()[:4] == ["matrix/attn.*@hidden", "8", "6,144", "muon"] for line in table.splitlines()), table
