@@ -75,6 +75,12 @@ def test_rows_of_rank_splits_as_torch_chunk():
                 assert list(range(rows))[rows_of_rank(rows, rank, world)] == expected, (rows, rank, world)
 
 
+def test_fsdp_needs_a_launcher_and_says_so(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="dist=fsdp needs a launcher"):
+        build_engine(DistConfig(name="fsdp"))
+
+
 class WithMultiplier(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
