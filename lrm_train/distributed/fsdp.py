@@ -4,9 +4,9 @@ Each of the model's ``fsdp_units`` (the embedding, every decoder layer, the LM h
 becomes one FSDP unit: its parameters are DTensors cut by rows (``Shard(0)``) over the ranks, gathered whole just
 before the unit's forward and backward and freed after; gradients are reduce-scattered back into row shards. On CUDA
 the gathered copies are bf16 and the reductions float32 (``MixedPrecisionPolicy``), the shards float32; on the CPU
-everything stays float32. ``train.activation_checkpointing`` and ``train.compile`` wrap each layer's forward before
-the layer is sharded (as torchtitan: checkpoint, compile, then ``fully_shard``), so the compiled graphs see whole
-parameters.
+everything stays float32. ``train.activation_checkpointing`` and ``train.compile`` wrap each layer's forward
+(``train.build.wrap_layers``) before the layer is sharded - ``fully_shard`` last, as in torchtitan - so FSDP's
+gathering runs around the checkpointed, compiled forward, whose graphs see whole parameters.
 
 The optimizer is our own, ``ShardedAdamWMuon``, over the trainer's groups (one per parameter class and role), so every
 class keeps its learning rate and weight decay, and it applies the updates every engine shares (``optim``):
