@@ -13,9 +13,8 @@ class keeps its learning rate and weight decay, and it applies the updates every
 
 - AdamW is elementwise: ``adamw_update_`` on each rank's local rows.
 - Muon: the momentum and direction are elementwise too; the Newton-Schulz work is shared as under DDP and ZeRO
-  (``share_of_matrices``, ``exchange_updates``): each matrix's direction is summed onto the one rank that
-  orthogonalizes it (the row shards do not overlap, so the sum is the matrix, exactly), each chunk of at most
-  world-size updates is all-gathered, and every rank keeps its rows.
+  (``share_of_matrices``, ``exchange_updates``): each matrix's direction is gathered by rows onto the one rank that
+  orthogonalizes it, each chunk of at most world-size updates is all-gathered, and every rank keeps its rows.
 - Clipping and finiteness as every engine: each class's norm from the local gradient shards, squared and summed over
   the ranks in one all-reduce, into ``optim.clipped_norm`` and ``step_is_finite``.
 
@@ -107,11 +106,14 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
             decoupled_step_(p.to_local(), update, group["lr"], group["weight_decay"], step_lr, apply)
 
     def _whole_on(self, owner: int, local: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-        """The whole matrix on rank ``owner`` from every rank's rows of it (collective); None elsewhere."""
-        whole = local.new_zeros(shape)
-        whole[rows_of_rank(shape[0], self.rank, self.world)] = local
-        dist.reduce(whole, dst=owner)
-        return whole if self.rank == owner else None
+        """The whole matrix on rank ``owner`` from every rank's rows of it (collective); None elsewhere. Each rank
+        sends its rows only, padded to the longest share (``gather`` takes equal pieces)."""
+        share = -(-shape[0] // self.world)
+        padded = local.new_zeros(share, *shape[1:])
+        padded[: local.shape[0]] = local
+        pieces = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == owner else None
+        dist.gather(padded, pieces, dst=owner)
+        return torch.cat(pieces)[: shape[0]] if self.rank == owner else None
 
 
 class FSDPEngine(Engine):
