@@ -1,13 +1,13 @@
-"""Throughput and memory per rank of DDP vs DeepSpeed ZeRO-1/2/3, with AdamW and with Muon, at the same batch.
+"""Throughput and memory per rank of DDP, DeepSpeed ZeRO-1/2/3 and FSDP2, with AdamW and with Muon, at one batch.
 
     python scripts/bench_dist.py [--nproc 2] [--model tiny] [--micro-batch 8] [--seq-len 256] [--steps 6]
                                  [--engines ddp,zero3] [--optims muon]
 
 Each configuration runs under torchrun on whatever is present (CPU processes over gloo here; one process per GPU
 over NCCL on a GPU machine), as a real ``Trainer`` step (data, forward, backward, clipping, optimizer). Per rank it
-reports the median step time, the optimizer state it holds (what ZeRO shards), how many matrices it orthogonalized
-per step (Muon: each rank takes its share) and its peak memory: ``torch.cuda.max_memory_allocated`` on GPUs, the
-process's peak resident set (``getrusage``) on CPU, which includes Python, torch and DeepSpeed themselves.
+reports the median step time, the optimizer state it holds (what ZeRO and FSDP shard), how many matrices it
+orthogonalized per step (Muon: each rank takes its share) and its peak memory: ``torch.cuda.max_memory_allocated`` on
+GPUs, the process's peak resident set (``getrusage``) on CPU, which includes Python, torch and DeepSpeed themselves.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("ddp", "zero1", "zero2", "zero3")
+ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 OPTIMIZERS = ("adamw", "muon")
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,13 @@ def launch(script: str, args: list[str], nproc: int, timeout: int = 300, env: di
         **(env or {}),
     }
     return subprocess.run(["bash", f"launch/{script}", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    """A TCP port free now on this machine, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def as_args(values: dict) -> list[str]:

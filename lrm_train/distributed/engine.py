@@ -13,7 +13,8 @@ Each engine owns a process group (``LocalProcess``, or ``LaunchedProcessGroup`` 
 size and the few collectives the loop needs.
 
 ``single`` runs one process; ``ddp`` runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on CUDA);
-``zero1``/``zero2``/``zero3`` run DeepSpeed ZeRO (``distributed/zero.py``).
+``zero1``/``zero2``/``zero3`` run DeepSpeed ZeRO (``distributed/zero.py``); ``fsdp`` runs torch's FSDP2
+(``distributed/fsdp.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class EngineName(StrEnum):
     zero1 = "zero1"
     zero2 = "zero2"
     zero3 = "zero3"
+    fsdp = "fsdp"
 
     @property
     def zero_stage(self) -> int | None:
@@ -300,6 +302,10 @@ def build_engine(cfg: DistConfig) -> Engine:
         return Engine(cfg)
     if cfg.name is EngineName.ddp:
         return DDPEngine(cfg)
+    if cfg.name is EngineName.fsdp:
+        from lrm_train.distributed.fsdp import FSDPEngine
+
+        return FSDPEngine(cfg)
     from lrm_train.distributed.zero import ZeroEngine  # imports DeepSpeed, which takes seconds: only when asked for
 
     return ZeroEngine(cfg)

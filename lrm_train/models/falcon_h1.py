@@ -320,6 +320,11 @@ class FalconH1LM(nn.Module):
         gathers a whole block's parameters at its forward, not each child's at the child's."""
         return [Attention, Mamba2Mixer, GatedMLP]
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards and gathers one at a time (the final norm goes with the whole model): a decoder
+        layer's blocks apply their children's weights in fused matmuls, so a layer is gathered whole."""
+        return [self.embed_tokens, *self.layers, self.lm_head]
+
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embedding else n

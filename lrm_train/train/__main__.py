@@ -19,7 +19,7 @@ from lrm_train.train.loop import Interrupted, train
 
 USAGE = """usage: python -m lrm_train.train [group=option ...] [key=value ...] [--cfg]
        python -m lrm_train.train --config-dir RUN_DIR [key=value ...]
-       torchrun --nproc_per_node=N -m lrm_train.train dist=ddp|zero1|zero2|zero3 [...]
+       torchrun --nproc_per_node=N -m lrm_train.train dist=ddp|zero1|zero2|zero3|fsdp [...]
 
 Trains a Falcon-H1 hybrid (attention + Mamba2) language model with learnable multipliers (LRM), or the muP baseline
 with lrm=none, and writes checkpoints, metrics.jsonl and an offline W&B run into train.run_dir (runs/<experiment.name>).

@@ -209,5 +209,5 @@ def validate(cfg: RunConfig) -> None:
     if t.compile and cfg.dist.name is EngineName.zero3:
         raise ValueError(
             "train.compile=true does not work with dist=zero3 (ZeRO-3 gathers the parameters inside the compiled "
-            "layers); use dist=zero1, zero2 or ddp, or train.compile=false"
+            "layers); use dist=fsdp, zero1, zero2 or ddp, or train.compile=false"
         )

@@ -1,7 +1,6 @@
 """The engines in one process: the single engine, and DDP joined to a one-rank process group (no launcher needed)."""
 
 import math
-import socket
 import types
 
 import pytest
@@ -10,20 +9,6 @@ import torch.distributed as dist
 
 from lrm_train.distributed import DDPEngine, DistConfig, Engine, EngineName, ProcessBackend, build_engine
 from lrm_train.optim import AdamW, ParamClass, clipped_norm
-
-
-@pytest.fixture
-def one_rank_launch(monkeypatch):
-    """The environment torchrun gives a single rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def test_single_engine_is_one_rank_without_communication():
@@ -215,8 +200,9 @@ def test_engine_names_know_their_zero_stage_and_plain_strings_become_the_enums()
         "zero1": 1,
         "zero2": 2,
         "zero3": 3,
+        "fsdp": None,
     }
     cfg = DistConfig(name="zero3", backend="gloo")
     assert cfg.name is EngineName.zero3 and cfg.backend is ProcessBackend.gloo
-    with pytest.raises(ValueError, match=r"^dist.name='zero4' is not one of single, ddp, zero1, zero2, zero3$"):
+    with pytest.raises(ValueError, match=r"^dist.name='zero4' is not one of single, ddp, zero1, zero2, zero3, fsdp$"):
         DistConfig(name="zero4")
