@@ -33,6 +33,7 @@ from lrm_train.cli import CommandEnding, run_command
 from lrm_train.config_compose import compose_schema
 from lrm_train.experiments.runner import (
     FINISHED,
+    PENDING,
     RunSpec,
     SlurmConfig,
     create_out_dir,
@@ -100,6 +101,8 @@ class Experiment:
     doc: str
     # Command-line overrides as Hydra should read them (the comparison's ``arms.NAME=[...]``).
     overrides: Callable[[list[str]], list[str]] = list
+    # What --estimate adds after the plan's count (the tuning's worst case, when its axes widen); None: nothing.
+    estimate_note: Callable[..., str] | None = None
 
     def run(self, settings: ExperimentSettings) -> Path:
         """Train what the plan holds here, then report (``report=after``, ``launcher=local``)."""
@@ -108,16 +111,16 @@ class Experiment:
 
     def train(self, settings: ExperimentSettings, runs: list[RunSpec]) -> list[RunSpec]:
         """Train ``runs`` here; while some of them wait for others (the comparison's held-out runs for their LR
-        sweep), plan again and train what became ready. Returns the last plan."""
+        sweep, the tuning's next stage), plan again and train what became ready. Returns the last plan."""
         while True:
             run_local(runs, settings.nproc, settings.threads, settings.parallel)
-            waiting = sum(bool(r.waiting_for) for r in runs)
-            if not waiting:
+            if not any(r.waiting_for for r in runs):
                 return runs
-            again = self.plan(settings)
-            if sum(bool(r.waiting_for) for r in again) >= waiting:  # nothing more became ready: the report says why
-                return again
-            runs = again
+            runs = self.plan(settings)
+            # Nothing more became ready (an LR on the grid's edge, say): the report says why. Ready runs may be new
+            # without fewer waiting ones (the tuning widens an axis), so what counts is a pending run to train.
+            if not any(not r.waiting_for and run_status(r) == PENDING for r in runs):
+                return runs
 
     def compose(self, argv: list[str]) -> tuple[ExperimentSettings, list[RunSpec]]:
         register_configs()  # an experiment's config may pick a model preset (abm's model=tiny), as the trainer's does
@@ -131,6 +134,8 @@ class Experiment:
             settings, runs = planned
             if flags:  # --estimate
                 print(estimate(runs, settings.nproc or 1, ASSUMED_MFU))
+                if self.estimate_note:
+                    print(self.estimate_note(settings))
                 return
             if settings.report is ReportMode.after:
                 create_out_dir(settings.out_dir)

@@ -16,6 +16,7 @@ from lrm_train.experiments import (
     norm_sweep,
     symmetry_drift,
     transfer,
+    tune,
     width_scaling,
 )
 from lrm_train.experiments.experiment import Experiment, ExperimentSettings
@@ -30,8 +31,9 @@ EXPERIMENTS = [
     transfer.TRANSFER,
     clip_exclusion.CLIP_EXCLUSION,
     symmetry_drift.SYMMETRY_DRIFT,
+    tune.TUNE,
 ]
-MODULES = (compare, abm, norm_sweep, width_scaling, coord_check, transfer, clip_exclusion, symmetry_drift)
+MODULES = (compare, abm, norm_sweep, width_scaling, coord_check, transfer, clip_exclusion, symmetry_drift, tune)
 
 
 def hydra_list(values: list[str]) -> str:
