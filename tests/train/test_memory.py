@@ -42,8 +42,15 @@ def test_weights_gradients_and_optimizer_state_are_the_bytes_a_step_allocates(op
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["data.seq_len=100"], ["lrm=none"], ["model.mamba_rms_norm=true"], ["model.num_key_value_heads=4"]],
-    ids=["tiny", "seq-not-whole-chunks", "lrm-none", "mamba-rms-norm", "no-gqa"],
+    [
+        [],
+        ["data.seq_len=100"],
+        ["lrm=none"],
+        ["model.mamba_rms_norm=true"],
+        ["model.num_key_value_heads=4"],
+        ["train.precision=bf16"],
+    ],
+    ids=["tiny", "seq-not-whole-chunks", "lrm-none", "mamba-rms-norm", "no-gqa", "bf16-autocast"],
 )
 def test_activations_are_the_tensors_the_forward_saves_for_backward(overrides):
     cfg = compose([*SMALL, *overrides])
@@ -58,7 +65,8 @@ def test_activations_are_the_tensors_the_forward_saves_for_backward(overrides):
         return tensor
 
     ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=Target.of(cfg).bf16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
         model(ids, ids, 1e-4)
     expected = activations(cfg, Target.of(cfg), checkpointing=False).saved
     assert expected == pytest.approx(sum(saved.values()), rel=0.04)
