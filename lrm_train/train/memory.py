@@ -7,10 +7,10 @@ engine, ``ENGINES`` says what it cuts into world-size pieces; a new engine is on
 What is counted, per rank:
 
 - weights: the model's parameters in their dtype (float32, or bf16 under ``dist.bf16_params``; autocast keeps float32
-  weights), the float32 master shard DeepSpeed keeps next to them, and, where parameters are sharded, the largest unit
-  gathered whole at once (a ZeRO-3 block: attention, Mamba, MLP, embedding or LM head).
+  weights), the float32 master shard DeepSpeed keeps next to them (ZeRO-3 only for bf16 ones), and, where parameters
+  are sharded, the largest unit gathered whole at once (a ZeRO-3 block: attention, Mamba, MLP, embedding or LM head).
 - gradients: one per parameter, in its dtype; DDP's all-reduce buckets hold a second copy; with bf16 parameters,
-  ZeRO's float32 copy of this rank's shard for the master update.
+  ZeRO's float32 copy of this rank's shard for the master update; DeepSpeed's reduce bucket (2 GB in float32).
 - optimizer: the states above, in the parameters' dtype (ZeRO: float32, on the shards).
 - activations: what one micro-batch's forward keeps for backward (``layer_activations``: the tensors the eager
   layers of ``models.falcon_h1`` save), plus what the LM head holds while the loss runs (a chunk of logits). With
@@ -48,17 +48,24 @@ class Sharding:
     weights: bool = False
     gradients: bool = False
     optimizer: bool = False
-    master_weights: bool = False  # a float32 copy of this rank's shard of the weights (and of bf16 gradients)
+    master_weights: bool = False  # a float32 copy of this rank's shard of bf16 weights (and of their gradients)
+    float32_master_too: bool = False  # that copy even of float32 weights (DeepSpeed ZeRO-1/2 clone them)
     gradient_buckets: bool = False  # a second full copy of the gradients, in the all-reduce buckets
+    reduce_bucket: bool = False  # DeepSpeed's contiguous reduce bucket, REDUCE_BUCKET_ELEMENTS in the gradients' dtype
     keeps_small_whole: bool = False  # parameters under dist.zero3_persistence_threshold stay whole on every rank
+    bf16_params: bool = False  # honours dist.bf16_params (the others keep float32 parameters)
 
 
+# DeepSpeed's default ``reduce_bucket_size``, which ``distributed.zero`` keeps: one buffer of this many elements per
+# rank, whatever the model's size.
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+_ZERO = dict(optimizer=True, master_weights=True, reduce_bucket=True, bf16_params=True)
 ENGINES = {
     "single": Sharding(),
     "ddp": Sharding(gradient_buckets=True),
-    "zero1": Sharding(optimizer=True, master_weights=True),
-    "zero2": Sharding(gradients=True, optimizer=True, master_weights=True),
-    "zero3": Sharding(weights=True, gradients=True, optimizer=True, master_weights=True, keeps_small_whole=True),
+    "zero1": Sharding(**_ZERO, float32_master_too=True),
+    "zero2": Sharding(**_ZERO, gradients=True, float32_master_too=True),
+    "zero3": Sharding(**_ZERO, weights=True, gradients=True, keeps_small_whole=True),
 }
 
 
@@ -230,7 +237,7 @@ def rank_memory(
     engine: str, world_size: int, params: dict[str, ParamInfo], units: list[int], cfg: RunConfig, target: Target
 ) -> RankMemory:
     sharding = ENGINES[engine]
-    param_bytes = BF16 if cfg.dist.bf16_params else FLOAT32
+    param_bytes = BF16 if cfg.dist.bf16_params and sharding.bf16_params else FLOAT32
     whole_below = cfg.dist.zero3_persistence_threshold if sharding.keeps_small_whole else 0
 
     def per_rank(numel: int, sharded: bool) -> int:
@@ -243,11 +250,13 @@ def rank_memory(
     gradients = sum(per_rank(n, sharding.gradients) for n in numels) * param_bytes
     if sharding.gradient_buckets:
         gradients *= 2
-    if sharding.master_weights:
+    if sharding.master_weights and (param_bytes != FLOAT32 or sharding.float32_master_too):
         shard = sum(math.ceil(n / world_size) for n in numels) * FLOAT32
         weights += shard
         if param_bytes != FLOAT32:  # the master update reads float32 gradients: a copy of the bf16 shard
             gradients += shard
+    if sharding.reduce_bucket:
+        gradients += REDUCE_BUCKET_ELEMENTS * param_bytes
     # Single process and DDP keep the states in the parameters' dtype (float32 there); ZeRO in its float32 shards.
     optimizer = sum(
         per_rank(info.numel, sharding.optimizer) * info.state_copies * FLOAT32 + info.state_scalars * FLOAT32

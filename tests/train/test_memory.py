@@ -12,7 +12,7 @@ from lrm_train.models import FalconH1LM
 from lrm_train.optim import build_optimizer, classify_parameters
 from lrm_train.train.__main__ import main
 from lrm_train.train.config import compose
-from lrm_train.train.memory import ENGINES, Target, activations, estimate
+from lrm_train.train.memory import ENGINES, REDUCE_BUCKET_ELEMENTS, Target, activations, estimate
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["train.micro_batch_size=2", "data.seq_len=128"]
@@ -103,11 +103,26 @@ def test_every_engine_has_its_sharding_and_sharded_states_shrink_with_the_world(
     rows = {(r.engine, r.world_size): r for r in estimate(cfg, [2, 8])}
     assert set(rows) == {(name, n) for name in ENGINES if name != "single" for n in (2, 8)}
     ddp, zero1, zero2, zero3 = (rows[(name, 8)] for name in ("ddp", "zero1", "zero2", "zero3"))
-    assert zero1.optimizer == zero2.optimizer < ddp.optimizer / 7
-    assert zero2.gradients < zero1.gradients < ddp.gradients  # DDP's buckets: a second copy
-    assert zero3.weights < zero2.weights
-    assert rows[("zero3", 2)].states > 3 * zero3.states
+    full = sum(p.numel() for p in FalconH1LM(cfg.model, cfg.lrm).parameters()) * 4
+    assert ddp.weights == full and ddp.gradients == 2 * full  # DDP's buckets: a second copy
+    bucket = REDUCE_BUCKET_ELEMENTS * 4
+    assert zero1.gradients == full + bucket
+    assert zero1.optimizer == zero2.optimizer == pytest.approx(2 * full / 8, rel=1e-3)
+    assert zero1.weights == zero2.weights == pytest.approx(full + full / 8, rel=1e-3)  # the float32 master shard
+    assert zero2.gradients == pytest.approx(full / 8 + bucket, rel=1e-3)
+    assert full / 8 < zero3.weights < zero2.weights  # its shard and the largest block gathered whole
+    assert rows[("zero3", 2)].optimizer > 3 * zero3.optimizer
     assert ddp.activations == zero3.activations  # a micro-batch's activations do not depend on the engine
+
+
+def test_bf16_parameters_halve_zeros_weights_and_gradients_but_not_ddps():
+    plain = compose(["model=falcon_h1_0p5b", "dist=zero3"])
+    bf16 = compose(["model=falcon_h1_0p5b", "dist=zero3", "dist.bf16_params=true"])
+    before, after = ({(r.engine, r.world_size): r for r in estimate(c, [8])} for c in (plain, bf16))
+    assert after[("ddp", 8)] == before[("ddp", 8)]
+    assert after[("zero3", 8)].optimizer == before[("zero3", 8)].optimizer
+    assert after[("zero3", 8)].weights > before[("zero3", 8)].weights  # a float32 master shard besides the bf16 one
+    assert after[("zero1", 8)].gradients < before[("zero1", 8)].gradients
 
 
 def test_bf16_autocast_halves_the_activations_but_not_the_float32_parts():
