@@ -7,7 +7,7 @@ engine, ``ENGINES`` says what it cuts into world-size pieces; a new engine is on
 What is counted, per rank:
 
 - weights: the model's parameters in their dtype (float32, or bf16 under ``dist.bf16_params``; autocast keeps float32
-  weights), the float32 master shard DeepSpeed keeps next to them (ZeRO-3 only for bf16 ones), and, where parameters
+  weights), the float32 master shard DeepSpeed keeps next to them (a copy even of float32 ones), and, where parameters
   are sharded, the largest unit gathered whole at once (a ZeRO-3 block: attention, Mamba, MLP, embedding or LM head).
 - gradients: one per parameter, in its dtype; DDP's all-reduce buckets hold a second copy; with bf16 parameters,
   ZeRO's float32 copy of this rank's shard for the master update; DeepSpeed's reduce bucket (2 GB in float32).
@@ -48,8 +48,7 @@ class Sharding:
     weights: bool = False
     gradients: bool = False
     optimizer: bool = False
-    master_weights: bool = False  # a float32 copy of this rank's shard of bf16 weights (and of their gradients)
-    float32_master_too: bool = False  # that copy even of float32 weights (DeepSpeed ZeRO-1/2 clone them)
+    master_weights: bool = False  # a float32 copy of this rank's shard of the weights (and of bf16 gradients)
     gradient_buckets: bool = False  # a second full copy of the gradients, in the all-reduce buckets
     reduce_bucket: bool = False  # DeepSpeed's contiguous reduce bucket, REDUCE_BUCKET_ELEMENTS in the gradients' dtype
     keeps_small_whole: bool = False  # parameters under dist.zero3_persistence_threshold stay whole on every rank
@@ -63,8 +62,8 @@ _ZERO = dict(optimizer=True, master_weights=True, reduce_bucket=True, bf16_param
 ENGINES = {
     "single": Sharding(),
     "ddp": Sharding(gradient_buckets=True),
-    "zero1": Sharding(**_ZERO, float32_master_too=True),
-    "zero2": Sharding(**_ZERO, gradients=True, float32_master_too=True),
+    "zero1": Sharding(**_ZERO),
+    "zero2": Sharding(**_ZERO, gradients=True),
     "zero3": Sharding(**_ZERO, weights=True, gradients=True, keeps_small_whole=True),
 }
 
@@ -250,7 +249,7 @@ def rank_memory(
     gradients = sum(per_rank(n, sharding.gradients) for n in numels) * param_bytes
     if sharding.gradient_buckets:
         gradients *= 2
-    if sharding.master_weights and (param_bytes != FLOAT32 or sharding.float32_master_too):
+    if sharding.master_weights:  # DeepSpeed clones the shard even of float32 weights (measured: 2 ranks, CPU)
         shard = sum(math.ceil(n / world_size) for n in numels) * FLOAT32
         weights += shard
         if param_bytes != FLOAT32:  # the master update reads float32 gradients: a copy of the bf16 shard

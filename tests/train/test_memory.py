@@ -121,7 +121,8 @@ def test_bf16_parameters_halve_zeros_weights_and_gradients_but_not_ddps():
     before, after = ({(r.engine, r.world_size): r for r in estimate(c, [8])} for c in (plain, bf16))
     assert after[("ddp", 8)] == before[("ddp", 8)]
     assert after[("zero3", 8)].optimizer == before[("zero3", 8)].optimizer
-    assert after[("zero3", 8)].weights > before[("zero3", 8)].weights  # a float32 master shard besides the bf16 one
+    master = before[("zero3", 8)].weights - after[("zero3", 8)].weights
+    assert 0 < master < before[("zero3", 8)].weights / 2  # the float32 master shard stays
     assert after[("zero1", 8)].gradients < before[("zero1", 8)].gradients
 
 
