@@ -143,6 +143,8 @@ class _LinearLMLoss(torch.autograd.Function):
                 if need_grad:
                     grad_hidden[rows] = grad_logits @ weight_mm
                     grad_weight += grad_logits.T @ hidden_mm
+                # Freed before the next chunk's logits exist: held over, they would double the loss's peak memory.
+                del log_z, target_logits, grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(cross_entropy, z_loss)

@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,6 +89,22 @@ def test_the_full_logits_are_never_kept_for_backward(small_chunks):
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         lm_loss(hidden @ weight.T, targets, 0.1).loss.backward()
     assert max(saved) == 30 * VOCAB  # what the plain path keeps, so the hook does see it
+
+
+def test_one_chunk_of_logits_is_alive_at_a_time(small_chunks):
+    """The previous chunk's logits (its gradient, computed in place) are freed before the next chunk's exist: held
+    over, they doubled the loss's peak memory (the memory estimate counts one chunk)."""
+    hidden, weight, targets = inputs()
+    previous = []
+
+    def chunk_loss(*args):
+        assert all(ref() is None for ref in previous), "the previous chunk's logits are still alive"
+        log_z, target_logits, grad_logits = loss_module.torch_chunk_loss(*args)
+        previous.append(weakref.ref(grad_logits))
+        return log_z, target_logits, grad_logits
+
+    linear_lm_loss(hidden, weight, targets, 0.1, chunk_loss=chunk_loss).loss.backward()
+    assert len(previous) == 4  # 30 tokens in chunks of 8
 
 
 def test_without_grad_it_only_computes_the_loss(small_chunks):
