@@ -123,14 +123,15 @@ class Trainer:
     # State: the union of the components' and callbacks' states, under stable keys.
 
     def state_dict(self) -> dict:
-        """Collective: every rank contributes its RNG state (ZeRO gathers its optimizer shards)."""
+        """Collective: every rank contributes its RNG state. The model and optimizer states are not in it: every rank
+        writes its own pieces of them (``Engine.model_shards``/``optimizer_shards``), and a load puts them back under
+        ``optimizer`` (see ``checkpoint.load_checkpoint``)."""
         self.settle_skipped_steps()
         callback_states = {cb.name: cb.state_dict() for cb in self.callbacks}
         return {
             "format": FORMAT,
             "run": self.run_section(),
             "trainer": self.state.state_dict(),
-            "optimizer": self.engine.optimizer_state(),
             "loader": self.components.loader.state_dict(),
             "rng": self.engine.all_gather_object(_rng_state()),
             "callbacks": {name: state for name, state in callback_states.items() if state},
