@@ -11,6 +11,7 @@ Trainer(...).fit()                              # steps + hooks
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import signal
@@ -130,20 +131,22 @@ class Trainer:
         callback_states = {cb.name: cb.state_dict() for cb in self.callbacks}
         return {
             "format": FORMAT,
-            "run": self.run_section(),
+            "run": self.run_section,
             "trainer": self.state.state_dict(),
             "loader": self.components.loader.state_dict(),
             "rng": self.engine.all_gather_object(_rng_state()),
             "callbacks": {name: state for name, state in callback_states.items() if state},
         }
 
+    @functools.cached_property
     def run_section(self) -> dict:
+        """Made once: it hashes the tokenizer and renders the config, which would otherwise stall every save."""
         data = self.components.data
         return run_section(self.cfg, self.components.global_batch, data.folder, data.tokenizer_path)
 
     def load_state_dict(self, state: dict, model_state: dict, path: Path) -> None:
         c = self.components
-        check_resumable(state["run"], self.run_section(), path)
+        check_resumable(state["run"], self.run_section, path)
         load_weights(self.engine.load_model_state, model_state, path)
         self.engine.load_optimizer_state(state["optimizer"])
         try:
