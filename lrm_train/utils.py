@@ -25,6 +25,44 @@ _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACC
 _OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
 
 
+class AtomicDirectory:
+    """A temporary sibling directory that becomes ``path`` on ``commit``; ``discard`` removes it.
+
+    The two halves of ``atomic_directory`` for a writer whose folder is filled over time or by several processes (a
+    sharded checkpoint: every rank writes its files into ``tmp``, rank 0 commits once all of them are flushed).
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        path = self.path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists")
+        blocking_file = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking_file is not None:
+            raise _cannot_write(path, f"{blocking_file} is not a folder", errno.ENOTDIR)
+        self.tmp = path.parent / f".tmp-{path.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with naming_the_destination(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+
+    def commit(self) -> Path:
+        """Flush everything in ``tmp`` and rename it to ``path`` (replacing an older ``path``)."""
+        try:
+            with naming_the_destination(self.path):
+                _usual_permissions(self.tmp)
+                _flush_tree(self.tmp)
+                if self.path.exists():
+                    shutil.rmtree(self.path)
+                os.replace(self.tmp, self.path)
+                _flush(self.path.parent)
+        finally:
+            self.discard()
+        return self.path
+
+    def discard(self) -> None:
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``path`` only if the block completes.
@@ -36,27 +74,18 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     An interrupted writer leaves a ``.tmp-*`` directory behind, never something that looks like a finished ``path``;
     ``remove_stale_temporaries`` clears those at the next start.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists")
-    blocking_file = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
-    if blocking_file is not None:
-        raise _cannot_write(path, f"{blocking_file} is not a folder", errno.ENOTDIR)
-    tmp = path.parent / f".tmp-{path.name}@{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder = AtomicDirectory(path, overwrite)
     try:
-        with _naming_the_destination(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
-            yield tmp
-            _usual_permissions(tmp)
-            _flush_tree(tmp)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-            _flush(path.parent)
+        with naming_the_destination(folder.path):
+            yield folder.tmp
+        folder.commit()
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        folder.discard()
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush one file's data to disk."""
+    _flush(Path(path))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -131,7 +160,9 @@ def _disk_error_number(error: Exception, folder: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def _naming_the_destination(path: Path) -> Iterator[None]:
+def naming_the_destination(path: Path) -> Iterator[None]:
+    """Turn a failure of the disk (full, read-only, no permission) inside the block into one ``OSError`` line naming
+    ``path``; other errors pass unchanged."""
     try:
         yield
     except Exception as error:

@@ -1,13 +1,19 @@
-"""Throughput and memory per rank of DDP, DeepSpeed ZeRO-1/2/3 and FSDP2, with AdamW and with Muon, at one batch.
+"""Throughput and memory per rank of DDP, DeepSpeed ZeRO-1/2/3 and FSDP2, with AdamW and with Muon, at one batch; with
+``--checkpoints``, the training stall of a checkpoint save, synchronous vs asynchronous.
 
     python scripts/bench_dist.py [--nproc 2] [--model tiny] [--micro-batch 8] [--seq-len 256] [--steps 6]
-                                 [--engines ddp,zero3] [--optims muon]
+                                 [--engines ddp,zero3] [--optims muon] [--checkpoints [--saves 3]]
 
 Each configuration runs under torchrun on whatever is present (CPU processes over gloo here; one process per GPU
 over NCCL on a GPU machine), as a real ``Trainer`` step (data, forward, backward, clipping, optimizer). Per rank it
 reports the median step time, the optimizer state it holds (what ZeRO and FSDP shard), how many matrices it
 orthogonalized per step (Muon: each rank takes its share) and its peak memory: ``torch.cuda.max_memory_allocated`` on
 GPUs, the process's peak resident set (``getrusage``) on CPU, which includes Python, torch and DeepSpeed themselves.
+
+``--checkpoints`` saves ``--saves`` times per configuration, each way, and reports per save the time the step boundary
+waits (sync: the whole write; async: the copy to host memory and the folder's creation) and the total stall: that,
+plus what the steps taken during a background write lose to it (their time above the median step), plus the
+completion (manifest and rename) on the training thread.
 """
 
 from __future__ import annotations
@@ -48,7 +54,42 @@ def worker(args) -> None:
         ]
     )
     with open_trainer(cfg) as trainer:
-        _measure(trainer, args)
+        (_measure_saves if args.checkpoints else _measure)(trainer, args)
+
+
+def _measure_saves(trainer, args) -> None:
+    engine, checkpointer = trainer.engine, trainer.checkpointer
+    for _ in range(args.warmup):
+        trainer.train_step()
+    step_times = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        trainer.train_step()
+        step_times.append(time.perf_counter() - started)
+    median = statistics.median(step_times)
+    result = {"step_s": median, "device": engine.device.type}
+    for mode in ("sync", "async"):
+        boundary, total = [], []
+        for _ in range(args.saves):
+            engine.barrier()
+            started = time.perf_counter()
+            checkpointer.save(trainer, background=mode == "async")
+            boundary.append(time.perf_counter() - started)
+            stall = boundary[-1]
+            while checkpointer.pending is not None:  # training goes on while the write does
+                started = time.perf_counter()
+                trainer.train_step()
+                stall += max(0.0, time.perf_counter() - started - median)
+                if not engine.max_over_ranks([not checkpointer.pending.written()])[0]:
+                    started = time.perf_counter()
+                    checkpointer.finish_pending(trainer)
+                    stall += time.perf_counter() - started
+            total.append(stall)
+            trainer.train_step()
+        result[mode] = {"boundary_s": statistics.median(boundary), "stall_s": statistics.median(total)}
+    folder = checkpointer.last
+    result["checkpoint_bytes"] = sum(f.stat().st_size for f in folder.iterdir())
+    Path(args.out, f"{args.engine}-{args.optim}-rank{engine.rank}.json").write_text(json.dumps(result))
 
 
 def _measure(trainer, args) -> None:
@@ -103,6 +144,8 @@ def main() -> int:
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     parser.add_argument("--optims", default=",".join(OPTIMIZERS), help="comma-separated subset of adamw,muon")
+    parser.add_argument("--checkpoints", action="store_true", help="measure the stall of sync vs async saves")
+    parser.add_argument("--saves", type=int, default=3, help="saves per configuration and mode (--checkpoints)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--optim", help=argparse.SUPPRESS)
@@ -144,6 +187,9 @@ def main() -> int:
                     str(args.warmup),
                     "--data-root",
                     args.data_root,
+                    "--saves",
+                    str(args.saves),
+                    *(["--checkpoints"] if args.checkpoints else []),
                 ]
                 done = subprocess.run(
                     command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -153,6 +199,9 @@ def main() -> int:
                     return done.returncode
                 ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"{engine}-{optim}-rank*.json"))]
                 results[engine, optim] = ranks
+    if args.checkpoints:
+        _print_saves(results, args, nproc)
+        return 0
     first = next(iter(results.values()))[0]
     peak_label = "peak CUDA alloc/rank MB" if first["device"] == "cuda" else "peak RSS/rank MB"
     print(
@@ -175,6 +224,26 @@ def main() -> int:
             f"{state:>19.2f}{orthogonalized:>14.0f}{peak:>{len(peak_label) + 2}.0f}"
         )
     return 0
+
+
+def _print_saves(results, args, nproc) -> None:
+    first = next(iter(results.values()))[0]
+    print(
+        f"model={args.model} ranks={nproc} device={first['device']}: training stall per checkpoint save, median of "
+        f"{args.saves} saves (the slowest rank)"
+    )
+    print(
+        f"{'engine':<8}{'optim':<7}{'step ms':>9}{'ckpt MB':>9}{'mode':>7}{'at the step ms':>16}{'total stall ms':>16}"
+    )
+    for (engine, optim), ranks in results.items():
+        step = max(r["step_s"] for r in ranks)
+        size = ranks[0]["checkpoint_bytes"] / 2**20
+        for mode in ("sync", "async"):
+            boundary = max(r[mode]["boundary_s"] for r in ranks)
+            stall = max(r[mode]["stall_s"] for r in ranks)
+            print(
+                f"{engine:<8}{optim:<7}{1e3 * step:>9.0f}{size:>9.1f}{mode:>7}{1e3 * boundary:>16.0f}{1e3 * stall:>16.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ The training loop talks to this small interface only, so it never branches on th
     with engine.accumulating(last=...):                  # gradient sync only on the last micro-batch
         engine.backward(loss)
     norms, applied = engine.optimizer_step(max_norm, loss_is_finite)   # device tensors: no host sync
-    engine.model_state() / engine.optimizer_state()      # full, named: the same checkpoint for every engine
+    engine.model_state() / engine.optimizer_state()      # full, named: the same state for every engine
+    engine.model_shards() / engine.optimizer_shards()    # this rank's pieces of them, for a sharded checkpoint
     engine.parameter_shapes()                            # full shapes by name (ZeRO-3 partitions the tensors)
 
 Each engine owns a process group (``LocalProcess``, or ``LaunchedProcessGroup`` under a launcher) for rank, world
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from enum import StrEnum
@@ -93,6 +95,30 @@ def step_is_finite(loss_is_finite: torch.Tensor, grad_norms: list[torch.Tensor])
     The answer is a 0-d bool tensor on the device, never read by the host here: the optimizers skip the update on the
     device (``apply``), and the loop reads the flags only at log steps."""
     return loss_is_finite & torch.isfinite(torch.stack(grad_norms)).all()
+
+
+@dataclass
+class TensorPiece:
+    """Elements ``[offset, offset + values.numel())`` of the flattened tensor ``name``, whose full shape is ``shape``:
+    what one rank holds of a tensor, enough to put the full tensor back together from every rank's pieces."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    values: torch.Tensor
+
+    @property
+    def whole(self) -> bool:
+        return self.offset == 0 and self.values.numel() == math.prod(self.shape)
+
+
+def whole_pieces(state: dict[str, torch.Tensor]) -> list[TensorPiece]:
+    return [TensorPiece(name, tuple(t.shape), 0, t) for name, t in state.items()]
+
+
+def optimizer_piece_name(param: str, key: str) -> str:
+    """The name of a parameter's optimizer state entry in a sharded checkpoint (parameter names have no ``/``)."""
+    return f"{param}/{key}"
 
 
 class LocalProcess:
@@ -268,6 +294,20 @@ class Engine:
     def optimizer_state(self) -> dict[str, dict]:
         """Parameter name -> its optimizer state, as full tensors (independent of the engine and world size)."""
         return {self.names[id(p)]: dict(state) for p, state in self.optimizer.state.items()}
+
+    def model_shards(self) -> list[TensorPiece]:
+        """This rank's part of the model state for a sharded checkpoint (collective): together, the ranks' pieces
+        cover every tensor of ``model_state`` once. By default rank 0 gives it whole and the others nothing, which is
+        right for replicated engines and correct (if not sharded) for any engine with a ``model_state``."""
+        state = self.model_state()
+        return whole_pieces(state) if self.is_main else []
+
+    def optimizer_shards(self) -> list[TensorPiece]:
+        """As ``model_shards``, for ``optimizer_state`` (pieces named by ``optimizer_piece_name``)."""
+        state = self.optimizer_state()
+        if not self.is_main:
+            return []
+        return whole_pieces({optimizer_piece_name(n, k): v for n, entry in state.items() for k, v in entry.items()})
 
     def load_optimizer_state(self, state: dict[str, dict]) -> None:
         params = dict(self.module.named_parameters())

@@ -18,8 +18,10 @@ own machinery would change:
 - Finiteness: the engine decides it on the device (``step_is_finite``) and the client skips the update there
   (``apply``); DeepSpeed's own gradient-norm and overflow checks, which read the norm on the host, are off for ZeRO-1/2.
 
-Checkpoints use the trainer's format: full named model and optimizer states, gathered from the shards on save and
-cut back into shards on load, so a run resumes on another world size or engine.
+Checkpoints are sharded: each rank writes the pieces of the optimizer state (and under ZeRO-3 or with bf16 parameters,
+of the float32 weights) its shards hold, named by parameter and flat offset (``model_shards``/``optimizer_shards``);
+a load puts the full named states back together and cuts them into this run's shards, so a run resumes on another
+world size or engine.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrm_train.distributed.engine import DistConfig, Engine, launched_process_group, step_is_finite
+from lrm_train.distributed.engine import (
+    DistConfig,
+    Engine,
+    TensorPiece,
+    launched_process_group,
+    optimizer_piece_name,
+    step_is_finite,
+    whole_pieces,
+)
 from lrm_train.optim import (
     GradNorms,
     ParamClass,
@@ -83,6 +93,15 @@ class ShardLayout:
             high = max(low, high)
             out.append((slice(local, local + high - low), slice(low, high)))
             local += size
+        return out
+
+    def owned_pieces(self, shard: torch.Tensor, names: list[str]) -> list[TensorPiece]:
+        """This rank's elements of each parameter in ``shard`` (or in a tensor laid out like it), named ``names``:
+        nothing is communicated, and the ranks' pieces together cover every parameter once (padding left out)."""
+        out = []
+        for name, shape, (local, place) in zip(names, self.shapes, self.pieces(shard.numel())):
+            if place.stop > place.start:
+                out.append(TensorPiece(name, tuple(shape), place.start, shard[local]))
         return out
 
     def gather_to(self, shard: torch.Tensor, index: int, piece: tuple[slice, slice], owner: int):
@@ -375,6 +394,32 @@ class ZeroEngine(Engine):
         # The masters come from the checkpoint, not from the bf16 copies just loaded (that would round them).
         for _, shard, layout in self.shards():
             shard.data.copy_(layout.shard([state[self.names[id(p)]] for p in layout.params], shard))
+
+    def model_shards(self) -> list[TensorPiece]:
+        """ZeRO-1/2 replicate the model (rank 0 writes it) unless its float32 masters live only in the shards; then,
+        and under ZeRO-3, each rank gives its own slices of the masters and rank 0 the buffers."""
+        if self.stage < 3 and not self.cfg.bf16_params:
+            return super().model_shards()
+        pieces = []
+        for _, shard, layout in self.shards():
+            pieces += layout.owned_pieces(shard.detach(), [self.names[id(p)] for p in layout.params])
+        params = set(self.names.values())
+        buffers = {k: v.float() if v.is_floating_point() else v for k, v in self.module.state_dict().items()}
+        if self.is_main:
+            pieces += whole_pieces({k: v for k, v in buffers.items() if k not in params})
+        return pieces
+
+    def optimizer_shards(self) -> list[TensorPiece]:
+        """Each rank's slices of the moments it updates; the step counts (the same on every rank) from rank 0."""
+        pieces = []
+        for _, shard, layout in self.shards():
+            names = [self.names[id(p)] for p in layout.params]
+            for key, value in self.client.state.get(shard, {}).items():
+                if value.ndim > 0:
+                    pieces += layout.owned_pieces(value, [optimizer_piece_name(n, key) for n in names])
+                elif self.is_main:
+                    pieces += [TensorPiece(optimizer_piece_name(n, key), (), 0, value) for n in names]
+        return pieces
 
     def optimizer_state(self) -> dict[str, dict]:
         named: dict[str, dict] = {}

@@ -1,45 +1,79 @@
-"""Checkpoints: a plain dict of every component's state, written atomically and verified on load.
+"""Checkpoints: every component's state, written by every rank in shards, atomically, and verified on load.
 
 The state is the union of the components' ``state_dict()``s under stable keys (see ``Trainer.state_dict``) with a
 ``format`` version: a checkpoint of another format gets one clear error, not a KeyError deep in a component.
 
-A checkpoint is a folder ``{run_dir}/checkpoints/step_{step:08d}``:
-- ``model.safetensors``: the model's state dict;
-- ``tensors.safetensors``: every other tensor (optimizer moments, RNG states, ...);
+A checkpoint is a folder ``{run_dir}/checkpoints/step_{step:08d}`` (format ``lrm_train.checkpoint/3``, sharded):
+- ``model.safetensors`` and ``optimizer.safetensors``: rank 0's pieces of the model and optimizer states, and
+  ``model.rank{r:05d}.safetensors`` / ``optimizer.rank{r:05d}.safetensors`` those of rank ``r`` (only ranks that hold
+  any). A piece that is a whole tensor is stored under its name, with its shape, so a one-process or DDP checkpoint's
+  ``model.safetensors`` is a plain state dict; a slice is stored flat as ``{name}@{offset}`` with the full shape in the
+  file's metadata. Replicated engines (single, DDP) have rank 0 write everything once; ZeRO ranks write the slices of
+  their shards (``Engine.model_shards``/``optimizer_shards``). A load puts the full tensors back together, checking
+  that the pieces cover each one exactly, and the engine cuts them into its own shards: a checkpoint resumes on any
+  world size and engine;
+- ``tensors.safetensors``: every other tensor (RNG states of every rank, ...);
 - ``state.pt``: everything else as plain data (numbers, strings, lists, dicts), tensors replaced by references into
   ``tensors.safetensors``; read back with ``torch.load(weights_only=True)``, so a checkpoint can never run code;
 - ``tokenizer.json``: the run's tokenizer, so evaluation and export never look for it elsewhere (the ``run`` section
   also names the prepared data folder and the tokenizer's sha256);
-- ``checkpoint.json``: the step and a sha256 per file, written last. A folder without it is not a checkpoint.
-The folder is written under a temporary name and renamed when complete, so ``resume=auto`` never sees a partial one,
-and ``resume=auto`` skips a newest checkpoint that fails verification for the previous complete one (but refuses to
-start over when no checkpoint of the run verifies).
+- ``checkpoint.json``: the format, step, world size and a sha256 per file of every rank, written last. A folder
+  without it is not a checkpoint.
+The folder is written under a temporary name that rank 0 creates and every rank writes into; each rank flushes its
+own files to disk and reports their checksums (a collective), and only then does rank 0 write the manifest and rename
+the folder. So ``resume=auto`` never sees a partial one, and it skips a newest checkpoint that fails verification for
+the previous complete one (but refuses to start over when no checkpoint of the run verifies).
+
+Why our own files and not ``torch.distributed.checkpoint`` (DCP): DCP's metadata file is a pickle (loading one can
+run code, which ``state.pt`` is read to rule out), its save plans with collectives on the default group (which must
+not run from a background writer thread while the training step uses that group), and ZeRO's shards are ragged flat
+slices of parameters, not the DTensors DCP describes. The pieces here carry what DCP records (name, full shape,
+offset) in safetensors files that any tool reads.
+
+The full-state format ``lrm_train.checkpoint/2`` (one ``model.safetensors``, the optimizer in ``tensors.safetensors``)
+still loads; ``python -m lrm_train.train.consolidate`` writes it from a sharded checkpoint.
+
+Saves may be asynchronous (``ShardedSave``): the pieces are copied to host memory at the step boundary and a
+background thread writes them; the manifest and the rename come later, on the training thread, after every rank's
+thread has finished, so the thread never runs a collective.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from lrm_train.distributed.engine import Engine, TensorPiece
 from lrm_train.models import FalconH1Config, FalconH1LM
 from lrm_train.models.config import RUNTIME_FIELDS
 from lrm_train.nn import LRMConfig
-from lrm_train.utils import atomic_directory, sha256_file
+from lrm_train.utils import (
+    AtomicDirectory,
+    atomic_directory,
+    first_line,
+    fsync_file,
+    naming_the_destination,
+    sha256_file,
+)
 
 log = logging.getLogger("lrm_train")
 
 MANIFEST = "checkpoint.json"
 TOKENIZER = "tokenizer.json"
-FORMAT = "lrm_train.checkpoint/2"
-# Every checkpoint of FORMAT has these top-level entries (the components' states).
+FORMAT = "lrm_train.checkpoint/3"
+FULL_FORMAT = "lrm_train.checkpoint/2"  # the whole state in one set of files: still read, written by consolidate
+# Every checkpoint has these top-level entries (the components' states; a sharded one's optimizer from its shards).
 _SECTIONS = ("format", "run", "trainer", "optimizer", "loader", "rng", "callbacks")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TENSOR_REF = "__tensor__"
@@ -72,6 +106,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(path: Path, model_state: dict, state: dict, step: int, tokenizer: Path) -> Path:
+    """Write a full-state checkpoint (``FULL_FORMAT``: ``state`` holds the whole optimizer state) from one process."""
     tensors: dict[str, torch.Tensor] = {}
     plain = split_tensors(state, tensors)
     with atomic_directory(path, overwrite=True) as tmp:
@@ -82,6 +117,137 @@ def save_checkpoint(path: Path, model_state: dict, state: dict, step: int, token
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
     return path
+
+
+def shard_file(kind: str, rank: int) -> str:
+    """The file of rank ``rank``'s pieces of ``kind`` (model, optimizer); rank 0's keeps the full format's name."""
+    return f"{kind}.safetensors" if rank == 0 else f"{kind}.rank{rank:05d}.safetensors"
+
+
+@dataclass
+class RankSnapshot:
+    """What one rank writes into a checkpoint, in host memory of its own, so training may change the originals."""
+
+    rank: int
+    model: list[TensorPiece]
+    optimizer: list[TensorPiece]
+    state: dict | None  # rank 0: the plain state (state.pt), tensors split off into ``tensors``
+    tensors: dict[str, torch.Tensor]
+    tokenizer: Path | None  # rank 0
+
+
+def snapshot(
+    rank: int, model: list[TensorPiece], optimizer: list[TensorPiece], state: dict | None, tokenizer
+) -> RankSnapshot:
+    """Copies of the pieces on the host (on GPU, this device-to-host copy is what an asynchronous save stalls on)."""
+
+    def host(pieces):
+        return [TensorPiece(p.name, p.shape, p.offset, p.values.detach().to("cpu", copy=True)) for p in pieces]
+
+    tensors: dict[str, torch.Tensor] = {}
+    plain = split_tensors(state, tensors) if state is not None else None
+    return RankSnapshot(
+        rank, host(model), host(optimizer), plain, {k: v.clone() for k, v in tensors.items()}, tokenizer
+    )
+
+
+def _save_pieces(path: Path, pieces: list[TensorPiece]) -> None:
+    tensors, shapes = {}, {}
+    for piece in pieces:
+        if piece.whole:
+            tensors[piece.name] = piece.values.reshape(piece.shape)
+        else:
+            tensors[f"{piece.name}@{piece.offset}"] = piece.values.reshape(-1)
+            shapes[piece.name] = list(piece.shape)
+    save_file(tensors, path, metadata={"format": FORMAT, "shapes": json.dumps(shapes)})
+
+
+def write_rank_files(folder: Path, snap: RankSnapshot) -> dict[str, str]:
+    """Write one rank's files into ``folder``, flush them to disk, and return their sha256 by name."""
+    names = []
+    for kind, pieces in (("model", snap.model), ("optimizer", snap.optimizer)):
+        if pieces or snap.rank == 0:
+            names.append(shard_file(kind, snap.rank))
+            _save_pieces(folder / names[-1], pieces)
+    if snap.state is not None:
+        save_file(snap.tensors, folder / "tensors.safetensors")
+        torch.save(snap.state, folder / "state.pt")
+        shutil.copyfile(snap.tokenizer, folder / TOKENIZER)
+        names += ["tensors.safetensors", "state.pt", TOKENIZER]
+    for name in names:
+        fsync_file(folder / name)
+    return {name: sha256_file(folder / name) for name in names}
+
+
+class ShardedSave:
+    """One checkpoint written by every rank: started together, finished together (both collective).
+
+    ``__init__``: rank 0 creates the temporary folder and every rank learns its name; then each rank writes its files
+    (``write_rank_files``), in a background thread when ``background``. ``finish``: each rank waits for its own
+    write; the ranks exchange their checksums or errors; rank 0 writes the manifest and renames the folder only if
+    every rank's files are on disk, else removes it. A crash before that leaves a ``.tmp-*`` folder, never a
+    ``step_*`` one, so the previous checkpoint stays the newest valid one.
+    """
+
+    def __init__(self, engine: Engine, path: Path, snap: RankSnapshot, step: int, background: bool) -> None:
+        self.engine, self.path, self.snap, self.step = engine, path, snap, step
+        self.folder: AtomicDirectory | None = None
+        error = ""
+        if engine.is_main:
+            try:
+                self.folder = AtomicDirectory(path, overwrite=True)
+            except OSError as e:
+                error = str(e)
+        tmp, error = engine.all_gather_object((self.folder.tmp if self.folder else None, error))[0]
+        if error:
+            raise OSError(error)
+        self.tmp = Path(tmp)
+        self.error, self.files = "", {}
+        self.thread = threading.Thread(target=self._write, name=f"checkpoint {path.name}", daemon=True)
+        if background:
+            self.thread.start()
+        else:
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            with naming_the_destination(self.path):
+                self.files = write_rank_files(self.tmp, self.snap)
+        except Exception as e:  # noqa: BLE001 - reported to every rank by ``finish``, which raises it there
+            self.error = f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else str(e)
+        self.snap = None  # the host copies are no longer needed
+
+    def written(self) -> bool:
+        """Whether this rank's write is over (no wait)."""
+        return not self.thread.is_alive()
+
+    def finish(self) -> Path:
+        if self.thread.ident is not None:
+            self.thread.join()
+        reports = self.engine.all_gather_object((self.error, self.files))
+        error = next((e for e, _ in reports if e), "")
+        if self.engine.is_main:
+            if error:
+                self.folder.discard()
+            else:
+                try:
+                    files = {name: digest for _, named in reports for name, digest in named.items()}
+                    manifest = {"format": FORMAT, "step": self.step, "world_size": len(reports), "files": files}
+                    (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+                    self.folder.commit()
+                except OSError as e:
+                    error = str(e)
+        error = self.engine.all_gather_object(error)[0]
+        if error:
+            raise OSError(error)
+        return self.path
+
+    def abandon(self) -> None:
+        """After a failure of this rank alone (no collective is safe): wait for its write and drop the folder."""
+        if self.thread.ident is not None:
+            self.thread.join()
+        if self.folder is not None:
+            self.folder.discard()
 
 
 def regular_checkpoint_folders(run_dir: str | Path) -> list[Path]:
@@ -107,7 +273,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     if not manifest_path.is_file():
         raise ValueError(f"checkpoint {path}: no {MANIFEST}, so it is not a complete checkpoint")
     try:
-        files = json.loads(manifest_path.read_text())["files"]
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {path}: {MANIFEST} is unreadable ({e})") from None
     for name, digest in files.items():
@@ -115,8 +282,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
             raise ValueError(f"checkpoint {path}: {name} is missing")
         if sha256_file(path / name) != digest:
             raise ValueError(f"checkpoint {path}: {name} does not match its checksum (corrupt or tampered with)")
+    sharded = manifest.get("format") == FORMAT
     try:
-        model_state = load_file(path / "model.safetensors")
+        if sharded:
+            model_state = _assembled(path, [name for name in files if _SHARD_FILE["model"].match(name)])
+            optimizer = _assembled(path, [name for name in files if _SHARD_FILE["optimizer"].match(name)])
+        else:
+            model_state = load_file(path / "model.safetensors")
         tensors = load_file(path / "tensors.safetensors")
     except (SafetensorError, RuntimeError, OSError) as e:
         raise ValueError(f"checkpoint {path}: refusing to load it ({_first_line(e)})") from None
@@ -127,15 +299,57 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
             f"checkpoint {path}: state.pt is not plain data ({_unpickling_reason(e)}); it is refused on purpose, "
             "since loading anything else could run code"
         ) from None
-    return model_state, join_tensors(plain, tensors)
+    state = join_tensors(plain, tensors)
+    if sharded and isinstance(state, dict) and state.get("format") == FORMAT:
+        state["optimizer"] = {}
+        for name, tensor in optimizer.items():
+            param, key = name.rsplit("/", 1)
+            state["optimizer"].setdefault(param, {})[key] = tensor
+    return model_state, state
+
+
+_SHARD_FILE = {kind: re.compile(rf"^{kind}(\.rank\d{{5}})?\.safetensors$") for kind in ("model", "optimizer")}
+
+
+def _assembled(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The full tensors from the pieces in the files ``names`` of a sharded checkpoint, each covered exactly once."""
+    whole: dict[str, torch.Tensor] = {}
+    slices: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    shapes: dict[str, list[int]] = {}
+    for name in names:
+        with safe_open(path / name, "pt") as f:
+            shapes.update(json.loads((f.metadata() or {}).get("shapes", "{}")))
+            for key in f.keys():  # noqa: SIM118 - a safetensors file is not iterable
+                tensor_name, at, offset = key.rpartition("@")
+                if at:
+                    slices.setdefault(tensor_name, []).append((int(offset), f.get_tensor(key)))
+                elif key in whole:
+                    raise ValueError(f"checkpoint {path}: {key} is stored twice")
+                else:
+                    whole[key] = f.get_tensor(key)
+    for name, pieces in slices.items():
+        if name in whole or name not in shapes:
+            raise ValueError(f"checkpoint {path}: the pieces of {name} do not fit together")
+        numel = math.prod(shapes[name])
+        full = torch.empty(numel, dtype=pieces[0][1].dtype)
+        covered = 0
+        for offset, values in sorted(pieces, key=lambda piece: piece[0]):
+            if offset != covered or offset + values.numel() > numel:
+                raise ValueError(f"checkpoint {path}: the pieces of {name} overlap or leave a gap at element {covered}")
+            full[offset : offset + values.numel()] = values
+            covered += values.numel()
+        if covered != numel:
+            raise ValueError(f"checkpoint {path}: the pieces of {name} cover {covered} of its {numel} elements")
+        whole[name] = full.view(shapes[name])
+    return whole
 
 
 def check_format(state, path: Path) -> None:
     """One line for a checkpoint this version cannot read (older format, or a state.pt of another structure)."""
     found = state.get("format") if isinstance(state, dict) else None
-    if found != FORMAT:
+    if found not in (FORMAT, FULL_FORMAT):
         written = f"format {found!r}" if found else "no format version (written by an older lrm_train)"
-        raise ValueError(f"checkpoint {path}: {written}; this lrm_train reads {FORMAT!r} only")
+        raise ValueError(f"checkpoint {path}: {written}; this lrm_train reads {FORMAT!r} and {FULL_FORMAT!r} only")
     missing = [key for key in _SECTIONS if key not in state]
     if missing or not isinstance(state["run"], dict) or not isinstance(state["trainer"], dict):
         raise ValueError(f"checkpoint {path}: state.pt lacks {', '.join(missing) or 'a valid run/trainer entry'}")

@@ -50,6 +50,9 @@ class TrainConfig:
     grad_accum: int = 1  # global batch = micro_batch_size x grad_accum x world size
     ckpt_every: int = 100
     keep_last: int = 3  # complete checkpoints kept
+    # Write checkpoints in a background thread while training goes on (the step waits only for the copy to host memory);
+    # off by default: a checkpoint is then complete when its step's callbacks return, as in a synchronous save.
+    async_checkpoint: bool = False
     resume: str = "auto"  # auto (newest complete checkpoint of the run dir, if any), none, or a checkpoint path
     # Weights to start from (a fresh optimizer; read only when the run does not resume): a checkpoint, a run directory,
     # an lrm_train model folder or a Hugging Face Falcon-H1 folder of this run's model.* shape, any LRM placement.

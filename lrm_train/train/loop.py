@@ -11,6 +11,7 @@ Trainer(...).fit()                              # steps + hooks
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import signal
@@ -123,26 +124,29 @@ class Trainer:
     # State: the union of the components' and callbacks' states, under stable keys.
 
     def state_dict(self) -> dict:
-        """Collective: every rank contributes its RNG state (ZeRO gathers its optimizer shards)."""
+        """Collective: every rank contributes its RNG state. The model and optimizer states are not in it: every rank
+        writes its own pieces of them (``Engine.model_shards``/``optimizer_shards``), and a load puts them back under
+        ``optimizer`` (see ``checkpoint.load_checkpoint``)."""
         self.settle_skipped_steps()
         callback_states = {cb.name: cb.state_dict() for cb in self.callbacks}
         return {
             "format": FORMAT,
-            "run": self.run_section(),
+            "run": self.run_section,
             "trainer": self.state.state_dict(),
-            "optimizer": self.engine.optimizer_state(),
             "loader": self.components.loader.state_dict(),
             "rng": self.engine.all_gather_object(_rng_state()),
             "callbacks": {name: state for name, state in callback_states.items() if state},
         }
 
+    @functools.cached_property
     def run_section(self) -> dict:
+        """Made once: it hashes the tokenizer and renders the config, which would otherwise stall every save."""
         data = self.components.data
         return run_section(self.cfg, self.components.global_batch, data.folder, data.tokenizer_path)
 
     def load_state_dict(self, state: dict, model_state: dict, path: Path) -> None:
         c = self.components
-        check_resumable(state["run"], self.run_section(), path)
+        check_resumable(state["run"], self.run_section, path)
         load_weights(self.engine.load_model_state, model_state, path)
         self.engine.load_optimizer_state(state["optimizer"])
         try:

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO 1/2/3 on 2 gloo ranks against the single-process trainer, resume, export, no JIT builds."""
 
 import json
+import math
 import types
 
 import pytest
@@ -157,6 +158,30 @@ def test_a_zero3_checkpoint_exports_to_transformers_and_resumes_in_one_process(d
     # The checkpoint is the trainer's own: the single-process engine picks the run up where ZeRO-3 left it.
     resumed = train(run_config(data_root, tmp_path / "run", **ONE_PROCESS, **{"optim.name": "adamw"}))
     assert_same_trajectory(losses(resumed.run_dir), reference["adamw"])
+
+
+@pytest.mark.multiprocess
+def test_a_zero3_checkpoint_is_split_by_rank_and_resumes_under_ddp(data_root, tmp_path, jit_dir, reference):
+    from safetensors import safe_open
+
+    from lrm_train.train.checkpoint import load_checkpoint
+
+    extra = {"dist.name": "zero3", "train.stop_at_step": 5, "train.async_checkpoint": "true"}
+    zero(data_root, tmp_path, jit_dir, **extra)
+    checkpoint = tmp_path / "checkpoints" / "step_00000005"
+    files = json.loads((checkpoint / "checkpoint.json").read_text())["files"]
+    assert {"model.rank00001.safetensors", "optimizer.rank00001.safetensors"} <= set(files)
+    held = {}
+    for name in ("optimizer.safetensors", "optimizer.rank00001.safetensors"):
+        with safe_open(checkpoint / name, "pt") as f:
+            shapes = [f.get_slice(key).get_shape() for key in f.keys()]  # noqa: SIM118
+            held[name] = sum(math.prod(shape) for shape in shapes if shape)  # the step counts (0-d) left out
+    full = load_checkpoint(checkpoint)[1]["optimizer"]
+    moments = sum(t.numel() for entry in full.values() for t in entry.values() if t.ndim > 0)
+    assert sum(held.values()) == moments  # every element once, split by rank: no file holds the full state
+    assert all(0 < count < moments for count in held.values()), held
+    resumed = zero(data_root, tmp_path, jit_dir, **{"dist.name": "ddp", "optim.name": "adamw"})
+    assert_same_trajectory(resumed, reference["adamw"])
 
 
 def test_the_engine_refuses_groups_deepspeed_would_have_merged():

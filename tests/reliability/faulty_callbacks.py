@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 from lrm_train.train.callbacks import Callback
 
@@ -26,3 +27,44 @@ class SignalAt(Callback):
     def on_step(self, trainer, step) -> None:
         if step.step == self.at:
             os.kill(os.getpid(), self.signum)
+
+
+class DuringSave(Callback):
+    """Acts in the middle of the save of step ``at`` (run with ``train.async_checkpoint=true``, in its background
+    write): ``kill`` (SIGKILL, as an OOM killer or a lost node) at ``moment`` = ``first_file`` (one file of the folder
+    written), ``files_written`` (every file of this rank written, no manifest), ``manifest_written`` (the manifest
+    written, the folder not yet renamed); or ``sigterm`` (a scheduler's stop while the write goes on)."""
+
+    def __init__(self, at: int, moment: str, action: str = "kill") -> None:
+        self.folder, self.moment, self.action = f"step_{at:08d}", moment, action
+
+    def setup(self, trainer) -> None:
+        from lrm_train.train import checkpoint
+
+        save_pieces, write_rank_files = checkpoint._save_pieces, checkpoint.write_rank_files
+        commit = checkpoint.AtomicDirectory.commit
+
+        def act(path, moment):
+            if self.folder in str(path) and moment == self.moment:
+                if self.action == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)  # the write goes on after the signal has been seen
+
+        def patched_save_pieces(path, pieces):
+            save_pieces(path, pieces)
+            act(path, "first_file")
+
+        def patched_write_rank_files(folder, snap):
+            act(folder, "started")
+            files = write_rank_files(folder, snap)
+            act(folder, "files_written")
+            return files
+
+        def patched_commit(folder):
+            act(folder.tmp, "manifest_written")
+            return commit(folder)
+
+        checkpoint._save_pieces = patched_save_pieces
+        checkpoint.write_rank_files = patched_write_rank_files
+        checkpoint.AtomicDirectory.commit = patched_commit

@@ -76,6 +76,8 @@ def test_resume_on_another_world_size(data_root, tmp_path):
 
     shrink = overrides(data_root, tmp_path / "shrink", **two_ranks, **{"train.stop_at_step": 4})
     assert cli(as_args(shrink), nproc=2).returncode == 0
+    manifest = tmp_path / "shrink" / "checkpoints" / "step_00000004" / "checkpoint.json"
+    assert not [f for f in json.loads(manifest.read_text())["files"] if ".rank" in f]  # DDP: written once, by rank 0
     train(run_config(data_root, tmp_path / "shrink", **one_rank))
 
     for run in ("grow", "shrink"):

@@ -1,6 +1,11 @@
 """Checkpoints every ``ckpt_every`` steps (and at the end), keeping the newest ``keep_last``; resume; emergency saves.
 
-Saving is collective (every rank contributes its RNG state, ZeRO its shards); rank 0 writes.
+Saving is collective: every rank writes its own pieces of the state into one folder, and rank 0 completes it
+(``checkpoint.ShardedSave``). With ``train.async_checkpoint`` a regular save only copies the state to host memory at
+its step; the files are written in the background while training goes on, and the checkpoint is completed at the
+first step boundary at which every rank's write is over (one host-side agreement per step while a write is pending),
+or, at the latest, before the next save, a signal's save and at the end of training. A run that dies in between
+leaves the previous complete checkpoint the newest valid one.
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from pathlib import Path
 
 from lrm_train.train.callbacks.base import Callback, StepResult, due
 from lrm_train.train.checkpoint import (
+    ShardedSave,
     checkpoint_root,
     load_resumable,
     newest_loadable,
     prune_checkpoints,
-    save_checkpoint,
+    snapshot,
 )
 
 log = logging.getLogger("lrm_train")
@@ -23,34 +29,60 @@ log = logging.getLogger("lrm_train")
 class Checkpointer(Callback):
     name = "checkpointer"
 
-    def __init__(self, every: int, keep_last: int) -> None:
-        self.every, self.keep_last = every, keep_last
-        self.last: Path | None = None  # the newest checkpoint written or resumed from
+    def __init__(self, every: int, keep_last: int, asynchronous: bool = False) -> None:
+        self.every, self.keep_last, self.asynchronous = every, keep_last, asynchronous
+        self.last: Path | None = None  # the newest checkpoint completed or resumed from
+        self.pending: ShardedSave | None = None  # a regular save still being written in the background
 
     def on_step(self, trainer, step: StepResult) -> None:
         if due(step, self.every):
-            self.save(trainer)
+            self.save(trainer, background=self.asynchronous)
+        elif self.pending is not None and not trainer.engine.max_over_ranks([not self.pending.written()])[0]:
+            self.finish_pending(trainer)
 
-    def save(self, trainer, name: str | None = None) -> Path:
-        state = trainer.state_dict()
-        model_state = trainer.engine.model_state()
-        path = checkpoint_root(trainer.run_dir) / (name or f"step_{trainer.state.step:08d}")
-        error = ""
-        if trainer.engine.is_main:
-            try:
-                save_checkpoint(path, model_state, state, trainer.state.step, trainer.components.data.tokenizer_path)
-                if name is None:
-                    prune_checkpoints(trainer.run_dir, self.keep_last)
-            except OSError as e:  # a full disk, say: every rank must stop, not wait for rank 0 forever
-                error = str(e)
-        error = trainer.engine.all_gather_object(error)[0]  # also the barrier after the write
-        if error:
-            raise OSError(error)
+    def on_end(self, trainer) -> None:
+        if self.pending is None:
+            return
+        if trainer.failed:  # maybe on this rank alone: no collective is safe, the previous checkpoint stays newest
+            self.pending.abandon()
+            self.pending = None
+        else:
+            self.finish_pending(trainer)
+
+    def finish_pending(self, trainer) -> None:
+        """Complete the background save, if any (collective)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        self.completed(trainer, pending.finish(), regular=True)
+
+    def completed(self, trainer, path: Path, regular: bool) -> None:
+        if regular and trainer.engine.is_main:
+            prune_checkpoints(trainer.run_dir, self.keep_last)
         self.last = path
+
+    def save(self, trainer, name: str | None = None, background: bool = False) -> Path:
+        self.finish_pending(trainer)  # one write at a time, completed in order
+        engine = trainer.engine
+        state = trainer.state_dict()
+        snap = snapshot(
+            engine.rank,
+            engine.model_shards(),
+            engine.optimizer_shards(),
+            state if engine.is_main else None,
+            trainer.components.data.tokenizer_path,
+        )
+        path = checkpoint_root(trainer.run_dir) / (name or f"step_{trainer.state.step:08d}")
+        save = ShardedSave(engine, path, snap, trainer.state.step, background)
+        if background:
+            self.pending = save
+        else:
+            self.completed(trainer, save.finish(), regular=name is None)
         return path
 
     def save_current(self, trainer) -> Path:
         """The checkpoint of the step the run is at: the one just written or resumed from, or a new one."""
+        self.finish_pending(trainer)
         current = checkpoint_root(trainer.run_dir) / f"step_{trainer.state.step:08d}"
         return current if self.last == current else self.save(trainer)
 
