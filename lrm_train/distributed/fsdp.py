@@ -25,6 +25,7 @@ back into shards on load, so a run resumes on another world size or engine.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,15 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
 
-from lrm_train.distributed.engine import DistConfig, Engine, launched_process_group, step_is_finite
+from lrm_train.distributed.engine import (
+    DistConfig,
+    Engine,
+    TensorPiece,
+    launched_process_group,
+    optimizer_piece_name,
+    step_is_finite,
+    whole_pieces,
+)
 from lrm_train.optim import (
     GradNorms,
     ParamClass,
@@ -200,6 +209,36 @@ class FSDPEngine(Engine):
     def model_state(self) -> dict[str, torch.Tensor]:
         state = self.module.state_dict()
         return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in state.items()}
+
+    def _rows_piece(self, name: str, local: torch.Tensor, shape: torch.Size) -> list[TensorPiece]:
+        """This rank's rows of the tensor ``name`` as a sharded checkpoint's piece: rows are contiguous when flattened."""
+        rows = rows_of_rank(shape[0], self.rank, self.world_size)
+        if rows.start >= rows.stop:  # fewer rows than ranks: this one holds none
+            return []
+        return [TensorPiece(name, tuple(shape), rows.start * math.prod(shape[1:]), local.detach())]
+
+    def model_shards(self) -> list[TensorPiece]:
+        """Each rank its rows of every parameter; rank 0 the buffers (replicated)."""
+        pieces = []
+        for name, value in self.module.state_dict().items():
+            if isinstance(value, DTensor):
+                pieces += self._rows_piece(name, value.to_local(), value.shape)
+            elif self.is_main:
+                pieces += whole_pieces({name: value.detach()})
+        return pieces
+
+    def optimizer_shards(self) -> list[TensorPiece]:
+        """Each rank its rows of the moments; the step counts (the same on every rank) from rank 0."""
+        pieces = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    name = optimizer_piece_name(self.names[id(p)], key)
+                    if value.ndim > 0:
+                        pieces += self._rows_piece(name, value, p.shape)
+                    elif self.is_main:
+                        pieces += whole_pieces({name: value})
+        return pieces
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
         current = self.module.state_dict()

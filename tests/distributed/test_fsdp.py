@@ -2,6 +2,7 @@
 layers, the trainer end to end, resume across engines and world sizes."""
 
 import json
+import math
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from runs import as_args, cli, free_port, losses, micro_config, overrides, run_config
+from safetensors import safe_open
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 from lrm_train.distributed import DistConfig, Engine, build_engine
@@ -26,6 +28,7 @@ from lrm_train.optim import (
 )
 from lrm_train.train import train
 from lrm_train.train.build import wrap_layers
+from lrm_train.train.checkpoint import load_checkpoint
 
 # As test_zero.py: clipping is active and the learning rate moves the loss; 2 ranks x 2 sequences = 1 process x 2 x 2.
 SETTINGS = {
@@ -261,11 +264,29 @@ def test_fsdp_resumes_exactly_on_itself_and_in_one_process_and_back(data_root, t
     # fsdp on 2 ranks -> the same, and -> the single-process engine.
     for run in ("same", "shrink"):
         launched(data_root, tmp_path / run, **muon, **{"train.stop_at_step": 5})
+    assert_split_by_rank(tmp_path / "same" / "checkpoints" / "step_00000005")
     assert_same_trajectory(launched(data_root, tmp_path / "same", **muon), reference["muon"])
     assert_same_trajectory(single(data_root, tmp_path / "shrink", **muon), reference["muon"])
     # The single-process engine -> fsdp on 2 ranks.
     single(data_root, tmp_path / "grow", **adamw, **{"train.stop_at_step": 5})
     assert_same_trajectory(launched(data_root, tmp_path / "grow", **adamw), reference["adamw"])
+
+
+def assert_split_by_rank(checkpoint):
+    """Each rank wrote its own rows of the model and of the optimizer state: no file holds either whole, and the
+    files together hold every element once."""
+    full_model, state = load_checkpoint(checkpoint)
+    whole = {
+        "model": sum(t.numel() for t in full_model.values()),
+        "optimizer": sum(t.numel() for entry in state["optimizer"].values() for t in entry.values() if t.ndim > 0),
+    }
+    for kind, total in whole.items():
+        held = []
+        for name in (f"{kind}.safetensors", f"{kind}.rank00001.safetensors"):
+            with safe_open(checkpoint / name, "pt") as f:
+                shapes = [f.get_slice(key).get_shape() for key in f.keys()]  # noqa: SIM118
+                held.append(sum(math.prod(shape) for shape in shapes if shape))  # the step counts (0-d) left out
+        assert sum(held) == total and all(0 < count < total for count in held), (kind, held, total)
 
 
 @pytest.mark.multiprocess
