@@ -297,6 +297,15 @@ def test_a_zero3_run_resumes_under_fsdp_on_one_rank(data_root, tmp_path, tmp_pat
     assert_same_trajectory(launched(data_root, tmp_path, nproc=1, **{"optim.name": "muon"}), reference["muon"])
 
 
+@pytest.mark.multiprocess
+def test_an_fsdp_run_resumes_under_zero3(data_root, tmp_path, tmp_path_factory, reference):
+    # The other direction: fsdp's row pieces put back together and cut into DeepSpeed's flat ZeRO-3 shards.
+    launched(data_root, tmp_path, **{"optim.name": "adamw", "train.stop_at_step": 5})
+    jit = {"TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions"))}
+    zero3 = {"dist.name": "zero3", "dist.zero3_persistence_threshold": 0, "optim.name": "adamw"}
+    assert_same_trajectory(launched(data_root, tmp_path, env=jit, **zero3), reference["adamw"])
+
+
 # LRs and WDs != 1 per class and per role (matrices and multipliers), Muon on two matrix groups.
 PER_GROUP = {
     "optim.name": "muon",
