@@ -131,3 +131,10 @@ def records(run_dir) -> dict[int, dict]:
             record = json.loads(line)
             out[record["step"]] = {k: v for k, v in record.items() if k.startswith(("loss", "val_loss", "data/"))}
     return out
+
+
+def assert_same_trajectory(got: dict[int, float], expected: dict[int, float]) -> None:
+    """Two 10-step runs' losses (``losses``) agree at every step to a relative 1e-5: the distributed tests' bar."""
+    assert sorted(got) == sorted(expected) == list(range(1, 11))
+    for step, loss in expected.items():
+        assert abs(got[step] - loss) / abs(loss) < 1e-5, step

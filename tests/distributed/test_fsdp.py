@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runs import as_args, cli, free_port, losses, micro_config, overrides, run_config
+from runs import as_args, assert_same_trajectory, cli, free_port, losses, micro_config, overrides, run_config
 from safetensors import safe_open
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
@@ -61,12 +61,6 @@ def reference(data_root, tmp_path_factory):
         for name in ("adamw", "muon")
     }
     return {"dir": dirs, **{name: losses(run_dir) for name, run_dir in dirs.items()}}
-
-
-def assert_same_trajectory(got, expected):
-    assert sorted(got) == sorted(expected) == list(range(1, 11))
-    for step, loss in expected.items():
-        assert abs(got[step] - loss) / abs(loss) < 1e-5, step
 
 
 def test_rows_of_rank_splits_as_torch_chunk():

@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from runs import as_args, cli, launch, losses, overrides, run_config
+from runs import as_args, assert_same_trajectory, cli, launch, losses, overrides, run_config
 
 from lrm_train.distributed.engine import DistConfig
 from lrm_train.distributed.zero import ZeroEngine
@@ -48,12 +48,6 @@ def reference(data_root, tmp_path_factory):
         for name in ("adamw", "muon")
     }
     return {"dir": dirs, **{name: losses(run_dir) for name, run_dir in dirs.items()}}
-
-
-def assert_same_trajectory(got, expected):
-    assert sorted(got) == sorted(expected) == list(range(1, 11))
-    for step, loss in expected.items():
-        assert abs(got[step] - loss) / abs(loss) < 1e-5, step
 
 
 @pytest.mark.multiprocess
