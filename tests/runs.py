@@ -138,3 +138,18 @@ def assert_same_trajectory(got: dict[int, float], expected: dict[int, float]) ->
     assert sorted(got) == sorted(expected) == list(range(1, 11))
     for step, loss in expected.items():
         assert abs(got[step] - loss) / abs(loss) < 1e-5, step
+
+
+def count_newton_schulz_calls() -> list[int]:
+    """Count Muon's Newton-Schulz calls in this process from now on: one entry per call (how a test checks that
+    sharded engines share that work instead of repeating it on every rank)."""
+    import lrm_train.optim.muon as muon_module
+
+    real, calls = muon_module.newton_schulz, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    muon_module.newton_schulz = counting
+    return calls

@@ -9,7 +9,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runs import as_args, assert_same_trajectory, cli, free_port, losses, micro_config, overrides, run_config
+from runs import (
+    as_args,
+    assert_same_trajectory,
+    cli,
+    count_newton_schulz_calls,
+    free_port,
+    losses,
+    micro_config,
+    overrides,
+    run_config,
+)
 from safetensors import safe_open
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
@@ -127,15 +137,7 @@ HYPER = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True, ns_steps=5,
 
 def _muon_worker(rank, world, folder, weights, grads):
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
-    import lrm_train.optim.muon as muon_module
-
-    real, calls = muon_module.newton_schulz, []
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    muon_module.newton_schulz = counting
+    calls = count_newton_schulz_calls()
     mesh = init_device_mesh("cpu", (world,))
     params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in weights]
     group = {"params": params, **HYPER, "ns_dtype": "float32", "adjust_lr": "match_rms_adamw", "use_muon": True}
@@ -159,6 +161,7 @@ def _muon_worker(rank, world, folder, weights, grads):
 
 @pytest.mark.multiprocess
 def test_muon_on_row_shards_matches_one_process_and_shares_newton_schulz(tmp_path):
+    torch.manual_seed(0)
     weights = [torch.randn(s) for s in SHAPES]
     grads = [[torch.randn(s) for s in SHAPES] for _ in range(3)]
     single = [torch.nn.Parameter(w.clone()) for w in weights]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from runs import count_newton_schulz_calls
 
 from lrm_train.distributed.zero import ShardedAdamWMuon, ShardLayout
 from lrm_train.optim import Muon
@@ -29,15 +30,7 @@ def layout_for(contiguous: bool, world: int, rank: int) -> tuple[ShardLayout, in
 
 def _worker(rank, world, folder, weights, grads, contiguous):
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
-    import lrm_train.optim.muon as muon_module
-
-    real, calls = muon_module.newton_schulz, []
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    muon_module.newton_schulz = counting
+    calls = count_newton_schulz_calls()
     layout, length = layout_for(contiguous, world, rank)
     shard = torch.nn.Parameter(layout.shard(weights, torch.empty(length)))
     group = {"params": [shard], **HYPER, "ns_dtype": "float32", "adjust_lr": "match_rms_adamw"}
