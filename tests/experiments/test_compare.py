@@ -55,7 +55,11 @@ def micro_args(data_root, out_dir, **extra) -> list[str]:
         "parallel": 1,  # in this process (compare_cpu trains two at once)
     }
     args.update(extra)
-    return [f"{k}={v}" for k, v in args.items()]
+    return [f"{k}={v}" for k, v in args.items()] + TWO_ARMS
+
+
+# compare_cpu's mup and lrm arms alone, at the muP-transferred values: the mechanics these tests check need no more.
+TWO_ARMS = ["tuned=null", "untuned=[]", "pairs=[]", "~arms.lrm_untuned", "~arms.transplant", "~transplant.transplant"]
 
 
 def val_losses(run_dir) -> list[float]:
@@ -129,7 +133,8 @@ def test_report_numbers_equal_the_runs_metrics(finished):
         assert row["selected_lr"] == min(by_lr, key=by_lr.get) and row["at_grid_edge"]  # 2 LRs: no inside
         assert row["held_out"]["seeds"] == [1, 2]
         assert row["held_out"]["finals"] == [final[(arm, row["selected_lr"], s)] for s in (1, 2)]
-    gap = rows[("lrm", "adamw")]["gap"]
+    (gap,) = report["gaps"]
+    assert (gap["arm"], gap["reference"], gap["optimizer"]) == ("lrm", "mup", "adamw")
     per_seed = [
         final[("lrm", rows[("lrm", "adamw")]["selected_lr"], s)]
         - final[("mup", rows[("mup", "adamw")]["selected_lr"], s)]
@@ -184,7 +189,7 @@ def test_a_selected_lr_on_the_grid_edge_stops_the_comparison_before_its_held_out
         "error: selected LR on the grid's edge for mup (adamw), lrm (adamw)"
     )
     report = json.loads((out / "report.json").read_text())
-    assert all(row["held_out"]["seeds"] == [] and "gap" not in row or row["gap"] is None for row in report["rows"])
+    assert all(row["held_out"]["seeds"] == [] for row in report["rows"]) and report["gaps"] == []
     assert "the held-out phase of that optimizer did not run" in (out / "report.md").read_text()
 
 
@@ -295,8 +300,9 @@ def test_a_summary_pairs_the_held_out_seeds_and_fits_the_constant_phase_from_the
     for seed, (a, b) in {1: (2.90, 3.00), 2: (2.92, 3.00), 3: (2.88, 3.00)}.items():
         results.append(_result("mup", 0.01, seed, b, HELD_OUT, [b + 0.1, b + 0.05, b]))
         results.append(_result("lrm", 0.01, seed, a, HELD_OUT, [b + 0.05, a + 0.05, a]))
-    rows = {r["arm"]: r for r in summarize(cfg, results)["rows"]}
-    gap = rows["lrm"]["gap"]
+    summary = summarize(cfg, results)
+    rows = {r["arm"]: r for r in summary["rows"]}
+    (gap,) = summary["gaps"]
     assert gap["per_seed"] == pytest.approx([-0.10, -0.08, -0.12]) and gap["verdict"] == "LRM better"
     assert gap["curve"]["tokens"] == [100, 200, 300] and gap["curve"]["mean"] == pytest.approx([-0.05, -0.10, -0.10])
     assert gap["curve"]["ci95"][0] == pytest.approx([-0.05, -0.05])  # the same gap on every seed: no width
@@ -477,5 +483,7 @@ def test_the_edge_warning_says_why_a_grid_has_no_inside():
 
 
 def test_the_gpu_scale_comparison_compiles_its_decoder_layers():
-    cfg = compose_schema("compare", CompareConfig, ["experiment=compare_0p5b", 'train_extra=["data.source=x"]'])
+    cfg = compose_schema(
+        "compare", CompareConfig, ["experiment=compare_0p5b", 'train_extra=["data.source=x"]', "tuned=null"]
+    )
     assert all(run.cfg.train.compile for run in plan(cfg))
