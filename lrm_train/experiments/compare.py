@@ -22,10 +22,18 @@ verdict: ``LRM better`` (the interval below 0), ``no difference resolved`` (it h
 gap against tokens is drawn with its 95% band, and its linear trend through the constant-LR phase (the schedule's
 ``constant_phase``) is fitted per seed: ``growing``, ``flat``, ``shrinking`` or ``crossing`` with the slope's interval.
 
+The arms (the paper's Fig. 7 tiers: untuned or tuned multipliers, with or without LRM): every arm runs at the tuned
+baseline's values (``tuned_config``: ``configs/tuned/<name>.yaml``, written by the tune command) except the ``untuned``
+ones, at the muP-transferred values; a ``transplant`` arm is a baseline whose fixed multipliers are the per-role
+scales that its LRM arm learned at its selected LR on the selection seeds (``models.static_transplant``), so its
+sweep is planned once that arm's has selected. ``pairs`` names the [arm, reference] pairs given a paired gap.
+
 Every run goes through the trainer, in its own run directory ``<out_dir>/runs/<arm>-<optimizer>-lr<lr>-s<seed>``
-(its LR and seed are its identity, whichever phase planned it). Arms differ only in their ``lrm`` overrides: every
-run has the same model, data order (per seed), token budget and schedule, and the command refuses a config where an
-arm changes them. A rerun skips finished runs and resumes unfinished ones (see ``runner.py``); ``report=only``
+(its LR and seed are its identity, whichever phase planned it). Arms may differ in multipliers only (``ARM_FREE``:
+LRM's, the model's forward multipliers, the optimizer's LR and WD multipliers): every run has the same shapes, data
+order (per seed), token budget, schedule and optimizer settings, and the command refuses an arm that changes them,
+naming the key. The report gives each run's equilibration times (the weight decay's, ``optim.equilibration_times``)
+and warns below 1. A rerun skips finished runs and resumes unfinished ones (see ``runner.py``); ``report=only``
 rebuilds the report from whatever has finished.
 """
 
@@ -108,9 +116,9 @@ class CompareConfig(ExperimentSettings):
     allow_edge: bool = False  # go on to the held-out phase even where a selected LR is on the grid's edge
     train: list[str] = field(default_factory=list)  # trainer overrides every run shares: model, data, budget, schedule
     train_extra: list[str] = field(default_factory=list)  # more of them, from the command line (e.g. data.source)
-    # The tuned baseline's values (configs/tuned/<tuned>.yaml, written by the tune command), for every arm but the
+    # The tuned baseline's values (configs/tuned/<name>.yaml, written by the tune command), for every arm but the
     # `untuned` ones; null: every arm at the muP-transferred values of the `train` model.
-    tuned: str | None = None
+    tuned_config: str | None = None
     untuned: list[str] = field(default_factory=list)  # arms at the muP-transferred values (Fig. 7's untuned tier)
     # transplant arm -> the LRM arm whose learned per-role scales it takes as fixed multipliers (static_transplant)
     transplant: dict[str, str] = field(default_factory=dict)
@@ -141,10 +149,11 @@ class CompareConfig(ExperimentSettings):
             )
         if self.final_evals < 1:
             raise ValueError(f"final_evals={self.final_evals} must be >= 1")
-        if self.tuned is not None and not (TUNED_DIR / f"{self.tuned}.yaml").is_file():
+        if self.tuned_config is not None and not (TUNED_DIR / f"{self.tuned_config}.yaml").is_file():
             raise ValueError(
-                f"tuned={self.tuned}: there is no {TUNED_DIR / self.tuned}.yaml: tune the baseline first (python -m "
-                "lrm_train.experiments.tune), or tuned=null to compare at the muP-transferred values"
+                f"tuned_config={self.tuned_config}: there is no {TUNED_DIR / self.tuned_config}.yaml: tune the "
+                "baseline first (python -m lrm_train.experiments.tune), or tuned_config=null to compare at the "
+                "muP-transferred values"
             )
         named = [(f"untuned={list(self.untuned)}", arm) for arm in self.untuned]
         named += [(f"transplant.{arm}={source}", a) for arm, source in self.transplant.items() for a in (arm, source)]
@@ -167,7 +176,7 @@ class CompareConfig(ExperimentSettings):
 
     def tier(self, arm: str, lrm: bool) -> str:
         """The arm's tier in the paper's Fig. 7 (untuned or tuned multipliers, with or without LRM)."""
-        tuned = "tuned" if self.tuned is not None and arm not in self.untuned else "untuned"
+        tuned = "tuned" if self.tuned_config is not None and arm not in self.untuned else "untuned"
         if arm in self.transplant:
             return f"{tuned}, without LRM: {self.transplant[arm]}'s learned scales as fixed multipliers"
         return f"{tuned}, {'with' if lrm else 'without'} LRM"
@@ -200,9 +209,10 @@ def _run(
     multipliers: dict | None = None,
 ) -> RunSpec:
     """One run of ``arm``; ``lr`` None: the held-out LR its sweep has not selected yet (the run waits, composed at the
-    grid's centre as a stand-in); ``multipliers``: model fields the arm takes on top of its overrides (a transplant's)."""
+    grid's centre as a stand-in); ``multipliers``: model fields the arm takes on top of its overrides (a
+    transplant's)."""
     name = f"{arm}-{optimizer}-" + ("lr_selected" if lr is None else f"lr{lr:.3g}") + f"-s{seed}"
-    tuned = [f"+tuned={cfg.tuned}"] if cfg.tuned is not None and arm not in cfg.untuned else []
+    tuned = [f"+tuned={cfg.tuned_config}"] if cfg.tuned_config is not None and arm not in cfg.untuned else []
     overrides = [
         *cfg.train,
         *cfg.train_extra,
@@ -450,14 +460,7 @@ def matrix_equilibration_times(run: RunSpec) -> float:
 
 
 def _run_line(r: RunResult) -> dict:
-    return dict(
-        name=r.run.name,
-        status=r.status,
-        final_val_loss=r.final,
-        equilibration_times=matrix_equilibration_times(r.run),
-        run_dir=str(r.run.run_dir),
-        **r.run.labels,
-    )
+    return dict(name=r.run.name, status=r.status, final_val_loss=r.final, run_dir=str(r.run.run_dir), **r.run.labels)
 
 
 def _gap(arm_runs: dict, base_runs: dict) -> dict | None:
@@ -600,6 +603,10 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
     summary["figures"] = figures
     summary["settings"] = dict(
         arms=cfg.arms,
+        tuned_config=cfg.tuned_config,
+        untuned=cfg.untuned,
+        transplant=cfg.transplant,
+        pairs=cfg.compared(),
         optimizers=cfg.optimizers,
         lr_grids={o: lr_grid(cfg.lr_center[o], cfg.lr_points) for o in cfg.optimizers},
         selection_seeds=cfg.selection_seeds,
@@ -679,17 +686,17 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
         markdown_table(header, lines),
         (
             "Tiers as in the paper's Fig. 7: `tuned` arms run at the tuned baseline's values "
-            + (f"(`configs/tuned/{cfg.tuned}.yaml`)" if cfg.tuned else "(none here: `tuned=null`)")
+            + (f"(`configs/tuned/{cfg.tuned_config}.yaml`)" if cfg.tuned_config else "(none here: `tuned_config=null`)")
             + ", `untuned` ones at the muP-transferred values; with or without learnable multipliers."
         ),
         markdown_table(gap_header, gap_lines) if gap_lines else "No pair has a held-out seed both arms finished.",
         (
             f"Held-out seeds {list(cfg.seeds)}. The gap is the arm's final loss minus the reference's, paired by seed "
             "(the same seed: the same initialization and data order); its 95% interval is Student's t over the "
-            "seeds. Verdict: `LRM better` when the interval lies below 0 (the arm is better), `baseline better` above it "
-            "(the reference is), `no "
-            "difference resolved` when it holds 0. The trend is the gap's straight-line slope through the "
-            "constant-LR phase (after the warmup, before the decay), fitted per seed and averaged with its 95% "
+            "seeds. Verdict: `LRM better` when the interval lies below 0 (the arm is better), `baseline better` "
+            "above it (the reference is), `no difference resolved` when it holds 0. The trend is the gap's "
+            "straight-line slope through the constant-LR phase (after the warmup, before the decay), fitted per "
+            "seed and averaged with its 95% "
             "interval over the seeds: `growing` when the gap's size grows (the slope has the sign of the gap), "
             "`shrinking` when it falls, `crossing` when the fitted line changes sign inside the phase (the leader "
             "changes), `flat` when the interval holds 0; the paper finds LRM's gap growing through "

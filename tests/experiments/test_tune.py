@@ -161,7 +161,7 @@ def test_the_comparison_takes_the_tuned_config_for_every_tuned_arm_and_keeps_its
     args = [
         f"out_dir={tmp_path}",
         f"train={hydra_list(micro_train(data_root))}",
-        f"tuned={name}",
+        f"tuned_config={name}",
         "optimizers=[adamw,muon]",
         "lr_center.adamw=0.02",
         "lr_center.muon=0.02",
