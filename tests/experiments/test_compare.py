@@ -17,6 +17,7 @@ from lrm_train.experiments.compare import (
     SELECTION,
     CompareConfig,
     arm_overrides,
+    equilibration,
     equilibration_words,
     lr_grid,
     main,
@@ -575,3 +576,10 @@ def test_a_missing_tuned_config_or_a_transplant_of_a_baseline_is_one_line(data_r
     assert missing.startswith("error: config: tuned_config=nope: there is no ") and "tuned_config=null" in missing
     assert baseline == "error: config: transplant.copy=mup: arm mup has no learnable multipliers (lrm=none)"
     assert not out.exists()
+
+
+def test_the_equilibrium_regime_lasts_three_equilibration_times_or_more_at_every_lr_of_its_grid():
+    runs = plan(compose_schema("compare", CompareConfig, ["experiment=compare_cpu_equilibrium"]))
+    reached = {e["lr"]: e["equilibration_times"] for e in equilibration(runs)}
+    assert sorted(reached) == pytest.approx(lr_grid(0.01, 3)) and len(runs) == 12
+    assert [round(reached[lr], 2) for lr in sorted(reached)] == [3.01, 4.26, 6.02]  # as its yaml header says
