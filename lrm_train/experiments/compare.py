@@ -22,10 +22,18 @@ verdict: ``LRM better`` (the interval below 0), ``no difference resolved`` (it h
 gap against tokens is drawn with its 95% band, and its linear trend through the constant-LR phase (the schedule's
 ``constant_phase``) is fitted per seed: ``growing``, ``flat``, ``shrinking`` or ``crossing`` with the slope's interval.
 
+The arms (the paper's Fig. 7 tiers: untuned or tuned multipliers, with or without LRM): every arm runs at the tuned
+baseline's values (``tuned_config``: ``configs/tuned/<name>.yaml``, written by the tune command) except the ``untuned``
+ones, at the muP-transferred values; a ``transplant`` arm is a baseline whose fixed multipliers are the per-role
+scales that its LRM arm learned at its selected LR on the selection seeds (``models.static_transplant``), so its
+sweep is planned once that arm's has selected. ``pairs`` names the [arm, reference] pairs given a paired gap.
+
 Every run goes through the trainer, in its own run directory ``<out_dir>/runs/<arm>-<optimizer>-lr<lr>-s<seed>``
-(its LR and seed are its identity, whichever phase planned it). Arms differ only in their ``lrm`` overrides: every
-run has the same model, data order (per seed), token budget and schedule, and the command refuses a config where an
-arm changes them. A rerun skips finished runs and resumes unfinished ones (see ``runner.py``); ``report=only``
+(its LR and seed are its identity, whichever phase planned it). Arms may differ in multipliers only (``ARM_FREE``:
+LRM's, the model's forward multipliers, the optimizer's LR and WD multipliers): every run has the same shapes, data
+order (per seed), token budget, schedule and optimizer settings, and the command refuses an arm that changes them,
+naming the key. The report gives each run's equilibration times (the weight decay's, ``optim.equilibration_times``)
+and warns below 1. A rerun skips finished runs and resumes unfinished ones (see ``runner.py``); ``report=only``
 rebuilds the report from whatever has finished.
 """
 
@@ -34,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +74,11 @@ from lrm_train.experiments.runner import (
     RunSpec,
     make_run,
 )
-from lrm_train.optim import constant_phase, decay_start
-from lrm_train.train.checkpoint import complete_checkpoints
+from lrm_train.experiments.tune import TUNED_DIR
+from lrm_train.models import static_transplant
+from lrm_train.nn import Placement
+from lrm_train.optim import constant_phase, decay_start, equilibration_times
+from lrm_train.train.checkpoint import complete_checkpoints, model_from_checkpoint
 from lrm_train.utils import atomic_write_text
 
 
@@ -104,6 +116,14 @@ class CompareConfig(ExperimentSettings):
     allow_edge: bool = False  # go on to the held-out phase even where a selected LR is on the grid's edge
     train: list[str] = field(default_factory=list)  # trainer overrides every run shares: model, data, budget, schedule
     train_extra: list[str] = field(default_factory=list)  # more of them, from the command line (e.g. data.source)
+    # The tuned baseline's values (configs/tuned/<name>.yaml, written by the tune command), for every arm but the
+    # `untuned` ones; null: every arm at the muP-transferred values of the `train` model.
+    tuned_config: str | None = None
+    untuned: list[str] = field(default_factory=list)  # arms at the muP-transferred values (Fig. 7's untuned tier)
+    # transplant arm -> the LRM arm whose learned per-role scales it takes as fixed multipliers (static_transplant)
+    transplant: dict[str, str] = field(default_factory=dict)
+    # [arm, reference] pairs given a paired gap; empty: every arm against the baseline
+    pairs: list[list[str]] = field(default_factory=list)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def __post_init__(self) -> None:
@@ -129,6 +149,37 @@ class CompareConfig(ExperimentSettings):
             )
         if self.final_evals < 1:
             raise ValueError(f"final_evals={self.final_evals} must be >= 1")
+        if self.tuned_config is not None and not (TUNED_DIR / f"{self.tuned_config}.yaml").is_file():
+            raise ValueError(
+                f"tuned_config={self.tuned_config}: there is no {TUNED_DIR / self.tuned_config}.yaml: tune the "
+                "baseline first (python -m lrm_train.experiments.tune), or tuned_config=null to compare at the "
+                "muP-transferred values"
+            )
+        named = [(f"untuned={list(self.untuned)}", arm) for arm in self.untuned]
+        named += [(f"transplant.{arm}={source}", a) for arm, source in self.transplant.items() for a in (arm, source)]
+        named += [(f"pairs={[list(p) for p in self.pairs]}", arm) for pair in self.pairs for arm in pair]
+        for key, arm in named:
+            if arm not in self.arms:
+                raise ValueError(f"{key}: {arm!r} is not one of the arms ({', '.join(self.arms)})")
+        for arm, source in self.transplant.items():
+            if source in self.transplant:
+                raise ValueError(f"transplant.{arm}={source}: {source} is a transplant itself; name an LRM arm")
+        for pair in self.pairs:
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"pairs: {list(pair)} must be two different arms, [arm, reference]")
+
+    def compared(self) -> list[tuple[str, str]]:
+        """The (arm, reference) pairs the report gives a paired gap for."""
+        if self.pairs:
+            return [(arm, reference) for arm, reference in self.pairs]
+        return [(arm, self.baseline) for arm in self.arms if arm != self.baseline]
+
+    def tier(self, arm: str, lrm: bool) -> str:
+        """The arm's tier in the paper's Fig. 7 (untuned or tuned multipliers, with or without LRM)."""
+        tuned = "tuned" if self.tuned_config is not None and arm not in self.untuned else "untuned"
+        if arm in self.transplant:
+            return f"{tuned}, without LRM: {self.transplant[arm]}'s learned scales as fixed multipliers"
+        return f"{tuned}, {'with' if lrm else 'without'} LRM"
 
 
 def arm_overrides(overrides: list[str]) -> list[str]:
@@ -147,50 +198,101 @@ def lr_grid(center: float, points: int) -> list[float]:
 SELECTION, HELD_OUT = "selection", "held_out"  # a run's phase label
 
 
-def _run(cfg: CompareConfig, arm: str, optimizer: str, lr: float, seed: int, phase: str, waiting_for="") -> RunSpec:
-    # A waiting run's LR is a stand-in (the grid's centre): its name says so, and it is never trained.
-    name = f"{arm}-{optimizer}-" + ("lr_selected" if waiting_for else f"lr{lr:.3g}") + f"-s{seed}"
+def _run(
+    cfg: CompareConfig,
+    arm: str,
+    optimizer: str,
+    lr: float | None,
+    seed: int,
+    phase: str,
+    waiting_for: str = "",
+    multipliers: dict | None = None,
+) -> RunSpec:
+    """One run of ``arm``; ``lr`` None: the held-out LR its sweep has not selected yet (the run waits, composed at the
+    grid's centre as a stand-in); ``multipliers``: model fields the arm takes on top of its overrides (a
+    transplant's)."""
+    name = f"{arm}-{optimizer}-" + ("lr_selected" if lr is None else f"lr{lr:.3g}") + f"-s{seed}"
+    tuned = [f"+tuned={cfg.tuned_config}"] if cfg.tuned_config is not None and arm not in cfg.untuned else []
     overrides = [
         *cfg.train,
         *cfg.train_extra,
+        *tuned,
         *cfg.arms[arm],
+        *(f"model.{key}={value!r}" for key, value in (multipliers or {}).items()),
         f"optim={optimizer}",
-        f"optim.lr={lr!r}",
+        f"optim.lr={cfg.lr_center[optimizer] if lr is None else lr!r}",
         f"train.seed={seed}",
         f"logging.wandb.group={cfg.name}",
     ]
-    labels = dict(arm=arm, optimizer=optimizer, lr=None if waiting_for else lr, seed=seed, phase=phase)
+    labels = dict(arm=arm, optimizer=optimizer, lr=lr, seed=seed, phase=phase)
     return make_run(name, Path(cfg.out_dir) / "runs" / name, overrides, waiting_for=waiting_for, **labels)
+
+
+def _sweep(cfg: CompareConfig, arms: list[str], optimizers: list[str], **run_args) -> list[RunSpec]:
+    """The LR sweep of ``arms`` on the selection seeds, in the order that gives a comparison soonest when the runs go
+    one after another: the grid's centre LR first, and each arm beside the others at the same optimizer, LR and
+    seed."""
+    runs = []
+    for k in sorted(range(cfg.lr_points), key=lambda k: abs(k - (cfg.lr_points - 1) // 2)):
+        for optimizer in optimizers:
+            lr = lr_grid(cfg.lr_center[optimizer], cfg.lr_points)[k]
+            for seed in cfg.selection_seeds:
+                runs += [_run(cfg, arm, optimizer, lr, seed, SELECTION, **run_args) for arm in arms]
+    return runs
 
 
 def plan(cfg: CompareConfig) -> list[RunSpec]:
     """Every run of the comparison, composed (a bad override fails here, before any training): the LR sweep on the
     selection seeds, then the held-out runs, each at its arm's selected LR once the sweep has selected one (until
-    then a held-out run waits, composed at the grid's centre so that it is checked and counted).
-
-    The sweep in the order that gives a comparison soonest when the runs go one after another: the grid's centre LR
-    first, and each arm beside the others at the same optimizer, LR and seed."""
-    sweep = []
-    for k in sorted(range(cfg.lr_points), key=lambda k: abs(k - (cfg.lr_points - 1) // 2)):
+    then a held-out run waits, composed at the grid's centre so that it is checked and counted). A transplant arm's
+    sweep waits for its LRM arm's selected runs, whose learned multipliers it takes (composed until then without
+    them)."""
+    sweep = _sweep(cfg, [arm for arm in cfg.arms if arm not in cfg.transplant], cfg.optimizers)
+    results = collect(sweep, cfg.final_evals)
+    chosen = selections(cfg, results)
+    folded = {}  # (transplant arm, optimizer) -> the model fields it takes
+    for arm, source in cfg.transplant.items():
+        _check_has_multipliers(arm, source, sweep)
         for optimizer in cfg.optimizers:
-            lr = lr_grid(cfg.lr_center[optimizer], cfg.lr_points)[k]
-            for seed in cfg.selection_seeds:
-                for arm in cfg.arms:
-                    sweep.append(_run(cfg, arm, optimizer, lr, seed, SELECTION))
-    chosen = selections(cfg, collect(sweep, cfg.final_evals))
+            waiting, folded[(arm, optimizer)] = _transplanted(cfg, chosen[(source, optimizer)], source, optimizer)
+            runs = _sweep(cfg, [arm], [optimizer], waiting_for=waiting, multipliers=folded[(arm, optimizer)])
+            sweep += runs
+            results += collect(runs, cfg.final_evals)
+    chosen = selections(cfg, results)
     held_out = []
     for optimizer in cfg.optimizers:
         waiting = _held_out_waits_for(cfg, chosen, optimizer)
         for seed in cfg.seeds:
             for arm in cfg.arms:
-                lr = cfg.lr_center[optimizer] if waiting else chosen[(arm, optimizer)]["lr"]
-                held_out.append(_run(cfg, arm, optimizer, lr, seed, HELD_OUT, waiting))
+                lr = None if waiting else chosen[(arm, optimizer)]["lr"]
+                multipliers = folded.get((arm, optimizer))
+                held_out.append(_run(cfg, arm, optimizer, lr, seed, HELD_OUT, waiting, multipliers))
     runs = sweep + held_out
     check_same_budget(runs)
     evaluations = _evaluations(runs[0].cfg.train)
     if cfg.final_evals > evaluations:
         raise ValueError(f"final_evals={cfg.final_evals}: a run evaluates only {evaluations} times (train.eval_every)")
     return runs
+
+
+def _check_has_multipliers(arm: str, source: str, runs: list[RunSpec]) -> None:
+    run = next(r for r in runs if r.labels["arm"] == source)
+    if run.cfg.lrm.placement is Placement.none:
+        raise ValueError(f"transplant.{arm}={source}: arm {source} has no learnable multipliers (lrm=none)")
+
+
+def _transplanted(cfg: CompareConfig, chosen: dict, source: str, optimizer: str) -> tuple[str, dict | None]:
+    """(what the transplant waits for, "" when nothing; the model fields it takes): the learned scales of ``source``'s
+    runs at its selected LR on the selection seeds, folded into fixed multipliers (``models.static_transplant``)."""
+    if not chosen["finished"]:
+        return f"the LR sweep of {source} ({optimizer}), whose learned multipliers it takes", None
+    if chosen["lr"] is None:
+        return f"an LR of {source} ({optimizer}) that does not diverge, whose learned multipliers it takes", None
+    if chosen["edge"] and not cfg.allow_edge:
+        return f"an interior best LR of {source} ({optimizer}), whose learned multipliers it takes", None
+    runs = [_run(cfg, source, optimizer, chosen["lr"], seed, SELECTION) for seed in cfg.selection_seeds]
+    models = [model_from_checkpoint(complete_checkpoints(r.run_dir)[-1]) for r in runs]
+    return "", static_transplant(models)
 
 
 def _evaluations(t) -> int:
@@ -233,20 +335,42 @@ def _held_out_waits_for(cfg: CompareConfig, chosen: dict, optimizer: str) -> str
     return ""
 
 
+# What an arm may change: the multipliers the paper tunes (the model's forward multipliers, the optimizer's LR and WD
+# multipliers per class and role) and LRM's own; a run's LR and seed are its identity.
+ARM_FREE = re.compile(
+    r"model\.\w+_multipliers?|optim\.(lr|\w+\.(lr|wd)_mult|roles|multiplier_weight_decay)|train\.(seed|run_dir)"
+)
+
+
+def _flat(node, prefix: str) -> dict:
+    if dataclasses.is_dataclass(node):
+        node = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {key: value for name, child in node.items() for key, value in _flat(child, f"{prefix}.{name}").items()}
+
+
+def _shared(run: RunSpec) -> dict:
+    """The settings every run of the comparison (with its optimizer) must share, by dotted key."""
+    sections = {name: getattr(run.cfg, name) for name in ("model", "data", "schedule", "train", "optim")}
+    flat = {key: value for name, section in sections.items() for key, value in _flat(section, name).items()}
+    return {key: value for key, value in flat.items() if not ARM_FREE.fullmatch(key)}
+
+
 def check_same_budget(runs: list[RunSpec]) -> None:
-    """Every run must see the same model, data, token budget and schedule; only its seed and run dir differ."""
-
-    def shared(run: RunSpec) -> dict:
-        train = dataclasses.replace(run.cfg.train, seed=0, run_dir="")
-        return dict(model=run.cfg.model, data=run.cfg.data, schedule=run.cfg.schedule, train=train)
-
-    first = shared(runs[0])
-    for run in runs[1:]:
-        for key, value in shared(run).items():
-            if value != first[key]:
+    """Every run must see the same shapes, data, token budget, schedule and optimizer settings (per optimizer); an arm
+    may change only multipliers (``ARM_FREE``). One line names the first key that differs."""
+    firsts: dict = {}
+    for run in runs:
+        shared = _shared(run)
+        first, first_shared = firsts.setdefault(run.cfg.optim.name, (run, shared))
+        for key, value in shared.items():
+            if value != first_shared[key]:
+                section = key.split(".")[0]
                 raise ValueError(
-                    f"run {run.name} has another {key} config than {runs[0].name}: every arm must see the same "
-                    "model, data, token budget and schedule (put those overrides in `train`, not in an arm)"
+                    f"run {run.name} has another {section} config than {first.name}: {key}={value!r}, not "
+                    f"{first_shared[key]!r}; an arm may change only multipliers (the model's, the optimizer's LR/WD "
+                    "ones, LRM's), not shapes, data, token budget or schedule (put those overrides in `train`)"
                 )
     t = runs[0].cfg.train
     if t.eval_every % t.log_every:
@@ -316,11 +440,23 @@ def summarize(cfg: CompareConfig, results: list[RunResult]) -> dict:
             kept = [f for f in row["held_out"]["finals"] if finite(f)]
             row["held_out"]["mean"], row["held_out"]["std"] = mean_std(kept) if kept else (None, None)
             rows.append(row)
-    for row in rows:
-        if row["arm"] != cfg.baseline:
-            base = held_out.get((cfg.baseline, row["optimizer"]), {})
-            row["gap"] = _gap(held_out.get((row["arm"], row["optimizer"]), {}), base)
-    return dict(experiment=cfg.name, baseline=cfg.baseline, runs=[_run_line(r) for r in results], rows=rows)
+    gaps = []
+    for optimizer in cfg.optimizers:
+        for arm, reference in cfg.compared():
+            arm_runs, reference_runs = held_out.get((arm, optimizer), {}), held_out.get((reference, optimizer), {})
+            if gap := _gap(arm_runs, reference_runs):
+                diverged = sorted(s for s, r in {**reference_runs, **arm_runs}.items() if not finite(r.final))
+                gaps.append(dict(arm=arm, reference=reference, optimizer=optimizer, diverged=diverged, **gap))
+    runs = [_run_line(r) for r in results]
+    return dict(experiment=cfg.name, baseline=cfg.baseline, runs=runs, rows=rows, gaps=gaps)
+
+
+def matrix_equilibration_times(run: RunSpec) -> float:
+    """The equilibration times of the run's matrix class (``optim.equilibration_times``; its width factors on LR
+    and WD cancel in their product)."""
+    o, t = run.cfg.optim, run.cfg.train
+    lr, wd = o.lr * o.matrix.lr_mult, o.weight_decay * o.matrix.wd_mult
+    return equilibration_times(run.cfg.schedule, t.max_steps, t.grad_accum, lr, wd)
 
 
 def _run_line(r: RunResult) -> dict:
@@ -420,11 +556,10 @@ def _interval(ci: list[float] | None) -> str:
     return "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
-def gap_words(row: dict, baseline: str) -> str:
-    """One line per compared arm: the paired final gap, its interval and verdict, and the constant-phase trend."""
-    g = row["gap"]
-    head = f"- **{row['arm']} vs {baseline}, {row['optimizer']}** ({len(g['seeds'])} held-out seeds"
-    head += f"; diverged: {row['held_out']['diverged']})" if row["held_out"]["diverged"] else ")"
+def gap_words(g: dict) -> str:
+    """One line per compared pair: the paired final gap, its interval and verdict, and the constant-phase trend."""
+    head = f"- **{g['arm']} vs {g['reference']}, {g['optimizer']}** ({len(g['seeds'])} held-out seeds"
+    head += f"; diverged: {g['diverged']})" if g["diverged"] else ")"
     if g["verdict"] is None:
         final = f"final gap {g['mean']:+.4f} on one seed: no interval, no verdict (add held-out `seeds`)"
     else:
@@ -468,6 +603,10 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
     summary["figures"] = figures
     summary["settings"] = dict(
         arms=cfg.arms,
+        tuned_config=cfg.tuned_config,
+        untuned=cfg.untuned,
+        transplant=cfg.transplant,
+        pairs=cfg.compared(),
         optimizers=cfg.optimizers,
         lr_grids={o: lr_grid(cfg.lr_center[o], cfg.lr_points) for o in cfg.optimizers},
         selection_seeds=cfg.selection_seeds,
@@ -490,33 +629,36 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
             cell = "-" if p is None else "diverged" if p["diverged"] else f"{p['mean']:.4f}"
             cells.append(f"**{cell}**" if lr == row["selected_lr"] else cell)
         sweep_lines.append([row["arm"], row["optimizer"], *cells])
-    header = [
-        "arm",
-        "optimizer",
-        "LR",
-        "held-out final loss (mean ± std)",
-        "seeds",
-        f"gap vs {cfg.baseline} (mean, 95% CI)",
-        "verdict",
-        "constant-phase trend",
-        *scores,
-    ]
+    tiers = {arm: cfg.tier(arm, run.cfg.lrm.placement is not Placement.none) for arm, run in _first_runs(runs).items()}
+    summary["tiers"] = tiers
+    header = ["arm", "tier", "optimizer", "LR", "held-out final loss (mean ± std)", "seeds", *scores]
     lines = []
     for row in summary["rows"]:
-        g, h = row.get("gap"), row["held_out"]
+        h = row["held_out"]
         lines.append(
             [
                 row["arm"],
+                tiers[row["arm"]],
                 row["optimizer"],
                 row["selected_lr"],
                 _pm(h["mean"], h["std"]),
                 len(h["seeds"]),
-                _mean_and_interval(g),
-                "-" if g is None else g["verdict"],
-                "-" if g is None or g["trend"] is None else g["trend"]["trend"],
                 *(row.get("downstream", {}).get(name) for name in scores),
             ]
         )
+    gap_lines = [
+        [
+            f"{g['arm']} - {g['reference']}",
+            g["optimizer"],
+            _mean_and_interval(g),
+            g["verdict"] or "-",
+            "-" if g["trend"] is None else g["trend"]["trend"],
+        ]
+        for g in summary["gaps"]
+    ]
+    gap_header = ["pair (arm - reference)", "optimizer", "gap (mean, 95% CI)", "verdict", "constant-phase trend"]
+    summary["transplants"] = transplants(cfg, runs)
+    summary["equilibration"] = equilibration(runs)
     finished = sum(r.status == FINISHED for r in results)
     diverged = [r.run.name for r in results if r.status == DIVERGED]
     waiting = sum(bool(r.waiting_for) for r in runs)
@@ -543,17 +685,27 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
         "## 2. Held-out seeds at the selected LRs",
         markdown_table(header, lines),
         (
-            f"Held-out seeds {list(cfg.seeds)}. The gap is the arm's final loss minus the baseline's, paired by seed "
+            "Tiers as in the paper's Fig. 7: `tuned` arms run at the tuned baseline's values "
+            + (f"(`configs/tuned/{cfg.tuned_config}.yaml`)" if cfg.tuned_config else "(none here: `tuned_config=null`)")
+            + ", `untuned` ones at the muP-transferred values; with or without learnable multipliers."
+        ),
+        markdown_table(gap_header, gap_lines) if gap_lines else "No pair has a held-out seed both arms finished.",
+        (
+            f"Held-out seeds {list(cfg.seeds)}. The gap is the arm's final loss minus the reference's, paired by seed "
             "(the same seed: the same initialization and data order); its 95% interval is Student's t over the "
-            "seeds. Verdict: `LRM better` when the interval lies below 0, `baseline better` above it, `no "
-            "difference resolved` when it holds 0. The trend is the gap's straight-line slope through the "
-            "constant-LR phase (after the warmup, before the decay), fitted per seed and averaged with its 95% "
+            "seeds. Verdict: `LRM better` when the interval lies below 0 (the arm is better), `baseline better` "
+            "above it (the reference is), `no difference resolved` when it holds 0. The trend is the gap's "
+            "straight-line slope through the constant-LR phase (after the warmup, before the decay), fitted per "
+            "seed and averaged with its 95% "
             "interval over the seeds: `growing` when the gap's size grows (the slope has the sign of the gap), "
             "`shrinking` when it falls, `crossing` when the fitted line changes sign inside the phase (the leader "
             "changes), `flat` when the interval holds 0; the paper finds LRM's gap growing through "
             "the constant phase."
         ),
-        "\n".join(gap_words(row, cfg.baseline) for row in summary["rows"] if row.get("gap")),
+        "\n".join(gap_words(g) for g in summary["gaps"]),
+        *transplant_words(summary["transplants"]),
+        "## 3. Equilibration times",
+        equilibration_words(summary["equilibration"]),
         "## Figures",
         (
             f"![validation loss]({figures['val_loss']})\n\nValidation loss against tokens for each arm at its "
@@ -593,6 +745,87 @@ def build_report(cfg: CompareConfig, runs: list[RunSpec]) -> Path:
     if failed := untuned(cfg, summary["rows"]):
         raise ExperimentFailed(f"{failed} (see {path})")
     return path
+
+
+def _first_runs(runs: list[RunSpec]) -> dict[str, RunSpec]:
+    """Arm -> its first planned run."""
+    first: dict[str, RunSpec] = {}
+    for run in runs:
+        first.setdefault(run.labels["arm"], run)
+    return first
+
+
+def transplants(cfg: CompareConfig, runs: list[RunSpec]) -> list[dict]:
+    """Per transplant arm and optimizer whose sweep is planned: the fixed multipliers it took from its LRM arm's
+    selected runs, beside the values that arm started from."""
+    found = []
+    for arm, source in cfg.transplant.items():
+        for optimizer in cfg.optimizers:
+            run = next((r for r in runs if r.labels["arm"] == arm and r.labels["optimizer"] == optimizer), None)
+            if run is None or run.waiting_for:
+                continue
+            start = next(r for r in runs if r.labels["arm"] == source and r.labels["optimizer"] == optimizer)
+            found.append(
+                dict(
+                    arm=arm,
+                    source=source,
+                    optimizer=optimizer,
+                    started_from=start.cfg.model.forward_multipliers(),
+                    multipliers=run.cfg.model.forward_multipliers(),
+                )
+            )
+    return found
+
+
+def transplant_words(found: list[dict]) -> list[str]:
+    words = []
+    for t in found:
+        lines = [
+            [name, f"{value:.4g}", f"{t['multipliers'][name]:.4g}", f"x{t['multipliers'][name] / value:.3g}"]
+            for name, value in t["started_from"].items()
+        ]
+        words += [
+            (
+                f"**{t['arm']} ({t['optimizer']})**: a baseline whose fixed multipliers are {t['source']}'s learned "
+                "per-role scales (scalar x mean row x mean column over the muP value, geometric mean over layers and "
+                "selection seeds, at its selected LR) folded into the values it started from: what LRM adds beyond "
+                "finding a better static scale is its gap against this arm."
+            ),
+            markdown_table(["model field", f"{t['source']} started from", t["arm"], "factor"], lines),
+        ]
+    return words
+
+
+def equilibration(runs: list[RunSpec]) -> list[dict]:
+    """Equilibration times of the matrices' weight decay at each planned (arm, optimizer, LR): the same for every
+    seed."""
+    reached: dict[tuple, float] = {}
+    for run in runs:
+        if run.labels["lr"] is not None:
+            reached[(run.labels["arm"], run.labels["optimizer"], run.labels["lr"])] = matrix_equilibration_times(run)
+    return [dict(arm=a, optimizer=o, lr=lr, equilibration_times=t) for (a, o, lr), t in reached.items()]
+
+
+def equilibration_words(reached: list[dict]) -> str:
+    lines = [[e["arm"], e["optimizer"], f"{e['lr']:.3g}", f"{e['equilibration_times']:.2f}"] for e in reached]
+    words = [
+        (
+            "Each run's sum over its steps of lr_t x wd for the matrices (the schedule's LR, the matrix class's LR "
+            "and weight decay): the equilibration times it lasts, 1 / (lr x wd) steps each; the same for every seed. "
+            "The paper's mechanism works through the equilibrium that weight decay and gradient noise set for the "
+            "weight norms, reached after a few of them."
+        ),
+        markdown_table(["arm", "optimizer", "LR", "equilibration times"], lines),
+    ]
+    short = [e for e in reached if e["equilibration_times"] < 1]
+    if short:
+        words.append(
+            f"**WARNING: {len(short)} of {len(reached)} arm x LR settings end before one equilibration time** "
+            f"(as few as {min(e['equilibration_times'] for e in short):.2f}): their weight norms are still set by "
+            "the init and early growth, not by the noise-WD equilibrium, so this comparison cannot show the "
+            "paper's mechanism (experiment=compare_cpu_equilibrium reaches 3 or more)."
+        )
+    return "\n\n".join(words)
 
 
 def untuned(cfg: CompareConfig, rows: list[dict]) -> str:

@@ -44,18 +44,15 @@ def plot_val_curves(out: Path, cfg: CompareConfig, shown: dict, summary: dict) -
 
 
 def plot_gap(out: Path, cfg: CompareConfig, summary: dict) -> str:
-    title = (
-        f"loss gap: arm minus {cfg.baseline} (below 0: the arm is better), paired by seed\nband: 95% CI of the mean; "
-    )
+    title = "loss gap: arm minus reference (below 0: the arm is better), paired by seed\nband: 95% CI of the mean; "
     fig, axes = new_figure(len(cfg.optimizers), title + "dashed: trend through the constant LR; dotted: decay starts")
     for ax, optimizer in zip(axes, cfg.optimizers):
         ax.axhline(0, color="black", lw=0.8)
-        for row in summary["rows"]:
-            gap = row.get("gap") if row["optimizer"] == optimizer else None
-            if not gap:
+        for gap in summary["gaps"]:
+            if gap["optimizer"] != optimizer:
                 continue
             c = gap["curve"]
-            (line,) = ax.plot(c["tokens"], c["mean"], label=f"{row['arm']} - {cfg.baseline}")
+            (line,) = ax.plot(c["tokens"], c["mean"], label=f"{gap['arm']} - {gap['reference']}")
             if len(c["seeds"]) > 1:  # the band is the mean's 95% interval over the paired seeds, not their spread
                 low, high = zip(*c["ci95"])
                 ax.fill_between(c["tokens"], low, high, color=line.get_color(), alpha=0.25)

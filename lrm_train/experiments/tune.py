@@ -6,7 +6,7 @@ take.
     python -m lrm_train.experiments.tune experiment=tune_0p5b     # the paper's scale (GPUs)
     python -m lrm_train.experiments.tune report=only              # rebuild the report from the finished runs
     python -m lrm_train.train +tuned=tune_cpu                     # train with the tuned values
-    python -m lrm_train.experiments.compare 'train_extra=["+tuned=tune_cpu"]' lr_center.adamw=<tuned LR>
+    python -m lrm_train.experiments.compare tuned_config=tune_cpu lr_center.adamw=<tuned LR>   # compare_cpu's default
 
 The search, one stage after another, each around the best point so far:
 1. a 2-D grid of LR (``lr_ratio`` apart) x LM-head multiplier (factors of 2), ``grid_points`` each;
@@ -273,8 +273,8 @@ def tuned_yaml(cfg: TuneConfig, values: dict[str, object], report: Path) -> str:
         f"# The muP baseline (lrm=none) tuned by `python -m lrm_train.experiments.tune` ({cfg.name}, optimizer "
         f"{cfg.optimizer}, seeds {list(cfg.selection_seeds)}); report: {report}.\n"
         f"# Use: python -m lrm_train.train +tuned={cfg.name} (a key given there too wins over this file's);\n"
-        f"# compare: 'train_extra=[\"+tuned={cfg.name}\"]' with lr_center.<optimizer> at the tuned optim.lr (compare\n"
-        "# sets each run's LR itself).\n"
+        f"# compare: tuned_config={cfg.name} with lr_center.<optimizer> at the tuned optim.lr (compare sets each\n"
+        "# run's LR itself).\n"
     )
     return header + OmegaConf.to_yaml(OmegaConf.create(nested))
 

@@ -196,6 +196,29 @@ class FalconH1Config:
             "mlp_multipliers": [m("mlp.gate"), m("mlp.down") * m("mlp.up")],
         }
 
+    def folded_multipliers(self, scales: dict[str, float]) -> dict[str, float | list[float]]:
+        """This config's forward multiplier fields with a factor per matrix role (``scales``; a missing role: 1)
+        folded in: the static transplant of what LRM learned (``models.static_transplant``). The fields do not hold
+        one multiplier per role: q and v share ``attention_in``, which takes q's factor (k's field takes k's over it),
+        v's factor over q's goes to o, which reads v's output linearly, and up's goes to down, as ``hf_multipliers``
+        folds it; with the same weights the model then computes what per-role multipliers would."""
+        f = {role: scales.get(role, 1.0) for role in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up")}
+        out_role = "ssm.out_after_norm" if self.mamba_rms_norm else "ssm.out"
+        gate, down = self.mlp_multipliers
+        return {
+            "embedding_multiplier": self.embedding_multiplier * scales.get("embedding", 1.0),
+            "lm_head_multiplier": self.lm_head_multiplier * scales.get("lm_head", 1.0),
+            "key_multiplier": self.key_multiplier * f["attn.k"] / f["attn.q"],
+            "attention_in_multiplier": self.attention_in_multiplier * f["attn.q"],
+            "attention_out_multiplier": self.attention_out_multiplier * f["attn.o"] * f["attn.v"] / f["attn.q"],
+            "ssm_in_multiplier": self.ssm_in_multiplier,
+            "ssm_out_multiplier": self.ssm_out_multiplier * scales.get(out_role, 1.0),
+            "ssm_multipliers": [
+                m * scales.get(f"ssm.{name}", 1.0) for m, name in zip(self.ssm_multipliers, ("z", "x", "B", "C", "dt"))
+            ],
+            "mlp_multipliers": [gate * scales.get("mlp.gate", 1.0), down * scales.get("mlp.down", 1.0) * f["mlp.up"]],
+        }
+
     def function_definition(self) -> dict:
         """What the model computes from given weights: its shape and, at this width, its matrices' multipliers (as
         ``hf_multipliers``); not how it is initialized, nor how its scales would follow another width."""

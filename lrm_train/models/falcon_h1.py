@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ from lrm_train.nn import (
     Placement,
     RMSNorm,
     fused_linear,
+    learned_scales_by_role,
     merge_multipliers_,
 )
 from lrm_train.nn.loss import LMHead, LMLoss
@@ -355,3 +356,15 @@ class FalconH1LM(nn.Module):
         ssd = per_scanned_token * chunks * chunk / seq_len  # the scan runs over seq_len padded to whole chunks
         conv = 2 * cfg.mamba_d_conv * (cfg.mamba_d_ssm + 2 * cfg.mamba_n_groups * cfg.mamba_d_state)
         return 3 * (2 * linear + cfg.num_hidden_layers * (attention + ssd + conv))
+
+
+def static_transplant(models: Sequence[FalconH1LM]) -> dict[str, float | list[float]]:
+    """The model config's forward multiplier fields with the per-role scales that LRM learned folded in, for a fresh
+    baseline (``lrm.placement=none``) that starts at those scales and keeps them fixed: what LRM adds beyond finding a
+    better static scale. For each matrix role, ``scalar x mean(row) x mean(col)`` of the learned multipliers over the
+    muP value the matrix started from, geometric mean over the layers and over ``models`` (trained copies of one
+    config: the selection seeds), times the config's fixed multiplier (``FalconH1Config.folded_multipliers``)."""
+    first = models[0].cfg
+    if any(m.cfg.forward_multipliers() != first.forward_multipliers() for m in models[1:]):
+        raise ValueError("static_transplant: the models start from different forward multipliers")
+    return first.folded_multipliers(learned_scales_by_role(models))

@@ -14,6 +14,7 @@ from lrm_train.nn.multipliers import (
     MultipliedMatrix,
     Placement,
     fused_linear,
+    learned_scales_by_role,
     merge_multipliers_,
 )
 from lrm_train.nn.norms import GatedRMSNorm, RMSNorm
@@ -40,6 +41,7 @@ __all__ = [
     "RMSNorm",
     "WidthClass",
     "fused_linear",
+    "learned_scales_by_role",
     "lm_loss",
     "merge_multipliers_",
 ]

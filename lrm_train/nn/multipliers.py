@@ -24,7 +24,8 @@ Both give the same ``W_eff`` (and the same logits) at initialization; they diffe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
@@ -193,6 +194,16 @@ class MultipliedMatrix(nn.Module):
         self.forward_multiplier, self._absorbed = self.mup_multiplier, 1.0
         self.lrm_scalar = self.lrm_row = self.lrm_col = None
 
+    @torch.no_grad()
+    def learned_scale(self) -> float:
+        """The factor by which the learnable multipliers moved this matrix's scale from its fixed muP value:
+        ``|s x mean(r) x mean(c)|`` with the fixed ``m`` over ``m_mup`` (1, or 1/m_mup under ``init=mup``). Its size
+        only: a fresh weight drawn around 0 does not tell a sign from its opposite."""
+        scale = self.forward_multiplier / self.mup_multiplier
+        for p in self.multipliers():
+            scale *= p.double().mean().item()
+        return abs(scale)
+
     def extra_repr(self) -> str:
         rows, cols = self.weight.shape
         names = [n.removeprefix("lrm_") for n in MULTIPLIER_NAMES if getattr(self, n) is not None]
@@ -223,6 +234,20 @@ class MultipliedEmbedding(MultipliedMatrix):
 def fused_linear(x: torch.Tensor, layers: Sequence[MultipliedLinear]) -> torch.Tensor:
     """Apply several linear layers that read the same input as one matmul over their stacked effective weights."""
     return F.linear(x, torch.cat([layer.effective_weight() for layer in layers]))
+
+
+def learned_scales_by_role(modules: Iterable[nn.Module]) -> dict[str, float]:
+    """Role -> the geometric mean of ``learned_scale`` over every matrix of that role with learnable multipliers in
+    ``modules`` (its layers; several trained copies: their seeds)."""
+    logs: dict[str, list[float]] = {}
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, MultipliedMatrix) and layer.multipliers():
+                scale = layer.learned_scale()
+                if not scale > 0:  # zero (or NaN): no static scale stands for it
+                    raise ValueError(f"a {layer.role} matrix's learned multipliers have a mean scale of {scale}")
+                logs.setdefault(layer.role, []).append(math.log(scale))
+    return {role: math.exp(math.fsum(values) / len(values)) for role, values in logs.items()}
 
 
 def merge_multipliers_(module: nn.Module) -> None:

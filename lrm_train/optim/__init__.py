@@ -40,6 +40,7 @@ from lrm_train.optim.schedule import (
     batch_fraction,
     constant_phase,
     decay_start,
+    equilibration_times,
     lr_factor,
     micro_batches,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "constant_phase",
     "decay_start",
     "decoupled_step_",
+    "equilibration_times",
     "format_table",
     "is_clipped",
     "lr_factor",

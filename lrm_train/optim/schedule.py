@@ -103,3 +103,15 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, used_batch_fract
             else:
                 factor = 1 - (1 - cfg.min_lr_ratio) * progress
     return factor * math.sqrt(used_batch_fraction)
+
+
+def equilibration_times(
+    cfg: ScheduleConfig, total_steps: int, grad_accum: int, lr: float, weight_decay: float
+) -> float:
+    """Sum over the steps of ``lr_t x wd``: how many equilibration times (1 / (lr x wd) steps each) of decoupled
+    weight decay (``W *= 1 - lr_t x wd`` per step, AdamW's and Muon's) a run of peak LR ``lr`` lasts. Below 1 the
+    weight norms are still set by their init and early growth, not by the noise-WD equilibrium."""
+    return sum(
+        lr * weight_decay * lr_factor(cfg, step, total_steps, micro_batches(cfg, grad_accum, step) / grad_accum)
+        for step in range(total_steps)
+    )

@@ -16,6 +16,9 @@ from lrm_train.experiments.compare import (
     HELD_OUT,
     SELECTION,
     CompareConfig,
+    arm_overrides,
+    equilibration,
+    equilibration_words,
     lr_grid,
     main,
     plan,
@@ -25,7 +28,9 @@ from lrm_train.experiments.compare import (
 from lrm_train.experiments.experiment import tokens_per_run
 from lrm_train.experiments.results import RunResult, gap_trend, paired_gap, read_metrics
 from lrm_train.experiments.runner import FINISHED, PENDING, RunSpec, make_run, run_local, run_status
+from lrm_train.models import static_transplant
 from lrm_train.optim import ScheduleName
+from lrm_train.train.checkpoint import complete_checkpoints, model_from_checkpoint
 
 STEPS = 8
 
@@ -55,7 +60,18 @@ def micro_args(data_root, out_dir, **extra) -> list[str]:
         "parallel": 1,  # in this process (compare_cpu trains two at once)
     }
     args.update(extra)
-    return [f"{k}={v}" for k, v in args.items()]
+    return [f"{k}={v}" for k, v in args.items()] + TWO_ARMS
+
+
+# compare_cpu's mup and lrm arms alone, at the muP-transferred values: the mechanics these tests check need no more.
+TWO_ARMS = [
+    "tuned_config=null",
+    "untuned=[]",
+    "pairs=[]",
+    "~arms.lrm_untuned",
+    "~arms.transplant",
+    "~transplant.transplant",
+]
 
 
 def val_losses(run_dir) -> list[float]:
@@ -129,7 +145,8 @@ def test_report_numbers_equal_the_runs_metrics(finished):
         assert row["selected_lr"] == min(by_lr, key=by_lr.get) and row["at_grid_edge"]  # 2 LRs: no inside
         assert row["held_out"]["seeds"] == [1, 2]
         assert row["held_out"]["finals"] == [final[(arm, row["selected_lr"], s)] for s in (1, 2)]
-    gap = rows[("lrm", "adamw")]["gap"]
+    (gap,) = report["gaps"]
+    assert (gap["arm"], gap["reference"], gap["optimizer"]) == ("lrm", "mup", "adamw")
     per_seed = [
         final[("lrm", rows[("lrm", "adamw")]["selected_lr"], s)]
         - final[("mup", rows[("mup", "adamw")]["selected_lr"], s)]
@@ -184,7 +201,7 @@ def test_a_selected_lr_on_the_grid_edge_stops_the_comparison_before_its_held_out
         "error: selected LR on the grid's edge for mup (adamw), lrm (adamw)"
     )
     report = json.loads((out / "report.json").read_text())
-    assert all(row["held_out"]["seeds"] == [] and "gap" not in row or row["gap"] is None for row in report["rows"])
+    assert all(row["held_out"]["seeds"] == [] for row in report["rows"]) and report["gaps"] == []
     assert "the held-out phase of that optimizer did not run" in (out / "report.md").read_text()
 
 
@@ -295,8 +312,9 @@ def test_a_summary_pairs_the_held_out_seeds_and_fits_the_constant_phase_from_the
     for seed, (a, b) in {1: (2.90, 3.00), 2: (2.92, 3.00), 3: (2.88, 3.00)}.items():
         results.append(_result("mup", 0.01, seed, b, HELD_OUT, [b + 0.1, b + 0.05, b]))
         results.append(_result("lrm", 0.01, seed, a, HELD_OUT, [b + 0.05, a + 0.05, a]))
-    rows = {r["arm"]: r for r in summarize(cfg, results)["rows"]}
-    gap = rows["lrm"]["gap"]
+    summary = summarize(cfg, results)
+    rows = {r["arm"]: r for r in summary["rows"]}
+    (gap,) = summary["gaps"]
     assert gap["per_seed"] == pytest.approx([-0.10, -0.08, -0.12]) and gap["verdict"] == "LRM better"
     assert gap["curve"]["tokens"] == [100, 200, 300] and gap["curve"]["mean"] == pytest.approx([-0.05, -0.10, -0.10])
     assert gap["curve"]["ci95"][0] == pytest.approx([-0.05, -0.05])  # the same gap on every seed: no width
@@ -477,5 +495,91 @@ def test_the_edge_warning_says_why_a_grid_has_no_inside():
 
 
 def test_the_gpu_scale_comparison_compiles_its_decoder_layers():
-    cfg = compose_schema("compare", CompareConfig, ["experiment=compare_0p5b", 'train_extra=["data.source=x"]'])
+    cfg = compose_schema(
+        "compare", CompareConfig, ["experiment=compare_0p5b", 'train_extra=["data.source=x"]', "tuned_config=null"]
+    )
     assert all(run.cfg.train.compile for run in plan(cfg))
+
+
+def test_an_arm_may_change_multipliers_but_a_shape_or_the_weight_decay_is_refused_in_one_line(
+    data_root, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    args = micro_args(data_root, out, lr_points=1)
+    head = '+arms.head=["lrm=none","model.lm_head_multiplier=0.5","optim.lm_head.lr_mult=2.0"]'
+    runs = plan(compose_schema("compare", CompareConfig, arm_overrides([*args, head])))
+    head_runs = [r for r in runs if r.labels["arm"] == "head"]
+    assert {(r.cfg.model.lm_head_multiplier, r.cfg.optim.lm_head.lr_mult) for r in head_runs} == {(0.5, 2.0)}
+    assert 0.5 not in {r.cfg.model.lm_head_multiplier for r in runs if r.labels["arm"] == "mup"}  # the arm's own
+    assert main([*args, '+arms.wide=["model.intermediate_size=128"]']) == 2
+    assert main([*args, '+arms.wd=["optim.weight_decay=0.5"]']) == 2
+    wide, wd = capsys.readouterr().err.strip().splitlines()
+    assert wide.startswith("error: config: run wide-adamw-lr0.01-s0 has another model config than mup-adamw-lr0.01-s0")
+    assert "model.intermediate_size=128, not 64; an arm may change only multipliers" in wide
+    assert "optim.weight_decay=0.5, not 0.1" in wd
+    assert not out.exists()
+
+
+def test_the_transplant_arm_waits_for_the_lrm_arms_selection_then_carries_its_folded_multipliers(data_root, tmp_path):
+    """compare_cpu's transplant arm (its LRM arm: lrm): planned, waiting, until lrm's sweep has finished; then its
+    runs take the multipliers that lrm's selected run learned, folded by ``static_transplant``."""
+    out = tmp_path / "out"
+    keep = ("~arms.transplant", "~transplant.transplant")
+    args = [a for a in micro_args(data_root, out, lr_points=1, seeds="[1]") if a not in keep]
+    runs = plan(compose_schema("compare", CompareConfig, args))
+    transplant = [r for r in runs if r.labels["arm"] == "transplant"]
+    assert [r.labels["phase"] for r in transplant] == [SELECTION, HELD_OUT] and all(r.waiting_for for r in transplant)
+    assert transplant[0].waiting_for == "the LR sweep of lrm (adamw), whose learned multipliers it takes"
+    assert transplant[0].cfg.lrm.placement.value == "none"
+    (lrm,) = [r for r in runs if r.labels["arm"] == "lrm" and r.labels["phase"] == SELECTION]
+    run_local([lrm], nproc=1, threads=1)
+
+    runs = plan(compose_schema("compare", CompareConfig, args))
+    sweep, held_out = [r for r in runs if r.labels["arm"] == "transplant"]
+    assert not sweep.waiting_for and held_out.waiting_for  # the held-out phase waits for mup's and its own sweep
+    folded = static_transplant([model_from_checkpoint(complete_checkpoints(lrm.run_dir)[-1])])
+    for run in (sweep, held_out):
+        assert {key: getattr(run.cfg.model, key) for key in folded} == folded
+    assert folded["lm_head_multiplier"] != lrm.cfg.model.lm_head_multiplier  # LRM moved it: a real transplant
+    assert sweep.cfg.lrm.placement.value == "none" and sweep.cfg.optim.lr == lrm.cfg.optim.lr
+
+
+def test_the_report_gives_each_arm_its_tier_and_each_run_its_equilibration_times(finished):
+    report = json.loads((finished / "report.json").read_text())
+    text = (finished / "report.md").read_text()
+    assert report["tiers"] == {"mup": "untuned, without LRM", "lrm": "untuned, with LRM"}  # tuned_config=null
+    # the micro schedule: warmup 2, the decay over the last of 8 steps: 0.5 + 6 x 1 + 1/8 of lr x wd (0.1)
+    reached = {(e["arm"], e["lr"]): e["equilibration_times"] for e in report["equilibration"]}
+    assert set(reached) == {(run["arm"], run["lr"]) for run in report["runs"]}  # every run's (one per seed)
+    for (_, lr), times in reached.items():
+        assert times == pytest.approx(6.625 * lr * 0.1)
+    assert "## 3. Equilibration times" in text and "**WARNING: 4 of 4 arm x LR settings end before one" in text
+    reached = [dict(arm="lrm", optimizer="adamw", lr=0.01, equilibration_times=3.2)]
+    assert "WARNING" not in equilibration_words(reached) and "| lrm | adamw | 0.01 | 3.20 |" in equilibration_words(
+        reached
+    )
+
+
+def test_the_tiers_are_fig_7s():
+    cfg = CompareConfig(arms={"mup": ["lrm=none"], "lrm": ["lrm=full"]}, lr_center={"adamw": 0.01, "muon": 0.01})
+    cfg.tuned_config, cfg.untuned, cfg.transplant = "tune_cpu", ["lrm_untuned"], {"transplant": "lrm"}
+    assert cfg.tier("mup", lrm=False) == "tuned, without LRM" and cfg.tier("lrm", lrm=True) == "tuned, with LRM"
+    assert cfg.tier("lrm_untuned", lrm=True) == "untuned, with LRM"
+    assert cfg.tier("transplant", lrm=False) == "tuned, without LRM: lrm's learned scales as fixed multipliers"
+
+
+def test_a_missing_tuned_config_or_a_transplant_of_a_baseline_is_one_line(data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*micro_args(data_root, out), "tuned_config=nope"]) == 2
+    assert main([*micro_args(data_root, out, lr_points=1), "+transplant.copy=mup", '+arms.copy=["lrm=none"]']) == 2
+    missing, baseline = capsys.readouterr().err.strip().splitlines()
+    assert missing.startswith("error: config: tuned_config=nope: there is no ") and "tuned_config=null" in missing
+    assert baseline == "error: config: transplant.copy=mup: arm mup has no learnable multipliers (lrm=none)"
+    assert not out.exists()
+
+
+def test_the_equilibrium_regime_lasts_three_equilibration_times_or_more_at_every_lr_of_its_grid():
+    runs = plan(compose_schema("compare", CompareConfig, ["experiment=compare_cpu_equilibrium"]))
+    reached = {e["lr"]: e["equilibration_times"] for e in equilibration(runs)}
+    assert sorted(reached) == pytest.approx(lr_grid(0.01, 3)) and len(runs) == 12
+    assert [round(reached[lr], 2) for lr in sorted(reached)] == [3.01, 4.26, 6.02]  # as its yaml header says

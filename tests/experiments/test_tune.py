@@ -154,21 +154,26 @@ def test_the_report_draws_each_axis_and_the_tuned_config_changes_the_trainers_fi
     assert "+tuned=" in (out / "report.md").read_text()
 
 
-def test_the_comparison_takes_the_tuned_config_for_every_run_and_keeps_its_own_lrs(data_root, tuned, tmp_path):
+def test_the_comparison_takes_the_tuned_config_for_every_tuned_arm_and_keeps_its_own_lrs(data_root, tuned, tmp_path):
     out, name = tuned
-    t = json.loads((out / "report.json").read_text())["tuned"]
+    report = json.loads((out / "report.json").read_text())
+    t, mup = report["tuned"], report["muP"]
     args = [
         f"out_dir={tmp_path}",
         f"train={hydra_list(micro_train(data_root))}",
-        f"train_extra={hydra_list([f'+tuned={name}'])}",
+        f"tuned_config={name}",
         "optimizers=[adamw,muon]",
         "lr_center.adamw=0.02",
         "lr_center.muon=0.02",
         "lr_points=3",
     ]
-    runs = compare.plan(compose_schema("compare", compare.CompareConfig, compare.arm_overrides(args)))
+    all_runs = compare.plan(compose_schema("compare", compare.CompareConfig, compare.arm_overrides(args)))
+    runs = [r for r in all_runs if r.labels["arm"] != "lrm_untuned"]  # compare_cpu's arm at the muP values
     assert {r.cfg.model.lm_head_multiplier for r in runs} == {t["model.lm_head_multiplier"]}
     assert {r.cfg.model.key_multiplier for r in runs} == {t["model.key_multiplier"]}
+    untuned = [r for r in all_runs if r.labels["arm"] == "lrm_untuned"]
+    assert {r.cfg.model.lm_head_multiplier for r in untuned} == {mup["model.lm_head_multiplier"]}
+    assert {r.cfg.model.key_multiplier for r in untuned} == {mup["model.key_multiplier"]}
     assert {r.cfg.optim.name.value for r in runs} == {"adamw", "muon"}  # muon's group options keep the tuned values
     assert {r.cfg.optim.lr for r in runs if not r.waiting_for} == set(compare.lr_grid(0.02, 3))
 

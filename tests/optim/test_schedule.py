@@ -3,7 +3,15 @@ import math
 
 import pytest
 
-from lrm_train.optim import ScheduleConfig, ScheduleName, batch_fraction, constant_phase, decay_start, lr_factor
+from lrm_train.optim import (
+    ScheduleConfig,
+    ScheduleName,
+    batch_fraction,
+    constant_phase,
+    decay_start,
+    equilibration_times,
+    lr_factor,
+)
 
 
 def factors(cfg, total):
@@ -61,3 +69,15 @@ def test_the_constant_phase_runs_from_the_warmup_end_to_the_decay_start_at_the_p
         if name.decays:
             assert lr_factor(cfg, phase[1], 100) < 1.0  # decaying
     assert constant_phase(ScheduleConfig(warmup_steps=80, decay_fraction=0.25), 100) is None  # warmup into the decay
+
+
+def test_equilibration_times_sum_lr_times_wd_over_the_steps():
+    # constant after a warmup of 4: factors 0.25, 0.5, 0.75, 1, then 1 for 6 more steps -> 8.5 x lr x wd
+    constant = ScheduleConfig(name=ScheduleName.constant, warmup_steps=4)
+    assert equilibration_times(constant, 10, 1, lr=0.01, weight_decay=2.0) == pytest.approx(8.5 * 0.02)
+    # the paper's decay over the last 2 of 12 steps (decay_fraction 1/6, no warmup): 10 x 1, then 8^-1/2 and 8^-1
+    paper = ScheduleConfig(warmup_steps=0)
+    assert equilibration_times(paper, 12, 1, lr=0.1, weight_decay=1.0) == pytest.approx(0.1 * (10 + 8**-0.5 + 1 / 8))
+    # a batch ramp of 2 steps from 1/2 with 2 micro-batches: steps of 1 and 2 micro-batches, LR x sqrt(1/2) then x 1
+    ramp = ScheduleConfig(name=ScheduleName.constant, warmup_steps=0, batch_ramp_steps=2, batch_ramp_start=0.5)
+    assert equilibration_times(ramp, 4, 2, lr=1.0, weight_decay=1.0) == pytest.approx(0.5**0.5 + 3)

@@ -27,7 +27,7 @@ COMMANDS = {
 }
 README = Path(__file__).resolve().parents[2] / "README.md"
 # The battery's SMALL comparison, shortened: one optimizer at one LR, so a comparison plans one run per arm.
-SMALL = ["optimizers=[adamw]", "lr_points=1"]
+SMALL = ["optimizers=[adamw]", "lr_points=1", "tuned_config=null"]
 # A sweep of three points that abm finishes in a few seconds with its slope inside the accepted range.
 SHORT_ABM = ["optimizers=[adamw]", "ratios=[1e-2,1e-1,1.0]", "products=[4e-2]"]
 
@@ -139,16 +139,23 @@ def test_readme_and_help_example_adds_an_arm(tmp_path, monkeypatch):
     example = 'arms.lrm_one=["lrm=full","lrm.init=one"]'
     assert f"'{example}'" in README.read_text()
     assert example in run_main(compare.main, ["--help"]).stdout
-    outcome = run_main(compare.main, [example, "--estimate"])
+    outcome = run_main(compare.main, [example, "tuned_config=null", "--estimate"])
     assert outcome.code == 0 and not outcome.stderr and not outcome.escaped, outcome.stderr + outcome.escaped
-    # 3 arms (mup, lrm, lrm_one) x 2 optimizers: 3 LRs on seed 0, then 5 held-out seeds
-    assert outcome.stdout.startswith("48 runs (30 of them waiting")
+    # 5 arms (mup, lrm, lrm_untuned, transplant, lrm_one) x 2 optimizers: 3 LRs on seed 0 (the transplant's waiting
+    # for lrm's), then 5 held-out seeds
+    assert outcome.stdout.startswith("80 runs (56 of them waiting")
     assert not list(tmp_path.iterdir())  # --estimate writes nothing
 
 
 def test_an_arm_override_replaces_that_arm_and_keeps_the_others():
-    cfg = compose_schema("compare", compare.CompareConfig, compare.arm_overrides(['arms.lrm=["lrm=scalar"]']))
-    assert cfg.arms == {"mup": ["lrm=none"], "lrm": ["lrm=scalar"]}
+    overrides = compare.arm_overrides(['arms.lrm=["lrm=scalar"]', "tuned_config=null"])
+    cfg = compose_schema("compare", compare.CompareConfig, overrides)
+    assert cfg.arms == {
+        "mup": ["lrm=none"],
+        "lrm": ["lrm=scalar"],
+        "lrm_untuned": ["lrm=full", "lrm.init=mup"],
+        "transplant": ["lrm=none"],
+    }
 
 
 # Per command, settings that make it compose few runs (a read-only out_dir is found once they are composed).
@@ -217,6 +224,14 @@ def sigterm_at_step_2(data_root, tmp_path, parallel: int) -> list[str]:
         "seeds=[1]",
         "final_evals=1",
         f"parallel={parallel}",
+        *(
+            "tuned_config=null",
+            "untuned=[]",
+            "pairs=[]",
+            "~arms.lrm_untuned",
+            "~arms.transplant",
+            "~transplant.transplant",
+        ),
     ]
 
 
