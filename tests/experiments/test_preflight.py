@@ -1,6 +1,8 @@
 import pytest
 
+from lrm_train.config_compose import compose_schema
 from lrm_train.experiments import norm_sweep, width_scaling
+from lrm_train.experiments.norm_sweep import NormSweepSettings
 from lrm_train.experiments.preflight import EQUILIBRIUM, TRAVEL, budgets, refuse_short, summed_lr
 from lrm_train.experiments.runner import make_run
 from tests.runs import MICRO_MODEL
@@ -54,23 +56,28 @@ def test_a_pattern_that_names_nothing_is_an_error(tmp_path):
         budgets(hand_run(tmp_path), ["nothing.here"], {})
 
 
-def test_norm_sweep_refuses_a_head_that_cannot_equilibrate(tmp_path, capsys):
+def test_norm_sweep_refuses_a_head_that_cannot_equilibrate(tmp_path):
     # sqrt(lr*wd) = 0.01: 1e-4 per step of the 350-step default is 0.03 equilibration times.
-    argv = [f"out_dir={tmp_path / 'out'}", "effective_lr=0.01", "scales=[0.25,1,4]", "arms={frozen: [lrm=none]}", "end_seeds={}"]
-    assert norm_sweep.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "pre-flight: run norm_sweep_frozen_S0.25: lm_head.weight" in err
-    assert "0.0306 < 1" in err
-    assert not (tmp_path / "out").exists()
-    assert norm_sweep.main([*argv, "force=true", "--estimate"]) == 0
+    settings = compose_schema(
+        "norm_sweep", NormSweepSettings, [f"out_dir={tmp_path / 'out'}", "effective_lr=0.01", "scales=[0.25,1,4]"]
+    )
+    settings.arms, settings.end_seeds = {"frozen": ["lrm=none"]}, {}
+    with pytest.raises(ValueError) as refused:
+        norm_sweep.plan(settings)
+    line = str(refused.value)
+    assert "\n" not in line and "pre-flight: run norm_sweep_frozen_S0.25: lm_head.weight" in line
+    assert "0.0306 < 1" in line
+    settings.force = True
+    assert len(norm_sweep.plan(settings)) == 3
 
 
 def test_width_scaling_refuses_multipliers_that_cannot_travel_the_width_change(tmp_path, capsys):
     # Multipliers at a tenth of the LR: 0.49 of travel, short of 1 - 32/64 = 0.5 already at width 64.
     multipliers = "multipliers=['lrm=scalar','lrm.init=one','optim.multiplier.lr_mult=0.1']"
     argv = [f"out_dir={tmp_path / 'out'}", multipliers, "seeds=[0]", "control_seeds=[]"]
-    assert width_scaling.main(argv) == 2
+    assert width_scaling.main(argv) == 2  # the bad-input status, before any work
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "run width_w64: embed_tokens.lrm_scalar and 27 more" in err
     assert "travel budget Σlr = 0.491 < 0.5" in err
+    assert not (tmp_path / "out").exists()
     assert width_scaling.main([*argv, "force=true", "--estimate"]) == 0

@@ -23,19 +23,42 @@ def test_learned_multipliers_pair_each_query_head_with_its_key_head():
     assert values["qk_product"] == pytest.approx((1 * 4 * 1 * 4) ** 0.25)  # q x k per head: 1, 4, 1, 4
 
 
+def test_scalar_multipliers_give_every_head_the_product_of_the_q_and_k_scalars():
+    weights = {
+        "lm_head.lrm_scalar": torch.tensor([0.25]),
+        "layers.0.mamba.in_proj.dt.lrm_scalar": torch.tensor([0.5]),
+        "layers.1.mamba.in_proj.dt.lrm_scalar": torch.tensor([2.0]),  # layers: geometric mean 1
+        "layers.0.self_attn.q_proj.weight": torch.zeros(4, 3),  # 2 heads of 2
+        "layers.0.self_attn.q_proj.lrm_scalar": torch.tensor([3.0]),
+        "layers.0.self_attn.k_proj.lrm_scalar": torch.tensor([-0.5]),  # a sign is a symmetry: magnitudes
+        "layers.1.self_attn.q_proj.weight": torch.zeros(4, 3),
+        "layers.1.self_attn.q_proj.lrm_scalar": torch.tensor([0.75]),
+        "layers.1.self_attn.k_proj.lrm_scalar": torch.tensor([2.0]),
+    }
+    values = learned_multipliers(weights, head_dim=2, heads_per_kv=1)
+    assert values == pytest.approx(dict(lm_head_scalar=0.25, ssm_dt=1.0, qk_product=1.5))
+
+
 def test_width_sweep_report(data_root, tmp_path):
+    widths = [16, 32, 64]
     settings = WidthScalingSettings(
-        out_dir=str(tmp_path), widths=[16, 32, 64], layers=1, head_dim=8,
+        out_dir=str(tmp_path), widths=widths, layers=1, head_dim=8, seeds=[0], control_seeds=[0], force=True,
         trainer=micro_trainer(data_root, model=False),
     )  # fmt: skip
     run(settings)
     report = json.loads((tmp_path / "report.json").read_text())
-    widths = [16, 32, 64]
+    learned = {r["width"]: r["learned"] for r in report["runs"] if r["arm"] == "lrm"}
     for quantity, paper in PAPER_EXPONENTS.items():
-        fit = power_law_fit(widths, [report["values"][str(w)][quantity] for w in widths])
-        assert report["fits"][quantity] == fit and report["paper_exponents"][quantity] == paper
+        fit = power_law_fit(widths, [learned[w][quantity] for w in widths])  # one seed: the fit and its interval
+        assert report["exponents"][quantity]["exponent"] == pytest.approx(fit["exponent"])
+        assert report["exponents"][quantity]["ci95"] == pytest.approx(fit["ci95"])
+        assert report["paper_exponents"][quantity] == paper
         assert f"| {quantity} | {fit['exponent']:.4g} |" in (tmp_path / "report.md").read_text()
     # Two steps at lr 3e-3 from 1: the multipliers have moved, but little.
-    assert all(0.9 < report["values"][str(w)]["lm_head_scalar"] < 1.1 for w in widths)
-    assert report["values"]["16"]["lm_head_scalar"] != 1.0
+    assert all(0.9 < learned[w]["lm_head_scalar"] < 1.1 for w in widths)
+    assert learned[16]["lm_head_scalar"] != 1.0
+    # The control has no multipliers; both arms have their matrix norms and logits fitted against width.
+    fitted = {(f["arm"], f["quantity"]) for f in [*report["matrix_norms"], *report["function_scales"]]}
+    assert {("lrm", "hidden"), ("control", "lm_head"), ("lrm", "logits"), ("control", "dt pre-activation")} <= fitted
+    assert all("learned" not in r for r in report["runs"] if r["arm"] == "control")
     assert is_png_with_content(tmp_path / "width_scaling.png")
