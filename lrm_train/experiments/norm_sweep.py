@@ -223,8 +223,8 @@ def report(settings: NormSweepSettings, runs: list[RunSpec]) -> Path:
     results = [dict(run.labels, **final_values(run.run_dir)) for run in runs]
     found = analyse(settings, results)
     checks = preflight(runs)
-    figures = [plot_sweep(settings, results, out_dir), plot_abm_overlay(settings, runs, out_dir)]
-    text = markdown(settings, results, found, checks, figures)
+    overlay, found["norm_over_abm"] = plot_abm_overlay(settings, runs, out_dir)
+    text = markdown(settings, results, found, checks, [plot_sweep(settings, results, out_dir), overlay])
     data = dict(
         settings=dataclasses.asdict(settings),
         preflight=[dataclasses.asdict(b) for b in checks],
@@ -257,6 +257,8 @@ def plot_sweep(settings: NormSweepSettings, results: list[dict], out_dir: Path) 
                 plot = ax.semilogx if key == "val_loss" else ax.loglog
                 plot(x, [abs(v) for v in y], "o", color=f"C{i}", label=arm)
         ax.set(xlabel="S = sqrt(lr/wd) of the LM head", ylabel=label)
+        ax.set_xticks(settings.scales, [f"{s:g}" for s in settings.scales])
+        ax.tick_params(axis="x", which="minor", labelbottom=False)
     axes[1].loglog(settings.scales, [s / math.sqrt(2) for s in settings.scales], "k--", label="S/sqrt(2) (ABM)")
     axes[3].loglog(settings.scales, [1 / s for s in settings.scales], "k--", label="1/S (full compensation)")
     for ax in axes:
@@ -264,9 +266,10 @@ def plot_sweep(settings: NormSweepSettings, results: list[dict], out_dir: Path) 
     return save_figure(fig, out_dir / "norm_sweep.png")
 
 
-def plot_abm_overlay(settings: NormSweepSettings, runs: list[RunSpec], out_dir: Path) -> str:
+def plot_abm_overlay(settings: NormSweepSettings, runs: list[RunSpec], out_dir: Path) -> tuple[str, dict]:
     """Each arm's head norm over training (the first seed, every S) against the ABM prediction the trainer logged
-    beside it for the same lr and wd: noise and weight decay alone."""
+    beside it for the same lr and wd: noise and weight decay alone. Also each run's final norm over ABM's."""
+    ratios = {}
     fig, axes = new_figure(len(settings.arms), "‖W‖ of the LM head (solid) against ABM (dashed) over training")
     for ax, arm in zip(axes, settings.arms):
         for i, run in enumerate(r for r in runs if r.labels["arm"] == arm and r.labels["seed"] == settings.seeds[0]):
@@ -277,10 +280,12 @@ def plot_abm_overlay(settings: NormSweepSettings, runs: list[RunSpec], out_dir: 
             if abm_key:
                 abm_steps = [r["step"] for r in records if abm_key in r]
                 ax.semilogy(abm_steps, [r[abm_key] for r in records if abm_key in r], "--", color=f"C{i}")
+                final = [r for r in records if abm_key in r and f"{NORM_KEY}lm_head" in r][-1]
+                ratios[run_name(arm, run.labels["S"], 0)] = final[f"{NORM_KEY}lm_head"] / final[abm_key]
             ax.plot([], [], color=f"C{i}", label=f"S={run.labels['S']:g}")
         ax.set(title=arm, xlabel="step", ylabel="RMS")
         ax.legend(fontsize=7)
-    return save_figure(fig, out_dir / "norm_sweep_abm_overlay.png")
+    return save_figure(fig, out_dir / "norm_sweep_abm_overlay.png"), ratios
 
 
 def markdown(settings, results, found, checks, figures) -> str:
@@ -345,6 +350,10 @@ standard deviations above its minimum at the ends, the multiplier arms within 2.
 ## The head's norm over training against ABM
 
 ![ABM overlay]({figures[1]})
+
+The final ‖W‖ over the ABM prediction at the same step (1: noise and weight decay alone set the norm):
+
+{markdown_table(["run", "‖W‖ / ABM"], [[name, ratio] for name, ratio in found["norm_over_abm"].items()])}
 
 ## Pre-flight
 

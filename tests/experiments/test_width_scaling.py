@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from lrm_train.experiments.analysis import power_law_fit
-from lrm_train.experiments.width_scaling import PAPER_EXPONENTS, WidthScalingSettings, learned_multipliers, run
+from lrm_train.experiments.width_scaling import (
+    FUNCTION_SCALES,
+    MATRIX_CLASSES,
+    PAPER_EXPONENTS,
+    WidthScalingSettings,
+    analyse,
+    learned_multipliers,
+    run,
+)
 from tests.experiments.micro_analysis import is_png_with_content, micro_trainer
 
 
@@ -62,3 +70,29 @@ def test_width_sweep_report(data_root, tmp_path):
     assert {("lrm", "hidden"), ("control", "lm_head"), ("lrm", "logits"), ("control", "dt pre-activation")} <= fitted
     assert all("learned" not in r for r in report["runs"] if r["arm"] == "control")
     assert is_png_with_content(tmp_path / "width_scaling.png")
+
+
+def test_exponents_are_fitted_per_seed_and_averaged_over_the_seeds():
+    widths = [32, 64, 128]
+    settings = WidthScalingSettings(widths=widths, seeds=[0, 1])
+    results = []
+    for seed, head in ((0, -0.9), (1, -1.1)):  # two seeds' own d^-0.9 and d^-1.1
+        for w in widths:
+            learned = dict(lm_head_scalar=w**head, ssm_dt=w**-1.0, qk_product=w**-2.0)
+            scales = dict(matrix_norm={c: 0.07 for c in MATRIX_CLASSES}, function={f: w**0.0 for f in FUNCTION_SCALES})
+            results.append(dict(arm="lrm", width=w, seed=seed, learned=learned, **scales))
+    results += [
+        dict(arm="control", width=w, seed=0, matrix_norm={c: 0.07 for c in MATRIX_CLASSES},
+             function={f: 0.1 * w for f in FUNCTION_SCALES})
+        for w in widths
+    ]  # fmt: skip
+    found = analyse(settings, results)
+    head = found["exponents"]["lm_head_scalar"]
+    assert head["exponent"] == pytest.approx(-1.0) and head["per_seed"] == pytest.approx([-0.9, -1.1])
+    assert head["ci95"] == pytest.approx([-1.0 - 12.706 * 0.1, -1.0 + 12.706 * 0.1])  # t, 1 degree of freedom
+    assert head["interval"] == "over seeds (t)"
+    assert found["exponents"]["qk_product"]["exponent"] == pytest.approx(-2.0)
+    scales = {(f["arm"], f["quantity"]): f for f in found["function_scales"]}
+    assert scales[("control", "logits")]["exponent"] == pytest.approx(1.0)
+    assert scales[("control", "logits")]["interval"] == "regression (one seed)"
+    assert scales[("lrm", "logits")]["exponent"] == pytest.approx(0.0, abs=1e-12)
