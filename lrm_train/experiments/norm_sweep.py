@@ -257,11 +257,11 @@ def plot_sweep(settings: NormSweepSettings, results: list[dict], out_dir: Path) 
                 plot = ax.semilogx if key == "val_loss" else ax.loglog
                 plot(x, [abs(v) for v in y], "o", color=f"C{i}", label=arm)
         ax.set(xlabel="S = sqrt(lr/wd) of the LM head", ylabel=label)
-        ax.set_xticks(settings.scales, [f"{s:g}" for s in settings.scales])
-        ax.tick_params(axis="x", which="minor", labelbottom=False)
     axes[1].loglog(settings.scales, [s / math.sqrt(2) for s in settings.scales], "k--", label="S/sqrt(2) (ABM)")
     axes[3].loglog(settings.scales, [1 / s for s in settings.scales], "k--", label="1/S (full compensation)")
     for ax in axes:
+        ax.set_xticks(settings.scales, [f"{s:g}" for s in settings.scales])
+        ax.tick_params(axis="x", which="minor", labelbottom=False)
         ax.legend(fontsize=7)
     return save_figure(fig, out_dir / "norm_sweep.png")
 
