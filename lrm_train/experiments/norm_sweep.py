@@ -65,8 +65,10 @@ class NormSweepSettings(ExperimentSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         # S and effective_lr set the head's lr and wd as their product and quotient, and S is fitted on logs.
-        if not self.scales or len(set(self.scales)) != len(self.scales):
-            raise ValueError(f"scales={self.scales} must be distinct and hold at least one S")
+        if not self.scales:
+            raise ValueError("scales=[] must hold at least one S")
+        if len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"scales={self.scales} must be distinct")
         if any(s <= 0 for s in self.scales):
             raise ValueError(f"scales={self.scales}: every S must be > 0")
         if self.effective_lr <= 0:
