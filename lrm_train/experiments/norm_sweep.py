@@ -30,12 +30,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lrm_train.experiments.analysis import final_weights, power_law_fit
 from lrm_train.experiments.experiment import Experiment, ExperimentSettings, finished
 from lrm_train.experiments.preflight import HEADER, Budget, budgets, refuse_short
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
 from lrm_train.experiments.results import read_metrics
 from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
+from lrm_train.models import FalconH1LM
 from lrm_train.train import compose
 from lrm_train.train.metrics import ABM_KEY, MULTIPLIER_KEY, NORM_EFF_KEY, NORM_KEY
 
@@ -120,23 +123,25 @@ def plan(settings: NormSweepSettings) -> list[RunSpec]:
 
 
 def head_multiplier_start(run: RunSpec) -> float:
-    """Where the head's learnable multipliers start: 1, or the muP forward multiplier under ``lrm.init=mup`` (then
-    the fixed one is 1 and the learnable one starts at its value)."""
-    return run.cfg.model.lm_head_multiplier if run.cfg.lrm.init == "mup" else 1.0
+    """Where the head's first learnable multiplier starts: 1, or under ``lrm.init=mup`` the head's muP forward
+    multiplier (its width scaling included), which it then carries in place of the fixed one."""
+    if run.cfg.lrm.init != "mup":
+        return 1.0
+    with torch.device("meta"):  # the multiplier's value is a float the layer keeps: no weights needed
+        return FalconH1LM(run.cfg.model, run.cfg.lrm).lm_head.mup_multiplier
 
 
 def preflight(runs: list[RunSpec]) -> list[Budget]:
     """The head must equilibrate; a multiplier of the head's scale starting at m0 must be able to reach m0/S (the
-    compensation of a head norm S times the centre's)."""
+    compensation of a head norm S times the centre's). The final norm's weights start at 1."""
     rows = []
     for run in runs:
-        m0 = head_multiplier_start(run)
-        needed = abs(m0 / run.labels["S"] - m0)
         travel = {}
         if run.cfg.lrm.placement != "none":
-            travel[HEAD_MULTIPLIERS] = needed
+            m0 = head_multiplier_start(run)
+            travel[HEAD_MULTIPLIERS] = abs(m0 / run.labels["S"] - m0)
         if run.cfg.optim.norm.lr_mult > 0:
-            travel[FINAL_NORM] = needed
+            travel[FINAL_NORM] = abs(1 / run.labels["S"] - 1)
         rows += budgets(run, [HEAD], travel)
     return rows
 

@@ -81,3 +81,11 @@ def test_width_scaling_refuses_multipliers_that_cannot_travel_the_width_change(t
     assert "travel budget Σlr = 0.491 < 0.5" in err
     assert not (tmp_path / "out").exists()
     assert width_scaling.main([*argv, "force=true", "--estimate"]) == 0
+
+
+def test_a_head_scalar_started_at_the_mup_value_needs_that_value_times_the_change(tmp_path):
+    # lrm.init=mup: the scalar starts at the head's muP multiplier, 0.0390625 x 1024/64 at width 64 under muP.
+    run = make_run("mup", tmp_path / "run", ["lrm=scalar", "lrm.init=mup", "model.hidden_size=64"], S=2.0)
+    m0 = 0.0390625 * 1024 / 64
+    [head] = [b for b in norm_sweep.preflight([run]) if b.parameters == "lm_head.lrm_scalar"]
+    assert head.needed == pytest.approx(abs(m0 / 2 - m0))
