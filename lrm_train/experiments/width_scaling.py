@@ -210,6 +210,9 @@ def report(settings: WidthScalingSettings, runs: list[RunSpec]) -> Path:
     found = analyse(settings, results)
     checks = preflight(settings, runs)
     figure = plot(settings, results, found, out_dir)
+    optim = runs[0].cfg.optim
+    # AdamW's noise/WD equilibrium of a matrix (abm.py's closed form), which the class's lr and wd multipliers scale.
+    found["abm_rms"] = math.sqrt(optim.lr / (2 * optim.weight_decay))
     text = markdown(settings, results, found, checks, figure)
     data = dict(
         settings=dataclasses.asdict(settings),
@@ -253,6 +256,9 @@ def plot(settings: WidthScalingSettings, results: list[dict], found: dict, out_d
     logit_ax.set(title="logit RMS (probe batch)", xlabel="width")
     norm_ax.legend(fontsize=6)
     logit_ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.tick_params(axis="x", which="minor", labelbottom=False)
     return save_figure(fig, out_dir / "width_scaling.png")
 
 
@@ -300,7 +306,8 @@ fit's own interval).
 
 Final RMS of each matrix class (geometric mean over its matrices; the paper: flat in width at equilibrium) and the
 probe batch's logit and dt pre-activation RMS after the last step (the paper: flat with the multipliers, growing
-about as d without them). Attention logits are not measured.
+about as d without them). Attention logits are not measured. AdamW's noise/WD equilibrium at the base lr and wd,
+sqrt(lr / (2 wd)) = {found["abm_rms"]:.3g}, for comparison with the matrices' RMS.
 
 {markdown_table(["arm", "quantity", "slope vs width", "95% CI", "interval"], scale_rows)}
 
