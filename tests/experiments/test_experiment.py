@@ -47,6 +47,9 @@ def sweep_args(data_root, out_dir) -> list[str]:
         "scales=[0.5,2.0]",
         "~arms.scalar",
         "~arms.vector",
+        "~end_seeds.frozen",
+        "~end_seeds.scalar",
+        "force=true",  # two-step runs: far too short for the pre-flight
         f"trainer={hydra_list(micro_trainer(data_root))}",
     ]
 

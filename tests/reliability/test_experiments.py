@@ -89,7 +89,9 @@ REFUSED = [
     case("N-outdir", "norm_sweep", ["scales=[1.0]", "out_dir={tmp}/afile/ns"], r"out_dir=.*/ns: .*Not a directory"),
     # width_scaling (A11, A12)
     case("A11", "width_scaling", ["widths=[64]"], r"widths: the exponent fit needs 3 widths or more, got \[64\]"),
-    case("A12", "width_scaling", ["widths=[60,120,240]"], r"width 60 is not a multiple of 2 x head_dim=32"),
+    case(
+        "A12", "width_scaling", ["widths=[60,120,240]", "head_dim=32"], r"width 60 is not a multiple of 2 x head_dim=32"
+    ),
     case("W-zero", "width_scaling", ["widths=[0,64,128]"], r"widths=\[0, 64, 128\]: every width must be > 0"),
     case("W-dup", "width_scaling", ["widths=[64,64,128]"], r"widths=\[64, 64, 128\] must be distinct"),
     case("W-head", "width_scaling", ["head_dim=0"], r"head_dim=0 must be >= 1"),
