@@ -23,7 +23,7 @@ import torch
 
 from lrm_train.experiments.runner import RunSpec
 from lrm_train.models import FalconH1LM
-from lrm_train.optim import classify_parameters, lr_factor, micro_batches
+from lrm_train.optim import classify_parameters, summed_lr_factor
 from lrm_train.optim.builder import parameter_groups
 
 EQUILIBRIUM, TRAVEL = "equilibration times wd·Σlr", "travel budget Σlr"
@@ -51,10 +51,8 @@ HEADER = ["run", "parameters", "budget", "reached", "needed", ""]
 
 def summed_lr(run: RunSpec) -> float:
     """sum_t of the base LR over the run's steps, as the trainer sets it (schedule and batch ramp)."""
-    cfg, accum = run.cfg, run.cfg.train.grad_accum
-    steps = cfg.train.max_steps
-    used = [micro_batches(cfg.schedule, accum, t) / accum for t in range(steps)]
-    return cfg.optim.lr * sum(lr_factor(cfg.schedule, t, steps, used[t]) for t in range(steps))
+    cfg = run.cfg
+    return cfg.optim.lr * summed_lr_factor(cfg.schedule, cfg.train.max_steps, cfg.train.grad_accum)
 
 
 def budgets(run: RunSpec, equilibrate: list[str], travel: dict[str, float]) -> list[Budget]:

@@ -36,7 +36,7 @@ from lrm_train.experiments.experiment import Experiment, ExperimentSettings
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
 from lrm_train.experiments.results import read_metrics
 from lrm_train.experiments.runner import DIVERGED, FINISHED, RunSpec, create_out_dir, make_run, run_status
-from lrm_train.optim import lr_factor
+from lrm_train.optim import equilibration_times as optim_equilibration_times
 from lrm_train.train.metrics import MULTIPLIER_KEY, NORM_KEY
 
 PRECISIONS = ("float32", "bf16")
@@ -91,10 +91,11 @@ def plan(settings: SymmetryDriftSettings) -> list[RunSpec]:
 
 def equilibration_times(run: RunSpec) -> float:
     """How many times 1/(lr wd) of the multipliers' decay the run lasts: ``wd * sum over steps of their LR``."""
-    cfg = run.cfg
-    steps = cfg.train.max_steps
-    summed = sum(lr_factor(cfg.schedule, t, steps) for t in range(steps))
-    return cfg.optim.multiplier_weight_decay * cfg.optim.lr * cfg.optim.multiplier.lr_mult * summed
+    cfg, o = run.cfg, run.cfg.optim
+    lr = o.lr * o.multiplier.lr_mult
+    return optim_equilibration_times(
+        cfg.schedule, cfg.train.max_steps, cfg.train.grad_accum, lr, o.multiplier_weight_decay
+    )
 
 
 def _rms(record: dict, key: str) -> float:

@@ -43,6 +43,7 @@ from lrm_train.optim.schedule import (
     equilibration_times,
     lr_factor,
     micro_batches,
+    summed_lr_factor,
 )
 
 __all__ = [
@@ -84,4 +85,5 @@ __all__ = [
     "orthogonalize",
     "parameter_roles",
     "set_learning_rates",
+    "summed_lr_factor",
 ]

@@ -105,13 +105,19 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, used_batch_fract
     return factor * math.sqrt(used_batch_fraction)
 
 
+def summed_lr_factor(cfg: ScheduleConfig, total_steps: int, grad_accum: int) -> float:
+    """Sum over the steps of ``lr_factor`` (batch ramp included): times a peak LR, the summed LR of a run - how far
+    a parameter under Adam can travel at most, and with the weight decay, how many equilibration times it lasts."""
+    return sum(
+        lr_factor(cfg, step, total_steps, micro_batches(cfg, grad_accum, step) / grad_accum)
+        for step in range(total_steps)
+    )
+
+
 def equilibration_times(
     cfg: ScheduleConfig, total_steps: int, grad_accum: int, lr: float, weight_decay: float
 ) -> float:
     """Sum over the steps of ``lr_t x wd``: how many equilibration times (1 / (lr x wd) steps each) of decoupled
     weight decay (``W *= 1 - lr_t x wd`` per step, AdamW's and Muon's) a run of peak LR ``lr`` lasts. Below 1 the
     weight norms are still set by their init and early growth, not by the noise-WD equilibrium."""
-    return sum(
-        lr * weight_decay * lr_factor(cfg, step, total_steps, micro_batches(cfg, grad_accum, step) / grad_accum)
-        for step in range(total_steps)
-    )
+    return lr * weight_decay * summed_lr_factor(cfg, total_steps, grad_accum)
