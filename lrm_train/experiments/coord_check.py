@@ -50,7 +50,14 @@ from lrm_train.utils import atomic_write_text
 # The Mamba mixer's inputs to its scan (the in_proj's sections) and the scan's gated output (out_proj's input) are
 # watched too: the mixer multiplies five learned quantities, so its output can drift with width while each factor
 # stays flat, and these show which.
-MAMBA_PARTS = ("mamba.z", "mamba.x", "mamba.B", "mamba.C", "mamba.dt", "mamba.gated")
+# The in_proj's sections; what the scan takes (x, B, C after the conv, dt after softplus) and its scores C_t.B_s
+# (s <= t: how strongly a past token is read, the attention logits' counterpart); the gated scan output.
+MAMBA_PARTS = (
+    *(f"mamba.{name}" for name in ("z", "x", "B", "C", "dt")),
+    *(f"mamba.scan_{name}" for name in ("x", "B", "C", "dt")),
+    "mamba.scores",
+    "mamba.gated",
+)
 QUANTITIES = ("embedding", "mamba", *MAMBA_PARTS, "attention", "mlp", "residual", "logits")
 KINDS = ("rms", "delta")  # the output's RMS; the RMS of its change since initialization
 PROBE_SEQUENCES = 2
@@ -190,6 +197,19 @@ def _record_sections(mixer, h: torch.Tensor, record: Callable[[str, torch.Tensor
     sections = fused_linear(h, list(mixer.in_proj.values())).split(mixer.section_sizes, dim=-1)
     for name, section in zip(mixer.in_proj, sections):
         record(f"mamba.{name}", section)
+    _, x, B, C, dt = mixer.scan_inputs(h)
+    for name, value in zip(("x", "B", "C", "dt"), (x, B, C, dt)):
+        record(f"mamba.scan_{name}", value)
+    record("mamba.scores", scan_scores(mixer, B, C))
+
+
+def scan_scores(mixer, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """C_t.B_s for every s <= t and group: the scan's counterpart of attention logits, which grows with the
+    alignment of C and B, not only with their sizes."""
+    by_group = (-1, (mixer.n_groups, mixer.d_state))
+    scores = torch.einsum("btgn,bsgn->bgts", C.unflatten(*by_group), B.unflatten(*by_group))
+    seq_len = B.shape[1]
+    return scores[..., torch.ones(seq_len, seq_len, dtype=torch.bool, device=B.device).tril()]
 
 
 def _mean(values: list[float]) -> float:

@@ -208,13 +208,17 @@ class Mamba2Mixer(nn.Module):
         )
         self.out_proj = _matrix(cfg, lrm, "ssm.out_after_norm" if cfg.mamba_rms_norm else "ssm.out", d_ssm, d)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def scan_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``z, x, B, C, dt`` as the scan and the gate take them: x, B and C after the causal conv, dt after softplus."""
         seq_len = h.shape[1]
         z, x, B, C, dt = fused_linear(h, list(self.in_proj.values())).split(self.section_sizes, dim=-1)
         xbc = torch.cat((x, B, C), dim=-1).transpose(1, 2)
         xbc = F.silu(self.conv1d(xbc)[..., :seq_len]).transpose(1, 2)
         x, B, C = xbc.split(self.section_sizes[1:4], dim=-1)
-        dt = F.softplus(dt + self.dt_bias)
+        return z, x, B, C, F.softplus(dt + self.dt_bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z, x, B, C, dt = self.scan_inputs(h)
         y = self.ssd_scan(
             x.unflatten(-1, (self.n_heads, self.head_dim)),
             dt,

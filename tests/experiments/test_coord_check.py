@@ -46,11 +46,14 @@ def test_report_holds_every_step_quantity_kind_and_width(healthy):
         # muP's readouts start at zero: so do the logits and Mamba's C, and only they.
         assert [q for q in QUANTITIES if steps[0][q]["rms"] == 0] == ["mamba.C", "logits"]
         assert all(s[q]["delta"] == 0 for s in steps[:1] for q in QUANTITIES)  # the change since init, at init
-        # Below a zero LM head no gradient flows at step 1: C stays zero until step 2, when it too has moved.
-        assert [q for q in QUANTITIES if steps[1][q]["rms"] == 0 or steps[1][q]["delta"] == 0] == ["mamba.C"]
+        # Below a zero LM head no gradient flows at step 1: C stays zero until step 2, when it too has moved, and so
+        # what the scan takes for C (the conv of zero: its bias, a vector without weight decay) stays put.
+        unmoved = [q for q in QUANTITIES if steps[1][q]["rms"] == 0 or steps[1][q]["delta"] == 0]
+        assert unmoved == ["mamba.C", "mamba.scan_C"]
         assert all(steps[2][q][k] > 0 for q in QUANTITIES for k in KINDS)
     fitted = {(r["step"], r["quantity"], r["kind"]) for r in report["slopes"]}
     zero = {(0, "logits", "rms"), (0, "mamba.C", "rms"), (1, "mamba.C", "rms"), (1, "mamba.C", "delta")}
+    zero.add((1, "mamba.scan_C", "delta"))
     zero |= {(0, q, "delta") for q in QUANTITIES}  # nothing to fit
     assert fitted == {(s, q, k) for s in (0, 1, 2) for q in QUANTITIES for k in KINDS} - zero
     assert {r["checked"] for r in report["slopes"] if r["step"] < 2} == {False}
@@ -61,7 +64,8 @@ def test_report_holds_every_step_quantity_kind_and_width(healthy):
     assert abs(embedding["exponent"]) < 0.1 and not embedding["flagged"]
     line = report["verdicts"][0]["line"]
     assert (
-        line.startswith("coord check (adamw, mup): max |slope| ") and "over 24 quantities, steps 2..2 (bar 10)" in line
+        line.startswith("coord check (adamw, mup): max |slope| ")
+        and f"over {len(QUANTITIES) * len(KINDS)} quantities, steps 2..2 (bar 10)" in line
     )
 
 
@@ -136,4 +140,19 @@ def test_the_mamba_parts_are_the_mixers_own(tmp_path):
         for name in ("z", "x", "B", "C", "dt"):
             assert torch.allclose(seen[f"mamba.{name}"], mixer.in_proj[name](inputs[0]), atol=1e-6), name
         assert torch.allclose(mixer.out_proj(seen["mamba.gated"]), seen["mamba"], atol=1e-6)
+        # The scan's inputs: the conv's first output sees only the first token; dt is positive after softplus.
+        b_channel = cfg.mamba_d_ssm  # B's first channel in the conv
+        first = mixer.conv1d.weight[b_channel, 0, -1] * seen["mamba.B"][:, 0, 0] + mixer.conv1d.bias[b_channel]
+        assert torch.allclose(seen["mamba.scan_B"][:, 0, 0], torch.nn.functional.silu(first), atol=1e-6)
+        assert torch.allclose(
+            seen["mamba.scan_dt"], torch.nn.functional.softplus(seen["mamba.dt"] + mixer.dt_bias), atol=1e-6
+        )
+        # Scores: C_t.B_s over d_state within each group, s <= t, in row order (t, then s).
+        B, C = (seen[f"mamba.scan_{n}"].unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state)) for n in "BC")
+        assert seen["mamba.scores"].shape == (2, cfg.mamba_n_groups, 8 * 9 // 2)
+        assert torch.allclose(
+            seen["mamba.scores"][1, 0, :3],
+            torch.stack([C[1, 0, 0] @ B[1, 0, 0], C[1, 1, 0] @ B[1, 0, 0], C[1, 1, 0] @ B[1, 1, 0]]),
+            atol=1e-6,
+        )
     assert set(seen) == set(QUANTITIES)
