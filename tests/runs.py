@@ -24,6 +24,16 @@ GROUPED_HEADS = dict(
 )
 # fmt: on
 
+# compare_cpu's mup and lrm arms alone, at the muP-transferred values: the comparison's mechanics need no more.
+COMPARE_TWO_ARMS = [
+    "tuned_config=null",
+    "untuned=[]",
+    "pairs=[]",
+    "~arms.lrm_untuned",
+    "~arms.transplant",
+    "~transplant.transplant",
+]
+
 
 def micro_config(**changes) -> FalconH1Config:
     """The micro model as a config, for tests that build it in process; ``changes`` (the sizes a test depends on, say)

@@ -9,7 +9,7 @@ import stat
 
 import matplotlib.image
 import pytest
-from runs import overrides
+from runs import COMPARE_TWO_ARMS, overrides
 
 from lrm_train.config_compose import compose_schema
 from lrm_train.experiments.compare import (
@@ -60,18 +60,7 @@ def micro_args(data_root, out_dir, **extra) -> list[str]:
         "parallel": 1,  # in this process (compare_cpu trains two at once)
     }
     args.update(extra)
-    return [f"{k}={v}" for k, v in args.items()] + TWO_ARMS
-
-
-# compare_cpu's mup and lrm arms alone, at the muP-transferred values: the mechanics these tests check need no more.
-TWO_ARMS = [
-    "tuned_config=null",
-    "untuned=[]",
-    "pairs=[]",
-    "~arms.lrm_untuned",
-    "~arms.transplant",
-    "~transplant.transplant",
-]
+    return [f"{k}={v}" for k, v in args.items()] + COMPARE_TWO_ARMS
 
 
 def val_losses(run_dir) -> list[float]:

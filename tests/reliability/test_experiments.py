@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from harness import assert_refused, assert_untouched, run_main, snapshot
-from runs import overrides
+from runs import COMPARE_TWO_ARMS, overrides
 
 from lrm_train.config_compose import compose_schema
 from lrm_train.experiments import abm, compare, coord_check, norm_sweep, runner, width_scaling
@@ -226,14 +226,7 @@ def sigterm_at_step_2(data_root, tmp_path, parallel: int) -> list[str]:
         "seeds=[1]",
         "final_evals=1",
         f"parallel={parallel}",
-        *(
-            "tuned_config=null",
-            "untuned=[]",
-            "pairs=[]",
-            "~arms.lrm_untuned",
-            "~arms.transplant",
-            "~transplant.transplant",
-        ),
+        *COMPARE_TWO_ARMS,
     ]
 
 
