@@ -36,7 +36,7 @@ from lrm_train.experiments.analysis import final_weights, power_law_fit
 from lrm_train.experiments.experiment import Experiment, ExperimentSettings, finished
 from lrm_train.experiments.preflight import HEADER, Budget, budgets, refuse_short
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
-from lrm_train.experiments.results import read_metrics
+from lrm_train.experiments.results import last_logged, read_metrics
 from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
 from lrm_train.models import FalconH1LM
 from lrm_train.train import compose
@@ -150,10 +150,7 @@ def final_values(run_dir: Path) -> dict:
     """The final validation loss and the LM head's norms from the run's metrics, and its multipliers from the final
     checkpoint: the learnable scalar (when it has one) and the RMS of the final norm's weights (the head's column
     multipliers). ``norm_eff`` is the head with every multiplier, the final norm's weights included."""
-    records = read_metrics(run_dir)
-    last = {}
-    for record in records:
-        last.update({k: v for k, v in record.items() if v is not None})
+    last = last_logged(run_dir)
     weights = final_weights(run_dir)
     head, columns = weights[HEAD], weights[FINAL_NORM]
     column_gain = float((head * columns).pow(2).mean().sqrt() / head.pow(2).mean().sqrt())

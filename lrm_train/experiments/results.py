@@ -27,6 +27,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def last_logged(run_dir: Path) -> dict:
+    """Every metric's last logged value in the run (a metric is not logged at every step: validation, norms)."""
+    last = {}
+    for record in read_metrics(run_dir):
+        last.update({k: v for k, v in record.items() if v is not None})
+    return last
+
+
 def series(records: list[dict], key: str) -> tuple[list[int], list[float | None]]:
     """(steps, values) of the records that carry ``key`` (None where it was non-finite)."""
     found = [(r["step"], r[key]) for r in records if key in r]

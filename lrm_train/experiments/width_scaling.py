@@ -40,7 +40,7 @@ from lrm_train.experiments.coord_check import RESULT_FILE, ActivationRMS
 from lrm_train.experiments.experiment import Experiment, ExperimentSettings, finished
 from lrm_train.experiments.preflight import HEADER, Budget, budgets, refuse_short
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
-from lrm_train.experiments.results import read_metrics
+from lrm_train.experiments.results import last_logged
 from lrm_train.experiments.runner import RunSpec, create_out_dir, make_run
 from lrm_train.nn import Parametrization
 from lrm_train.train.metrics import NORM_KEY
@@ -154,9 +154,7 @@ def learned_multipliers(weights: dict[str, torch.Tensor], head_dim: int, heads_p
 
 def matrix_norms(run_dir: Path) -> dict[str, float]:
     """Each matrix class's final RMS (geometric mean over its matrices) from the run's last logged norms."""
-    last = {}
-    for record in read_metrics(run_dir):
-        last.update({k: v for k, v in record.items() if k.startswith(NORM_KEY) and v is not None})
+    last = {k: v for k, v in last_logged(run_dir).items() if k.startswith(NORM_KEY)}
     out = {}
     for cls, prefix in MATRIX_CLASSES.items():
         values = [v for k, v in last.items() if k[len(NORM_KEY) :].startswith(prefix) and v > 0]
