@@ -572,3 +572,19 @@ def test_the_equilibrium_regime_lasts_three_equilibration_times_or_more_at_every
     reached = {e["lr"]: e["equilibration_times"] for e in equilibration(runs)}
     assert sorted(reached) == pytest.approx(lr_grid(0.01, 3)) and len(runs) == 12
     assert [round(reached[lr], 2) for lr in sorted(reached)] == [3.01, 4.26, 6.02]  # as its yaml header says
+
+
+def test_the_cpu_defaults_plan_what_their_headers_say():
+    """compare_cpu (AdamW: six LRs on tune_cpu's three selection seeds) and compare_cpu_muon (Muon: seven LRs on seed
+    0), each with the four arms, then held-out seeds 3-7, disjoint from the tuning's."""
+    for experiment, optimizer, grid, selection, count in [
+        ("compare_cpu", "adamw", lr_grid(0.008, 6), {0, 1, 2}, 92),
+        ("compare_cpu_muon", "muon", lr_grid(0.008 * math.sqrt(2), 7), {0}, 48),
+    ]:
+        runs = plan(compose_schema("compare", CompareConfig, [f"experiment={experiment}"]))
+        assert len(runs) == count and {r.cfg.optim.name.value for r in runs} == {optimizer}
+        sweep = [r for r in runs if r.labels["phase"] == "selection" and not r.waiting_for]
+        assert sorted({r.cfg.optim.lr for r in sweep}) == pytest.approx(grid)
+        assert {r.cfg.train.seed for r in sweep} == selection
+        assert {r.cfg.train.seed for r in runs if r.labels["phase"] == "held_out"} == {3, 4, 5, 6, 7}
+        assert {r.labels["arm"] for r in runs} == {"mup", "lrm", "lrm_untuned", "transplant"}
