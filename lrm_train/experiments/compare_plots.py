@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 def legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:  # a panel may have nothing to label (no gap without a baseline)
-        ax.legend()
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not over them
 
 
 def plot_val_curves(out: Path, cfg: CompareConfig, shown: dict, summary: dict) -> str:
@@ -39,6 +39,7 @@ def plot_val_curves(out: Path, cfg: CompareConfig, shown: dict, summary: dict) -
                     common, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25
                 )
         ax.set(title=optimizer, xlabel="tokens", ylabel="validation loss")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))  # 1e5 tokens, not run-together digits
         legend(ax)
     return save_figure(fig, out / "val_loss.png")
 
@@ -63,6 +64,7 @@ def plot_gap(out: Path, cfg: CompareConfig, summary: dict) -> str:
             if gap["decay_start_tokens"] is not None:
                 ax.axvline(gap["decay_start_tokens"], color="grey", ls=":", lw=1)
         ax.set(title=optimizer, xlabel="tokens", ylabel="validation loss gap")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))  # 1e5 tokens, not run-together digits
         legend(ax)
     return save_figure(fig, out / "gap.png")
 

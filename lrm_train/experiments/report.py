@@ -21,7 +21,8 @@ from lrm_train.utils import atomic_write_bytes, atomic_write_text
 
 def new_figure(panels: int = 1, title: str = ""):
     """A row of ``panels`` axes (a list even for one)."""
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    # Constrained layout keeps a two-line title clear of the panels' own titles and makes room for outside legends.
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False, layout="constrained")
     if title:
         fig.suptitle(title)
     return fig, list(axes[0])
