@@ -143,9 +143,9 @@ def test_readme_and_help_example_adds_an_arm(tmp_path, monkeypatch):
     assert example in run_main(compare.main, ["--help"]).stdout
     outcome = run_main(compare.main, [example, "tuned_config=null", "--estimate"])
     assert outcome.code == 0 and not outcome.stderr and not outcome.escaped, outcome.stderr + outcome.escaped
-    # 5 arms (mup, lrm, lrm_untuned, transplant, lrm_one) x 2 optimizers: 3 LRs on seed 0 (the transplant's waiting
-    # for lrm's), then 5 held-out seeds
-    assert outcome.stdout.startswith("80 runs (56 of them waiting")
+    # 5 arms (mup, lrm, lrm_untuned, transplant, lrm_one) under AdamW: 6 LRs on selection seeds 0-2 (the transplant's
+    # 18 waiting for lrm's), then 5 held-out seeds (25 waiting)
+    assert outcome.stdout.startswith("115 runs (43 of them waiting")
     assert not list(tmp_path.iterdir())  # --estimate writes nothing
 
 
@@ -223,6 +223,7 @@ def sigterm_at_step_2(data_root, tmp_path, parallel: int) -> list[str]:
         "train=" + json.dumps([f"{k}={v}" for k, v in train.items()]),
         "optimizers=[adamw]",
         "lr_points=1",
+        "selection_seeds=[0]",
         "seeds=[1]",
         "final_evals=1",
         f"parallel={parallel}",
