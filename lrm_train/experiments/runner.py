@@ -22,10 +22,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ import torch
 from lrm_train.cli import CommandEnding
 from lrm_train.train import RunConfig, compose, train
 from lrm_train.train.checkpoint import checkpoint_root, complete_checkpoints
+from lrm_train.train.preemption import STOP_SIGNALS, Stopped
 
 FINISHED, DIVERGED, PENDING = "finished", "diverged", "pending"
 SLURM_JOB_FILE = "slurm_job_id"  # in a run directory: the job that trains it
@@ -169,24 +172,87 @@ def _train_spawned(run: RunSpec, threads: int) -> EndedInWorker | None:
     return None
 
 
+def _ignore_stop_signals() -> None:
+    """A parallel worker's start: a stop signal outside a run's training loop (starting a run, between runs) is
+    ignored rather than fatal, so the worker always ends through its trainer (which records the signal while it
+    loops, saves and returns its ending) and never leaves the pool broken with a run half-saved."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _ForwardStopSignals:
+    """While entered: a stop signal (SIGTERM, SIGUSR1) sent to this process alone - by ``kill``, ``timeout`` or a
+    supervisor; Ctrl-C and Slurm reach every process themselves - is recorded and passed on to the workers, again
+    every ``poll()`` until they end, so that a worker that was between runs gets it once its trainer loops. A second
+    signal kills the workers and then this process, as it would have without us."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        return self
+
+    def _record(self, signum: int, _frame) -> None:
+        if self.received:
+            for worker in multiprocessing.active_children():
+                worker.kill()
+            self._restore()
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        self.poll()
+
+    def poll(self) -> None:
+        if self.received:
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, self.received)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *_exc) -> None:
+        self._restore()
+
+
 def _train_in_parallel(todo: list[tuple[int, RunSpec]], total: int, threads: int, parallel: int) -> None:
     # Spawned, not forked: a forked child inherits this process's torch thread pools and state, which is unsafe;
     # a spawned one starts clean and trains exactly as a sequential run with the same thread count does.
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(parallel, mp_context=spawn, initializer=_ignore_stop_signals) as pool:
         futures = {}
         for i, run in todo:
             print(f"[{i}/{total}] {run.name}: training (up to {parallel} at once)", flush=True)
             futures[pool.submit(_train_spawned, run, threads)] = (i, run)
-        try:
-            for future in as_completed(futures):
-                i, run = futures[future]
-                if ended := future.result():
-                    raise ended
-                print(f"[{i}/{total}] {run.name}: {run_status(run)}", flush=True)
-        except BaseException:
-            for future in futures:  # the runs not started stay pending; those in progress end (or save) first
-                future.cancel()
-            raise
+        endings: list[EndedInWorker] = []
+        with _ForwardStopSignals() as stop:
+            try:
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        if future.cancelled():
+                            continue
+                        i, run = futures[future]
+                        if ended := future.result():
+                            endings.append(ended)
+                        print(f"[{i}/{total}] {run.name}: {run_status(run)}", flush=True)
+                    if endings or stop.received:  # the runs not started stay pending; those in progress save
+                        for future in pending:
+                            future.cancel()
+                    stop.poll()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    if endings:
+        raise endings[0]
+    if stop.received:
+        raise Stopped(f"{signal.Signals(stop.received).name} with no run in progress", stop.received)
 
 
 def _train_with_torchrun(run: RunSpec, nproc: int, threads: int) -> None:

@@ -68,3 +68,15 @@ class DuringSave(Callback):
         checkpoint._save_pieces = patched_save_pieces
         checkpoint.write_rank_files = patched_write_rank_files
         checkpoint.AtomicDirectory.commit = patched_commit
+
+
+class HoldAfterStopSignal(Callback):
+    """Once the loop has recorded a SIGTERM (its handler gave the signal back to the one before it, which in a
+    parallel experiment's worker ignores it), each step takes ``seconds`` more: the window for a second signal."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step(self, trainer, step) -> None:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            time.sleep(self.seconds)

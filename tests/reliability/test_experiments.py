@@ -9,6 +9,10 @@ so each takes a second or two, and none may leave a folder behind (no out_dir, n
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -253,3 +257,59 @@ def test_sigterm_in_parallel_runs_saves_each_and_ends_the_comparison_with_its_st
     assert last.startswith("stopped: SIGTERM at step 2; saved the checkpoint ") and last.endswith(
         "(run the same command to resume from it); run the same command again to go on"
     )
+
+
+def two_long_runs_in_parallel(data_root, tmp_path, **train_extra) -> tuple[subprocess.Popen, list[Path]]:
+    """A comparison command whose two sweep runs train side by side (5000 steps, no checkpoint before the end), once
+    both have logged two steps; and their metrics files."""
+    train = {k: v for k, v in overrides(data_root, "unused").items() if k != "train.run_dir"}
+    train.update({"train.max_steps": 5000, "train.ckpt_every": 10000, "train.eval_every": 10000, **train_extra})
+    argv = [
+        f"out_dir={tmp_path / 'cmp'}",
+        "train=" + json.dumps([f"{k}={v}" for k, v in train.items()]),
+        "optimizers=[adamw]",
+        "lr_points=1",
+        "selection_seeds=[0]",
+        "seeds=[1]",
+        "final_evals=1",
+        "parallel=2",
+        *COMPARE_TWO_ARMS,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    command = subprocess.Popen(
+        [sys.executable, "-m", "lrm_train.experiments.compare", *argv], stderr=subprocess.PIPE, text=True, env=env
+    )
+    metrics = [tmp_path / "cmp" / "runs" / f"{arm}-adamw-lr0.008-s0" / "metrics.jsonl" for arm in ("lrm", "mup")]
+    deadline = time.monotonic() + 240
+    while not all(m.exists() and m.read_text().count("\n") >= 2 for m in metrics):
+        assert command.poll() is None and time.monotonic() < deadline, command.stderr.read() if command.poll() else ""
+        time.sleep(0.1)
+    return command, metrics
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_the_command_with_parallel_runs_saves_each_run_in_progress(data_root, tmp_path):
+    """A SIGTERM sent to the comparison's own process (``kill``, ``timeout``, a supervisor: not to its process group)
+    while two runs train in its spawned workers: each run saves where it is and the command exits 143 with the
+    resume line, instead of dying at once and leaving the workers to train on, unseen, and lose their steps."""
+    command, metrics = two_long_runs_in_parallel(data_root, tmp_path)
+    command.send_signal(signal.SIGTERM)
+    _, stderr = command.communicate(timeout=120)  # returns once every worker has closed the stderr it inherited
+    assert command.returncode == 143, stderr[-2000:]
+    for m in metrics:
+        [kept] = (m.parent / "checkpoints").iterdir()
+        assert 2 <= int(kept.name.removeprefix("step_")) < 5000
+    last = stderr.splitlines()[-1]
+    assert last.startswith("stopped: SIGTERM at step ") and last.endswith("run the same command again to go on")
+
+
+@pytest.mark.multiprocess
+def test_a_second_sigterm_ends_the_command_and_its_workers_at_once(data_root, tmp_path):
+    hold = {"+callbacks.hold._target_": "faulty_callbacks.HoldAfterStopSignal", "+callbacks.hold.seconds": 300}
+    command, metrics = two_long_runs_in_parallel(data_root, tmp_path, **hold)
+    command.send_signal(signal.SIGTERM)
+    time.sleep(1)  # the workers have it, and hold their step
+    command.send_signal(signal.SIGTERM)
+    command.communicate(timeout=60)  # returns once no worker is left holding the stderr pipe
+    assert command.returncode == -signal.SIGTERM
+    assert not any((m.parent / "checkpoints").exists() for m in metrics)  # killed while holding: nothing saved
