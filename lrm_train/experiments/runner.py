@@ -25,7 +25,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ import torch
 from lrm_train.cli import CommandEnding
 from lrm_train.train import RunConfig, compose, train
 from lrm_train.train.checkpoint import checkpoint_root, complete_checkpoints
-from lrm_train.train.preemption import STOP_SIGNALS, Stopped
+from lrm_train.train.preemption import STOP_SIGNALS, Stopped, StopSignals
 
 FINISHED, DIVERGED, PENDING = "finished", "diverged", "pending"
 SLURM_JOB_FILE = "slurm_job_id"  # in a run directory: the job that trains it
@@ -180,20 +179,11 @@ def _ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-class _ForwardStopSignals:
+class _ForwardStopSignals(StopSignals):
     """While entered: a stop signal (SIGTERM, SIGUSR1) sent to this process alone - by ``kill``, ``timeout`` or a
     supervisor; Ctrl-C and Slurm reach every process themselves - is recorded and passed on to the workers, again
     every ``poll()`` until they end, so that a worker that was between runs gets it once its trainer loops. A second
     signal kills the workers and then this process, as it would have without us."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
-        return self
 
     def _record(self, signum: int, _frame) -> None:
         if self.received:
@@ -209,14 +199,6 @@ class _ForwardStopSignals:
         if self.received:
             for worker in multiprocessing.active_children():
                 os.kill(worker.pid, self.received)
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __exit__(self, *_exc) -> None:
-        self._restore()
 
 
 def _train_in_parallel(todo: list[tuple[int, RunSpec]], total: int, threads: int, parallel: int) -> None:

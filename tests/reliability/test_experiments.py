@@ -216,12 +216,11 @@ def test_abm_takes_a_model_preset_as_the_trainer_does(tmp_path):
     assert "embedding/1024x128" in {fit["shadow"] for fit in report["slopes"]}
 
 
-def sigterm_at_step_2(data_root, tmp_path, parallel: int) -> list[str]:
-    """A comparison's argv whose runs each get SIGTERM at step 2 (2 sweep runs, then 2 held-out ones)."""
+def two_arm_comparison(data_root, tmp_path, parallel: int, **train_changes) -> list[str]:
+    """The argv of a comparison of the micro model's two arms at one LR: 2 sweep runs on seed 0, then 2 held-out
+    runs on seed 1."""
     train = {k: v for k, v in overrides(data_root, "unused").items() if k != "train.run_dir"}
-    train.update(
-        {"train.max_steps": 4, "+callbacks.term._target_": "faulty_callbacks.SignalAt", "+callbacks.term.at": 2}
-    )
+    train.update(train_changes)
     return [
         f"out_dir={tmp_path / 'cmp'}",
         "train=" + json.dumps([f"{k}={v}" for k, v in train.items()]),
@@ -233,6 +232,12 @@ def sigterm_at_step_2(data_root, tmp_path, parallel: int) -> list[str]:
         f"parallel={parallel}",
         *COMPARE_TWO_ARMS,
     ]
+
+
+def sigterm_at_step_2(data_root, tmp_path, parallel: int) -> list[str]:
+    """A comparison's argv whose runs each get SIGTERM at step 2."""
+    signal_at_2 = {"+callbacks.term._target_": "faulty_callbacks.SignalAt", "+callbacks.term.at": 2}
+    return two_arm_comparison(data_root, tmp_path, parallel, **{"train.max_steps": 4, **signal_at_2})
 
 
 def test_sigterm_during_a_comparison_saves_the_run_in_progress_and_says_how_to_go_on(data_root, tmp_path):
@@ -262,19 +267,8 @@ def test_sigterm_in_parallel_runs_saves_each_and_ends_the_comparison_with_its_st
 def two_long_runs_in_parallel(data_root, tmp_path, **train_extra) -> tuple[subprocess.Popen, list[Path]]:
     """A comparison command whose two sweep runs train side by side (5000 steps, no checkpoint before the end), once
     both have logged two steps; and their metrics files."""
-    train = {k: v for k, v in overrides(data_root, "unused").items() if k != "train.run_dir"}
-    train.update({"train.max_steps": 5000, "train.ckpt_every": 10000, "train.eval_every": 10000, **train_extra})
-    argv = [
-        f"out_dir={tmp_path / 'cmp'}",
-        "train=" + json.dumps([f"{k}={v}" for k, v in train.items()]),
-        "optimizers=[adamw]",
-        "lr_points=1",
-        "selection_seeds=[0]",
-        "seeds=[1]",
-        "final_evals=1",
-        "parallel=2",
-        *COMPARE_TWO_ARMS,
-    ]
+    long = {"train.max_steps": 5000, "train.ckpt_every": 10000, "train.eval_every": 10000}
+    argv = two_arm_comparison(data_root, tmp_path, parallel=2, **long, **train_extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     command = subprocess.Popen(
         [sys.executable, "-m", "lrm_train.experiments.compare", *argv], stderr=subprocess.PIPE, text=True, env=env
