@@ -110,15 +110,13 @@ class Experiment:
         return self.report(settings, self.train(settings, self.plan(settings)))
 
     def train(self, settings: ExperimentSettings, runs: list[RunSpec]) -> list[RunSpec]:
-        """Train ``runs`` here; while some of them wait for others (the comparison's held-out runs for their LR
-        sweep, the tuning's next stage), plan again and train what became ready. Returns the last plan."""
+        """Train ``runs`` here, then plan again with their results and train what that adds (the comparison's
+        held-out runs once their LR sweep is done, the tuning's next stage, or a point beyond an axis' edge, even in
+        its last stage), until a plan adds nothing to train. Returns that plan."""
         while True:
             run_local(runs, settings.nproc, settings.threads, settings.parallel)
-            if not any(r.waiting_for for r in runs):
-                return runs
             runs = self.plan(settings)
-            # Nothing more became ready (an LR on the grid's edge, say): the report says why. Ready runs may be new
-            # without fewer waiting ones (the tuning widens an axis), so what counts is a pending run to train.
+            # Nothing more became ready (an LR on the grid's edge, say, or everything done): the report says why.
             if not any(not r.waiting_for and run_status(r) == PENDING for r in runs):
                 return runs
 

@@ -202,6 +202,26 @@ def test_an_edge_past_the_cap_exits_1_and_writes_no_config(data_root, tuned, mon
     assert "EDGE (not tuned)" in (out / "report.md").read_text()
 
 
+def test_a_last_stage_that_widens_trains_its_new_point_before_the_report(data_root, tmp_path, monkeypatch):
+    """The last axis' best on its edge: the point beyond it is trained in the same command (no stage waits for it,
+    so nothing else makes the loop plan again), and the tuned config is written."""
+    measured = tune.Planner.loss
+    key_best_beyond_the_first_grid = bowl({"key": 2})
+    monkeypatch.setattr(
+        tune.Planner,
+        "loss",
+        lambda self, p: None if measured(self, p) is None else key_best_beyond_the_first_grid(p),
+    )
+    name = f"test_micro_{uuid.uuid4().hex[:8]}"
+    try:
+        assert main(micro_args(data_root, tmp_path, name, max_widen=2, allow_edge="false")) == 0
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert [c["factor"] for c in report["curves"]["key"]] == [0.5, 1, 2, 4, 8]  # x4 best, x8 beyond it
+        assert report["best"]["key"] == 2 and (tune.TUNED_DIR / f"{name}.yaml").exists()
+    finally:
+        (tune.TUNED_DIR / f"{name}.yaml").unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize(
     "override, culprit",
     [
