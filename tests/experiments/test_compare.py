@@ -575,13 +575,15 @@ def test_the_equilibrium_regime_lasts_three_equilibration_times_or_more_from_the
 
 
 def test_the_cpu_defaults_plan_what_their_headers_say():
-    """compare_cpu (AdamW: six LRs on tune_cpu's three selection seeds) and compare_cpu_muon (Muon: seven LRs on seed
-    0), each with the four arms, then held-out seeds 3-7, disjoint from the tuning's."""
-    for experiment, optimizer, grid, selection, count in [
-        ("compare_cpu", "adamw", lr_grid(0.008, 6), {0, 1, 2}, 92),
-        ("compare_cpu_muon", "muon", lr_grid(0.008 * math.sqrt(2), 7), {0}, 48),
+    """compare_cpu (AdamW: six LRs on tune_cpu's three selection seeds) and compare_cpu_muon (Muon, on tune_cpu_muon's
+    values: seven LRs on seed 0), each with the four arms, then held-out seeds 3-7, disjoint from the tuning's."""
+    for experiment, optimizer, tuned, grid, selection, count in [
+        ("compare_cpu", "adamw", "tune_cpu", lr_grid(0.008, 6), {0, 1, 2}, 92),
+        ("compare_cpu_muon", "muon", "tune_cpu_muon", lr_grid(0.004 * math.sqrt(2), 7), {0}, 48),
     ]:
-        runs = plan(compose_schema("compare", CompareConfig, [f"experiment={experiment}"]))
+        settings = compose_schema("compare", CompareConfig, [f"experiment={experiment}"])
+        assert settings.tuned_config == tuned
+        runs = plan(settings)
         assert len(runs) == count and {r.cfg.optim.name.value for r in runs} == {optimizer}
         sweep = [r for r in runs if r.labels["phase"] == "selection" and not r.waiting_for]
         assert sorted({r.cfg.optim.lr for r in sweep}) == pytest.approx(grid)
