@@ -3,6 +3,7 @@ the muP-transferred values, selected on the selection seed(s) only, written as a
 take.
 
     python -m lrm_train.experiments.tune                          # experiment=tune_cpu: 2 CPU cores
+    python -m lrm_train.experiments.tune experiment=tune_cpu_muon # the same under Muon (compare_cpu_muon's)
     python -m lrm_train.experiments.tune experiment=tune_0p5b     # the paper's scale (GPUs)
     python -m lrm_train.experiments.tune report=only              # rebuild the report from the finished runs
     python -m lrm_train.train +tuned=tune_cpu                     # train with the tuned values
