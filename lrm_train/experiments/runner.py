@@ -171,12 +171,27 @@ def _train_spawned(run: RunSpec, threads: int) -> EndedInWorker | None:
     return None
 
 
-def _ignore_stop_signals() -> None:
-    """A parallel worker's start: a stop signal outside a run's training loop (starting a run, between runs) is
-    ignored rather than fatal, so the worker always ends through its trainer (which records the signal while it
-    loops, saves and returns its ending) and never leaves the pool broken with a run half-saved."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+@contextmanager
+def _started_ignoring_stop_signals() -> Iterator[None]:
+    """While entered, the processes this one starts are born ignoring stop signals (an ignored signal stays ignored
+    across exec), and a stop signal sent to this process is held until the exit, not lost. A worker must ignore them
+    outside a run's training loop (while it starts, a run starts, between runs) so that it always ends through its
+    trainer, which records the signal while it loops, saves and returns its ending, and never leaves the pool broken
+    with a run half-saved; a worker killed by a signal forwarded while it was still starting did just that."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _unblock_stop_signals() -> None:
+    """A parallel worker's start: it was born with the stop signals ignored and blocked; unblocked, they stay ignored
+    until a run's trainer takes them."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class _ForwardStopSignals(StopSignals):
@@ -205,32 +220,35 @@ def _train_in_parallel(todo: list[tuple[int, RunSpec]], total: int, threads: int
     # Spawned, not forked: a forked child inherits this process's torch thread pools and state, which is unsafe;
     # a spawned one starts clean and trains exactly as a sequential run with the same thread count does.
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(parallel, mp_context=spawn, initializer=_ignore_stop_signals) as pool:
+    endings: list[EndedInWorker] = []
+    with (
+        _ForwardStopSignals() as stop,
+        ProcessPoolExecutor(parallel, mp_context=spawn, initializer=_unblock_stop_signals) as pool,
+    ):
         futures = {}
-        for i, run in todo:
-            print(f"[{i}/{total}] {run.name}: training (up to {parallel} at once)", flush=True)
-            futures[pool.submit(_train_spawned, run, threads)] = (i, run)
-        endings: list[EndedInWorker] = []
-        with _ForwardStopSignals() as stop:
-            try:
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        if future.cancelled():
-                            continue
-                        i, run = futures[future]
-                        if ended := future.result():
-                            endings.append(ended)
-                        print(f"[{i}/{total}] {run.name}: {run_status(run)}", flush=True)
-                    if endings or stop.received:  # the runs not started stay pending; those in progress save
-                        for future in pending:
-                            future.cancel()
-                    stop.poll()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        with _started_ignoring_stop_signals():  # the workers start with the first submissions
+            for i, run in todo:
+                print(f"[{i}/{total}] {run.name}: training (up to {parallel} at once)", flush=True)
+                futures[pool.submit(_train_spawned, run, threads)] = (i, run)
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future.cancelled():
+                        continue
+                    i, run = futures[future]
+                    if ended := future.result():
+                        endings.append(ended)
+                    print(f"[{i}/{total}] {run.name}: {run_status(run)}", flush=True)
+                if endings or stop.received:  # the runs not started stay pending; those in progress save
+                    for future in pending:
+                        future.cancel()
+                stop.poll()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
     if endings:
         raise endings[0]
     if stop.received:

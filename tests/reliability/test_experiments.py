@@ -307,3 +307,28 @@ def test_a_second_sigterm_ends_the_command_and_its_workers_at_once(data_root, tm
     command.communicate(timeout=60)  # returns once no worker is left holding the stderr pipe
     assert command.returncode == -signal.SIGTERM
     assert not any((m.parent / "checkpoints").exists() for m in metrics)  # killed while holding: nothing saved
+
+
+@pytest.mark.multiprocess
+def test_a_stop_signal_while_no_run_trains_ends_the_command_with_its_status(data_root, tmp_path, monkeypatch):
+    """SIGTERM reaching the command as its workers start (forwarded to them, it once killed them and broke the pool),
+    and no worker trains after it (both runs are at their end, so no trainer loops to take it): the workers end their
+    runs untouched, and the command still stops with the signal's status."""
+    argv = two_arm_comparison(data_root, tmp_path, parallel=1)
+    sweep = [r for r in compare.plan(compose_schema("compare", compare.CompareConfig, argv)) if not r.waiting_for]
+    runner.run_local(sweep, nproc=1, threads=1)
+    before = {r.name: (r.run_dir / "metrics.jsonl").read_text() for r in sweep}
+    signalled = []
+
+    def wait_after_a_signal(*args, **kwargs):
+        if not signalled:
+            signalled.append(os.kill(os.getpid(), signal.SIGTERM))
+        return real_wait(*args, **kwargs)
+
+    real_wait = runner.wait
+    monkeypatch.setattr(runner, "wait", wait_after_a_signal)
+    with pytest.raises(runner.Stopped, match="^SIGTERM with no run in progress$") as stopped:
+        runner._train_in_parallel(list(enumerate(sweep, 1)), len(sweep), threads=1, parallel=2)
+    assert stopped.value.exit_code == 143 and len(sweep) == 2
+    assert {r.name: (r.run_dir / "metrics.jsonl").read_text() for r in sweep} == before
+    assert all(runner.run_status(r) == runner.FINISHED for r in sweep)
