@@ -16,7 +16,6 @@ It sits beside the packages (like ``utils``), so every package's command uses it
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -87,9 +86,4 @@ def run_command(
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank composes the same config: one line a job
             stderr_line(f"error: config: {e}")
         return BAD_INPUT
-    status = exit_status(lambda: work(config, given), again)
-    # What the work built is freed now, not while the interpreter shuts down: a process group's gloo threads stop only
-    # when the group is freed, the wrappers holding groups (DDP's, DeepSpeed's) sit in reference cycles, and a thread
-    # still running during shutdown can abort a process whose work succeeded (SIGABRT).
-    gc.collect()
-    return status
+    return exit_status(lambda: work(config, given), again)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lrm_train.distributed import init_process_group
 from lrm_train.models import FalconH1Config
 from lrm_train.train import RunConfig, compose
 
@@ -105,11 +104,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def join_file_group(folder, rank: int, world: int) -> None:
-    """Join a gloo group of ``world`` spawned workers that meet through a file in ``folder``."""
-    init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
 
 
 def as_args(values: dict) -> list[str]:

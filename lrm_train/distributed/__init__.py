@@ -7,7 +7,6 @@ from lrm_train.distributed.engine import (
     EngineName,
     ProcessBackend,
     build_engine,
-    init_process_group,
     launched_world_size,
 )
 
@@ -18,6 +17,5 @@ __all__ = [
     "EngineName",
     "ProcessBackend",
     "build_engine",
-    "init_process_group",
     "launched_world_size",
 ]

@@ -150,7 +150,7 @@ class LaunchedProcessGroup:
         if backend is ProcessBackend.auto:
             backend = ProcessBackend.nccl if device.type == "cuda" else ProcessBackend.gloo
         if not dist.is_initialized():
-            init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         # Host-side agreements (a stop signal seen by some ranks) go through gloo, so they never wait for the GPU.
@@ -177,18 +177,6 @@ class LaunchedProcessGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def init_process_group(backend: str, **kwargs) -> None:
-    """``torch.distributed.init_process_group``, with ``torch.distributed.nn.functional`` imported first.
-
-    That module binds the default group as a default argument when it is imported, and torch imports it lazily (the
-    first optimizer built does, through ``torch._dynamo``). Imported after the group exists, it holds the group for the
-    life of the process: ``destroy_process_group`` cannot free it, and its gloo threads run on into interpreter
-    shutdown, where one can abort a run that succeeded (SIGABRT, "terminate called without an active exception")."""
-    import torch.distributed.nn.functional  # noqa: F401
-
-    dist.init_process_group(backend, **kwargs)
 
 
 def _device(cfg: DistConfig, local_rank: int) -> torch.device:

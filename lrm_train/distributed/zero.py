@@ -254,18 +254,6 @@ class ZeroEngine(Engine):
         self._verify_and_map(order)
         return client
 
-    def close(self) -> None:
-        # A process group's threads stop only when the group is freed (see ``engine.init_process_group``). DeepSpeed's
-        # gradient hooks tie its optimizer to the parameters through autograd, a cycle the garbage collector cannot
-        # see, and it keeps references of its own to the groups: its destroys release both.
-        if self.ds is not None:
-            import deepspeed.comm
-
-            self.ds.destroy()
-            if dist.is_initialized():
-                deepspeed.comm.destroy_process_group()
-        super().close()
-
     # Parameter classes survive the engine: check what DeepSpeed really holds, and index the shards.
 
     def _group_params(self) -> list[list[nn.Parameter]]:

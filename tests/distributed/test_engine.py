@@ -1,15 +1,11 @@
 """The engines in one process: the single engine, and DDP joined to a one-rank process group (no launcher needed)."""
 
 import math
-import os
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-from runs import as_args, free_port, overrides
 
 from lrm_train.distributed import DDPEngine, DistConfig, Engine, EngineName, ProcessBackend, build_engine
 from lrm_train.optim import AdamW, ParamClass, clipped_norm
@@ -210,57 +206,3 @@ def test_engine_names_know_their_zero_stage_and_plain_strings_become_the_enums()
     assert cfg.name is EngineName.zero3 and cfg.backend is ProcessBackend.gloo
     with pytest.raises(ValueError, match=r"^dist.name='zero4' is not one of single, ddp, zero1, zero2, zero3, fsdp$"):
         DistConfig(name="zero4")
-
-
-GLOO_THREADS = """[open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]"""
-
-# A group joined in a fresh interpreter, then an optimizer built (torch imports torch.distributed.nn.functional then),
-# the group destroyed: the names of the gloo threads left.
-JOIN_BUILD_DESTROY = f"""
-import os, sys, torch, torch.distributed as dist
-from lrm_train.distributed import init_process_group
-init_process_group("gloo", init_method=f"file://{{sys.argv[1]}}/init", rank=0, world_size=1)
-torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
-dist.destroy_process_group()
-print("gloo threads:", sorted(n for n in {GLOO_THREADS} if "gloo" in n))
-"""
-
-
-def test_a_destroyed_group_stops_its_threads_whatever_torch_imports_later(tmp_path):
-    result = subprocess.run([sys.executable, "-c", JOIN_BUILD_DESTROY, str(tmp_path)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines()[-1] == "gloo threads: []"
-
-
-# The CLI in a fresh interpreter, then the names of the process's gloo threads once main() has returned.
-GLOO_THREADS_AFTER_MAIN = f"""
-import os, sys
-from lrm_train.train.__main__ import main
-assert main(sys.argv[1:]) == 0
-print("gloo threads:", sorted(n for n in {GLOO_THREADS} if "gloo" in n))
-"""
-
-
-# Not ZeRO-3: DeepSpeed 0.19.8 keeps its model on a module-level stack and its parameter coordinator in a class-level
-# cache, which its destroy does not release, so its groups live as long as the process.
-@pytest.mark.parametrize("name", ["ddp", "zero2"])
-def test_a_launched_run_leaves_no_process_group_thread_running_at_exit(data_root, tmp_path, name):
-    # A gloo thread still running while the interpreter finalizes can abort a run that succeeded ("terminate called
-    # without an active exception", SIGABRT): the groups must be gone, not only destroyed, when main() returns.
-    env = {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
-    args = as_args(overrides(data_root, tmp_path / "run", **{"dist": name, "train.max_steps": 2}))
-    result = subprocess.run(
-        [sys.executable, "-c", GLOO_THREADS_AFTER_MAIN, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines()[-1] == "gloo threads: []"

@@ -15,7 +15,6 @@ from runs import (
     cli,
     count_newton_schulz_calls,
     free_port,
-    join_file_group,
     losses,
     micro_config,
     overrides,
@@ -137,7 +136,7 @@ HYPER = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True, ns_steps=5,
 
 
 def _muon_worker(rank, world, folder, weights, grads):
-    join_file_group(folder, rank, world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
     calls = count_newton_schulz_calls()
     mesh = init_device_mesh("cpu", (world,))
     params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in weights]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runs import count_newton_schulz_calls, join_file_group
+from runs import count_newton_schulz_calls
 
 from lrm_train.distributed.zero import ShardedAdamWMuon, ShardLayout
 from lrm_train.optim import Muon
@@ -29,7 +29,7 @@ def layout_for(contiguous: bool, world: int, rank: int) -> tuple[ShardLayout, in
 
 
 def _worker(rank, world, folder, weights, grads, contiguous):
-    join_file_group(folder, rank, world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
     calls = count_newton_schulz_calls()
     layout, length = layout_for(contiguous, world, rank)
     shard = torch.nn.Parameter(layout.shard(weights, torch.empty(length)))

@@ -2,7 +2,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runs import join_file_group
 
 from lrm_train.optim import Muon, newton_schulz
 from lrm_train.optim.muon import adjusted_lr
@@ -63,7 +62,7 @@ def test_rejects_non_matrices_and_bad_options():
 
 
 def _sharded_worker(rank, world, folder, weights, grads):
-    join_file_group(folder, rank, world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     opt = Muon(params, lr=0.02, weight_decay=0.1)
     calls = []

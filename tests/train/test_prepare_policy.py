@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-from runs import join_file_group
 
 from lrm_train.data import DataConfig, verify
 from lrm_train.data.prepare import main as prepare_main
@@ -96,7 +95,7 @@ def _rank_worker(rank, folder, data_settings):
 
     from lrm_train.distributed.engine import DistConfig, Engine, LaunchedProcessGroup
 
-    join_file_group(folder, rank, 2)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
     cpu = torch.device("cpu")
     engine = Engine(DistConfig(name="ddp"), LaunchedProcessGroup(DistConfig(name="ddp"), cpu), device=cpu)
     beats, real_max = [], engine.max_over_ranks
