@@ -106,6 +106,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def exit_saved_worker() -> None:
+    """End a spawned rank whose results are saved, without interpreter shutdown: there, torch's gloo threads can abort
+    the process (SIGABRT; README, "Known issue: a rare SIGABRT when a rank exits")."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def as_args(values: dict) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 

@@ -14,6 +14,7 @@ from runs import (
     assert_same_trajectory,
     cli,
     count_newton_schulz_calls,
+    exit_saved_worker,
     free_port,
     losses,
     micro_config,
@@ -157,6 +158,7 @@ def _muon_worker(rank, world, folder, weights, grads):
     )
     torch.save((applied, len(calls), unchanged), f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
+    exit_saved_worker()
 
 
 @pytest.mark.multiprocess
@@ -211,6 +213,7 @@ def _compiled_worker(rank, world, folder, port, batches):
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch.save((got, graphs, engine.model_state()), f"{folder}/rank{rank}.pt")
     engine.close()
+    exit_saved_worker()
 
 
 @pytest.mark.multiprocess

@@ -8,6 +8,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from runs import exit_saved_worker
 
 from lrm_train.distributed.zero import ZeroEngine
 from lrm_train.models import FalconH1LM
@@ -56,6 +57,7 @@ def _worker(rank, port, overrides, folder):
     optimizer = sum(t.numel() * t.element_size() for state in client.state.values() for t in state.values())
     torch.save((weights, optimizer, buckets), f"{folder}/rank{rank}.pt")
     engine.close()
+    exit_saved_worker()
 
 
 def _buffers(bucket) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runs import count_newton_schulz_calls
+from runs import count_newton_schulz_calls, exit_saved_worker
 
 from lrm_train.distributed.zero import ShardedAdamWMuon, ShardLayout
 from lrm_train.optim import Muon
@@ -51,6 +51,7 @@ def _worker(rank, world, folder, weights, grads, contiguous):
     )
     torch.save((applied, len(calls), unchanged), f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
+    exit_saved_worker()
 
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["zero12", "zero3"])

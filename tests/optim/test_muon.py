@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from runs import exit_saved_worker
 
 from lrm_train.optim import Muon, newton_schulz
 from lrm_train.optim.muon import adjusted_lr
@@ -81,6 +82,7 @@ def _sharded_worker(rank, world, folder, weights, grads):
         opt.step()
     torch.save(([p.detach() for p in params], len(calls)), f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
+    exit_saved_worker()
 
 
 @pytest.mark.multiprocess

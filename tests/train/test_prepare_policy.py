@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runs import exit_saved_worker
 
 from lrm_train.data import DataConfig, verify
 from lrm_train.data.prepare import main as prepare_main
@@ -112,6 +113,7 @@ def _rank_worker(rank, folder, data_settings):
     with open(f"{folder}/rank{rank}", "w") as f:
         f.write(f"{data.folder} {beats.count(1)}")
     dist.destroy_process_group()
+    exit_saved_worker()
 
 
 @pytest.mark.multiprocess
