@@ -6,6 +6,8 @@ under DDP or DeepSpeed ZeRO; resumes the run directory's newest checkpoint by de
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -102,4 +104,12 @@ def _train(cfg: RunConfig, flags: list[str], world_sizes: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if "RANK" in os.environ:
+        # A launched rank ends here, everything saved and closed, without interpreter shutdown: there, torch's gloo
+        # threads can abort the process after a run that succeeded (README, "Known issue: a rare SIGABRT ...").
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
