@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lrm_train.distributed import exit_without_shutdown
 from lrm_train.models import FalconH1Config
 from lrm_train.train import RunConfig, compose
 
@@ -107,11 +108,8 @@ def free_port() -> int:
 
 
 def exit_saved_worker() -> None:
-    """End a spawned rank whose results are saved, without interpreter shutdown: there, torch's gloo threads can abort
-    the process (SIGABRT; README, "Known issue: a rare SIGABRT when a rank exits")."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    """End a spawned rank whose results are saved (see ``exit_without_shutdown``)."""
+    exit_without_shutdown(0)
 
 
 def as_args(values: dict) -> list[str]:

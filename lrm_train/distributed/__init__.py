@@ -7,6 +7,7 @@ from lrm_train.distributed.engine import (
     EngineName,
     ProcessBackend,
     build_engine,
+    exit_without_shutdown,
     launched_world_size,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "EngineName",
     "ProcessBackend",
     "build_engine",
+    "exit_without_shutdown",
     "launched_world_size",
 ]

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -177,6 +179,15 @@ class LaunchedProcessGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def exit_without_shutdown(status: int) -> None:
+    """End a rank whose work is saved and closed, skipping interpreter shutdown: there, torch's gloo threads can abort
+    the process after a run that succeeded (README, "Known issue: a rare SIGABRT when a rank exits")."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _device(cfg: DistConfig, local_rank: int) -> torch.device:

@@ -6,7 +6,6 @@ under DDP or DeepSpeed ZeRO; resumes the run directory's newest checkpoint by de
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from functools import partial
@@ -16,7 +15,7 @@ from omegaconf import OmegaConf
 
 from lrm_train.cli import BAD_INPUT, run_command
 from lrm_train.config_compose import help_text
-from lrm_train.distributed import launched_world_size
+from lrm_train.distributed import exit_without_shutdown, launched_world_size
 from lrm_train.train.config import RunConfig, compose
 from lrm_train.train.loop import Interrupted, train
 from lrm_train.train.memory import format_estimate
@@ -105,11 +104,6 @@ def _train(cfg: RunConfig, flags: list[str], world_sizes: list[int]) -> None:
 
 if __name__ == "__main__":
     status = main()
-    if "RANK" in os.environ:
-        # A launched rank ends here, everything saved and closed, without interpreter shutdown: there, torch's gloo
-        # threads can abort the process after a run that succeeded (README, "Known issue: a rare SIGABRT ...").
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+    if "RANK" in os.environ:  # a launched rank: everything is saved and closed by now
+        exit_without_shutdown(status)
     sys.exit(status)
