@@ -158,7 +158,10 @@ def measure_transformers(args) -> dict:
 
 def run_variant_in_subprocess(args, variant: str) -> dict:
     command = [sys.executable, __file__, "--one", variant, *sys.argv[1:], "--micro-batch", str(args.micro_batch)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.variant_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.variant_timeout:g} s (--variant-timeout)"}
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": last}
@@ -264,6 +267,9 @@ def main() -> int:
     parser.add_argument("--data-root", default="data", help="where the default corpus is prepared (reused)")
     parser.add_argument(
         "--eager", action="store_true", help="no torch.compile in any variant (a quick functional run, e.g. on CPU)"
+    )
+    parser.add_argument(
+        "--variant-timeout", type=float, default=None, help="seconds before a variant is given up (a short GPU lease)"
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s")
     parser.add_argument("--json", default=None, help="also write every figure to this file (scripts/gpu_check.py)")

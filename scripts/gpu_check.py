@@ -2,10 +2,13 @@
 
     python scripts/gpu_check.py                     # or: make gpu-check
     python scripts/gpu_check.py --out docs/results/gpu_check --bench-args "--steps 20"
+    python scripts/gpu_check.py --suite-timeout 240 --bench-args "--variant-timeout 150"   # a time-limited lease
 
 1. The environment: the device, torch, triton and CUDA versions, and what Triton needs to build its kernels' launcher
    on first use (a C compiler and Python's headers; without them every Triton kernel fails at its first call).
-2. The GPU suite (``pytest -m gpu tests/gpu``, as ``make test-gpu``): its summary line and the failed tests.
+2. The GPU suite (``pytest -m gpu tests/gpu``, as ``make test-gpu``, over ``--suite-workers`` xdist workers sharing
+   the GPU: its tests are micro runs, each mostly process start-up): its summary line and the failed tests; its whole
+   output in ``OUT/suite.log``. ``--suite-timeout`` ends it (and its workers) where a lease is short.
 3. ``scripts/bench_gpu.py`` at its default size, which fits: micro-batch 8, halved while the reference variant runs
    out of memory, down to 1.
 4. ``OUT/report.json`` (every figure) and ``OUT/report.md`` (the same as tables), which the README links.
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -51,18 +56,30 @@ def environment() -> dict:
     }
 
 
-def gpu_suite() -> dict:
+def gpu_suite(workers: int, timeout: float | None, extra: list[str], log: Path) -> dict:
     if not torch.cuda.is_available():
         return {"ran": False, "why": "no CUDA device"}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu"], cwd=ROOT, capture_output=True, text=True
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu", "-p", "no:cacheprovider"]
+    command += ["-n", str(workers)] if workers > 1 else []
+    # Its own session, so that a timeout ends the xdist workers too and none runs on beside the benchmark.
+    suite = subprocess.Popen(
+        command + extra, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    lines = done.stdout.strip().splitlines()
+    try:
+        output, _ = suite.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(suite.pid, signal.SIGKILL)
+        output, _ = suite.communicate()
+        timed_out = True
+    atomic_write_text(log, output)
+    lines = output.strip().splitlines()
     return {
         "ran": True,
-        "exit_code": done.returncode,
-        "summary": lines[-1] if lines else "(no output)",
-        "failed": [line.split(" ", 1)[1] for line in lines if line.startswith("FAILED ")],
+        "exit_code": suite.returncode,
+        "timed_out_after_s": timeout if timed_out else None,
+        "summary": f"ended after {timeout:g} s, before its summary" if timed_out else (lines or ["(no output)"])[-1],
+        "failed": [line.split(" ", 1)[1] for line in lines if line.startswith(("FAILED ", "ERROR "))],
     }
 
 
@@ -118,15 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/results/gpu_check", help="where report.json and report.md go")
     parser.add_argument("--bench-args", default="", help="extra arguments for bench_gpu.py, as one string")
+    parser.add_argument(
+        "--suite-workers", type=int, default=min(8, os.cpu_count() or 1), help="xdist workers for the GPU suite"
+    )
+    parser.add_argument("--suite-timeout", type=float, default=None, help="seconds before the GPU suite is ended")
+    parser.add_argument("--suite-args", default="", help="extra pytest arguments, as one string (e.g. --timeout 120)")
     args = parser.parse_args(argv)
     quick = not torch.cuda.is_available()
+    out = Path(args.out)
+    suite = gpu_suite(args.suite_workers, args.suite_timeout, shlex.split(args.suite_args), out / "suite.log")
     results = {
         "environment": environment(),
-        "gpu_suite": gpu_suite(),
+        "gpu_suite": suite,
         "benchmark": benchmark(shlex.split(args.bench_args), quick),
         "reduced_form": quick,
     }
-    out = Path(args.out)
     atomic_write_text(out / "report.json", json.dumps(results, indent=2))
     atomic_write_text(out / "report.md", markdown(results))
     print(markdown(results))
