@@ -76,10 +76,16 @@ def run_config(data_root, run_dir, **extra) -> RunConfig:
 
 
 def cli(args: list[str], nproc: int = 0, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m lrm_train.train`` (under torchrun with ``nproc`` ranks when given)."""
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    )
+    """``python -m lrm_train.train`` (under torchrun with ``nproc`` ranks when given, on a free port: tests that run
+    at once, as the GPU suite's xdist workers do, must not share torchrun's default one)."""
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+    ]
+    launcher = torchrun if nproc else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [*launcher, "-m", "lrm_train.train", *args], capture_output=True, text=True, timeout=timeout, env=env

@@ -3,12 +3,11 @@
 the shards, and the reduce bucket."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from runs import exit_saved_worker
+from runs import exit_saved_worker, free_port
 
 from lrm_train.distributed.zero import ZeroEngine
 from lrm_train.models import FalconH1LM
@@ -62,12 +61,6 @@ def _worker(rank, port, overrides, folder):
 
 def _buffers(bucket) -> list[torch.Tensor]:
     return bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
