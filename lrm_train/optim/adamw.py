@@ -46,17 +46,18 @@ def adamw_update_(
     _apply_update_(params, states, lr, betas, eps, apply)
 
 
-def _as_count(apply: torch.Tensor) -> torch.Tensor:
-    """``apply`` as the step counts' dtype: a bool scalar tensor sends CUDA's foreach add off its fused path to one
-    that waits for the device (seen on an H200, torch 2.11: test_gpu_no_sync failed there)."""
-    return apply.to(torch.float32)
+def _count_applied_(steps: list[torch.Tensor], apply: torch.Tensor) -> None:
+    """Add 1 to each step count where ``apply``, without the host reading it. Without ``alpha``, a 0-d tensor picks
+    foreach add's Scalar overload, which reads its value on the host (a sync per step on CUDA, seen on an H200); the
+    Tensor overload keeps it on the device, on its one-launch path only when the dtypes match."""
+    torch._foreach_add_(steps, apply.to(steps[0].dtype), alpha=1)
 
 
 def _fused_update_(params, grads, states, lr: float, weight_decay: float, betas, eps: float, apply) -> None:
     """torch's fused AdamW kernel with a skipped step as its ``found_inf`` (GradScaler's mechanism): the kernel then
     leaves parameters and moments untouched, whatever the gradients hold. It does not count steps: we do, applied only."""
     steps = [s["step"] for s in states]
-    torch._foreach_add_(steps, _as_count(apply))
+    _count_applied_(steps, apply)
     torch._fused_adamw_(
         params,
         grads,
@@ -83,7 +84,7 @@ def _update_moments_(params, grads, states, decay: float, betas: tuple[float, fl
     beta1, beta2 = betas
     exp_avgs = [s["exp_avg"] for s in states]
     exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-    torch._foreach_add_([s["step"] for s in states], _as_count(apply))
+    _count_applied_([s["step"] for s in states], apply)
     torch._foreach_mul_(params, torch.where(apply, 1 - decay, 1.0))
     torch._foreach_lerp_(exp_avgs, [torch.where(apply, g, m) for g, m in zip(grads, exp_avgs)], 1 - beta1)
     grads_or_zero = [torch.where(apply, g, 0.0) for g in grads]

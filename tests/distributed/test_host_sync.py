@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 from runs import run_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from lrm_train.optim.adamw import adamw_update_
 from lrm_train.train import open_trainer
 
 # The code under test: the loop, the engines, the optimizers and the callbacks.
@@ -16,24 +18,44 @@ OURS = ("lrm_train/train/loop.py", "lrm_train/distributed/", "lrm_train/optim/",
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 
 
+def caller_in_our_code() -> str | None:
+    """file:line of the innermost frame of our code on the stack (past torch's own Python wrappers), if any."""
+    frame = sys._getframe(2)
+    while frame is not None and not any(part in frame.f_code.co_filename for part in OURS):
+        frame = frame.f_back
+    return None if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class ScalarReads(TorchDispatchMode):
+    """Every ``aten._local_scalar_dense``: the op behind every read of a tensor's value, also the ones no Python
+    method shows - a 0-d tensor passed where an op takes a number (``torch._foreach_add_(steps, flag)`` picks the
+    Scalar overload and reads the flag on the host: a sync per step on CUDA, seen on an H200)."""
+
+    def __init__(self, where: dict, calls: list) -> None:
+        super().__init__()
+        self.where, self.calls = where, calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and (caller := caller_in_our_code()) is not None:
+            self.calls.append((self.where.get("step"), f"{caller} {func}"))
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def host_reads(monkeypatch, where: dict):
-    """Record every read of a tensor's value made from our code, as (where["step"], file:line)."""
+    """Record every read of a tensor's value made from our code, as (where["step"], file:line what)."""
     calls = []
 
     def counted(name, real):
         def read(self, *args, **kwargs):
-            frame = sys._getframe(1)
-            while frame is not None and "/torch/" in frame.f_code.co_filename:  # torch's own Python wrappers
-                frame = frame.f_back
-            if frame is not None and any(part in frame.f_code.co_filename for part in OURS):
-                calls.append((where.get("step"), f"{frame.f_code.co_filename}:{frame.f_lineno} {name}"))
+            if (caller := caller_in_our_code()) is not None:
+                calls.append((where.get("step"), f"{caller} {name}"))
             return real(self, *args, **kwargs)
 
         return read
 
-    with monkeypatch.context() as patch:
-        for name in READS:
+    with monkeypatch.context() as patch, ScalarReads(where, calls):
+        for name in READS:  # on the CPU these do not all reach the dispatcher (.cpu() of a CPU tensor is itself)
             patch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
         yield calls
 
@@ -114,3 +136,17 @@ def test_a_run_of_bad_steps_still_stops_the_run_at_the_next_log_step(data_root, 
         with pytest.raises(RuntimeError, match=r"2 non-finite steps in a row .* at step 3, seen at step 4; .*emerg"):
             trainer.fit()
     assert (tmp_path / "checkpoints" / "emergency_step_00000004" / "checkpoint.json").exists()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("applied", [True, False])
+def test_an_adamw_update_reads_nothing_on_either_path(monkeypatch, fused, applied):
+    """The fused path is CUDA's default, so the trainer tests above run only the other one here."""
+    params = [torch.randn(4, 3), torch.randn(3)]
+    grads, states = [torch.randn_like(p) for p in params], [{}, {}]
+    apply = torch.tensor(applied)
+    with host_reads(monkeypatch, {}) as calls:
+        for _ in range(2):  # the state is created, then updated
+            adamw_update_(params, grads, states, 1e-3, 0.1, (0.9, 0.95), 1e-8, apply, fused=fused)
+    assert calls == []
+    assert [s["step"].item() for s in states] == [2.0 if applied else 0.0] * 2
