@@ -1,6 +1,7 @@
 """scripts/gpu_check.py in its reduced CPU form: the environment, the GPU suite reported as not run, the benchmark's
 figures, and a report that says the same as its JSON (so the command the GPU day depends on cannot rot)."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -42,12 +43,7 @@ def test_the_gpu_check_writes_every_figure_on_cpu(tmp_path):
 
 
 def test_the_benchmark_halves_the_micro_batch_until_the_first_variant_fits(monkeypatch):
-    import argparse
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_gpu")
     tried = []
 
     def fits_from_two(args, variant):
@@ -66,3 +62,45 @@ def test_the_benchmark_halves_the_micro_batch_until_the_first_variant_fits(monke
     tried.clear()
     args = argparse.Namespace(micro_batch=4)  # a size given is kept, out of memory or not
     assert "error" in bench.measure_at_a_size_that_fits(args, ["base"])["base"] and tried == [("base", 4)]
+
+
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def process_is_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"  # killed, not yet reaped by whoever adopted it
+
+
+@pytest.mark.multiprocess
+def test_a_suite_past_its_timeout_is_ended_with_the_processes_it_started(tmp_path, monkeypatch):
+    gpu_check = load_script("gpu_check")
+    (tmp_path / "tests" / "gpu").mkdir(parents=True)
+    # As the GPU tests do, it runs a process of its own (the trainer under torchrun), which must end with the suite.
+    (tmp_path / "tests" / "gpu" / "test_slow.py").write_text(
+        "import subprocess, pytest\n\n\n@pytest.mark.gpu\ndef test_slow():\n"
+        "    run = subprocess.Popen(['sleep', '300'])\n"
+        f"    open({str(tmp_path / 'pid')!r}, 'w').write(str(run.pid))\n    run.wait()\n"
+    )
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    result = gpu_check.gpu_suite(2, 15, [], tmp_path / "out" / "suite.log")
+    assert result["timed_out_after_s"] == 15 and result["summary"] == "ended after 15 s, before its summary"
+    assert (tmp_path / "out" / "suite.log").is_file()
+    assert process_is_gone(int((tmp_path / "pid").read_text()))
+
+
+def test_a_variant_past_its_timeout_is_given_up(monkeypatch):
+    bench = load_script("bench_gpu")
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py"])
+    args = argparse.Namespace(micro_batch=1, variant_timeout=0.5)
+    assert bench.run_variant_in_subprocess(args, "base") == {"error": "timed out after 0.5 s (--variant-timeout)"}
