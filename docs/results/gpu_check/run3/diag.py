@@ -1,5 +1,6 @@
 """What run 3 ran on the H200 beside the GPU suite: the micro Muon run of test_gpu_distributed under each engine
-against the single process (and the single process again), printing the four largest relative differences per step."""
+against the single process (and the single process again), printing the four largest relative differences per step.
+Run from the repository root (it ran with the SETTINGS written out, the same values)."""
 
 import os
 import sys
@@ -9,17 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path[:0] = ["tests", "tests/gpu"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from cuda_runs import train_on_gpu
+from test_gpu_distributed import SETTINGS  # the test's micro run
 
-SETTINGS = {
-    "optim.lr": 0.02,
-    "train.grad_clip": 0.02,
-    "train.max_steps": 10,
-    "train.micro_batch_size": 2,
-    "train.grad_accum": 2,
-    "train.ckpt_every": 5,
-    "train.eval_every": 5,
-    "dist.zero3_persistence_threshold": 0,
-}
 root = tempfile.mkdtemp()
 data = f"{root}/data"
 first = train_on_gpu(data, f"{root}/single", **SETTINGS, **{"optim.name": "muon"})
