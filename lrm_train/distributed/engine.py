@@ -247,9 +247,19 @@ class Engine:
     def close(self) -> None:
         self.group.close()
 
-    def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):
-        """Take the model and its optimizer; return the optimizer whose ``param_groups`` the schedule drives."""
+    def setup(
+        self,
+        model: nn.Module,
+        optimizer,
+        classes: dict[str, ParamClass],
+        clip_multipliers: bool = False,
+        autocast: torch.dtype | None = None,
+    ):
+        """Take the model and its optimizer; return the optimizer whose ``param_groups`` the schedule drives.
+        ``autocast``: the dtype the trainer's autocast computes in (None: float32), for an engine whose own forward
+        must keep it (ZeRO's)."""
         self.module = self.model = model
+        self.autocast = autocast
         self.optimizer = optimizer
         self.names = {id(p): n for n, p in model.named_parameters()}
         params = dict(model.named_parameters())
@@ -334,8 +344,15 @@ class DDPEngine(Engine):
     def __init__(self, cfg: DistConfig) -> None:
         super().__init__(cfg, *launched_process_group(cfg))
 
-    def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):
-        optimizer = super().setup(model, optimizer, classes, clip_multipliers)
+    def setup(
+        self,
+        model: nn.Module,
+        optimizer,
+        classes: dict[str, ParamClass],
+        clip_multipliers: bool = False,
+        autocast: torch.dtype | None = None,
+    ):
+        optimizer = super().setup(model, optimizer, classes, clip_multipliers, autocast)
         self.model = nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None
         )

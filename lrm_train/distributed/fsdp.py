@@ -132,7 +132,14 @@ class FSDPEngine(Engine):
         super().__init__(cfg, *launched_process_group(cfg))
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
 
-    def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):
+    def setup(
+        self,
+        model: nn.Module,
+        optimizer,
+        classes: dict[str, ParamClass],
+        clip_multipliers: bool = False,
+        autocast: torch.dtype | None = None,
+    ):
         names = {id(p): n for n, p in model.named_parameters()}
         if self.device.type == "cuda":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -146,7 +153,7 @@ class FSDPEngine(Engine):
         self._check_row_shards(sharded)
         groups = [{**g, "params": [sharded[names[id(p)]] for p in g["params"]]} for g in optimizer.param_groups]
         client = ShardedAdamWMuon(groups, self.rank, self.world_size)
-        return super().setup(model, client, classes, clip_multipliers)
+        return super().setup(model, client, classes, clip_multipliers, autocast)
 
     def _check_row_shards(self, params: dict[str, nn.Parameter]) -> None:
         """Muon and the checkpoints cut full tensors into this rank's rows (``rows_of_rank``): make sure FSDP did the

@@ -200,6 +200,43 @@ class ShardedAdamWMuon(torch.optim.Optimizer):
         decoupled_step_(shard, update, group["lr"], group["weight_decay"], group["lr"], self.apply)
 
 
+def deepspeed_config(stage: int, cfg: DistConfig, autocast: torch.dtype | None) -> dict:
+    """The DeepSpeed config of a ZeRO engine: DeepSpeed shards and reduces; batching, clipping, the norms, finiteness
+    and the precision stay the trainer's."""
+    return {
+        # The trainer splits batches and accumulates micro-batches itself (``accumulating``), so DeepSpeed's own
+        # batch bookkeeping stays at 1 x 1; its clipping is off because ``optimizer_step`` clips per class.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {
+            "stage": stage,
+            "stage3_param_persistence_threshold": cfg.zero3_persistence_threshold,
+            # ZeRO-3 cuts each parameter group into sub-groups of at most this many elements; larger than any
+            # model, it keeps one fp32 shard per group, so a shard never mixes classes and each has one layout.
+            "sub_group_size": 1_000_000_000_000,
+            # ``optimizer_step`` takes the norms itself, on the device; DeepSpeed's would be read on the host
+            # (ZeRO-3 cannot turn it off).
+            **({"compute_grad_norm": False} if stage < 3 else {}),
+        },
+        # bf16 parameters: DeepSpeed keeps the float32 masters in the shards our client updates; its overflow
+        # check (a host sync) is off, ``optimizer_step`` decides finiteness on the device.
+        "bf16": {"enabled": cfg.bf16_params, "check_grad_overflow": False},
+        # The trainer's autocast, kept inside DeepSpeed's forward: without this section that forward switches off
+        # an autocast it finds on (it asks CUDA's, so only on GPUs: ZeRO trained in float32 on an H200 under
+        # bf16 precision). No module is named lower-precision-safe: the default list would reduce the gradients
+        # of nn.Linear layers in bf16.
+        **(
+            {"torch_autocast": {"enabled": True, "dtype": str(autocast), "lower_precision_safe_modules": []}}
+            if autocast is not None
+            else {}
+        ),
+        "steps_per_print": 1 << 30,  # never: the trainer logs
+        "wall_clock_breakdown": False,
+    }
+
+
 class ZeroEngine(Engine):
     """DeepSpeed ZeRO (stage from ``dist.name``) under torchrun or the deepspeed launcher."""
 
@@ -213,39 +250,24 @@ class ZeroEngine(Engine):
         self.stage = cfg.name.zero_stage
         self.ds = None
 
-    def setup(self, model: nn.Module, optimizer, classes: dict[str, ParamClass], clip_multipliers: bool = False):
+    def setup(
+        self,
+        model: nn.Module,
+        optimizer,
+        classes: dict[str, ParamClass],
+        clip_multipliers: bool = False,
+        autocast: torch.dtype | None = None,
+    ):
         import deepspeed
         from deepspeed.utils import set_z3_leaf_modules
 
-        super().setup(model, optimizer, classes, clip_multipliers)  # DeepSpeed, below, wraps the model
+        super().setup(model, optimizer, classes, clip_multipliers, autocast)  # DeepSpeed, below, wraps the model
         groups = [{k: v for k, v in g.items()} for g in optimizer.param_groups]
         order = [g["name"] for g in groups]  # DeepSpeed must keep every group, in this order
         client = ShardedAdamWMuon(groups)
         if self.stage == 3:
             set_z3_leaf_modules(model, model.zero3_leaf_modules())
-        config = {
-            # The trainer splits batches and accumulates micro-batches itself (``accumulating``), so DeepSpeed's own
-            # batch bookkeeping stays at 1 x 1; its clipping is off because ``optimizer_step`` clips per class.
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": 0.0,
-            "zero_allow_untested_optimizer": True,
-            "zero_optimization": {
-                "stage": self.stage,
-                "stage3_param_persistence_threshold": self.cfg.zero3_persistence_threshold,
-                # ZeRO-3 cuts each parameter group into sub-groups of at most this many elements; larger than any
-                # model, it keeps one fp32 shard per group, so a shard never mixes classes and each has one layout.
-                "sub_group_size": 1_000_000_000_000,
-                # ``optimizer_step`` takes the norms itself, on the device; DeepSpeed's would be read on the host
-                # (ZeRO-3 cannot turn it off).
-                **({"compute_grad_norm": False} if self.stage < 3 else {}),
-            },
-            # bf16 parameters: DeepSpeed keeps the float32 masters in the shards our client updates; its overflow
-            # check (a host sync) is off, ``optimizer_step`` decides finiteness on the device.
-            "bf16": {"enabled": self.cfg.bf16_params, "check_grad_overflow": False},
-            "steps_per_print": 1 << 30,  # never: the trainer logs
-            "wall_clock_breakdown": False,
-        }
+        config = deepspeed_config(self.stage, self.cfg, autocast)
         with _quiet_deepspeed():
             self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
         self.model = self.ds

@@ -255,7 +255,10 @@ def build(cfg: RunConfig, engine: Engine, fresh_start: bool = True) -> Component
     num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     wrap_layers(model.layers, cfg.train.compile, cfg.train.activation_checkpointing)
     classes = classify_parameters(model)
-    optimizer = engine.setup(model, build_optimizer(model, classes, cfg.optim), classes, cfg.train.clip_multipliers)
+    autocast = cfg.train.precision.autocast_dtype(cuda=engine.device.type == "cuda")
+    optimizer = engine.setup(
+        model, build_optimizer(model, classes, cfg.optim), classes, cfg.train.clip_multipliers, autocast
+    )
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * engine.world_size
     reading = dict(
         seq_len=cfg.data.seq_len,

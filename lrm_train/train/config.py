@@ -33,6 +33,10 @@ class Precision(StrEnum):
     float32 = "float32"
     bf16 = "bf16"
 
+    def autocast_dtype(self, cuda: bool) -> torch.dtype | None:
+        """The dtype the run's autocast computes in on this device; None: no autocast (float32)."""
+        return torch.bfloat16 if self is Precision.bf16 or (self is Precision.auto and cuda) else None
+
 
 class WandbMode(StrEnum):
     """``logging.wandb.mode``."""

@@ -30,7 +30,7 @@ from lrm_train.optim import micro_batches as count_micro_batches
 from lrm_train.train.build import Components, build, seed_everything
 from lrm_train.train.callbacks import Callback, Checkpointer, Evaluator, MetricSinks, StepResult, build_callbacks
 from lrm_train.train.checkpoint import FORMAT, check_resumable, complete_checkpoints, load_weights, run_section
-from lrm_train.train.config import Precision, RunConfig, validate
+from lrm_train.train.config import RunConfig, validate
 from lrm_train.train.preemption import Stopped, StopSignals
 from lrm_train.train.run_dir import RunDirectory
 from lrm_train.utils import first_line
@@ -108,11 +108,8 @@ class Trainer:
         self.state = TrainState()
         self.unsettled: list[tuple[int, torch.Tensor]] = []  # (step, applied flag on the device) not yet read
         self.failed = False
-        precision = cfg.train.precision
-        bf16 = precision is Precision.bf16 or (precision is Precision.auto and engine.device.type == "cuda")
-        self.autocast = (
-            (lambda: torch.autocast(engine.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-        )
+        dtype = cfg.train.precision.autocast_dtype(cuda=engine.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(engine.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         for callback in callbacks:
             callback.setup(self)
         self.checkpointer.resume(self, cfg.train.resume)

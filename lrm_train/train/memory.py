@@ -34,7 +34,7 @@ from lrm_train.models import FalconH1Config, FalconH1LM, KernelBackend
 from lrm_train.nn.loss import chunk_tokens
 from lrm_train.optim import classify_parameters
 from lrm_train.optim.builder import parameter_groups
-from lrm_train.train.config import Precision, RunConfig
+from lrm_train.train.config import RunConfig
 
 FLOAT32 = 4
 BF16 = 2
@@ -85,8 +85,7 @@ class Target:
     def of(cls, cfg: RunConfig) -> Target:
         device = cfg.dist.device
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        precision = cfg.train.precision
-        bf16 = precision is Precision.bf16 or (precision is Precision.auto and cuda)
+        bf16 = cfg.train.precision.autocast_dtype(cuda) is not None
 
         def triton(backend: KernelBackend) -> bool:
             return backend is KernelBackend.triton or (backend is KernelBackend.auto and cuda)
