@@ -2,9 +2,9 @@
 
 Each of the model's ``fsdp_units`` (the embedding, every decoder layer, the LM head) and the root (the final norm)
 becomes one FSDP unit: its parameters are DTensors cut by rows (``Shard(0)``) over the ranks, gathered whole just
-before the unit's forward and backward and freed after; gradients are reduce-scattered back into row shards. On CUDA
-the gathered copies are bf16 and the reductions float32 (``MixedPrecisionPolicy``), the shards float32; on the CPU
-everything stays float32. ``train.activation_checkpointing`` and ``train.compile`` wrap each layer's forward
+before the unit's forward and backward and freed after; gradients are reduce-scattered back into row shards. The
+gathered copies are in the trainer's compute dtype (bf16 under bf16 autocast, ``train.precision``: by default on CUDA)
+and the reductions float32 (``MixedPrecisionPolicy``), the shards float32. ``train.activation_checkpointing`` and ``train.compile`` wrap each layer's forward
 (``train.build.wrap_layers``) before the layer is sharded - ``fully_shard`` last, as in torchtitan - so FSDP's
 gathering runs around the checkpointed, compiled forward, whose graphs see whole parameters.
 
@@ -141,10 +141,10 @@ class FSDPEngine(Engine):
         autocast: torch.dtype | None = None,
     ):
         names = {id(p): n for n, p in model.named_parameters()}
-        if self.device.type == "cuda":
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if autocast is not None:
+            policy = MixedPrecisionPolicy(param_dtype=autocast, reduce_dtype=torch.float32)
         else:
-            policy = MixedPrecisionPolicy()  # float32 throughout: bf16 matmuls are slow on the CPU
+            policy = MixedPrecisionPolicy()  # float32 throughout, as the trainer asked
         for unit in model.fsdp_units():
             fully_shard(unit, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)

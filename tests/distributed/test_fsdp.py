@@ -324,3 +324,28 @@ def test_fsdp_keeps_per_role_learning_rates_and_accumulates_micro_batches(data_r
     assert_same_trajectory(launched(data_root, tmp_path / "fsdp", **PER_GROUP, **accumulated), expected)
     table = (tmp_path / "fsdp" / "train_rank0.log").read_text()
     assert any(line.split()[:4] == ["matrix/attn.*@hidden", "8", "6,144", "muon"] for line in table.splitlines()), table
+
+
+class Matmul(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2, 2))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(self.weight.dtype)  # the gathered copy
+        return x @ self.weight
+
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        return []
+
+
+@pytest.mark.parametrize("autocast, gathered", [(None, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_fsdp_gathers_parameters_in_the_trainers_compute_dtype(one_rank_launch, autocast, gathered):
+    engine = build_engine(DistConfig(name="fsdp", device="cpu"))
+    model = Matmul()
+    groups = [{"params": [model.weight], "name": "matrix", "use_muon": False}]
+    engine.setup(model, AdamW(groups), {"weight": ParamClass.MATRIX}, autocast=autocast)
+    assert model.weight.to_local().dtype == torch.float32  # the shard stays float32
+    engine.model(torch.ones(1, 2))
+    assert model.seen == [gathered]
