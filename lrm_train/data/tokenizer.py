@@ -113,6 +113,7 @@ def _start_worker(tokenizer_json: str, dtype: str, parent: int) -> None:
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent handles it for all
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM, whatever the parent's
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # born blocked (batch_encoder): one sent since waits
     _worker = (Tokenizer.from_str(tokenizer_json), np.dtype(dtype))
 
 
@@ -132,10 +133,17 @@ def batch_encoder(
     if num_proc == 1:
         yield lambda batches: (_encode(tokenizer, dtype, texts) for texts in batches)
         return
-    # Each worker encodes on one thread: tokenizers turns its thread pool off in a forked process.
-    pool = multiprocessing.get_context("fork").Pool(
-        num_proc, initializer=_start_worker, initargs=(tokenizer.to_str(), dtype.str, os.getpid())
-    )
+    # Each worker encodes on one thread: tokenizers turns its thread pool off in a forked process. The workers are
+    # born with SIGTERM blocked (the mask survives fork) until their handler is the default: a SIGTERM that reached a
+    # child before Python's after-fork reset went to the parent's handler and was dropped by that reset, so a pool
+    # terminated right after it started (a prepare failing on its first document) waited forever for that worker.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool = multiprocessing.get_context("fork").Pool(
+            num_proc, initializer=_start_worker, initargs=(tokenizer.to_str(), dtype.str, os.getpid())
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     with pool:  # terminates the workers, also when the block is interrupted
         yield lambda batches: _in_order(pool, batches, IN_FLIGHT_PER_PROC * num_proc)
 

@@ -1,3 +1,4 @@
+import os
 import random
 import signal
 import string
@@ -5,8 +6,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 from tokenizers import pre_tokenizers
 
+from lrm_train.data import tokenizer as tokenizer_module
 from lrm_train.data.tokenizer import MAX_RUN_CHARS, train_bpe
 
 
@@ -62,3 +65,26 @@ def test_ctrl_c_stops_bpe_training_at_once():
     assert child.returncode == 0, child.stderr
     assert child.stdout.startswith("interrupted after "), child.stdout + child.stderr
     assert float(child.stdout.split()[2]) < 1.5
+
+
+def test_encoding_workers_are_born_with_sigterm_blocked_until_their_handler_is_the_default(monkeypatch, tmp_path):
+    """batch_encoder's workers: a SIGTERM from the pool's terminate() that reached a child before Python's after-fork
+    reset was dropped by it (a prepare that failed on its first document then hung in Pool.terminate, seen in CI), so
+    each starts with SIGTERM blocked, pending if sent, and unblocks it once its handler is the default. (The race
+    itself cannot be timed in a test; this checks the mechanism that closes it.)"""
+    start_worker = tokenizer_module._start_worker
+
+    def recording(*args):
+        blocked_at_birth = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        start_worker(*args)
+        blocked_after = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        default = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        (tmp_path / str(os.getpid())).write_text(f"{blocked_at_birth} {blocked_after} {default}")
+
+    monkeypatch.setattr(tokenizer_module, "_start_worker", recording)
+    tokenizer = train_bpe(["some text to learn from"], vocab_size=300)
+    with tokenizer_module.batch_encoder(tokenizer, np.dtype(np.uint16), 2) as encode:
+        [ids] = next(encode([["some text"]]))
+    assert tokenizer.decode(ids.tolist()) == "some text"
+    assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["True False True"] * 2
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the parent's mask is back
