@@ -256,10 +256,9 @@ class Engine:
         autocast: torch.dtype | None = None,
     ):
         """Take the model and its optimizer; return the optimizer whose ``param_groups`` the schedule drives.
-        ``autocast``: the dtype the trainer's autocast computes in (None: float32), for an engine whose own forward
-        must keep it (ZeRO's)."""
+        ``autocast``: the dtype the trainer's autocast computes in (None: float32), for the engines that must match it
+        themselves (ZeRO's forward, FSDP's gathered copies); the trainer's loop enters the autocast."""
         self.module = self.model = model
-        self.autocast = autocast
         self.optimizer = optimizer
         self.names = {id(p): n for n, p in model.named_parameters()}
         params = dict(model.named_parameters())

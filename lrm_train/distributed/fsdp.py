@@ -4,9 +4,10 @@ Each of the model's ``fsdp_units`` (the embedding, every decoder layer, the LM h
 becomes one FSDP unit: its parameters are DTensors cut by rows (``Shard(0)``) over the ranks, gathered whole just
 before the unit's forward and backward and freed after; gradients are reduce-scattered back into row shards. The
 gathered copies are in the trainer's compute dtype (bf16 under bf16 autocast, ``train.precision``: by default on CUDA)
-and the reductions float32 (``MixedPrecisionPolicy``), the shards float32. ``train.activation_checkpointing`` and ``train.compile`` wrap each layer's forward
-(``train.build.wrap_layers``) before the layer is sharded - ``fully_shard`` last, as in torchtitan - so FSDP's
-gathering runs around the checkpointed, compiled forward, whose graphs see whole parameters.
+and the reductions float32 (``MixedPrecisionPolicy``), the shards float32. ``train.activation_checkpointing`` and
+``train.compile`` wrap each layer's forward (``train.build.wrap_layers``) before the layer is sharded - ``fully_shard``
+last, as in torchtitan - so FSDP's gathering runs around the checkpointed, compiled forward, whose graphs see whole
+parameters.
 
 The optimizer is our own, ``ShardedAdamWMuon``, over the trainer's groups (one per parameter class and role), so every
 class keeps its learning rate and weight decay, and it applies the updates every engine shares (``optim``):
