@@ -78,6 +78,7 @@ from lrm_train.experiments.tune import TUNED_DIR
 from lrm_train.models import static_transplant
 from lrm_train.nn import Placement
 from lrm_train.optim import constant_phase, decay_start, equilibration_times
+from lrm_train.train.callbacks import validation_steps
 from lrm_train.train.checkpoint import complete_checkpoints, model_from_checkpoint
 from lrm_train.utils import atomic_write_text
 
@@ -223,6 +224,8 @@ def _run(
         f"optim.lr={cfg.lr_center[optimizer] if lr is None else lr!r}",
         f"train.seed={seed}",
         f"logging.wandb.group={cfg.name}",
+        # A sweep run is read by its final loss alone; the held-out runs validate all along, for the gap's trend.
+        *([f"train.eval_last={cfg.final_evals}"] if phase == SELECTION else []),
     ]
     labels = dict(arm=arm, optimizer=optimizer, lr=lr, seed=seed, phase=phase)
     return make_run(name, Path(cfg.out_dir) / "runs" / name, overrides, waiting_for=waiting_for, **labels)
@@ -269,7 +272,8 @@ def plan(cfg: CompareConfig) -> list[RunSpec]:
                 held_out.append(_run(cfg, arm, optimizer, lr, seed, HELD_OUT, waiting, multipliers))
     runs = sweep + held_out
     check_same_budget(runs)
-    evaluations = _evaluations(runs[0].cfg.train)
+    t = runs[0].cfg.train
+    evaluations = len(validation_steps(t.max_steps, t.eval_every))
     if cfg.final_evals > evaluations:
         raise ValueError(f"final_evals={cfg.final_evals}: a run evaluates only {evaluations} times (train.eval_every)")
     return runs
@@ -293,11 +297,6 @@ def _transplanted(cfg: CompareConfig, chosen: dict, source: str, optimizer: str)
     runs = [_run(cfg, source, optimizer, chosen["lr"], seed, SELECTION) for seed in cfg.selection_seeds]
     models = [model_from_checkpoint(complete_checkpoints(r.run_dir)[-1]) for r in runs]
     return "", static_transplant(models)
-
-
-def _evaluations(t) -> int:
-    """Validations in a run: every ``eval_every`` steps and at the last one."""
-    return t.max_steps // t.eval_every + (t.max_steps % t.eval_every != 0)
 
 
 def selections(cfg: CompareConfig, results: list[RunResult]) -> dict[tuple[str, str], dict]:
@@ -336,9 +335,11 @@ def _held_out_waits_for(cfg: CompareConfig, chosen: dict, optimizer: str) -> str
 
 
 # What an arm may change: the multipliers the paper tunes (the model's forward multipliers, the optimizer's LR and WD
-# multipliers per class and role) and LRM's own; a run's LR and seed are its identity.
+# multipliers per class and role) and LRM's own; a run's LR and seed are its identity; where it validates depends on
+# its phase and does not change its training.
 ARM_FREE = re.compile(
-    r"model\.\w+_multipliers?|optim\.(lr|\w+\.(lr|wd)_mult|roles|multiplier_weight_decay)|train\.(seed|run_dir)"
+    r"model\.\w+_multipliers?|optim\.(lr|\w+\.(lr|wd)_mult|roles|multiplier_weight_decay)"
+    r"|train\.(seed|run_dir|eval_last)"
 )
 
 

@@ -218,6 +218,7 @@ class Planner:
                 *(f"{key}={value!r}" for key, value in (self.values(moved) if moved else {}).items()),
                 f"train.seed={seed}",
                 f"logging.wandb.group={self.cfg.name}",
+                f"train.eval_last={self.cfg.final_evals}",  # a run is read by its final loss alone
             ]
             run_dir = Path(self.cfg.out_dir) / "runs" / name
             self.runs[name] = make_run(name, run_dir, overrides, waiting_for, seed=seed, **point)

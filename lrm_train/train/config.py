@@ -71,6 +71,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops (with an emergency checkpoint)
     log_every: int = 10
     eval_every: int = 50
+    # Validate only at the last N of those steps (0: at all): a run whose final loss is all that is read (an LR sweep's)
+    # skips the rest. Validation never changes training, so the runs train the same either way.
+    eval_last: int = 0
     eval_batch_size: int = 8
     stop_at_step: int = 0  # stop this process after this step as if preempted (0: never); for drills and tests
 
@@ -182,6 +185,8 @@ def validate(cfg: RunConfig) -> None:
     ):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)} must be >= 1")
+    if t.eval_last < 0:
+        raise ValueError(f"train.eval_last={t.eval_last} must be >= 0 (0: validate at every train.eval_every steps)")
     if cfg.logging.wandb.mode is WandbMode.online and not _wandb_key_available():
         raise ValueError(
             "logging.wandb.mode=online but no W&B API key was found: set WANDB_API_KEY or run `wandb login` "

@@ -90,6 +90,9 @@ def test_the_sweep_runs_on_the_selection_seeds_and_the_held_out_runs_at_the_sele
     for run in runs:
         assert run_status(run) == FINISHED
         assert [r["step"] for r in read_metrics(run.run_dir)] == list(range(2, STEPS + 1, 2))
+        # the sweep validates only where its final loss is read; the held-out runs all along, for the gap's trend
+        validated = [r["step"] for r in read_metrics(run.run_dir) if "val_loss" in r]
+        assert validated == ([6, 8] if run.labels["phase"] == SELECTION else [2, 4, 6, 8])
         assert run.cfg.logging.wandb.group == "micro" and run.cfg.train.seed == run.labels["seed"]
         assert run.cfg.optim.lr == run.labels["lr"] and f"-lr{run.labels['lr']:.3g}-s{run.labels['seed']}" in run.name
     lrs = sorted({r.cfg.optim.lr for r in sweep})

@@ -108,6 +108,7 @@ def test_the_plan_holds_the_grids_values_and_counts_the_waiting_stages(data_root
     assert lrs == pytest.approx([0.01 / math.sqrt(2), 0.01, 0.01 * math.sqrt(2)])
     assert heads == pytest.approx([base.model.lm_head_multiplier * f for f in (0.5, 1, 2)])
     assert {r.cfg.lrm.placement.value for r in runs} == {"none"}  # the muP baseline
+    assert {r.cfg.train.eval_last for r in runs} == {cfg.final_evals}  # a run is read by its final loss alone
     waiting = [r for r in runs if r.waiting_for]
     key = base.model.key_multiplier
     assert sorted(r.cfg.model.key_multiplier for r in waiting if r.labels["key"]) == [key / 2, key * 2]

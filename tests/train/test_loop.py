@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import as_args, cli, overrides, run_config
+from runs import as_args, cli, losses, overrides, records, run_config
 
 from lrm_train.models import FalconH1LM
 from lrm_train.optim import ParamClass
@@ -42,6 +42,18 @@ def test_metrics_jsonl_and_the_offline_wandb_run_hold_the_trajectories(data_root
     blob = run_file.read_bytes()  # W&B's offline log: the history keys are stored as plain strings
     for key in expected:
         assert key.encode() in blob, key
+
+
+def test_eval_last_validates_only_at_the_last_scheduled_steps_and_trains_the_same(data_root, tmp_path):
+    every = {"train.max_steps": 7, "train.eval_every": 2}
+    validated = {}
+    for last in (0, 2):
+        run_dir = tmp_path / f"last{last}"
+        train(run_config(data_root, run_dir, **every, **{"train.eval_last": last}))
+        validated[last] = {step: r["val_loss"] for step, r in records(run_dir).items() if "val_loss" in r}
+    assert sorted(validated[0]) == [2, 4, 6, 7] and sorted(validated[2]) == [6, 7]
+    assert validated[2] == {step: validated[0][step] for step in (6, 7)}  # validation leaves training alone
+    assert losses(tmp_path / "last0") == losses(tmp_path / "last2")
 
 
 def test_clipping_leaves_the_multipliers_out_by_default(data_root, tmp_path):
@@ -97,6 +109,7 @@ def test_non_finite_steps_are_skipped_counted_and_end_the_run_after_k_in_a_row(d
         (["optim=adagrad"], "(options: adamw, muon)"),
         (["train.grad_clip=-1"], "train.grad_clip=-1.0 must be >= 0"),
         (["schedule.warmup_steps=-2"], "schedule.warmup_steps=-2 must be >= 0"),
+        (["train.eval_last=-1"], "train.eval_last=-1 must be >= 0"),
         (["logging.wandb.mode=online"], "no W&B API key was found"),
     ],
 )

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from lrm_train.train.callbacks.base import Callback, StepResult
 from lrm_train.train.callbacks.checkpointer import Checkpointer
-from lrm_train.train.callbacks.evaluator import Evaluator
+from lrm_train.train.callbacks.evaluator import Evaluator, validation_steps
 from lrm_train.train.callbacks.mixture import MixtureShares
 from lrm_train.train.callbacks.sinks import MetricSinks
 from lrm_train.train.callbacks.speed import SpeedMonitor
@@ -38,6 +38,7 @@ __all__ = [
     "StepResult",
     "Trajectories",
     "build_callbacks",
+    "validation_steps",
 ]
 
 
@@ -74,7 +75,7 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
     return [
         SpeedMonitor(t.log_every, cfg.logging.peak_tflops),
         Trajectories(t.log_every, cfg.logging.trajectories, cfg.optim, seed=t.seed),
-        Evaluator(t.eval_every, t.eval_batch_size, cfg.data.seq_len, cfg.data.val_windows),
+        Evaluator(t.eval_every, t.eval_batch_size, cfg.data.seq_len, cfg.data.val_windows, t.eval_last, t.max_steps),
         *([MixtureShares(t.log_every, cfg.data.seq_len)] if cfg.data.mixture else []),
         *user,
         MetricSinks(cfg.logging, cfg.experiment.name, t.max_steps, cfg.experiment.tags),

@@ -1,4 +1,5 @@
-"""Validation loss on the fixed validation windows every ``eval_every`` steps (and at the end).
+"""Validation loss on the fixed validation windows every ``eval_every`` steps (and at the end), or at the last
+``eval_last`` of those steps only.
 
 With ``data.mixture``, each source's loss is ``val_loss/<name>`` and ``val_loss`` is their mean weighted as the
 mixture (see ``Components.validation``).
@@ -14,15 +15,23 @@ from lrm_train.data import TokenSplit, validation_batches
 from lrm_train.train.callbacks.base import Callback, StepResult, due
 
 
+def validation_steps(max_steps: int, every: int, last: int = 0) -> list[int]:
+    """The steps a run validates at: every ``every`` steps and at the final one; only the last ``last`` of them when
+    ``last`` > 0."""
+    steps = [*range(every, max_steps + 1, every), *([max_steps] if max_steps % every else [])]
+    return steps[-last:] if last else steps
+
+
 class Evaluator(Callback):
     name = "evaluator"
 
-    def __init__(self, every: int, batch_size: int, seq_len: int, windows: int) -> None:
+    def __init__(self, every: int, batch_size: int, seq_len: int, windows: int, last: int, max_steps: int) -> None:
         self.every, self.batch_size, self.seq_len, self.windows = every, batch_size, seq_len, windows
+        self.first = validation_steps(max_steps, every, last)[0] if last else 0
         self.last_loss: float | None = None  # of this process: a resumed run evaluates again at its end
 
     def on_step(self, trainer, step: StepResult) -> None:
-        if due(step, self.every):
+        if step.step >= self.first and due(step, self.every):
             step.metrics.update(self.evaluate(trainer))
             self.last_loss = step.metrics["val_loss"]
 
