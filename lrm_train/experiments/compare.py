@@ -16,11 +16,13 @@ The protocol, in two phases:
 2. **Held-out**: each arm at its selected LR on ``seeds``, which must not hold a selection seed (a loss reported on
    the seeds that chose the LR is biased low by the choice). The statistics are over these seeds only.
 
-A run's final loss is the mean of its last ``final_evals`` validation losses. The gap is arm - baseline per held-out
-seed (the same seed: the same initialization and data order), reported as its mean with a 95% t-interval and a
-verdict: ``LRM better`` (the interval below 0), ``no difference resolved`` (it holds 0), ``baseline better``. The
-gap against tokens is drawn with its 95% band, and its linear trend through the constant-LR phase (the schedule's
-``constant_phase``) is fitted per seed: ``growing``, ``flat``, ``shrinking`` or ``crossing`` with the slope's interval.
+A run's final loss is the mean of its last ``final_evals`` validation losses; a sweep run validates only there
+(``train.eval_last``), a held-out run at every ``train.eval_every`` steps, for the gap's trend. The gap is arm -
+baseline per held-out seed (the same seed: the same initialization and data order), reported as its mean with a 95%
+t-interval and a verdict: ``LRM better`` (the interval below 0), ``no difference resolved`` (it holds 0),
+``baseline better``. The gap against tokens is drawn with its 95% band, and its linear trend through the constant-LR
+phase (the schedule's ``constant_phase``) is fitted per seed: ``growing``, ``flat``, ``shrinking`` or ``crossing``
+with the slope's interval.
 
 The arms (the paper's Fig. 7 tiers: untuned or tuned multipliers, with or without LRM): every arm runs at the tuned
 baseline's values (``tuned_config``: ``configs/tuned/<name>.yaml``, written by the tune command) except the ``untuned``
