@@ -13,6 +13,11 @@ optimizer). From the final validation loss of each run (a diverged run has none)
 - **wider is better**: at the widest width's best LR and its grid neighbours, the loss does not rise from one width
   to the next wider one by more than ``loss_tolerance``.
 
+Beside them the report gives, paired by seed, how each width's loss leans across the grid (its slope against log2 LR)
+and how that lean changes with width, with 95% intervals: where the curves are flat near the optimum the best LR is
+an argmin over noise, and the lean's change tells a drift the seeds resolve from one they do not (reported, not
+checked).
+
 The command exits 1 when K > 1 for an optimizer, when a width's best LR sits on the grid's edge (the optimum may lie
 outside the grid, so agreement shows nothing: move ``lr``), and when wider-is-better is violated beyond
 ``loss_tolerance``: a wider model that trains worse near the optimum is the other symptom of a parametrization that
@@ -141,11 +146,7 @@ def paired_rises(runs: list[RunSpec], optimizer: str, widths: list[int], lr_indi
     """At each grid index of ``lr_indices``, each width's final loss minus the next narrower one's, paired by seed
     (the two share the seed's data order): the mean rise with its 95% interval over the seeds that finished at both.
     Fewer than two such seeds: no row."""
-    by_seed: dict[tuple[int, int], dict[int, float]] = {}
-    for result in collect([r for r in runs if r.labels["optimizer"] == optimizer]):
-        labels = result.run.labels
-        if finite(result.final):
-            by_seed.setdefault((labels["width"], labels["lr_index"]), {})[labels["seed"]] = result.final
+    by_seed = _finals_by_seed(runs, optimizer)
     rows = []
     for index, (narrow, wide) in itertools.product(lr_indices, pairwise(sorted(widths))):
         before, after = by_seed.get((narrow, index), {}), by_seed.get((wide, index), {})
@@ -154,6 +155,50 @@ def paired_rises(runs: list[RunSpec], optimizer: str, widths: list[int], lr_indi
             mean, ci95 = mean_interval(rises)
             rows.append(dict(lr_index=index, narrower=narrow, wider=wide, rise=mean, ci95=ci95, seeds=len(rises)))
     return rows
+
+
+def _finals_by_seed(runs: list[RunSpec], optimizer: str) -> dict[tuple[int, int], dict[int, float]]:
+    """(width, grid index) -> seed -> final validation loss, for the optimizer's runs that did not diverge."""
+    by_seed: dict[tuple[int, int], dict[int, float]] = {}
+    for result in collect([r for r in runs if r.labels["optimizer"] == optimizer]):
+        labels = result.run.labels
+        if finite(result.final):
+            by_seed.setdefault((labels["width"], labels["lr_index"]), {})[labels["seed"]] = result.final
+    return by_seed
+
+
+def lr_preference(runs: list[RunSpec], optimizer: str, widths: list[int], points: int) -> dict:
+    """Which way each width's loss leans across the LR grid, and whether that lean changes with width, seed by seed.
+
+    The best LR per width is an argmin over noisy means, so a spread of two steps can be noise where the curves are
+    flat. Per seed and width, the least-squares slope of the final loss against log2(LR) over the whole grid (seeds
+    with a diverged point at that width left out) measures the lean: negative where the grid's higher LRs train
+    better. Its change from each width to the next, paired by seed, with a 95% interval, is the drift of the optimum
+    that transfer excludes: below zero the wider model prefers higher LRs, above zero lower (standard
+    parametrization's drift). Fewer than two seeds: no row."""
+    by_seed = _finals_by_seed(runs, optimizer)
+    log2_lr = [index / 2 for index in range(points)]  # the grid is sqrt(2) apart: half a doubling per index
+    centre = sum(log2_lr) / points
+    spread = sum((x - centre) ** 2 for x in log2_lr)
+    slopes: dict[int, dict[int, float]] = {}
+    for width in widths:
+        seeds = set.intersection(*(set(by_seed.get((width, i), {})) for i in range(points)))
+        slopes[width] = {
+            seed: sum((x - centre) * by_seed[width, i][seed] for i, x in enumerate(log2_lr)) / spread
+            for seed in sorted(seeds)
+        }
+    per_width = []
+    for width in sorted(widths):
+        if len(slopes[width]) >= 2:
+            mean, ci95 = mean_interval(list(slopes[width].values()))
+            per_width.append(dict(width=width, slope=mean, ci95=ci95, seeds=len(slopes[width])))
+    changes = []
+    for narrow, wide in pairwise(sorted(widths)):
+        shared = sorted(slopes[narrow].keys() & slopes[wide].keys())
+        if len(shared) >= 2:
+            mean, ci95 = mean_interval([slopes[wide][seed] - slopes[narrow][seed] for seed in shared])
+            changes.append(dict(narrower=narrow, wider=wide, change=mean, ci95=ci95, seeds=len(shared)))
+    return dict(per_width=per_width, changes=changes)
 
 
 def best_index(losses: list[float | None]) -> int | None:
@@ -218,6 +263,25 @@ def wider_line(optimizer: str, result: dict, tolerance: float) -> str:
     return f"Wider is better ({optimizer}): {count} violation{'s' * (count != 1)} beyond {tolerance:g}: {rises}"
 
 
+def preference_text(preference: dict) -> str:
+    interval = "{0:+.3f}..{1:+.3f}".format
+    rows = [[f"w{r['width']}", f"{r['slope']:+.3f}", interval(*r["ci95"]), r["seeds"]] for r in preference["per_width"]]
+    text = (
+        "Slope of the final loss against log2(LR) over the whole grid, per seed (negative: the grid's higher LRs "
+        "train better), and its change with width paired by seed (transfer means none; negative: the wider model "
+        "prefers higher LRs):\n\n"
+        + markdown_table(["width", "mean slope per LR doubling", "95% CI over seeds", "seeds"], rows)
+        + "\n"
+    )
+    if preference["changes"]:
+        rows = [
+            [f"w{r['narrower']} -> w{r['wider']}", f"{r['change']:+.3f}", interval(*r["ci95"]), r["seeds"]]
+            for r in preference["changes"]
+        ]
+        text += "\n" + markdown_table(["widths", "change of the slope", "95% CI over seeds", "seeds"], rows) + "\n"
+    return text
+
+
 def plot(optimizer: str, losses: dict[int, list[float | None]], grid: list[float], result: dict, out_dir: Path) -> str:
     fig, [ax] = new_figure(1, f"LR transfer, {optimizer}: final validation loss against LR")
     for i, width in enumerate(sorted(losses)):
@@ -272,6 +336,9 @@ wider model's final loss exceeds the next narrower one's by more than {settings.
                 + markdown_table(["LR", "widths", "mean rise", "95% CI over seeds", "seeds"], rows)
                 + "\n"
             )
+        result["lr_preference"] = preference = lr_preference(runs, optimizer, settings.widths, len(grid))
+        if preference["per_width"]:
+            text += "\n" + preference_text(preference)
     data = dict(
         settings=dataclasses.asdict(settings),
         lr_grid=grid,

@@ -247,3 +247,35 @@ def test_wider_minus_narrower_is_paired_by_seed_with_an_interval(tmp_path, monke
     assert first["ci95"] == pytest.approx([-0.1 - 4.303 * 0.01 / math.sqrt(3), -0.1 + 4.303 * 0.01 / math.sqrt(3)])
     assert rows[3]["rise"] == pytest.approx(-0.095)  # seeds 0 and 1 only
     assert transfer.paired_rises(runs[:1], "adamw", WIDTHS, [0]) == []  # fewer than two seeds: no interval
+
+
+def test_the_lean_across_the_grid_and_its_change_with_width_are_paired_by_seed(tmp_path, monkeypatch):
+    settings = TransferSettings(out_dir=str(tmp_path), widths=WIDTHS, head_dim=16, optimizers=["adamw"], lr_points=5,
+                                seeds=[0, 1, 2], trainer=["lrm=none"])  # fmt: skip
+    runs = plan(settings)
+    # Loss linear in log2(LR) (half a doubling per grid index): slope 0.1 at width 32, 0 at 64, -0.1 at 128, each
+    # seed off by 0.01 x (seed - 1) x width / 32, on top of the seed's own level.
+    lean = {32: 0.1, 64: 0.0, 128: -0.1}
+
+    def final(width, index, seed):
+        return 5.0 + seed + (lean[width] + 0.01 * (seed - 1) * width / 32) * index / 2
+
+    keys = [(r.labels["width"], r.labels["lr_index"], r.labels["seed"]) for r in runs]
+    finals = {key: final(*key) for key in keys}
+    finals[128, 4, 2] = math.nan  # a diverged point drops that seed at that width only
+    results = [SimpleNamespace(run=r, final=finals[r.labels["width"], r.labels["lr_index"], r.labels["seed"]])
+               for r in runs]  # fmt: skip
+    monkeypatch.setattr(transfer, "collect", lambda runs: [x for x in results if x.run in runs])
+    preference = transfer.lr_preference(runs, "adamw", WIDTHS, 5)
+    first, middle, last = preference["per_width"]
+    assert (first["width"], first["seeds"], last["width"], last["seeds"]) == (32, 3, 128, 2)
+    assert first["slope"] == pytest.approx(0.1) and middle["slope"] == pytest.approx(0.0)
+    assert first["ci95"] == pytest.approx([0.1 - 4.303 * 0.01 / math.sqrt(3), 0.1 + 4.303 * 0.01 / math.sqrt(3)])
+    assert last["slope"] == pytest.approx(-0.1 - 0.02)  # seeds 0 and 1: -0.14 and -0.1
+    up, down = preference["changes"]
+    assert (up["narrower"], up["wider"], up["seeds"], down["seeds"]) == (32, 64, 3, 2)
+    assert up["change"] == pytest.approx(-0.1)  # the seeds' levels cancel; their lean differs by 0.01 per width/32
+    assert up["ci95"] == pytest.approx([-0.1 - 4.303 * 0.01 / math.sqrt(3), -0.1 + 4.303 * 0.01 / math.sqrt(3)])
+    assert down["change"] == pytest.approx(-0.1 - 0.01)  # seeds 0, 1: (-0.14 - -0.02), (-0.1 - 0.0)
+    text = transfer.preference_text(preference)
+    assert "| w32 -> w64 | -0.100 |" in text and "| w128 | -0.120 |" in text
