@@ -79,12 +79,18 @@ def test_encoding_workers_are_born_with_sigterm_blocked_until_their_handler_is_t
         start_worker(*args)
         blocked_after = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
         default = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        (tmp_path / str(os.getpid())).write_text(f"{blocked_at_birth} {blocked_after} {default}")
+        record = tmp_path / f"{os.getpid()}.partial"
+        record.write_text(f"{blocked_at_birth} {blocked_after} {default}")
+        record.rename(record.with_suffix(".txt"))
 
     monkeypatch.setattr(tokenizer_module, "_start_worker", recording)
     tokenizer = train_bpe(["some text to learn from"], vocab_size=300)
     with tokenizer_module.batch_encoder(tokenizer, np.dtype(np.uint16), 2) as encode:
         [ids] = next(encode([["some text"]]))
+        # one batch needs one worker: the other may still be starting, and leaving would terminate it unrecorded
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("*.txt"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert tokenizer.decode(ids.tolist()) == "some text"
-    assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["True False True"] * 2
+    assert sorted(p.read_text() for p in tmp_path.glob("*.txt")) == ["True False True"] * 2
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the parent's mask is back
