@@ -20,6 +20,7 @@ nothing, or a parameter matched by two patterns, is an error.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from fnmatch import fnmatchcase
@@ -96,6 +97,10 @@ class OptimConfig:
     muon_ns_steps: int = 5
     muon_ns_dtype: NSDtype = NSDtype.auto  # auto: bf16 on CUDA, float32 on CPU
     muon_adjust_lr: AdjustLR = AdjustLR.match_rms_adamw  # or original (Keller Jordan's sqrt(max(1, rows/cols)))
+    # Under model.parametrization=mup: the exponent p of the hidden matrices' LR factor r^p (their weight decay gets
+    # r^-p). None: the derived one, AdamW -1 and Muon -1/2, which assume an update fully aligned with the features it
+    # meets; finite-width models align less (Everett et al. 2024), which a measured exponent between -1/2 and -1 shows.
+    hidden_lr_exponent: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in set(OptimizerName):
@@ -113,6 +118,11 @@ class OptimConfig:
             "optim.eps": (self.eps, self.eps >= 0, "must be >= 0"),
             "optim.muon_momentum": (self.muon_momentum, 0 <= self.muon_momentum < 1, "must be in [0, 1)"),
             "optim.muon_ns_steps": (self.muon_ns_steps, self.muon_ns_steps >= 1, "must be >= 1"),
+            "optim.hidden_lr_exponent": (
+                self.hidden_lr_exponent,
+                self.hidden_lr_exponent is None or math.isfinite(self.hidden_lr_exponent),
+                "must be a finite number (or null: the optimizer's derived exponent)",
+            ),
         }
         for i, beta in enumerate(self.betas):
             checks[f"optim.betas[{i}]"] = (beta, 0 <= beta < 1, "must be in [0, 1)")
@@ -186,7 +196,9 @@ def _role_entry(cfg: OptimConfig, cls: ParamClass, role: str | None, name: str) 
     return matches[0] if matches else None
 
 
-def width_lr_exponent(parametrization: Parametrization, width: WidthClass | None, use_muon: bool) -> float:
+def width_lr_exponent(
+    parametrization: Parametrization, width: WidthClass | None, use_muon: bool, hidden_exponent: float | None = None
+) -> float:
     """The exponent p of the LR factor r^p (r = d / d0) of a parameter; its weight decay gets r^-p, so lr x wd (the
     decay per step) stays width-independent.
 
@@ -194,9 +206,12 @@ def width_lr_exponent(parametrization: Parametrization, width: WidthClass | None
     are the LR's size whatever the gradient, and d of them align in a product, so the LR falls as 1/d; Muon's
     RMS-matched update (0.2 sqrt(max(rows, cols)) x an orthogonal matrix) already grows as sqrt(d), so its LR falls as
     1/sqrt(d). Readouts carry their 1/d in the forward multiplier; embeddings and vectors keep their LR.
+    ``hidden_exponent`` (``optim.hidden_lr_exponent``) replaces the derived hidden exponent when given.
     """
     if parametrization is not Parametrization.mup or width is not WidthClass.hidden:
         return 0.0
+    if hidden_exponent is not None:
+        return hidden_exponent
     return -0.5 if use_muon else -1.0
 
 
@@ -210,7 +225,7 @@ def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: Opti
     members: dict[tuple[ParamClass, int | None, float], list[str]] = {}
     for name, cls in classes.items():
         use_muon = cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX
-        exponent = width_lr_exponent(parametrization, all_roles[name].width, use_muon)
+        exponent = width_lr_exponent(parametrization, all_roles[name].width, use_muon, cfg.hidden_lr_exponent)
         members.setdefault((cls, _role_entry(cfg, cls, roles[name], name), exponent), []).append(name)
     for i, entry in enumerate(cfg.roles):
         if not any(index == i for _, index, _ in members):

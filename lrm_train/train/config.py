@@ -22,7 +22,7 @@ from lrm_train.config_compose import compose_saved, compose_schema
 from lrm_train.data import DataConfig
 from lrm_train.distributed import DistConfig, EngineName
 from lrm_train.models import PRESETS, FalconH1Config, KernelBackend
-from lrm_train.nn import LRMConfig, Placement
+from lrm_train.nn import LRMConfig, Parametrization, Placement
 from lrm_train.optim import OptimConfig, ScheduleConfig
 
 
@@ -205,6 +205,11 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(
             f"model.parametrization={form} carries the width scaling of another optimizer's update than "
             f"optim={cfg.optim.name}: use model.parametrization=mup_multiplier_{cfg.optim.name} or mup"
+        )
+    if cfg.optim.hidden_lr_exponent is not None and form is not Parametrization.mup:
+        raise ValueError(
+            f"optim.hidden_lr_exponent={cfg.optim.hidden_lr_exponent} scales LRs with width, which only "
+            f"model.parametrization=mup does (this run: {form})"
         )
     if t.grad_clip < 0:
         raise ValueError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")

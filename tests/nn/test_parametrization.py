@@ -86,6 +86,19 @@ def test_under_mup_the_optimizer_scales_hidden_lrs_and_keeps_lr_times_wd(optimiz
     assert "matrix@hidden" not in names and all(g["lr_mult"] == 1.0 for g in groups if g is not hidden)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_measured_hidden_lr_exponent_replaces_the_derived_one_for_hidden_matrices_only(optimizer):
+    model = FalconH1LM(micro_config(base_width=128, parametrization="mup"), LRMConfig("full"))  # r = 1/4
+    groups = build_optimizer(
+        model, classify_parameters(model), OptimConfig(name=optimizer, hidden_lr_exponent=-0.75)
+    ).param_groups
+    by_name = {g["name"]: g for g in groups}
+    assert (by_name["matrix@hidden"]["lr_mult"], by_name["matrix@hidden"]["weight_decay"]) == pytest.approx(
+        (4**0.75, 0.1 / 4**0.75)
+    )
+    assert all(g["lr_mult"] == 1.0 for name, g in by_name.items() if name != "matrix@hidden")
+
+
 def train_steps(parametrization: str, optimizer: str, steps: int = 3) -> torch.Tensor:
     torch.manual_seed(0)
     model = FalconH1LM(micro_config(base_width=128, parametrization=parametrization), LRMConfig("full"))

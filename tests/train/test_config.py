@@ -122,3 +122,11 @@ def test_a_through_multiplier_parametrization_must_match_the_optimizer():
     )
     with pytest.raises(ValueError, match=r"mup_multiplier_adamw carries .* optim=muon: use model.parametrization="):
         compose(["optim=muon", "model.parametrization=mup_multiplier_adamw"])
+
+
+def test_a_hidden_lr_exponent_is_refused_where_no_lr_scales_with_width():
+    assert compose(["model=tiny", "optim.hidden_lr_exponent=-0.5"]).optim.hidden_lr_exponent == -0.5
+    with pytest.raises(ValueError, match=r"optim.hidden_lr_exponent=-0.5 .* only model.parametrization=mup does"):
+        compose(["model=tiny", "model.parametrization=standard", "optim.hidden_lr_exponent=-0.5"])
+    with pytest.raises(ValueError, match=r"optim.hidden_lr_exponent=nan must be a finite number"):
+        compose(["model=tiny", "optim.hidden_lr_exponent=nan"])
