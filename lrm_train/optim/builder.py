@@ -99,7 +99,7 @@ class OptimConfig:
     muon_adjust_lr: AdjustLR = AdjustLR.match_rms_adamw  # or original (Keller Jordan's sqrt(max(1, rows/cols)))
     # Under model.parametrization=mup: the exponent p of the hidden matrices' LR factor r^p (their weight decay gets
     # r^-p). None: the derived one, AdamW -1 and Muon -1/2, which assume an update fully aligned with the features it
-    # meets; finite-width models align less (Everett et al. 2024), which a measured exponent between -1/2 and -1 shows.
+    # meets; at finite width it may align less (Everett et al. 2024), which a measured exponent accounts for.
     hidden_lr_exponent: float | None = None
 
     def __post_init__(self) -> None:
