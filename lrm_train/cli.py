@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from lrm_train.utils import stderr_line
@@ -25,6 +26,10 @@ from lrm_train.utils import stderr_line
 BAD_INPUT = 2
 FAILED = 3
 INTERRUPTED = 130
+# How long a rank other than 0 waits, on a config error, for rank 0 to write the job's line. torchrun stops every rank
+# as soon as one exits non-zero, so a rank 1 that exited first could kill rank 0 before its line (seen under load in
+# CI); waiting lets rank 0's exit end the job. The bound covers launchers that do not stop the other ranks.
+RANK_ZERO_REPORT_WAIT_S = 60.0
 
 
 class CommandEnding(Exception):
@@ -85,5 +90,7 @@ def run_command(
     except ValueError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank composes the same config: one line a job
             stderr_line(f"error: config: {e}")
+        else:
+            time.sleep(RANK_ZERO_REPORT_WAIT_S)
         return BAD_INPUT
     return exit_status(lambda: work(config, given), again)
