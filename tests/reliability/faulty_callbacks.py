@@ -72,11 +72,20 @@ class DuringSave(Callback):
 
 class HoldAfterStopSignal(Callback):
     """Once the loop has recorded a SIGTERM (its handler gave the signal back to the one before it, which in a
-    parallel experiment's worker ignores it), each step takes ``seconds`` more: the window for a second signal."""
+    parallel experiment's worker ignores it), each step takes ``seconds`` more, and so does the stop's save before it
+    writes anything (a signal that lands after this callback's step hook, while the sinks write, is seen by the loop
+    at that same step): the window for a second signal."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def on_step(self, trainer, step) -> None:
+    def _hold_once_stopped(self) -> None:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
             time.sleep(self.seconds)
+
+    def on_step(self, trainer, step) -> None:
+        self._hold_once_stopped()
+
+    def state_dict(self) -> dict:  # the save gathers every callback's state before it writes
+        self._hold_once_stopped()
+        return {}
