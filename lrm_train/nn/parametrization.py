@@ -9,7 +9,9 @@ A model is tuned at a base width ``d0``; at width ``d`` (``r = d / d0``) each ma
 A readout that starts random (Mamba's B; the LM head and C start at zero under ``zero_init_readouts``) has its init
 std grow as r^1/2 against its r^-1 multiplier in every muP form, so its initial output on order-one inputs is the same at
 every width: with a constant std it would shrink as r^-1/2 while its updates do not, and the Mamba scan's first steps
-(C times B) would mix a width-dependent part into what the coordinate check measures.
+(C times B) would mix a width-dependent part into what the coordinate check measures. microsoft/mup keeps a random
+readout's std constant instead (its effective weight then falls as 1/d, ours as 1/sqrt(d)); the README has both
+measured.
 
 Norm weights, SSM vectors and the learnable multipliers are vectors: nothing about them scales. The model applies the
 init std and fixed forward multiplier exponents below; the optimizer applies its own LR and weight-decay exponents
