@@ -112,14 +112,30 @@ def run_local(runs: list[RunSpec], nproc: int = 0, threads: int = 1, parallel: i
     if parallel > 1:
         _train_in_parallel(todo, len(runs), threads, parallel)
         return
+    if nproc == 1:
+        _train_in_sequence(todo, len(runs), threads)
+        return
     for i, run in todo:
         print(f"[{i}/{len(runs)}] {run.name}: training", flush=True)
-        if nproc == 1:
+        _train_with_torchrun(run, nproc, threads)
+        print(f"[{i}/{len(runs)}] {run.name}: {run_status(run)}", flush=True)
+
+
+def _train_in_sequence(todo: list[tuple[int, RunSpec]], total: int, threads: int) -> None:
+    """The runs one after another in this process. A stop signal is recorded for the whole sequence, not only while
+    a run's loop steps: one that lands in a run's last step (the run finishes it and saves) or while a run starts
+    stops the sequence there rather than being lost, and one between runs no longer kills a run half set up."""
+    with StopSignals() as stop:
+        for i, run in todo:
+            if stop.received:
+                break
+            print(f"[{i}/{total}] {run.name}: training", flush=True)
             with torch_threads(threads):
                 _train_in_process(run)
-        else:
-            _train_with_torchrun(run, nproc, threads)
-        print(f"[{i}/{len(runs)}] {run.name}: {run_status(run)}", flush=True)
+            print(f"[{i}/{total}] {run.name}: {run_status(run)}", flush=True)
+    if stop.received:
+        name = signal.Signals(stop.received).name
+        raise Stopped(f"{name} between runs (every run begun has finished)", stop.received)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import ClassVar
 
 from lrm_train.cli import CommandEnding
 
@@ -30,7 +31,14 @@ class Stopped(CommandEnding):
 
 
 class StopSignals:
-    """While entered (on the main thread), SIGTERM and SIGUSR1 are recorded in ``received`` (0: none yet)."""
+    """While entered (on the main thread), SIGTERM and SIGUSR1 are recorded in ``received`` (0: none yet).
+
+    One entered inside another (a run's training loop inside an experiment that trains its runs one after another)
+    shares what they record: it starts with a signal the outer one has already received, and a signal it records
+    reaches the outer one too. So a signal that lands while a run starts, or in a run's last step (which the run
+    finishes), still stops what runs the runs, instead of being lost with the run's handler."""
+
+    _entered: ClassVar[list[StopSignals]] = []  # those entered on the main thread, outermost first
 
     def __init__(self) -> None:
         self.received = 0
@@ -38,12 +46,17 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python handles signals on the main thread only
-            self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+            self.received = next((outer.received for outer in StopSignals._entered if outer.received), 0)
+            if not self.received:  # else the handlers are already back to what they were: a second signal acts
+                self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+            StopSignals._entered.append(self)
         return self
 
     def _record(self, signum: int, _frame) -> None:
-        self.received = signum
-        self._restore()  # the next one is not deferred: a user who insists gets the usual behaviour
+        for entered in StopSignals._entered:
+            entered.received = entered.received or signum
+        for entered in reversed(StopSignals._entered):  # the next one is not deferred: a user who insists gets the
+            entered._restore()  # usual behaviour
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -52,3 +65,5 @@ class StopSignals:
 
     def __exit__(self, *_exc) -> None:
         self._restore()
+        if self in StopSignals._entered:
+            StopSignals._entered.remove(self)

@@ -19,10 +19,15 @@ class Boom(Callback):
 
 
 class SignalAt(Callback):
-    """Sends this process ``signum`` (SIGTERM by default) in ``on_step`` at step ``at``, as a scheduler would."""
+    """Sends this process ``signum`` (SIGTERM by default) in ``on_step`` at step ``at``, as a scheduler would; at 0, in
+    ``on_start`` (the run set up, its loop not yet begun)."""
 
     def __init__(self, at: int, signum: int = signal.SIGTERM) -> None:
         self.at, self.signum = at, signum
+
+    def on_start(self, trainer) -> None:
+        if self.at == 0:
+            os.kill(os.getpid(), self.signum)
 
     def on_step(self, trainer, step) -> None:
         if step.step == self.at:

@@ -250,6 +250,35 @@ def test_sigterm_during_a_comparison_saves_the_run_in_progress_and_says_how_to_g
     )
 
 
+def test_sigterm_at_a_runs_last_step_stops_the_comparison_before_the_next_run(data_root, tmp_path):
+    """A run finishes the step a signal lands in when it is its last (its final checkpoint is what a stop would
+    save); the signal then stops the sequence there rather than being lost with the run's handler, which let a
+    sequential experiment go on to its next run."""
+    signal_at_end = {"+callbacks.term._target_": "faulty_callbacks.SignalAt", "+callbacks.term.at": 4}
+    outcome = run_main(
+        compare.main, two_arm_comparison(data_root, tmp_path, 1, **{"train.max_steps": 4, **signal_at_end})
+    )
+    assert outcome.code == 143 and not outcome.escaped
+    assert [p.parts[-3] for p in (tmp_path / "cmp").glob("runs/*/checkpoints/step_00000004")] == [
+        p.name for p in (tmp_path / "cmp").glob("runs/*")
+    ]  # the one run that began finished; no other began
+    assert len(list((tmp_path / "cmp").glob("runs/*"))) == 1
+    assert outcome.stderr.splitlines()[-1] == (
+        "stopped: SIGTERM between runs (every run begun has finished); run the same command again to go on"
+    )
+
+
+def test_sigterm_as_a_run_starts_stops_it_at_its_first_step_with_a_checkpoint(data_root, tmp_path):
+    """A signal before a run's loop takes over (it once found the default handler and killed the comparison with
+    the run half set up): the run steps once, saves, and the comparison stops with the trainer's line."""
+    signal_at_start = {"+callbacks.term._target_": "faulty_callbacks.SignalAt", "+callbacks.term.at": 0}
+    argv = two_arm_comparison(data_root, tmp_path, 1, **{"train.max_steps": 4, **signal_at_start})
+    outcome = run_main(compare.main, argv)
+    [kept] = (tmp_path / "cmp").glob("runs/*/checkpoints/step_00000001")
+    assert outcome.code == 143 and not outcome.escaped
+    assert outcome.stderr.splitlines()[-1].startswith(f"stopped: SIGTERM at step 1; saved the checkpoint {kept} ")
+
+
 @pytest.mark.multiprocess
 def test_sigterm_in_parallel_runs_saves_each_and_ends_the_comparison_with_its_status(data_root, tmp_path):
     """Two sweep runs side by side in spawned processes, each stopped by SIGTERM at step 2: both save, and the
