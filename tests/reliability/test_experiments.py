@@ -259,10 +259,8 @@ def test_sigterm_at_a_runs_last_step_stops_the_comparison_before_the_next_run(da
         compare.main, two_arm_comparison(data_root, tmp_path, 1, **{"train.max_steps": 4, **signal_at_end})
     )
     assert outcome.code == 143 and not outcome.escaped
-    assert [p.parts[-3] for p in (tmp_path / "cmp").glob("runs/*/checkpoints/step_00000004")] == [
-        p.name for p in (tmp_path / "cmp").glob("runs/*")
-    ]  # the one run that began finished; no other began
-    assert len(list((tmp_path / "cmp").glob("runs/*"))) == 1
+    [run] = (tmp_path / "cmp").glob("runs/*")  # no other run began
+    assert (run / "checkpoints" / "step_00000004").is_dir()  # and this one finished
     assert outcome.stderr.splitlines()[-1] == (
         "stopped: SIGTERM between runs (every run begun has finished); run the same command again to go on"
     )
