@@ -26,6 +26,13 @@ the paper's Table 1, which train the same way (Adam's and Muon's reparametrizati
   every matrix with a growing fan-in carries a forward multiplier (hidden r^-1 under AdamW, r^-1/2 under Muon;
   readouts r^-1), and the hidden init std grows as r^+1/2 under AdamW (constant under Muon) so outputs start at the
   same scale. The forward multipliers are derived for one optimizer's update, hence one name per optimizer.
+
+Adam's epsilon follows the gradient (``gradient_exponent``): muP keeps activations of order one, so the gradient reaching
+a width-growing vector is of order 1/d per coordinate, and a weight's gradient entry is that times its forward
+multiplier. A constant epsilon would then damp wide models' updates more than narrow ones' wherever gradients are small
+(the first steps from a zero readout), which the coordinate check measured as a falling change of Mamba's dt; scaling
+epsilon by the same power of r as the gradient keeps Adam's update the same at every width, and keeps the two muP forms
+identical under Adam's reparametrization symmetry (Everett et al. 2024 make the same point for muP's epsilon).
 """
 
 from __future__ import annotations
@@ -63,3 +70,19 @@ def init_std_scale(parametrization: Parametrization, width_class: WidthClass, ra
 def multiplier_scale(parametrization: Parametrization, width_class: WidthClass, ratio: float) -> float:
     """The factor on the base forward multiplier of a matrix of ``width_class`` at width ratio ``ratio``."""
     return ratio ** _MODEL_EXPONENTS[parametrization].get(width_class, (0.0, 0.0))[1]
+
+
+def gradient_exponent(parametrization: Parametrization, width_class: WidthClass | None) -> float:
+    """The exponent q of the scale r^q of a parameter's gradient entries: ``width_class`` for a matrix weight (the
+    embedding and LM head included), None for the rest (norm weights, SSM vectors, learnable multipliers).
+
+    A matrix's gradient entry is its forward multiplier times the gradient of its output, of order 1/d for a
+    width-growing output (hidden, input) and of order one for a readout's. Vectors act on width-growing hidden vectors:
+    1/d. So are the learnable row and column multipliers' gradients; a scalar's is of order one, far above epsilon at
+    any width, and shares the rule. ``standard`` scales nothing."""
+    if parametrization is Parametrization.standard:
+        return 0.0
+    if width_class is None:
+        return -1.0
+    multiplier = _MODEL_EXPONENTS[parametrization].get(width_class, (0.0, 0.0))[1]
+    return multiplier + (0.0 if width_class is WidthClass.readout else -1.0)

@@ -24,12 +24,12 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from fnmatch import fnmatchcase
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import torch
 from torch import nn
 
-from lrm_train.nn.parametrization import Parametrization, WidthClass
+from lrm_train.nn.parametrization import Parametrization, WidthClass, gradient_exponent
 from lrm_train.optim.adamw import AdamW
 from lrm_train.optim.muon import AdjustLR, Muon, NSDtype
 from lrm_train.optim.param_classes import ParamClass, parameter_roles
@@ -50,6 +50,7 @@ class ParamGroup(TypedDict):
     param_class: str  # a ParamClass value
     lr_mult: float
     weight_decay: float
+    eps: NotRequired[float]  # AdamW's epsilon, width-scaled as the group's gradients; Muon groups keep Muon's own
     use_muon: bool
 
 
@@ -216,17 +217,17 @@ def width_lr_exponent(
 
 
 def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: OptimConfig) -> list[ParamGroup]:
-    """One group per class, and per class and ``optim.roles`` entry for the parameters an entry matches; under a
-    parametrization that scales LRs with width, per width class too (``<group>@hidden``)."""
+    """One group per class, and per class and ``optim.roles`` entry for the parameters an entry matches; under a muP
+    parametrization, the hidden matrices in a group of their own (``<group>@hidden``): their LR (``mup``) or their
+    gradients' scale, hence AdamW's epsilon (``nn.parametrization.gradient_exponent``), follow the width differently."""
     params = dict(model.named_parameters())
     parametrization, ratio = model.width_scaling()
     all_roles = parameter_roles(model)
     roles = {name: role.role for name, role in all_roles.items()}
-    members: dict[tuple[ParamClass, int | None, float], list[str]] = {}
+    members: dict[tuple[ParamClass, int | None, bool], list[str]] = {}
     for name, cls in classes.items():
-        use_muon = cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX
-        exponent = width_lr_exponent(parametrization, all_roles[name].width, use_muon, cfg.hidden_lr_exponent)
-        members.setdefault((cls, _role_entry(cfg, cls, roles[name], name), exponent), []).append(name)
+        hidden = parametrization is not Parametrization.standard and all_roles[name].width is WidthClass.hidden
+        members.setdefault((cls, _role_entry(cfg, cls, roles[name], name), hidden), []).append(name)
     for i, entry in enumerate(cfg.roles):
         if not any(index == i for _, index, _ in members):
             known = sorted({r for r in roles.values() if r is not None})
@@ -235,28 +236,32 @@ def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: Opti
                 f"(roles: {', '.join(known)})"
             )
     groups: list[ParamGroup] = []
-    for (cls, index, exponent), names in sorted(members.items(), key=lambda item: _group_order(*item[0])):
+    for (cls, index, hidden), names in sorted(members.items(), key=lambda item: _group_order(*item[0])):
         hyper = cfg.hyper(cls)
         entry = cfg.roles[index] if index is not None else RoleHyper(pattern="")
         base_decay = cfg.multiplier_weight_decay if cls is ParamClass.MULTIPLIER else cfg.weight_decay
         name = cls.value if index is None else f"{cls.value}/{entry.pattern}"
-        groups.append(
-            ParamGroup(
-                params=[params[n] for n in names],
-                names=names,
-                name=name if exponent == 0 else f"{name}@{WidthClass.hidden}",
-                param_class=cls.value,
-                lr_mult=hyper.lr_mult * entry.lr_mult * ratio**exponent,
-                weight_decay=base_decay * hyper.wd_mult * entry.wd_mult * ratio**-exponent,
-                use_muon=cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX,
-            )
+        use_muon = cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX
+        width = all_roles[names[0]].width  # hidden matrices are grouped apart: what scales is alike
+        exponent = width_lr_exponent(parametrization, width, use_muon, cfg.hidden_lr_exponent)
+        group = ParamGroup(
+            params=[params[n] for n in names],
+            names=names,
+            name=f"{name}@{WidthClass.hidden}" if hidden else name,
+            param_class=cls.value,
+            lr_mult=hyper.lr_mult * entry.lr_mult * ratio**exponent,
+            weight_decay=base_decay * hyper.wd_mult * entry.wd_mult * ratio**-exponent,
+            use_muon=use_muon,
         )
+        if not use_muon:
+            group["eps"] = cfg.eps * ratio ** gradient_exponent(parametrization, width)
+        groups.append(group)
     return groups
 
 
-def _group_order(cls: ParamClass, index: int | None, exponent: float) -> tuple:
-    """Classes in ParamClass order; within one, the class's own group, then its role entries; width-scaled last."""
-    return list(ParamClass).index(cls), -1 if index is None else index, exponent != 0
+def _group_order(cls: ParamClass, index: int | None, hidden: bool) -> tuple:
+    """Classes in ParamClass order; within one, the class's own group, then its role entries; hidden matrices last."""
+    return list(ParamClass).index(cls), -1 if index is None else index, hidden
 
 
 def make_optimizer(

@@ -127,7 +127,10 @@ class AdamBrownianMotion:
                 correction = size_correction(shape, simulated, rule)
                 # Initialized like the model's matrices, as seen through the correction.
                 param = nn.Parameter(torch.randn(simulated, generator=self.generator) * (init_std / correction))
-                shadow_optimizer = make_optimizer([{"params": [param]}], group["use_muon"], optim_cfg, False)
+                width_scaled = {"eps": group["eps"]} if "eps" in group else {}  # AdamW's epsilon, as the group's
+                shadow_optimizer = make_optimizer(
+                    [{"params": [param], **width_scaled}], group["use_muon"], optim_cfg, False
+                )
                 key = f"{group['name']}/{shape[0]}x{shape[1]}"
                 self.shadows[key] = _Shadow(param, shadow_optimizer, group, correction)
 

@@ -1,11 +1,13 @@
-"""Parametrizations: each matrix class's init std, forward multiplier, LR and weight decay follow the width as the
-table in ``nn/parametrization.py`` says, the standard one changes nothing, and the two muP forms train identically."""
+"""Parametrizations: each matrix class's init std, forward multiplier, LR, weight decay and AdamW epsilon follow the
+width as ``nn/parametrization.py`` says, the standard one changes nothing, and the two muP forms train identically."""
+
+import dataclasses
 
 import pytest
 import torch
 from runs import micro_config
 
-from lrm_train.models import FalconH1LM, preset
+from lrm_train.models import FalconH1LM, preset, width_family
 from lrm_train.nn import LRMConfig
 from lrm_train.optim import OptimConfig, build_optimizer, classify_parameters, set_learning_rates
 
@@ -81,9 +83,11 @@ def test_under_mup_the_optimizer_scales_hidden_lrs_and_keeps_lr_times_wd(optimiz
     assert {n.rsplit(".", 2)[-2] for n in readout["names"]} == {"B", "C"} and readout["lr_mult"] == 1.0
     assert all(by_name[c]["lr_mult"] == 1.0 for c in ("embedding", "lm_head", "multiplier", "norm", "ssm_vector"))
     through_multiplier = FalconH1LM(micro_config(base_width=128, parametrization=f"mup_multiplier_{optimizer}"))
-    names = [g["name"] for g in build_optimizer(through_multiplier, classify_parameters(through_multiplier),
-                                                 OptimConfig(name=optimizer)).param_groups]  # fmt: skip
-    assert "matrix@hidden" not in names and all(g["lr_mult"] == 1.0 for g in groups if g is not hidden)
+    through_multiplier_groups = build_optimizer(
+        through_multiplier, classify_parameters(through_multiplier), OptimConfig(name=optimizer)
+    ).param_groups
+    assert all(g["lr_mult"] == 1.0 for g in groups if g is not hidden)
+    assert all(g["lr_mult"] == 1.0 for g in through_multiplier_groups)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -99,10 +103,60 @@ def test_a_measured_hidden_lr_exponent_replaces_the_derived_one_for_hidden_matri
     assert all(g["lr_mult"] == 1.0 for name, g in by_name.items() if name != "matrix@hidden")
 
 
+# AdamW's epsilon at a quarter of the base width (r = 1/4), as a multiple of optim.eps, by group.
+EXPECTED_EPS = {
+    "standard": {"matrix": 1, "embedding": 1, "lm_head": 1, "multiplier": 1, "norm": 1, "ssm_vector": 1},
+    "mup": {"matrix@hidden": 4, "matrix": 4, "embedding": 4, "lm_head": 4, "multiplier": 4, "norm": 4, "ssm_vector": 4},
+    "mup_multiplier_adamw": {
+        "matrix@hidden": 16, "matrix": 4, "embedding": 4, "lm_head": 4, "multiplier": 4, "norm": 4, "ssm_vector": 4},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("parametrization", EXPECTED_EPS)
+def test_adamws_epsilon_scales_as_the_gradients_of_each_group(parametrization):
+    model = FalconH1LM(micro_config(base_width=128, parametrization=parametrization), LRMConfig("full"))
+    groups = build_optimizer(model, classify_parameters(model), OptimConfig(eps=1e-8)).param_groups
+    assert {g["name"]: g["eps"] / 1e-8 for g in groups} == pytest.approx(EXPECTED_EPS[parametrization])
+
+
+def test_adamws_epsilon_is_measured_against_real_gradients():
+    """Each group's gradient entries scale with the width as its epsilon does (within a factor 2 over an 8x width
+    range): the derivation checked on the model at two widths, at the second step (the first moves only the zero LM
+    head, which then carries muP's 1/d backward). Mamba's B and C (the ``matrix`` group: the readouts that are not
+    the LM head) are the exception: their output's gradient sums every head's contribution, and early in training
+    those add up like noise, so their gradients fall faster than the derived r^-1 (about r^-1.3 here)."""
+    scales = {}
+    for width in (64, 512):
+        torch.manual_seed(0)
+        model = FalconH1LM(dataclasses.replace(
+            width_family(width, num_hidden_layers=1, vocab_size=512, head_dim=16, d_state=16), base_width=512))  # fmt: skip
+        opt = build_optimizer(model, classify_parameters(model), OptimConfig(eps=1e-8))
+        ids = torch.randint(0, 512, (8, 33), generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            set_learning_rates(opt, 1e-3)
+            opt.zero_grad()
+            model(ids[:, :-1], ids[:, 1:]).loss.backward()
+            opt.step()
+        # A learnable scalar's gradient is of order one (far above epsilon at any width): rows and columns set the rule.
+        scales[width] = {
+            g["name"]: (
+                torch.cat([p.grad.flatten() for n, p in zip(g["names"], g["params"]) if not n.endswith("lrm_scalar")])
+                .pow(2).mean().sqrt().item(),
+                g["eps"],
+            )
+            for g in opt.param_groups
+        }  # fmt: skip
+    for name, (gradient, eps) in scales[512].items():
+        gradient_ratio, eps_ratio = gradient / scales[64][name][0], eps / scales[64][name][1]
+        low = eps_ratio * 8**-0.5 if name == "matrix" else eps_ratio / 2
+        assert low < gradient_ratio < eps_ratio * (1 if name == "matrix" else 2), (name, gradient_ratio, eps_ratio)
+
+
 def train_steps(parametrization: str, optimizer: str, steps: int = 3) -> torch.Tensor:
     torch.manual_seed(0)
     model = FalconH1LM(micro_config(base_width=128, parametrization=parametrization), LRMConfig("full"))
-    opt = build_optimizer(model, classify_parameters(model), OptimConfig(name=optimizer, eps=1e-12))
+    # Adam's default epsilon: scaled with the gradients, it keeps the two forms' symmetry (1e-3: it matters here).
+    opt = build_optimizer(model, classify_parameters(model), OptimConfig(name=optimizer, eps=1e-3))
     ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
     for _ in range(steps):
         set_learning_rates(opt, 1e-2)
