@@ -9,7 +9,8 @@ A group's learning rate is ``schedule(step) * optim.lr * optim.<class>.lr_mult``
 the trainer sets every step's LR (``set_learning_rates``, the one writer of a group's ``lr``);
 its weight decay is ``optim.weight_decay * optim.<class>.wd_mult``, except the multipliers, whose base is the
 absolute ``optim.multiplier_weight_decay`` (the paper's 2e-3): ``optim.multiplier_weight_decay *
-optim.multiplier.wd_mult``.
+optim.multiplier.wd_mult``. AdamW's epsilon is ``optim.eps``, scaled under a muP parametrization as the group's
+gradients are (``nn.parametrization.gradient_exponent``).
 
 ``optim.roles`` refines this per matrix role (Falcon-H1 tunes its LR multipliers per role): each entry's glob
 ``pattern`` selects roles (``attn.q``, ``ssm.*``, ``embedding``, ``lm_head``; the model's ``MATRIX_ROLES``) and its
@@ -242,7 +243,7 @@ def parameter_groups(model: nn.Module, classes: dict[str, ParamClass], cfg: Opti
         base_decay = cfg.multiplier_weight_decay if cls is ParamClass.MULTIPLIER else cfg.weight_decay
         name = cls.value if index is None else f"{cls.value}/{entry.pattern}"
         use_muon = cfg.name == OptimizerName.muon and cls is ParamClass.MATRIX
-        width = all_roles[names[0]].width  # hidden matrices are grouped apart: what scales is alike
+        width = all_roles[names[0]].width  # every member scales alike (hidden matrices have their own group)
         exponent = width_lr_exponent(parametrization, width, use_muon, cfg.hidden_lr_exponent)
         group = ParamGroup(
             params=[params[n] for n in names],
