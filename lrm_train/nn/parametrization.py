@@ -62,14 +62,18 @@ _MODEL_EXPONENTS: dict[Parametrization, dict[WidthClass, tuple[float, float]]] =
 }
 
 
+def _exponents(parametrization: Parametrization, width_class: WidthClass) -> tuple[float, float]:
+    return _MODEL_EXPONENTS[parametrization].get(width_class, (0.0, 0.0))
+
+
 def init_std_scale(parametrization: Parametrization, width_class: WidthClass, ratio: float) -> float:
     """The factor on the base init std of a matrix of ``width_class`` at width ratio ``ratio`` = d / d0."""
-    return ratio ** _MODEL_EXPONENTS[parametrization].get(width_class, (0.0, 0.0))[0]
+    return ratio ** _exponents(parametrization, width_class)[0]
 
 
 def multiplier_scale(parametrization: Parametrization, width_class: WidthClass, ratio: float) -> float:
     """The factor on the base forward multiplier of a matrix of ``width_class`` at width ratio ``ratio``."""
-    return ratio ** _MODEL_EXPONENTS[parametrization].get(width_class, (0.0, 0.0))[1]
+    return ratio ** _exponents(parametrization, width_class)[1]
 
 
 def gradient_exponent(parametrization: Parametrization, width_class: WidthClass | None) -> float:
@@ -84,5 +88,4 @@ def gradient_exponent(parametrization: Parametrization, width_class: WidthClass 
         return 0.0
     if width_class is None:
         return -1.0
-    multiplier = _MODEL_EXPONENTS[parametrization].get(width_class, (0.0, 0.0))[1]
-    return multiplier + (0.0 if width_class is WidthClass.readout else -1.0)
+    return _exponents(parametrization, width_class)[1] + (0.0 if width_class is WidthClass.readout else -1.0)
