@@ -3,8 +3,8 @@
     python -m lrm_train.experiments.transfer [experiment=transfer_cpu] [parametrization=standard] [key=value ...]
 
 For each optimizer of ``optimizers``, trains the width family (``lrm=none`` unless ``trainer`` says otherwise: the muP
-baseline) at each width of ``widths`` and each of ``lr_points`` learning rates sqrt(2) apart around ``lr``
-(lr * 2^(k/2)), under one ``parametrization``: ``mup``, ``standard`` (the control: without muP the optimum should
+baseline) at each width of ``widths`` and each of ``lr_points`` learning rates sqrt(2) apart around its centre
+``lr_center.<optimizer>`` (lr_center * 2^(k/2)), under one ``parametrization``: ``mup``, ``standard`` (the control: without muP the optimum should
 drift with the width) or ``mup_multiplier`` (``mup_multiplier_<optimizer>``, the form derived for each run's
 optimizer). From the final validation loss of each run (a diverged run has none) it checks, per optimizer:
 
@@ -19,7 +19,7 @@ an argmin over noise, and the lean's change tells a drift the seeds resolve from
 checked).
 
 The command exits 1 when K > 1 for an optimizer, when a width's best LR sits on the grid's edge (the optimum may lie
-outside the grid, so agreement shows nothing: move ``lr``), and when wider-is-better is violated beyond
+outside the grid, so agreement shows nothing: move ``lr_center.<optimizer>``), and when wider-is-better is violated beyond
 ``loss_tolerance``: a wider model that trains worse near the optimum is the other symptom of a parametrization that
 does not transfer, while a rise within the tolerance is run-to-run noise and passes.
 """
@@ -56,9 +56,11 @@ class TransferSettings(ExperimentSettings):
     head_dim: int = 32
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
     parametrization: SweepParametrization = SweepParametrization.mup
-    # The grid's centre (optim.lr: under muP the LR at the model's base width). The trainer's 3e-3 is the 0.5B model's;
-    # in 120-step CPU runs width 128 trained best at 1.2e-2 of 6e-3, 1.2e-2, 2.4e-2 (AdamW and Muon alike).
-    lr: float = 1.2e-2
+    # Each optimizer's grid centre (optim.lr: under muP the LR at the model's base width), the LR at which width 128
+    # trains best, as muP tuning would pick it (the trainer's 3e-3 is the 0.5B model's). Muon: 1.2e-2 of 6e-3, 1.2e-2,
+    # 2.4e-2 in 120-step runs. AdamW: 2.4e-2 of 8.5e-3..3.4e-2 in the 100-step runs of 6 seeds since its epsilon
+    # scales with the width (1.2e-2 before it; docs/results/transfer/mup_adamw_eps_scaled_6seeds).
+    lr_center: dict[str, float] = field(default_factory=lambda: {"adamw": 2.4e-2, "muon": 1.2e-2})
     lr_points: int = 5  # LRs sqrt(2) apart around lr (an even count puts the extra point above it)
     steps: int = 100
     # Each (width, LR) point is the mean final loss over these seeds (a diverged seed makes the point diverged): one
@@ -85,8 +87,12 @@ class TransferSettings(ExperimentSettings):
         super().__post_init__()
         check_width_sweep(self.widths, self.layers, self.head_dim, "the LR transfer check")
         self.parametrization = check_sweep_choices(self.parametrization, self.optimizers)
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+        missing = [o for o in self.optimizers if o not in self.lr_center]
+        if missing:
+            raise ValueError(f"lr_center has no LR for optimizer {missing[0]!r}")
+        for optimizer, lr in self.lr_center.items():
+            if lr <= 0:
+                raise ValueError(f"lr_center.{optimizer}={lr} must be > 0")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={list(self.seeds)} must be distinct and name at least one")
         if self.lr_points < 2:
@@ -96,12 +102,15 @@ class TransferSettings(ExperimentSettings):
         if self.loss_tolerance < 0:
             raise ValueError(f"loss_tolerance={self.loss_tolerance} must be >= 0")
 
+    def grid(self, optimizer: str) -> list[float]:
+        return lr_grid(self.lr_center[optimizer], self.lr_points)
+
 
 def plan(settings: TransferSettings) -> list[RunSpec]:
     """Every (optimizer, width, LR) run, labelled by them and by the LR's grid index (the report's unit of spread)."""
     runs = []
-    grid = lr_grid(settings.lr, settings.lr_points)
     for optimizer in settings.optimizers:
+        grid = settings.grid(optimizer)
         parametrization = settings.parametrization.for_optimizer(optimizer)
         for width, (index, lr), seed in itertools.product(settings.widths, enumerate(grid), settings.seeds):
             suffix = f"_s{seed}" if seed else ""
@@ -244,7 +253,8 @@ def transfer_line(optimizer: str, result: dict) -> str:
     best = ", ".join(f"{w}: {'diverged' if lr is None else f'{lr:.3g}'}" for w, lr in result["best_lr"].items())
     spread = "unknown (every LR diverged at a width)" if result["spread"] is None else result["spread"]
     edge = result["at_grid_edge"]
-    inconclusive = f" (on the grid's edge at width {', '.join(map(str, edge))}: inconclusive, move lr)" if edge else ""
+    at = ", ".join(map(str, edge))
+    inconclusive = f" (on the grid's edge at width {at}: inconclusive, move lr_center.{optimizer})" if edge else ""
     return f"LR transfer ({optimizer}): best LR per width {{{best}}}; spread {spread} sqrt(2)-steps{inconclusive}"
 
 
@@ -299,20 +309,21 @@ def plot(optimizer: str, losses: dict[int, list[float | None]], grid: list[float
 
 def report(settings: TransferSettings, runs: list[RunSpec]) -> Path:
     out_dir = create_out_dir(settings.out_dir)
-    grid = lr_grid(settings.lr, settings.lr_points)
-    losses = final_losses(runs, len(grid))
+    grids = {o: settings.grid(o) for o in settings.optimizers}
+    losses = final_losses(runs, settings.lr_points)
     by_optimizer = {o: {w: losses[(o, w)] for w in sorted(settings.widths)} for o in settings.optimizers}
-    results = {o: analyze(by_optimizer[o], grid, settings.loss_tolerance) for o in settings.optimizers}
+    results = {o: analyze(by_optimizer[o], grids[o], settings.loss_tolerance) for o in settings.optimizers}
     lines = {o: (transfer_line(o, r), wider_line(o, r, settings.loss_tolerance)) for o, r in results.items()}
 
     text = f"""
 Parametrization `{settings.parametrization}`; widths {sorted(settings.widths)}, {settings.layers} layers, heads of
-{settings.head_dim}; {settings.steps} steps per run, seeds {settings.seeds} (averaged), LRs lr x 2^(k/2) around lr={settings.lr:g}
-({len(grid)} points); trainer overrides {settings.trainer}. Transfer holds when the best LR's grid index spreads over
+{settings.head_dim}; {settings.steps} steps per run, seeds {settings.seeds} (averaged), LRs lr x 2^(k/2) around
+{", ".join(f"{o} {settings.lr_center[o]:g}" for o in settings.optimizers)} ({settings.lr_points} points); trainer overrides {settings.trainer}. Transfer holds when the best LR's grid index spreads over
 at most one sqrt(2)-step across widths; wider is better when, at the widest width's best LR and its neighbours, no
 wider model's final loss exceeds the next narrower one's by more than {settings.loss_tolerance:g}.
 """
     for optimizer, result in results.items():
+        grid = grids[optimizer]
         figure = plot(optimizer, by_optimizer[optimizer], grid, result, out_dir)
         rows = [
             [width, *points, result["best_lr"][width], "edge" if width in result["at_grid_edge"] else ""]
@@ -336,12 +347,12 @@ wider model's final loss exceeds the next narrower one's by more than {settings.
                 + markdown_table(["LR", "widths", "mean rise", "95% CI over seeds", "seeds"], rows)
                 + "\n"
             )
-        result["lr_preference"] = preference = lr_preference(runs, optimizer, settings.widths, len(grid))
+        result["lr_preference"] = preference = lr_preference(runs, optimizer, settings.widths, settings.lr_points)
         if preference["per_width"]:
             text += "\n" + preference_text(preference)
     data = dict(
         settings=dataclasses.asdict(settings),
-        lr_grid=grid,
+        lr_grids=grids,
         final_loss={o: {str(w): points for w, points in by_optimizer[o].items()} for o in settings.optimizers},
         results={o: _json_keys(r) for o, r in results.items()},
     )

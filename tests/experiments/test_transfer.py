@@ -55,7 +55,8 @@ LOWER_WITH_WIDTH = {32: 0.2, 64: 0.1, 128: 0.0}
         (dict(optimizers=["sgd"]), "optimizers: 'sgd' is not one of adamw, muon"),
         (dict(optimizers=[]), "optimizers=[] must be distinct and name at least one"),
         (dict(parametrization="mupp"), "parametrization='mupp' is not one of standard, mup, mup_multiplier"),
-        (dict(lr=0.0), "lr=0.0 must be > 0"),
+        (dict(lr_center={"adamw": 0.0, "muon": 1e-2}), "lr_center.adamw=0.0 must be > 0"),
+        (dict(lr_center={"muon": 1e-2}), "lr_center has no LR for optimizer 'adamw'"),
         (dict(lr_points=1), "lr_points=1 must be >= 2"),
         (dict(steps=0), "steps=0 must be >= 1"),
         (dict(loss_tolerance=-0.1), "loss_tolerance=-0.1 must be >= 0"),
@@ -76,7 +77,8 @@ def test_bad_input_through_the_command_is_one_line_before_any_work(data_root, tm
 
 def test_the_default_config_sweeps_three_widths_into_a_folder_per_parametrization():
     settings, runs = TRANSFER.compose(["parametrization=standard", "optimizers=[adamw]", "lr_points=2"])
-    assert settings.out_dir == "experiments/transfer/standard" and settings.lr == 1.2e-2
+    assert settings.out_dir == "experiments/transfer/standard"
+    assert settings.lr_center == {"adamw": 2.4e-2, "muon": 1.2e-2}
     assert sorted({r.cfg.model.hidden_size for r in runs}) == [64, 128, 256] and settings.seeds == [0, 1, 2]
     assert len(runs) == 3 * 2 * 3  # widths x LRs x seeds
     assert {r.cfg.model.parametrization for r in runs} == {"standard"} and {r.cfg.lrm.placement for r in runs} == {
@@ -89,12 +91,16 @@ def micro_settings(data_root, out_dir, **extra) -> TransferSettings:
     return TransferSettings(**{**values, **extra})
 
 
-def test_the_plan_holds_every_width_and_lr_of_the_grid(data_root, tmp_path):
-    runs = plan(micro_settings(data_root, tmp_path, lr=2e-3, optimizers=["adamw"]))
-    assert [(r.labels["width"], r.labels["lr_index"]) for r in runs] == [(w, i) for w in WIDTHS for i in range(5)]
+def test_the_plan_holds_every_width_and_lr_of_each_optimizers_grid(data_root, tmp_path):
+    centre = {"adamw": 2e-3, "muon": 5e-3}
+    runs = plan(micro_settings(data_root, tmp_path, lr_center=centre))
+    assert [(r.labels["optimizer"], r.labels["width"], r.labels["lr_index"]) for r in runs] == [
+        (o, w, i) for o in ("adamw", "muon") for w in WIDTHS for i in range(5)
+    ]
     for run in runs:
-        assert run.labels["lr"] == pytest.approx(2e-3 * 2 ** ((run.labels["lr_index"] - 2) / 2))
-        assert run.cfg.optim.lr == run.labels["lr"] and run.cfg.optim.name == "adamw"
+        optimizer = run.labels["optimizer"]
+        assert run.labels["lr"] == pytest.approx(centre[optimizer] * 2 ** ((run.labels["lr_index"] - 2) / 2))
+        assert run.cfg.optim.lr == run.labels["lr"] and run.cfg.optim.name == optimizer
         assert run.cfg.model.hidden_size == run.labels["width"]
         assert (run.cfg.train.max_steps, run.cfg.train.eval_every, run.cfg.train.ckpt_every) == (3, 3, 3)
     assert len({r.run_dir for r in runs}) == len(runs)
@@ -134,23 +140,24 @@ def synthetic_report(tmp_path, monkeypatch, by_optimizer: dict[str, dict], **ext
 
 def test_an_lr_optimum_within_one_step_across_widths_passes(tmp_path, monkeypatch, capsys):
     both = bowl({32: 1, 64: 2, 128: 2}, LOWER_WITH_WIDTH)
-    synthetic_report(tmp_path, monkeypatch, {"adamw": both, "muon": both}, lr=4e-3)
+    synthetic_report(tmp_path, monkeypatch, {"adamw": both, "muon": both}, lr_center={"adamw": 4e-3, "muon": 2e-3})
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-2:] == [
         "LR transfer (adamw): best LR per width {32: 0.00283, 64: 0.004, 128: 0.004}; spread 1 sqrt(2)-steps",
-        "LR transfer (muon): best LR per width {32: 0.00283, 64: 0.004, 128: 0.004}; spread 1 sqrt(2)-steps",
+        "LR transfer (muon): best LR per width {32: 0.00141, 64: 0.002, 128: 0.002}; spread 1 sqrt(2)-steps",
     ]
     assert "Wider is better (adamw): holds at LR 0.00283, 0.004, 0.00566 (no loss rise over 0.02 with width)" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["results"]["adamw"]["best_index"] == {"32": 1, "64": 2, "128": 2}
     assert report["results"]["adamw"]["spread"] == 1 and report["results"]["adamw"]["at_grid_edge"] == []
-    assert report["lr_grid"] == pytest.approx([4e-3 * 2 ** (k / 2) for k in range(-2, 3)])
+    assert report["lr_grids"]["adamw"] == pytest.approx([4e-3 * 2 ** (k / 2) for k in range(-2, 3)])
+    assert report["lr_grids"]["muon"] == pytest.approx([2e-3 * 2 ** (k / 2) for k in range(-2, 3)])
     assert is_png_with_content(tmp_path / "transfer_adamw.png") and is_png_with_content(tmp_path / "transfer_muon.png")
 
 
 def test_an_lr_optimum_that_drifts_two_steps_fails_the_command(data_root, tmp_path, monkeypatch, capsys):
     fake_losses(monkeypatch, {"adamw": bowl({32: 1, 64: 2, 128: 3}, LOWER_WITH_WIDTH)})
-    assert main(micro_args(data_root, tmp_path, optimizers="[adamw]", lr=4e-3, report="only")) == 1
+    assert main(micro_args(data_root, tmp_path, optimizers="[adamw]", report="only", **{"lr_center.adamw": 4e-3})) == 1
     captured = capsys.readouterr()
     line = "LR transfer (adamw): best LR per width {32: 0.00283, 64: 0.004, 128: 0.00566}; spread 2 sqrt(2)-steps"
     assert line in captured.out.splitlines()
@@ -180,7 +187,7 @@ def test_a_diverged_run_is_no_best_lr_and_a_wider_divergence_near_the_optimum_is
     losses[32][3] = None  # the narrowest diverges at the others' best LR: its best is the lower neighbour (a tie)
     losses[128][4] = None  # the widest diverges next to its optimum
     with pytest.raises(ExperimentFailed, match="w64->w128 at LR 0.006 diverged"):
-        synthetic_report(tmp_path, monkeypatch, {"adamw": losses}, lr=3e-3)
+        synthetic_report(tmp_path, monkeypatch, {"adamw": losses}, lr_center={"adamw": 3e-3})
     assert "LR transfer (adamw): best LR per width {32: 0.003, 64: 0.00424, 128: 0.00424}; spread 1" in (
         capsys.readouterr().out
     )
@@ -207,7 +214,7 @@ def test_each_point_is_the_mean_over_its_seeds_and_a_diverged_seed_diverges_it(t
                                 seeds=[0, 1], trainer=["lrm=none"])  # fmt: skip
     runs = plan(settings)
     assert len(runs) == 3 * 2 * 2 and {r.run_dir.name for r in runs if r.labels["seed"] == 1} == {
-        f"adamw_w{w}_lr{lr:.3g}_s1" for w in WIDTHS for lr in (settings.lr, settings.lr * math.sqrt(2))}  # fmt: skip
+        f"adamw_w{w}_lr{lr:.3g}_s1" for w in WIDTHS for lr in settings.grid("adamw")}  # fmt: skip
     finals = {(r.labels["width"], r.labels["lr_index"], r.labels["seed"]): 4.0 + r.labels["seed"] for r in runs}
     finals[32, 1, 1] = math.nan  # one seed diverged there
     results = [SimpleNamespace(run=r, final=finals[r.labels["width"], r.labels["lr_index"], r.labels["seed"]])
