@@ -58,9 +58,9 @@ class TransferSettings(ExperimentSettings):
     parametrization: SweepParametrization = SweepParametrization.mup
     # Each optimizer's grid centre (optim.lr: under muP the LR at the model's base width), the LR at which width 128
     # trains best, as muP tuning would pick it (the trainer's 3e-3 is the 0.5B model's). Muon: 1.2e-2 of 6e-3, 1.2e-2,
-    # 2.4e-2 in 120-step runs. AdamW: 2.4e-2 of 8.5e-3..3.4e-2 in the 100-step runs of 6 seeds since its epsilon
-    # scales with the width (1.2e-2 before it; docs/results/transfer/mup_adamw_eps_scaled_6seeds).
-    lr_center: dict[str, float] = field(default_factory=lambda: {"adamw": 2.4e-2, "muon": 1.2e-2})
+    # 2.4e-2 in 120-step runs. AdamW: 1.7e-2 of 1.2e-2..4.8e-2 in 100-step runs of 18 seeds since its epsilon scales
+    # with the width (1.2e-2 before it; docs/results/transfer/mup_adamw_eps_scaled_18seeds).
+    lr_center: dict[str, float] = field(default_factory=lambda: {"adamw": 1.7e-2, "muon": 1.2e-2})
     lr_points: int = 5  # LRs sqrt(2) apart around lr (an even count puts the extra point above it)
     steps: int = 100
     # Each (width, LR) point is the mean final loss over these seeds (a diverged seed makes the point diverged): one

@@ -78,7 +78,7 @@ def test_bad_input_through_the_command_is_one_line_before_any_work(data_root, tm
 def test_the_default_config_sweeps_three_widths_into_a_folder_per_parametrization():
     settings, runs = TRANSFER.compose(["parametrization=standard", "optimizers=[adamw]", "lr_points=2"])
     assert settings.out_dir == "experiments/transfer/standard"
-    assert settings.lr_center == {"adamw": 2.4e-2, "muon": 1.2e-2}
+    assert settings.lr_center == {"adamw": 1.7e-2, "muon": 1.2e-2}
     assert sorted({r.cfg.model.hidden_size for r in runs}) == [64, 128, 256] and settings.seeds == [0, 1, 2]
     assert len(runs) == 3 * 2 * 3  # widths x LRs x seeds
     assert {r.cfg.model.parametrization for r in runs} == {"standard"} and {r.cfg.lrm.placement for r in runs} == {
