@@ -133,12 +133,7 @@ class CompareConfig(ExperimentSettings):
         super().__post_init__()
         if self.baseline not in self.arms:
             raise ValueError(f"baseline={self.baseline!r} is not one of the arms ({', '.join(self.arms) or 'none'})")
-        missing = [o for o in self.optimizers if o not in self.lr_center]
-        if missing:
-            raise ValueError(f"lr_center has no LR for optimizer {missing[0]!r}")
-        for optimizer, lr in self.lr_center.items():
-            if lr <= 0:
-                raise ValueError(f"lr_center.{optimizer}={lr} must be > 0")
+        check_lr_center(self.lr_center, self.optimizers)
         if self.lr_points < 1:
             raise ValueError(f"lr_points={self.lr_points} must be >= 1")
         for key in ("selection_seeds", "seeds"):
@@ -190,6 +185,16 @@ def arm_overrides(overrides: list[str]) -> list[str]:
     replaces it when the experiment has one. Hydra refuses a new key without ``+`` and an existing one with it, and
     arms are an open set; every other key keeps Hydra's checks, so a typo in it is still refused."""
     return [f"++{o}" if o.startswith("arms.") else o for o in overrides]
+
+
+def check_lr_center(lr_center: dict[str, float], optimizers: list[str]) -> None:
+    """Every optimizer has a positive LR at the centre of its grid."""
+    missing = [o for o in optimizers if o not in lr_center]
+    if missing:
+        raise ValueError(f"lr_center has no LR for optimizer {missing[0]!r}")
+    for optimizer, lr in lr_center.items():
+        if lr <= 0:
+            raise ValueError(f"lr_center.{optimizer}={lr} must be > 0")
 
 
 def lr_grid(center: float, points: int) -> list[float]:

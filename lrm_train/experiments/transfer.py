@@ -41,7 +41,7 @@ from lrm_train.experiments.analysis import (
     mean_interval,
     width_overrides,
 )
-from lrm_train.experiments.compare import lr_grid
+from lrm_train.experiments.compare import check_lr_center, lr_grid
 from lrm_train.experiments.experiment import Experiment, ExperimentFailed, ExperimentSettings, finished
 from lrm_train.experiments.report import markdown_table, new_figure, save_figure, write_report
 from lrm_train.experiments.results import collect, finite
@@ -87,12 +87,7 @@ class TransferSettings(ExperimentSettings):
         super().__post_init__()
         check_width_sweep(self.widths, self.layers, self.head_dim, "the LR transfer check")
         self.parametrization = check_sweep_choices(self.parametrization, self.optimizers)
-        missing = [o for o in self.optimizers if o not in self.lr_center]
-        if missing:
-            raise ValueError(f"lr_center has no LR for optimizer {missing[0]!r}")
-        for optimizer, lr in self.lr_center.items():
-            if lr <= 0:
-                raise ValueError(f"lr_center.{optimizer}={lr} must be > 0")
+        check_lr_center(self.lr_center, self.optimizers)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={list(self.seeds)} must be distinct and name at least one")
         if self.lr_points < 2:
