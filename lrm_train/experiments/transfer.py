@@ -3,10 +3,11 @@
     python -m lrm_train.experiments.transfer [experiment=transfer_cpu] [parametrization=standard] [key=value ...]
 
 For each optimizer of ``optimizers``, trains the width family (``lrm=none`` unless ``trainer`` says otherwise: the muP
-baseline) at each width of ``widths`` and each of ``lr_points`` learning rates sqrt(2) apart around its centre
-``lr_center.<optimizer>`` (lr_center * 2^(k/2)), under one ``parametrization``: ``mup``, ``standard`` (the control: without muP the optimum should
-drift with the width) or ``mup_multiplier`` (``mup_multiplier_<optimizer>``, the form derived for each run's
-optimizer). From the final validation loss of each run (a diverged run has none) it checks, per optimizer:
+baseline) at each width of ``widths`` and each of ``lr_points`` learning rates sqrt(2) apart around the optimizer's
+centre ``lr_center.<optimizer>`` (lr_center * 2^(k/2)), under one ``parametrization``: ``mup``, ``standard`` (the
+control: without muP the optimum should drift with the width) or ``mup_multiplier`` (``mup_multiplier_<optimizer>``,
+the form derived for each run's optimizer). From the final validation loss of each run (a diverged run has none) it
+checks, per optimizer:
 
 - **transfer**: the best LR agrees across widths within one grid step: the spread K, max - min of the best LR's grid
   index over widths (in sqrt(2)-steps), is at most 1;
@@ -19,9 +20,9 @@ an argmin over noise, and the lean's change tells a drift the seeds resolve from
 checked).
 
 The command exits 1 when K > 1 for an optimizer, when a width's best LR sits on the grid's edge (the optimum may lie
-outside the grid, so agreement shows nothing: move ``lr_center.<optimizer>``), and when wider-is-better is violated beyond
-``loss_tolerance``: a wider model that trains worse near the optimum is the other symptom of a parametrization that
-does not transfer, while a rise within the tolerance is run-to-run noise and passes.
+outside the grid, so agreement shows nothing: move ``lr_center.<optimizer>``), and when wider-is-better is violated
+beyond ``loss_tolerance``: a wider model that trains worse near the optimum is the other symptom of a parametrization
+that does not transfer, while a rise within the tolerance is run-to-run noise and passes.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class TransferSettings(ExperimentSettings):
     # 2.4e-2 in 120-step runs. AdamW: 1.7e-2 of 1.2e-2..4.8e-2 in 100-step runs of 18 seeds since its epsilon scales
     # with the width (1.2e-2 before it; docs/results/transfer/mup_adamw_eps_scaled_18seeds).
     lr_center: dict[str, float] = field(default_factory=lambda: {"adamw": 1.7e-2, "muon": 1.2e-2})
-    lr_points: int = 5  # LRs sqrt(2) apart around lr (an even count puts the extra point above it)
+    lr_points: int = 5  # LRs sqrt(2) apart around lr_center (an even count puts the extra point above it)
     steps: int = 100
     # Each (width, LR) point is the mean final loss over these seeds (a diverged seed makes the point diverged): one
     # 100-step run's loss moves by about 0.1 with the seed under AdamW, more than the LR's effect near the optimum.
@@ -309,13 +310,14 @@ def report(settings: TransferSettings, runs: list[RunSpec]) -> Path:
     by_optimizer = {o: {w: losses[(o, w)] for w in sorted(settings.widths)} for o in settings.optimizers}
     results = {o: analyze(by_optimizer[o], grids[o], settings.loss_tolerance) for o in settings.optimizers}
     lines = {o: (transfer_line(o, r), wider_line(o, r, settings.loss_tolerance)) for o, r in results.items()}
+    centres = ", ".join(f"{o} {settings.lr_center[o]:g}" for o in settings.optimizers)
 
     text = f"""
 Parametrization `{settings.parametrization}`; widths {sorted(settings.widths)}, {settings.layers} layers, heads of
 {settings.head_dim}; {settings.steps} steps per run, seeds {settings.seeds} (averaged), LRs lr x 2^(k/2) around
-{", ".join(f"{o} {settings.lr_center[o]:g}" for o in settings.optimizers)} ({settings.lr_points} points); trainer overrides {settings.trainer}. Transfer holds when the best LR's grid index spreads over
-at most one sqrt(2)-step across widths; wider is better when, at the widest width's best LR and its neighbours, no
-wider model's final loss exceeds the next narrower one's by more than {settings.loss_tolerance:g}.
+{centres} ({settings.lr_points} points); trainer overrides {settings.trainer}. Transfer holds when the best LR's grid
+index spreads over at most one sqrt(2)-step across widths; wider is better when, at the widest width's best LR and its
+neighbours, no wider model's final loss exceeds the next narrower one's by more than {settings.loss_tolerance:g}.
 """
     for optimizer, result in results.items():
         grid = grids[optimizer]

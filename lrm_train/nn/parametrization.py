@@ -27,8 +27,8 @@ the paper's Table 1, which train the same way (Adam's and Muon's reparametrizati
   readouts r^-1), and the hidden init std grows as r^+1/2 under AdamW (constant under Muon) so outputs start at the
   same scale. The forward multipliers are derived for one optimizer's update, hence one name per optimizer.
 
-Adam's epsilon follows the gradient (``gradient_exponent``): muP keeps activations of order one, so the gradient reaching
-a width-growing vector is of order 1/d per coordinate, and a weight's gradient entry is that times its forward
+Adam's epsilon follows the gradient (``gradient_exponent``): muP keeps activations of order one, so the gradient
+reaching a width-growing vector is of order 1/d per coordinate, and a weight's gradient entry is that times its forward
 multiplier. A constant epsilon would then damp wide models' updates more than narrow ones' wherever gradients are small
 (the first steps from a zero readout), which the coordinate check measured as a falling change of Mamba's dt; scaling
 epsilon by the same power of r as the gradient keeps Adam's update the same at every width, and keeps the two muP forms
