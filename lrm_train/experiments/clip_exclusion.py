@@ -55,10 +55,11 @@ def plan(settings: ClipExclusionSettings) -> list[RunSpec]:
                 *settings.trainer,
                 f"train.grad_clip={settings.grad_clip}",
                 f"train.clip_multipliers={str(include).lower()}",
-                f"train.seed={seed}",
                 "train.log_every=1",  # every step's norms: the clipped fraction counts steps
             ]
-            run = make_run(f"clip_{arm}_s{seed}", Path(settings.out_dir) / "runs" / f"{arm}_s{seed}", overrides)
+            run = make_run(
+                f"clip_{arm}_s{seed}", Path(settings.out_dir) / "runs" / f"{arm}_s{seed}", overrides, seed=seed
+            )
             if run.cfg.lrm.placement == "none":
                 raise ValueError("trainer: the model has no multipliers (lrm=none): there is nothing to exclude")
             if run.cfg.train.max_steps <= settings.early_steps:
@@ -66,7 +67,7 @@ def plan(settings: ClipExclusionSettings) -> list[RunSpec]:
                     f"early_steps={settings.early_steps} leaves no late steps in a run of "
                     f"train.max_steps={run.cfg.train.max_steps}"
                 )
-            run.labels.update(arm=arm, seed=seed)
+            run.labels.update(arm=arm)
             runs.append(run)
     return runs
 

@@ -229,13 +229,12 @@ def _run(
         *(f"model.{key}={value!r}" for key, value in (multipliers or {}).items()),
         f"optim={optimizer}",
         f"optim.lr={cfg.lr_center[optimizer] if lr is None else lr!r}",
-        f"train.seed={seed}",
         f"logging.wandb.group={cfg.name}",
         # A sweep run is read by its final loss alone; the held-out runs validate all along, for the gap's trend.
         *([f"train.eval_last={cfg.final_evals}"] if phase == SELECTION else []),
     ]
-    labels = dict(arm=arm, optimizer=optimizer, lr=lr, seed=seed, phase=phase)
-    return make_run(name, Path(cfg.out_dir) / "runs" / name, overrides, waiting_for=waiting_for, **labels)
+    labels = dict(arm=arm, optimizer=optimizer, lr=lr, phase=phase)
+    return make_run(name, Path(cfg.out_dir) / "runs" / name, overrides, waiting_for, seed=seed, **labels)
 
 
 def _sweep(cfg: CompareConfig, arms: list[str], optimizers: list[str], **run_args) -> list[RunSpec]:

@@ -227,7 +227,6 @@ def plan(settings: CoordCheckSettings) -> list[RunSpec]:
             for arm in settings.arms:
                 for width, seed in itertools.product(settings.widths, settings.seeds):
                     overrides = [
-                        f"train.seed={seed}",
                         f"optim={optimizer}",
                         f"optim.lr={settings.lr * factor}",
                         f"lrm={arm}",
@@ -245,8 +244,8 @@ def plan(settings: CoordCheckSettings) -> list[RunSpec]:
                         overrides.append(_broken_override(settings, overrides, width))
                     label = f"{optimizer}_lr{factor:g}_{arm}_w{width}" + (f"_s{seed}" if seed else "")
                     run_dir = Path(settings.out_dir) / "runs" / label
-                    labels = dict(optimizer=optimizer, lr_factor=factor, arm=arm, width=width, seed=seed)
-                    runs.append(make_run(f"coord_{label}", run_dir, overrides, **labels))
+                    labels = dict(optimizer=optimizer, lr_factor=factor, arm=arm, width=width)
+                    runs.append(make_run(f"coord_{label}", run_dir, overrides, seed=seed, **labels))
     return runs
 
 

@@ -36,6 +36,7 @@ from lrm_train.experiments.runner import (
     PENDING,
     RunSpec,
     SlurmConfig,
+    composed_once,
     create_out_dir,
     python_command,
     run_local,
@@ -107,7 +108,7 @@ class Experiment:
     def run(self, settings: ExperimentSettings) -> Path:
         """Train what the plan holds here, then report (``report=after``, ``launcher=local``)."""
         create_out_dir(settings.out_dir)
-        return self.report(settings, self.train(settings, self.plan(settings)))
+        return self.report(settings, self.train(settings, self.planned(settings)))
 
     def train(self, settings: ExperimentSettings, runs: list[RunSpec]) -> list[RunSpec]:
         """Train ``runs`` here, then plan again with their results and train what that adds (the comparison's
@@ -115,15 +116,20 @@ class Experiment:
         its last stage), until a plan adds nothing to train. Returns that plan."""
         while True:
             run_local(runs, settings.nproc, settings.threads, settings.parallel)
-            runs = self.plan(settings)
+            runs = self.planned(settings)
             # Nothing more became ready (an LR on the grid's edge, say, or everything done): the report says why.
             if not any(not r.waiting_for and run_status(r) == PENDING for r in runs):
                 return runs
 
+    def planned(self, settings: ExperimentSettings) -> list[RunSpec]:
+        """The plan's runs; the seeds of one config are composed once."""
+        with composed_once():
+            return self.plan(settings)
+
     def compose(self, argv: list[str]) -> tuple[ExperimentSettings, list[RunSpec]]:
         register_configs()  # an experiment's config may pick a model preset (abm's model=tiny), as the trainer's does
         settings = compose_schema(self.name, self.settings, self.overrides(argv))
-        return settings, self.plan(settings)  # a run's config error is a config error too: before any work
+        return settings, self.planned(settings)  # a run's config error is a config error too: before any work
 
     def main(self, argv: list[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -180,12 +186,15 @@ def estimate(runs: list[RunSpec], world_size: int, mfu: float) -> str:
         return "0 runs: nothing to train"
     waiting = sum(bool(r.waiting_for) for r in runs)
     hours, tokens = [], []
+    flops: dict[str, float] = {}  # per token, by model and length: the seeds of one model are built once
     for run in runs:
-        with torch.device("meta"):  # the FLOPs need the shapes only
-            model = FalconH1LM(run.cfg.model, run.cfg.lrm)
+        shape = repr((run.cfg.model, run.cfg.lrm, run.cfg.data.seq_len))
+        if shape not in flops:
+            with torch.device("meta"):  # the FLOPs need the shapes only
+                flops[shape] = FalconH1LM(run.cfg.model, run.cfg.lrm).flops_per_token(run.cfg.data.seq_len)
         tokens.append(tokens_per_run(run, world_size))
         peak = run.cfg.logging.peak_tflops * 1e12
-        hours.append(model.flops_per_token(run.cfg.data.seq_len) * tokens[-1] / (mfu * peak) / 3600)
+        hours.append(flops[shape] * tokens[-1] / (mfu * peak) / 3600)
     peak_tflops = runs[0].cfg.logging.peak_tflops
     return (
         f"{len(runs)} runs"

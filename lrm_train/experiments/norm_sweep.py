@@ -114,7 +114,6 @@ def plan(settings: NormSweepSettings) -> list[RunSpec]:
                     *settings.trainer,
                     *arm_overrides,
                     *head_overrides(settings, scale, base.lr, base.weight_decay),
-                    f"train.seed={seed}",
                 ]
                 run_dir = Path(settings.out_dir) / "runs" / name
                 runs.append(make_run(f"norm_sweep_{name}", run_dir, overrides, arm=arm, S=scale, seed=seed))

@@ -78,13 +78,12 @@ def plan(settings: SymmetryDriftSettings) -> list[RunSpec]:
                     *settings.trainer,
                     f"optim.multiplier_weight_decay={wd}",
                     f"train.precision={precision}",
-                    f"train.seed={seed}",
                     "logging.trajectories=true",  # the drift is read from them
                 ]
-                run = make_run(f"symmetry_{name}", Path(settings.out_dir) / "runs" / name, overrides)
+                run = make_run(f"symmetry_{name}", Path(settings.out_dir) / "runs" / name, overrides, seed=seed)
                 if run.cfg.lrm.placement != "full":
                     raise ValueError(f"trainer: lrm.placement={run.cfg.lrm.placement}: the drift needs lrm=full")
-                run.labels.update(wd=wd, precision=precision, seed=seed)
+                run.labels.update(wd=wd, precision=precision)
                 runs.append(run)
     return runs
 

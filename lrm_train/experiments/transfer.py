@@ -116,7 +116,6 @@ def plan(settings: TransferSettings) -> list[RunSpec]:
                 *width_overrides(width, settings.layers, settings.head_dim, parametrization),
                 f"optim={optimizer}",
                 f"optim.lr={lr!r}",
-                f"train.seed={seed}",
                 f"train.max_steps={settings.steps}",
                 f"train.eval_every={settings.steps}",
                 f"train.ckpt_every={settings.steps}",
@@ -124,10 +123,8 @@ def plan(settings: TransferSettings) -> list[RunSpec]:
                 "logging.wandb.mode=disabled",
             ]
             run_dir = Path(settings.out_dir) / "runs" / f"{optimizer}_w{width}_lr{lr:.3g}{suffix}"
-            labels = dict(
-                optimizer=optimizer, width=width, lr=lr, lr_index=index, seed=seed, parametrization=parametrization
-            )
-            runs.append(make_run(name, run_dir, overrides, **labels))
+            labels = dict(optimizer=optimizer, width=width, lr=lr, lr_index=index, parametrization=parametrization)
+            runs.append(make_run(name, run_dir, overrides, seed=seed, **labels))
     return runs
 
 

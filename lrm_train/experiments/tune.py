@@ -216,7 +216,6 @@ class Planner:
                 "lrm=none",  # the muP baseline
                 f"optim={self.cfg.optimizer}",
                 *(f"{key}={value!r}" for key, value in (self.values(moved) if moved else {}).items()),
-                f"train.seed={seed}",
                 f"logging.wandb.group={self.cfg.name}",
                 f"train.eval_last={self.cfg.final_evals}",  # a run is read by its final loss alone
             ]

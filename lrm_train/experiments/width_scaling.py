@@ -99,7 +99,6 @@ def plan(settings: WidthScalingSettings) -> list[RunSpec]:
                     *UNIT_MULTIPLIERS,
                     f"+callbacks.activation_rms._target_={ActivationRMS.__module__}.ActivationRMS",
                     *settings.trainer,
-                    f"train.seed={seed}",
                 ]
                 name = f"w{width}" + ("" if arm == LRM_ARM else f"_{arm}") + (f"_s{seed}" if seed else "")
                 run_dir = Path(settings.out_dir) / "runs" / name
