@@ -13,6 +13,7 @@ from runs import COMPARE_TWO_ARMS, overrides
 
 from lrm_train.config_compose import compose_schema
 from lrm_train.experiments.compare import (
+    COMPARE,
     HELD_OUT,
     SELECTION,
     CompareConfig,
@@ -588,7 +589,7 @@ def test_the_cpu_defaults_plan_what_their_headers_say():
     ]:
         settings = compose_schema("compare", CompareConfig, [f"experiment={experiment}"])
         assert settings.tuned_config == tuned
-        runs = plan(settings)
+        runs = COMPARE.planned(settings)  # as the command plans: each config composed once for all its seeds
         assert len(runs) == count and {r.cfg.optim.name.value for r in runs} == {optimizer}
         sweep = [r for r in runs if r.labels["phase"] == "selection" and not r.waiting_for]
         assert sorted({r.cfg.optim.lr for r in sweep}) == pytest.approx(grid)
