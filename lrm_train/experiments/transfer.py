@@ -119,6 +119,7 @@ def plan(settings: TransferSettings) -> list[RunSpec]:
                 f"train.max_steps={settings.steps}",
                 f"train.eval_every={settings.steps}",
                 f"train.ckpt_every={settings.steps}",
+                "train.final_checkpoint=weights",  # read, never trained on: a third of the disk
                 "logging.progress=false",
                 "logging.wandb.mode=disabled",
             ]

@@ -4,7 +4,9 @@ The state is the union of the components' ``state_dict()``s under stable keys (s
 ``format`` version: a checkpoint of another format gets one clear error, not a KeyError deep in a component.
 
 A checkpoint is a folder ``{run_dir}/checkpoints/step_{step:08d}`` (format ``lrm_train.checkpoint/3``, sharded):
-- ``model.safetensors`` and ``optimizer.safetensors``: rank 0's pieces of the model and optimizer states, and
+- ``model.safetensors`` and ``optimizer.safetensors``: rank 0's pieces of the model and optimizer states (no optimizer
+  files in a run's weights-only final checkpoint, ``train.final_checkpoint=weights``, whose state says
+  ``optimizer: None``: resuming it is refused unless the run is already at its end), and
   ``model.rank{r:05d}.safetensors`` / ``optimizer.rank{r:05d}.safetensors`` those of rank ``r`` (only ranks that hold
   any). A piece that is a whole tensor is stored under its name, with its shape, so a one-process or DDP checkpoint's
   ``model.safetensors`` is a plain state dict; a slice is stored flat as ``{name}@{offset}`` with the full shape in the
@@ -130,14 +132,14 @@ class RankSnapshot:
 
     rank: int
     model: list[TensorPiece]
-    optimizer: list[TensorPiece]
+    optimizer: list[TensorPiece] | None  # None: not saved (a weights-only final checkpoint)
     state: dict | None  # rank 0: the plain state (state.pt), tensors split off into ``tensors``
     tensors: dict[str, torch.Tensor]
     tokenizer: Path | None  # rank 0
 
 
 def snapshot(
-    rank: int, model: list[TensorPiece], optimizer: list[TensorPiece], state: dict | None, tokenizer
+    rank: int, model: list[TensorPiece], optimizer: list[TensorPiece] | None, state: dict | None, tokenizer
 ) -> RankSnapshot:
     """Copies of the pieces on the host (on GPU, this device-to-host copy is what an asynchronous save stalls on)."""
 
@@ -147,7 +149,12 @@ def snapshot(
     tensors: dict[str, torch.Tensor] = {}
     plain = split_tensors(state, tensors) if state is not None else None
     return RankSnapshot(
-        rank, host(model), host(optimizer), plain, {k: v.clone() for k, v in tensors.items()}, tokenizer
+        rank,
+        host(model),
+        None if optimizer is None else host(optimizer),
+        plain,
+        {k: v.clone() for k, v in tensors.items()},
+        tokenizer,
     )
 
 
@@ -166,7 +173,7 @@ def write_rank_files(folder: Path, snap: RankSnapshot) -> dict[str, str]:
     """Write one rank's files into ``folder``, flush them to disk, and return their sha256 by name."""
     names = []
     for kind, pieces in (("model", snap.model), ("optimizer", snap.optimizer)):
-        if pieces or snap.rank == 0:
+        if pieces or (snap.rank == 0 and pieces is not None):
             names.append(shard_file(kind, snap.rank))
             _save_pieces(folder / names[-1], pieces)
     if snap.state is not None:
@@ -300,7 +307,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
             "since loading anything else could run code"
         ) from None
     state = join_tensors(plain, tensors)
-    if sharded and isinstance(state, dict) and state.get("format") == FORMAT:
+    # A weights-only checkpoint's state says so with ``optimizer: None``.
+    if sharded and isinstance(state, dict) and state.get("format") == FORMAT and state.get("optimizer", {}) is not None:
         state["optimizer"] = {}
         for name, tensor in optimizer.items():
             param, key = name.rsplit("/", 1)

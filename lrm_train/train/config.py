@@ -38,6 +38,16 @@ class Precision(StrEnum):
         return torch.bfloat16 if self is Precision.bf16 or (self is Precision.auto and cuda) else None
 
 
+class FinalCheckpoint(StrEnum):
+    """``train.final_checkpoint``: what the last step's checkpoint holds (the earlier ones always hold everything)."""
+
+    full = "full"  # everything a resume needs: the run can train on if train.max_steps is raised
+    # The model and the run's record, without the optimizer's state (a third of the size under AdamW): enough for
+    # evaluation, export and init_from, and it ends the run (a resume past it is refused). For runs that are read,
+    # never continued, such as the coordinate check's hundreds.
+    weights = "weights"
+
+
 class WandbMode(StrEnum):
     """``logging.wandb.mode``."""
 
@@ -57,6 +67,7 @@ class TrainConfig:
     # Write checkpoints in a background thread while training goes on (the step waits only for the copy to host memory);
     # off by default: a checkpoint is then complete when its step's callbacks return, as in a synchronous save.
     async_checkpoint: bool = False
+    final_checkpoint: FinalCheckpoint = FinalCheckpoint.full
     resume: str = "auto"  # auto (newest complete checkpoint of the run dir, if any), none, or a checkpoint path
     # Weights to start from (a fresh optimizer; read only when the run does not resume): a checkpoint, a run directory,
     # an lrm_train model folder or a Hugging Face Falcon-H1 folder of this run's model.* shape, any LRM placement.

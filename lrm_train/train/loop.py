@@ -145,7 +145,14 @@ class Trainer:
         c = self.components
         check_resumable(state["run"], self.run_section, path)
         load_weights(self.engine.load_model_state, model_state, path)
-        self.engine.load_optimizer_state(state["optimizer"])
+        if state["optimizer"] is not None:
+            self.engine.load_optimizer_state(state["optimizer"])
+        elif state["trainer"]["step"] < self.cfg.train.max_steps:
+            raise ValueError(
+                f"checkpoint {path}: holds the model only (train.final_checkpoint=weights), not the optimizer's state, "
+                f"so the run cannot train on to train.max_steps={self.cfg.train.max_steps}; resume an earlier "
+                f"checkpoint (train.resume=PATH) or start a new run from these weights (train.init_from={path})"
+            )
         try:
             c.loader.load_state_dict(state["loader"])
         except ValueError as e:

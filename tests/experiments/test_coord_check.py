@@ -116,6 +116,9 @@ def test_slopes_are_the_seeds_mean_slope_with_an_interval_over_the_seeds(tmp_pat
 def test_a_rerun_reuses_finished_runs(data_root, healthy, capsys):
     run(settings(data_root, healthy, max_slope=10.0))
     assert capsys.readouterr().out.count("finished, skipped") == 3
+    # Their checkpoints mark them finished; read, never trained on, they leave the optimizer's state out.
+    finals = list(healthy.glob("runs/*/checkpoints/step_*"))
+    assert len(finals) == 3 and not [f for final in finals for f in final.glob("optimizer*")]
 
 
 def test_bad_break_multiplier_is_one_error_before_any_run(data_root, tmp_path):

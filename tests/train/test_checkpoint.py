@@ -18,6 +18,7 @@ from lrm_train.train.checkpoint import (
     join_tensors,
     load_checkpoint,
     load_resumable,
+    model_from_checkpoint,
     run_section,
     save_checkpoint,
     split_tensors,
@@ -201,3 +202,27 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
     target = tmp_path / "checkpoints" / "step_00000008"
     assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {target}: No space left on device"
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000004"]
+
+
+def test_a_weights_only_final_checkpoint_holds_the_model_alone_and_ends_the_run(data_root, tmp_path):
+    steps = {"train.max_steps": 4, "train.ckpt_every": 2}
+    full = train(run_config(data_root, tmp_path / "full", **steps)).last_checkpoint
+    cfg = run_config(data_root, tmp_path / "weights", **steps, **{"train.final_checkpoint": "weights"})
+    final = train(cfg).last_checkpoint
+    assert final.name == "step_00000004" and not list(final.glob("optimizer*"))
+    earlier = final.parent / "step_00000002"
+    assert list(earlier.glob("optimizer*")), "only the final checkpoint leaves the optimizer out"
+    weights, state = load_checkpoint(final)
+    assert state["optimizer"] is None and state["trainer"]["step"] == 4
+    for name, tensor in load_checkpoint(full)[0].items():
+        assert torch.equal(weights[name], tensor), name
+    model = model_from_checkpoint(final)  # what evaluation and export read
+    assert torch.equal(model.state_dict()["lm_head.weight"], weights["lm_head.weight"])
+
+    manifest = (final / "checkpoint.json").read_text()
+    assert train(cfg).step == 4 and (final / "checkpoint.json").read_text() == manifest  # finished: nothing to do
+    longer = run_config(data_root, tmp_path / "weights", **{**steps, "train.max_steps": 6})
+    with pytest.raises(ValueError, match=r"step_00000004: holds the model only \(train.final_checkpoint=weights\)"):
+        train(longer)
+    assert (final / "checkpoint.json").read_text() == manifest
+    assert train(run_config(data_root, tmp_path / "next", **{"train.init_from": str(final)})).step > 0

@@ -27,25 +27,32 @@ WEIGHT = torch.arange(12.0).reshape(3, 4)
 MOMENT = torch.arange(12.0).reshape(3, 4) / 10
 
 
-def _write_two_ranks(folder, cut: int, second_offset: int | None = None):
-    """What two ZeRO-3 ranks write: each a flat slice of the weight and of its moment; rank 0 also the state."""
+def _write_two_ranks(folder, cut: int, second_offset: int | None = None, weights_only: bool = False):
+    """What two ZeRO-3 ranks write: each a flat slice of the weight and of its moment (none for a weights-only
+    checkpoint); rank 0 also the state."""
     second_offset = cut if second_offset is None else second_offset
     flat, moment = WEIGHT.reshape(-1), MOMENT.reshape(-1)
     tokenizer = folder.parent / "tokenizer.json"
     tokenizer.write_text("{}")
-    state = {"format": "lrm_train.checkpoint/3", "rng": [torch.ones(2)]}
+    state = {
+        "format": "lrm_train.checkpoint/3",
+        "rng": [torch.ones(2)],
+        **({"optimizer": None} if weights_only else {}),
+    }
     ranks = [
         snapshot(
             0,
             [TensorPiece("w", (3, 4), 0, flat[:cut]), TensorPiece("b", (2,), 0, torch.ones(2))],
-            [TensorPiece("w/exp_avg", (3, 4), 0, moment[:cut]), TensorPiece("w/step", (), 0, torch.tensor(3.0))],
+            None
+            if weights_only
+            else [TensorPiece("w/exp_avg", (3, 4), 0, moment[:cut]), TensorPiece("w/step", (), 0, torch.tensor(3.0))],
             state,
             tokenizer,
         ),
         snapshot(
             1,
             [TensorPiece("w", (3, 4), second_offset, flat[second_offset:])],
-            [TensorPiece("w/exp_avg", (3, 4), second_offset, moment[second_offset:])],
+            None if weights_only else [TensorPiece("w/exp_avg", (3, 4), second_offset, moment[second_offset:])],
             None,
             None,
         ),
@@ -74,6 +81,19 @@ def test_the_pieces_of_two_ranks_load_as_the_full_tensors(tmp_path):
     model, state = load_checkpoint(tmp_path / "c")
     assert torch.equal(model["w"], WEIGHT) and torch.equal(model["b"], torch.ones(2))
     assert torch.equal(state["optimizer"]["w"]["exp_avg"], MOMENT) and state["optimizer"]["w"]["step"] == 3
+
+
+def test_a_weights_only_checkpoint_of_two_ranks_has_no_optimizer_files_and_says_so(tmp_path):
+    files = _write_two_ranks(tmp_path / "c", cut=5, weights_only=True)
+    assert sorted(files) == [
+        "model.rank00001.safetensors",
+        "model.safetensors",
+        "state.pt",
+        "tensors.safetensors",
+        "tokenizer.json",
+    ]
+    model, state = load_checkpoint(tmp_path / "c")
+    assert torch.equal(model["w"], WEIGHT) and state["optimizer"] is None
 
 
 @pytest.mark.parametrize("second_offset", [6, 4], ids=["gap", "overlap"])

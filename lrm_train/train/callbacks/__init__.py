@@ -79,5 +79,5 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         *([MixtureShares(t.log_every, cfg.data.seq_len)] if cfg.data.mixture else []),
         *user,
         MetricSinks(cfg.logging, cfg.experiment.name, t.max_steps, cfg.experiment.tags),
-        Checkpointer(t.ckpt_every, t.keep_last, t.async_checkpoint),
+        Checkpointer(t.ckpt_every, t.keep_last, t.async_checkpoint, t.final_checkpoint),
     ]

@@ -1,5 +1,7 @@
 """Checkpoints every ``ckpt_every`` steps (and at the end), keeping the newest ``keep_last``; resume; emergency saves.
 
+The end's checkpoint leaves the optimizer's state out under ``train.final_checkpoint=weights``.
+
 Saving is collective: every rank writes its own pieces of the state into one folder, and rank 0 completes it
 (``checkpoint.ShardedSave``). With ``train.async_checkpoint`` a regular save only copies the state to host memory at
 its step; the files are written in the background while training goes on, and the checkpoint is completed at the
@@ -22,6 +24,7 @@ from lrm_train.train.checkpoint import (
     prune_checkpoints,
     snapshot,
 )
+from lrm_train.train.config import FinalCheckpoint
 
 log = logging.getLogger("lrm_train")
 
@@ -29,14 +32,17 @@ log = logging.getLogger("lrm_train")
 class Checkpointer(Callback):
     name = "checkpointer"
 
-    def __init__(self, every: int, keep_last: int, asynchronous: bool = False) -> None:
-        self.every, self.keep_last, self.asynchronous = every, keep_last, asynchronous
+    def __init__(
+        self, every: int, keep_last: int, asynchronous: bool = False, final: FinalCheckpoint = FinalCheckpoint.full
+    ) -> None:
+        self.every, self.keep_last, self.asynchronous, self.final = every, keep_last, asynchronous, final
         self.last: Path | None = None  # the newest checkpoint completed or resumed from
         self.pending: ShardedSave | None = None  # a regular save still being written in the background
 
     def on_step(self, trainer, step: StepResult) -> None:
         if due(step, self.every):
-            self.save(trainer, background=self.asynchronous)
+            weights_only = step.last and self.final is FinalCheckpoint.weights
+            self.save(trainer, background=self.asynchronous, weights_only=weights_only)
         elif self.pending is not None and not trainer.engine.max_over_ranks([not self.pending.written()])[0]:
             self.finish_pending(trainer)
 
@@ -61,14 +67,16 @@ class Checkpointer(Callback):
             prune_checkpoints(trainer.run_dir, self.keep_last)
         self.last = path
 
-    def save(self, trainer, name: str | None = None, background: bool = False) -> Path:
+    def save(self, trainer, name: str | None = None, background: bool = False, weights_only: bool = False) -> Path:
         self.finish_pending(trainer)  # one write at a time, completed in order
         engine = trainer.engine
         state = trainer.state_dict()
+        if weights_only:
+            state["optimizer"] = None  # what a load reads as "not saved", rather than an empty state to resume with
         snap = snapshot(
             engine.rank,
             engine.model_shards(),
-            engine.optimizer_shards(),
+            None if weights_only else engine.optimizer_shards(),
             state if engine.is_main else None,
             trainer.components.data.tokenizer_path,
         )
