@@ -64,12 +64,12 @@ def make_run(
 ) -> RunSpec:
     """A run composed now (so a config error surfaces before any training), named ``name`` in W&B and logs, trained
     with ``train.seed=seed`` (also one of its labels); its own seed, folder and name override any in ``overrides``."""
-    identity = [f"train.seed={seed}", f"train.run_dir={run_dir}", f"experiment.name={name}"]
+    identity = {"train.seed": seed, "train.run_dir": str(run_dir), "experiment.name": name}
     try:
         cfg = _compose_run(overrides, identity)
     except ValueError as e:
         raise ValueError(f"run {name}: {e}") from None
-    return RunSpec(name, [*overrides, *identity], cfg, {**labels, "seed": seed}, waiting_for)
+    return RunSpec(name, [*overrides, *_as_overrides(identity)], cfg, {**labels, "seed": seed}, waiting_for)
 
 
 # Within a ``composed_once`` block: the configs composed so far, by their overrides less the run's identity.
@@ -89,20 +89,24 @@ def composed_once() -> Iterator[None]:
         _composed = None
 
 
-def _compose_run(overrides: list[str], identity: list[str]) -> RunConfig:
+def _compose_run(overrides: list[str], identity: dict) -> RunConfig:
     # An interpolation in an override may read the seed, folder or name: such a run is composed on its own.
     if _composed is None or any("${" in o for o in overrides):
-        return compose([*overrides, *identity])
+        return compose([*overrides, *_as_overrides(identity)])
     key = tuple(overrides)
-    if key in _composed:
-        cfg = copy.deepcopy(_composed[key])
-        # The identity's values as Hydra reads them: an int and two strings.
-        seed, run_dir, name = (entry.split("=", 1)[1] for entry in identity)
-        cfg.train.seed, cfg.train.run_dir, cfg.experiment.name = int(seed), run_dir, name
+    if key not in _composed:
+        cfg = compose([*overrides, *_as_overrides(identity)])
+        _composed[key] = copy.deepcopy(cfg)
         return cfg
-    cfg = compose([*overrides, *identity])
-    _composed[key] = copy.deepcopy(cfg)
+    cfg = copy.deepcopy(_composed[key])
+    for dotted, value in identity.items():
+        section, field_name = dotted.split(".")
+        setattr(getattr(cfg, section), field_name, value)
     return cfg
+
+
+def _as_overrides(values: dict) -> list[str]:
+    return [f"{key}={value}" for key, value in values.items()]
 
 
 def create_out_dir(out_dir: str | Path) -> Path:
